@@ -1,0 +1,27 @@
+"""The errors onnxprune raises on purpose. Each message is one line a person can act on."""
+
+from __future__ import annotations
+
+
+class OnnxPruneError(Exception):
+    """Base of every error meant for the user: the CLI prints its message and exits 2."""
+
+
+class InvalidModelError(OnnxPruneError):
+    """The input is not a readable, valid ONNX model."""
+
+
+class UnsupportedModelError(OnnxPruneError):
+    """The model is valid ONNX but holds something onnxprune cannot handle."""
+
+
+class CalibrationError(OnnxPruneError):
+    """Calibration data is missing, unreadable or does not match the model's inputs."""
+
+
+class BudgetError(OnnxPruneError):
+    """The requested removal cannot be reached (everything that could go is gone or blocked)."""
+
+
+class PassError(OnnxPruneError):
+    """A pass failed; the message names the pass and the ones that ran before it."""

@@ -1,0 +1,96 @@
+"""cleanup(): fold constant subgraphs, fold BatchNormalization into the op before it, drop dead nodes, toposort."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.graph import unique_name
+from onnxprune.result import PassResult, Report
+from onnxprune.rules import const
+
+log = logging.getLogger(__name__)
+
+# Where the output channels sit in each foldable producer's weight (BN scales them).
+_BN_TARGET_AXIS = {"Conv": 0, "ConvTranspose": 1}
+
+
+def cleanup(graph: gs.Graph, *, fold_bn: bool = True) -> PassResult:
+    """Fold constants (and BN when asked), remove dead nodes and sort, in place.
+
+    Args:
+        graph: Graph to edit in place.
+        fold_bn: Fold each BatchNormalization into the Conv/ConvTranspose/Gemm that alone feeds it.
+    """
+    report = Report()
+    signature = _signature(graph)
+    _fold_constants(graph)
+    if fold_bn:
+        for node in [n for n in graph.nodes if n.op == "BatchNormalization"]:
+            if _fold_batch_norm(graph, node):
+                report.counts["bn_folded"] += 1
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    modified = _signature(graph) != signature
+    return PassResult(graph, modified=modified, report=report)
+
+
+def _signature(graph: gs.Graph) -> tuple:
+    return tuple((n.op, n.name, tuple(t.name for t in n.inputs)) for n in graph.nodes)
+
+
+def _fold_constants(graph: gs.Graph) -> None:
+    """Evaluate every subgraph that depends on constants only (ConstantOfShape, Unsqueeze of weights...)."""
+    for node in [n for n in graph.nodes if n.op == "Constant" and "value" in n.attrs]:
+        value = node.attrs["value"]
+        if isinstance(value, gs.Constant):
+            out = node.outputs[0]
+            out.to_constant(np.asarray(value.values))
+            out.inputs.clear()
+    graph.cleanup().toposort()
+    if any(all(isinstance(t, gs.Constant) or not t.name for t in n.inputs) and n.inputs for n in graph.nodes):
+        graph.fold_constants(error_ok=True, fold_shapes=True)
+        graph.cleanup()
+
+
+def _fold_batch_norm(graph: gs.Graph, bn: gs.Node) -> bool:
+    x = bn.inputs[0]
+    params = [const(t) for t in bn.inputs[1:5]]
+    if any(p is None for p in params) or len(x.inputs) != 1 or len(x.outputs) != 1 or x in graph.outputs:
+        return False
+    producer = x.inputs[0]
+    weight = const(producer.inputs[1]) if len(producer.inputs) > 1 else None
+    if weight is None or producer.op not in ("Conv", "ConvTranspose", "Gemm"):
+        return False
+    if producer.op == "ConvTranspose" and int(producer.attrs.get("group", 1)) != 1:
+        return False
+    if producer.op == "Gemm" and (producer.attrs.get("transA", 0) or float(producer.attrs.get("beta", 1.0)) != 1.0):
+        return False
+    scale, shift, mean, var = (p.astype(np.float64) for p in params)
+    factor = scale / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+    axis = _BN_TARGET_AXIS.get(producer.op, 0 if producer.attrs.get("transB", 0) else 1)
+    if weight.shape[axis] != factor.size:
+        return False
+    shape = [1] * weight.ndim
+    shape[axis] = factor.size
+    new_w = weight.astype(np.float64) * factor.reshape(shape)
+    has_bias = len(producer.inputs) > 2 and producer.inputs[2].name
+    bias = const(producer.inputs[2]).astype(np.float64) if has_bias else np.zeros(factor.size)
+    if bias is None or bias.size not in (1, factor.size):
+        return False
+    new_b = (bias.reshape(-1) - mean) * factor + shift
+    dtype = weight.dtype
+    producer.inputs[1] = gs.Constant(unique_name(graph, f"{producer.name}/weight_bn"), new_w.astype(dtype))
+    b = gs.Constant(unique_name(graph, f"{producer.name}/bias_bn"), new_b.astype(dtype))
+    while len(producer.inputs) < 3:
+        producer.inputs.append(gs.Variable.empty())
+    producer.inputs[2] = b
+    if producer.op == "Gemm":
+        producer.attrs["beta"] = 1.0
+    y = bn.outputs[0]
+    producer.outputs[0] = y
+    bn.outputs.clear()
+    bn.inputs.clear()
+    log.debug("folded %s into %s", bn.name, producer.name)
+    return True

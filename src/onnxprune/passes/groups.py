@@ -1,0 +1,205 @@
+"""find_channel_groups(): walk the graph once with the op table; channels that must go together form groups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune import rules
+from onnxprune.rules import Flow, Kind, Step
+
+
+@dataclass
+class Group:
+    """Channels of a set of producers that are removed together; one entry of `classes` per channel."""
+
+    name: str
+    producers: list[str]
+    classes: np.ndarray
+    blocked: dict[int, str] = field(default_factory=dict)  # class -> reason, for classes that cannot go
+
+    @property
+    def removable(self) -> np.ndarray:
+        """Classes of this group that may be removed."""
+        return np.array([c for c in self.classes if c not in self.blocked], dtype=np.int64)
+
+
+@dataclass
+class ChannelGraph:
+    """Everything the group finder learned: per-node steps, per-tensor flows, channel classes and groups."""
+
+    steps: dict[str, Step]
+    flows: dict[str, Flow]
+    class_of: np.ndarray  # channel id -> class index
+    owner: list[tuple[str, int]]  # channel id -> (producer node, output channel); ("", -1) for sources
+    groups: list[Group]
+    blockers: list[tuple[str, str]]  # (node, reason) for every node that stopped channels
+
+    @property
+    def n_classes(self) -> int:
+        """Number of independent channel classes."""
+        return int(self.class_of.max()) + 1 if len(self.class_of) else 0
+
+    def classes(self, tensor: str) -> np.ndarray:
+        """Class of each position of a tracked tensor's channel axis."""
+        return self.class_of[self.flows[tensor].ids]
+
+    def alive(self, plan: dict[str, np.ndarray]) -> np.ndarray:
+        """Boolean per class: False for the classes `plan` removes (plan: group name -> kept indices)."""
+        alive = np.ones(self.n_classes, dtype=bool)
+        by_name = {g.name: g for g in self.groups}
+        for name, keep in plan.items():
+            if name not in by_name:
+                raise KeyError(f"plan names unknown group {name!r}")
+            group = by_name[name]
+            gone = np.setdiff1d(np.arange(len(group.classes)), np.asarray(keep, dtype=np.int64))
+            bad = [group.blocked[c] for c in group.classes[gone] if c in group.blocked]
+            if bad:
+                raise ValueError(f"plan removes blocked channels of group {name!r}: {bad[0]}")
+            alive[group.classes[gone]] = False
+        return alive
+
+    def keep(self, tensor: str, alive: np.ndarray) -> np.ndarray:
+        """Positions of `tensor`'s channel axis that stay."""
+        return np.flatnonzero(alive[self.classes(tensor)]).astype(np.int64)
+
+
+class _Walker:
+    """The rules' view of the walk: id allocation, coupling (union-find), shapes."""
+
+    def __init__(self, opset: int) -> None:
+        self.opset = opset
+        self.parent: list[int] = []
+        self.owner: list[tuple[str, int]] = []
+        self.blocked: dict[int, str] = {}
+
+    def new_ids(self, node: gs.Node, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        self.owner.extend((node.name, c) for c in range(n))
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def source_ids(self, n: int, reason: str) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        self.owner.extend(("", -1) for _ in range(n))
+        ids = np.arange(start, start + n, dtype=np.int64)
+        self.block(ids, reason)
+        return ids
+
+    def find(self, i: int) -> int:
+        parent = self.parent
+        root = i
+        while parent[root] != root:
+            root = parent[root]
+        while parent[i] != root:
+            parent[i], i = root, parent[i]
+        return root
+
+    def unify(self, a: np.ndarray, b: np.ndarray) -> None:
+        for x, y in zip(a.tolist(), b.tolist()):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[max(rx, ry)] = min(rx, ry)
+
+    def block(self, ids: np.ndarray, reason: str) -> None:
+        for i in np.unique(ids).tolist():
+            self.blocked.setdefault(i, reason)
+
+    def shape(self, tensor: gs.Tensor) -> list[int | None] | None:
+        if isinstance(tensor, gs.Constant):
+            return list(tensor.values.shape)
+        if tensor.shape is None:
+            return None
+        return [d if isinstance(d, int) and d >= 0 else None for d in tensor.shape]
+
+
+def find_channel_groups(graph: gs.Graph) -> ChannelGraph:
+    """Walk `graph` (topologically sorted) once and group the channels that must be removed together.
+
+    A group that reaches a graph output, an op without a rule or a node that mixes channels is blocked and
+    keeps the first reason found; nothing is guessed.
+    """
+    walker = _Walker(_opset(graph))
+    steps: dict[str, Step] = {}
+    flows: dict[str, Flow] = {}
+    blockers: list[tuple[str, str]] = []
+    for node in graph.nodes:
+        incoming = [flows.get(t.name) for t in node.inputs]
+        outer = _outer_names(node)
+        result: Step | str
+        if outer:
+            result = f"{node.op} has subgraphs; channels that cross them are not tracked"
+            incoming += [flows[n] for n in outer if n in flows]
+        else:
+            result = rules.rule_for(node, incoming, walker)
+        if isinstance(result, str):
+            reason = f"{node.op} '{node.name}': {result}"
+            for flow in incoming:
+                if flow is not None:
+                    walker.block(flow.ids, reason)
+            if any(f is not None for f in incoming):
+                blockers.append((node.name, result))
+            continue
+        steps[node.name] = result
+        for tensor, flow in zip(node.outputs, result.outputs):
+            if flow is not None:
+                flows[tensor.name] = flow
+    for out in graph.outputs:
+        if out.name in flows:
+            walker.block(flows[out.name].ids, f"reaches graph output '{out.name}'")
+    return _finish(walker, steps, flows, blockers)
+
+
+def _finish(walker: _Walker, steps: dict[str, Step], flows: dict[str, Flow],
+            blockers: list[tuple[str, str]]) -> ChannelGraph:
+    roots = np.array([walker.find(i) for i in range(len(walker.parent))], dtype=np.int64)
+    _, class_of = np.unique(roots, return_inverse=True) if len(roots) else (None, np.zeros(0, dtype=np.int64))
+    class_of = class_of.astype(np.int64)
+    n = int(class_of.max()) + 1 if len(class_of) else 0
+    blocked = {}
+    for i, reason in sorted(walker.blocked.items()):
+        blocked.setdefault(int(class_of[i]), reason)
+    members: list[list[int]] = [[] for _ in range(n)]
+    for i, c in enumerate(class_of.tolist()):
+        members[c].append(i)
+    order = {name: k for k, name in enumerate(steps)}
+    by_key: dict[tuple[str, ...], list[int]] = {}
+    for c in range(n):
+        producers = sorted({walker.owner[i][0] for i in members[c] if walker.owner[i][0]}, key=order.get)
+        if producers:
+            by_key.setdefault(tuple(producers), []).append(c)
+    groups = [
+        Group("+".join(key), list(key), np.array(cs, dtype=np.int64), {c: blocked[c] for c in cs if c in blocked})
+        for key, cs in sorted(by_key.items(), key=lambda kv: min(members[kv[1][0]]))
+    ]
+    return ChannelGraph(steps, flows, class_of, walker.owner, groups, blockers)
+
+
+def _opset(graph: gs.Graph) -> int:
+    opset = graph.opset
+    imports = getattr(graph, "import_domains", None) or []
+    for domain in imports:
+        if domain.domain in ("", "ai.onnx"):
+            opset = domain.version
+    return int(opset)
+
+
+def _outer_names(node: gs.Node) -> list[str]:
+    """Names a node's subgraphs read from the enclosing graph (empty when it has no subgraphs)."""
+    names: list[str] = []
+    for value in node.attrs.values():
+        subgraphs = value if isinstance(value, list) else [value]
+        for sub in subgraphs:
+            if isinstance(sub, gs.Graph):
+                local = {t.name for n in sub.nodes for t in n.outputs} | {t.name for t in sub.inputs}
+                names += [t.name for n in sub.nodes for t in n.inputs if t.name and t.name not in local]
+                names.append("<subgraph>")
+    return names
+
+
+def producer_kind(step: Step) -> bool:
+    """True when the step makes new channels (a Conv/Gemm/MatMul producer)."""
+    return step.kind is Kind.PRODUCER

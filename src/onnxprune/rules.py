@@ -1,0 +1,819 @@
+"""THE op table: how a channel change enters, passes through, couples at, or stops at each op type.
+
+Every op type onnxprune understands has one builder here, registered with ``@rule("Op")``. A builder looks at
+one node and the channel flows reaching it and returns a :class:`Step` (what leaves the node, which constant
+axes follow which tensor's channels, which attributes to rewrite) or a ``str``: the reason the node blocks.
+Group finding, removal, masking, counting and criteria all read these steps; nothing else branches on
+``node.op`` to learn how channels move.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+
+class Kind(Enum):
+    """What a node does to the channels reaching it."""
+
+    PRODUCER = "producer"  # makes new channels from its weights (Conv, Gemm, MatMul with constant weight)
+    PER_CHANNEL = "per_channel"  # one parameter slice per channel (BN, depthwise Conv, per-channel Mul/Add)
+    PASS_THROUGH = "pass_through"  # channels go through untouched (activations, pools, Resize, Pad)
+    COUPLING = "coupling"  # ties or remaps channels of several tensors (Add, Concat, Split, Reshape...)
+
+
+@dataclass
+class Flow:
+    """The channels a tensor carries along `axis`: one channel id per position, and its value when removed.
+
+    ``ids`` may repeat a channel (a Flatten maps one channel to a block of features). ``zero`` is the value
+    each position takes everywhere when its channel's producers are masked (NaN: not a known constant).
+    """
+
+    axis: int
+    rank: int
+    ids: np.ndarray
+    zero: np.ndarray
+
+    def at_rank(self, rank: int) -> int:
+        """The channel axis once broadcast to `rank` dimensions."""
+        return self.axis + rank - self.rank
+
+
+@dataclass(frozen=True)
+class ParamSlice:
+    """Constant input `index` of a node: axis -> name of the tensor whose kept channels select along it."""
+
+    index: int
+    axes: tuple[tuple[int, str], ...]
+
+
+FoldFn = Callable[[gs.Node, np.ndarray, np.ndarray, "Walk"], None]
+
+
+@dataclass(frozen=True)
+class Fold:
+    """How a consumer takes the constant its removed input channels still carried into its bias.
+
+    ``apply(node, removed_positions, values, walk)`` edits the node before slicing; None when no exact fold
+    exists (``why_not`` says why).
+    """
+
+    tensor: str
+    apply: FoldFn | None
+    why_not: str = ""
+
+
+Rewrite = Callable[[gs.Node, dict[str, np.ndarray], "Walk"], None]
+
+
+@dataclass
+class Step:
+    """What the group finder learned about one node."""
+
+    kind: Kind
+    outputs: list[Flow | None]
+    params: list[ParamSlice] = field(default_factory=list)
+    rewrite: Rewrite | None = None
+    fold: Fold | None = None
+
+
+class Walk(Protocol):
+    """What a rule may ask of the group finder."""
+
+    opset: int
+
+    def new_ids(self, node: gs.Node, n: int) -> np.ndarray:
+        """Fresh channel ids for `n` output channels of producer `node`."""
+
+    def source_ids(self, n: int, reason: str) -> np.ndarray:
+        """Ids for channels that come from no producer; their groups are blocked with `reason`."""
+
+    def unify(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Channels at the same positions of `a` and `b` must be removed together."""
+
+    def shape(self, tensor: gs.Tensor) -> list[int | None] | None:
+        """The tensor's inferred shape (None where a dim is unknown), or None without a rank."""
+
+
+RuleFn = Callable[[gs.Node, list[Flow | None], Walk], "Step | str"]
+_RULES: dict[str, RuleFn] = {}
+
+
+def rule(*ops: str) -> Callable[[RuleFn], RuleFn]:
+    """Register a rule builder for op types `ops`."""
+
+    def register(fn: RuleFn) -> RuleFn:
+        for op in ops:
+            _RULES[op] = fn
+        return fn
+
+    return register
+
+
+def registered_ops() -> list[str]:
+    """Every op type with a rule."""
+    return sorted(_RULES)
+
+
+def rule_for(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    """The node's step, or the reason it blocks the channels reaching it."""
+    if node.domain not in (None, "", "ai.onnx"):
+        return f"custom-domain op {node.domain}::{node.op} has no channel rule"
+    fn = _RULES.get(node.op)
+    if fn is None:
+        return f"no channel rule for op {node.op!r}"
+    return fn(node, flows, walk)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def const(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a constant input, or None."""
+    return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+
+
+def _input(node: gs.Node, i: int) -> gs.Tensor | None:
+    if i >= len(node.inputs) or node.inputs[i].name == "":
+        return None
+    return node.inputs[i]
+
+
+def _flow(flows: list[Flow | None]) -> tuple[int, Flow] | None:
+    """The only input with a flow, or None."""
+    found = [(i, f) for i, f in enumerate(flows) if f is not None]
+    return found[0] if len(found) == 1 else None
+
+
+def _same(flow: Flow, zero: np.ndarray | None = None, *, axis: int | None = None, rank: int | None = None) -> Flow:
+    return Flow(flow.axis if axis is None else axis, flow.rank if rank is None else rank, flow.ids,
+                flow.zero if zero is None else zero)
+
+
+def _spatial_pads(node: gs.Node) -> bool:
+    pads = node.attrs.get("pads", [])
+    return any(p != 0 for p in pads) or node.attrs.get("auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER")
+
+
+def _unknown(zero: np.ndarray) -> np.ndarray:
+    return np.full_like(zero, np.nan)
+
+
+# ----------------------------------------------------------------------------------------- producers
+
+
+def _producer(node: gs.Node, flows: list[Flow | None], walk: Walk, *, weight: np.ndarray, out_axis: int,
+              in_axis: int, in_channel_axis: int | None, bias_index: int | None, fold: FoldFn | None,
+              why_not: str = "") -> Step | str:
+    """Shared by Conv, ConvTranspose, Gemm and MatMul: new output channels; input channels sliced from W."""
+    data = flows[0] if flows else None
+    out_shape = walk.shape(node.outputs[0])
+    rank = len(out_shape) if out_shape is not None else None
+    if rank is None:
+        return "output rank is unknown (shape inference failed)"
+    n_out = weight.shape[out_axis]
+    axes: list[tuple[int, str]] = [(out_axis, node.outputs[0].name)]
+    folding = None
+    if data is not None:
+        if in_channel_axis is None or data.at_rank(data.rank) != in_channel_axis % data.rank:
+            return f"channels arrive on axis {data.axis}, the op reads them on another axis"
+        if len(data.ids) != weight.shape[in_axis]:
+            return f"weight has {weight.shape[in_axis]} input channels, the tensor carries {len(data.ids)}"
+        axes.append((in_axis, node.inputs[0].name))
+        folding = Fold(node.inputs[0].name, fold, why_not)
+    params = [ParamSlice(1, tuple(axes))]
+    if bias_index is not None:  # sliced on its last axis where it has one entry per output (created by folds too)
+        params.append(ParamSlice(bias_index, ((-1, node.outputs[0].name),)))
+    out_axis_t = 1 if node.op in ("Conv", "ConvTranspose", "Gemm") else rank - 1
+    ids = walk.new_ids(node, n_out)
+    return Step(Kind.PRODUCER, [Flow(out_axis_t, rank, ids, np.zeros(n_out))], params, fold=folding)
+
+
+def _add_to_bias(node: gs.Node, delta: np.ndarray, walk: Walk, *, scale: float = 1.0) -> None:
+    """bias += delta / scale for Conv/ConvTranspose/Gemm, creating the bias when there is none."""
+    dtype = const(node.inputs[1]).dtype
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        old = const(node.inputs[2]).astype(np.float64)
+        new = (np.broadcast_to(old, old.shape[:-1] + delta.shape) if old.shape[-1:] == (1,) else old) + delta / scale
+    else:
+        new = delta
+        while len(node.inputs) < 3:
+            node.inputs.append(gs.Variable.empty())
+        if node.op == "Gemm":
+            node.attrs["beta"] = 1.0
+    name = getattr(walk, "fresh_name", lambda base: base)(f"{node.name}/bias")
+    node.inputs[2] = gs.Constant(name, np.ascontiguousarray(new, dtype=dtype))
+
+
+def _fold_conv(node: gs.Node, removed: np.ndarray, values: np.ndarray, walk: Walk) -> None:
+    w = const(node.inputs[1]).astype(np.float64)
+    per_channel = w[:, removed].reshape(w.shape[0], len(removed), -1).sum(-1)  # [Co, removed]: kernel summed
+    _add_to_bias(node, per_channel @ values, walk)
+
+
+def _fold_conv_transpose(node: gs.Node, removed: np.ndarray, values: np.ndarray, walk: Walk) -> None:
+    w = const(node.inputs[1]).astype(np.float64)
+    _add_to_bias(node, np.einsum("ro,r->o", w[removed].reshape(len(removed), w.shape[1], -1).sum(-1), values), walk)
+
+
+def _fold_gemm(node: gs.Node, removed: np.ndarray, values: np.ndarray, walk: Walk) -> None:
+    w = const(node.inputs[1]).astype(np.float64)
+    rows = w[:, removed].T if node.attrs.get("transB", 0) else w[removed]
+    delta = float(node.attrs.get("alpha", 1.0)) * (values @ rows)
+    _add_to_bias(node, delta, walk, scale=float(node.attrs.get("beta", 1.0)))
+
+
+@rule("Conv")
+def _conv(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    w = const(node.inputs[1])
+    if w is None:
+        return f"weight '{node.inputs[1].name}' is computed in the graph, so its channels cannot be sliced"
+    group = int(node.attrs.get("group", 1))
+    if group == 1:
+        exact = not _spatial_pads(node)  # without padding every output position sees a constant channel alike
+        return _producer(node, flows, walk, weight=w, out_axis=0, in_axis=1, in_channel_axis=1, bias_index=2,
+                         fold=_fold_conv if exact else None, why_not="a padded Conv sees a constant channel unevenly")
+    if group == w.shape[0] and w.shape[1] == 1 and flows and flows[0] is not None and len(flows[0].ids) == group:
+        return _depthwise(node, flows[0], w)
+    return f"grouped Conv (group={group}) is not supported"
+
+
+def _depthwise(node: gs.Node, flow: Flow, w: np.ndarray) -> Step:
+    name = node.inputs[0].name
+    params = [ParamSlice(1, ((0, name),))]
+    bias = const(_input(node, 2)) if _input(node, 2) is not None else None
+    if bias is not None:
+        params.append(ParamSlice(2, ((0, name),)))
+    b = bias if bias is not None else np.zeros(w.shape[0])
+    if np.all(flow.zero == 0):
+        zero = b.astype(np.float64)
+    elif _spatial_pads(node):
+        zero = _unknown(flow.zero)
+    else:
+        zero = flow.zero * w.reshape(w.shape[0], -1).sum(1) + b
+
+    def rewrite(node: gs.Node, keeps: dict[str, np.ndarray], walk: Walk) -> None:
+        node.attrs["group"] = int(len(keeps[name]))
+
+    return Step(Kind.PER_CHANNEL, [_same(flow, zero)], params, rewrite=rewrite)
+
+
+@rule("ConvTranspose")
+def _conv_transpose(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    w = const(node.inputs[1])
+    if w is None:
+        return f"weight '{node.inputs[1].name}' is computed in the graph, so its channels cannot be sliced"
+    if int(node.attrs.get("group", 1)) != 1:
+        return f"grouped ConvTranspose (group={node.attrs['group']}) is not supported"
+    exact = all(k == 1 for k in w.shape[2:]) and all(s == 1 for s in node.attrs.get("strides", [1]))
+    return _producer(node, flows, walk, weight=w, out_axis=1, in_axis=0, in_channel_axis=1, bias_index=2,
+                     fold=_fold_conv_transpose if exact and not _spatial_pads(node) else None,
+                     why_not="a strided or padded ConvTranspose sees a constant channel unevenly")
+
+
+@rule("Gemm")
+def _gemm(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    w = const(node.inputs[1])
+    if w is None:
+        return f"weight '{node.inputs[1].name}' is not a constant"
+    if node.attrs.get("transA", 0):
+        return "Gemm with transA=1 is not supported"
+    trans_b = int(node.attrs.get("transB", 0))
+    return _producer(node, flows, walk, weight=w, out_axis=0 if trans_b else 1, in_axis=1 if trans_b else 0,
+                     in_channel_axis=1, bias_index=2, fold=_fold_gemm)
+
+
+@rule("MatMul")
+def _matmul(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    w = const(node.inputs[1])
+    if w is None or w.ndim != 2:
+        if flows and any(f is not None for f in flows):
+            return "MatMul without a constant 2-D weight on the right"
+        return Step(Kind.PASS_THROUGH, [None])
+    return _producer(node, flows, walk, weight=w, out_axis=1, in_axis=0, in_channel_axis=-1, bias_index=None,
+                     fold=None, why_not="MatMul has no bias to fold into")
+
+
+# -------------------------------------------------------------------------------------- per channel
+
+
+@rule("BatchNormalization")
+def _batch_norm(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    flow = flows[0]
+    values = [const(t) for t in node.inputs[1:5]]
+    if any(v is None for v in values):
+        return "BatchNormalization parameters are not constants"
+    if flow is None:
+        return Step(Kind.PER_CHANNEL, [None] * len(node.outputs))
+    if flow.axis != 1:
+        return "BatchNormalization normalises axis 1, the channels are on another axis"
+    scale, bias, mean, var = (v.astype(np.float64) for v in values)
+    eps = float(node.attrs.get("epsilon", 1e-5))
+    zero = (flow.zero - mean) / np.sqrt(var + eps) * scale + bias
+    name = node.inputs[0].name
+    return Step(Kind.PER_CHANNEL, [_same(flow, zero)] + [None] * (len(node.outputs) - 1),
+                [ParamSlice(i, ((0, name),)) for i in range(1, 5)])
+
+
+@rule("InstanceNormalization")
+def _instance_norm(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    flow = flows[0]
+    if flow is None:
+        return Step(Kind.PER_CHANNEL, [None])
+    if flow.axis != 1 or const(node.inputs[1]) is None or const(node.inputs[2]) is None:
+        return "InstanceNormalization with channels off axis 1 or computed parameters"
+    name = node.inputs[0].name
+    zero = const(node.inputs[2]).astype(np.float64)
+    return Step(Kind.PER_CHANNEL, [_same(flow, zero)], [ParamSlice(i, ((0, name),)) for i in (1, 2)])
+
+
+@rule("PRelu")
+def _prelu(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    return _binary(node, flows, walk, lambda x, s: np.where(x < 0, x * s, x))
+
+
+# ------------------------------------------------------------------------------------- pass through
+
+_UNARY: dict[str, Callable[[gs.Node, np.ndarray], np.ndarray]] = {
+    "Relu": lambda n, x: np.maximum(x, 0),
+    "LeakyRelu": lambda n, x: np.where(x < 0, x * n.attrs.get("alpha", 0.01), x),
+    "Elu": lambda n, x: np.where(x < 0, n.attrs.get("alpha", 1.0) * np.expm1(x), x),
+    "Selu": lambda n, x: n.attrs.get("gamma", 1.0507) * np.where(x < 0, n.attrs.get("alpha", 1.6733) * np.expm1(x), x),
+    "Sigmoid": lambda n, x: 1 / (1 + np.exp(-x)),
+    "HardSigmoid": lambda n, x: np.clip(n.attrs.get("alpha", 0.2) * x + n.attrs.get("beta", 0.5), 0, 1),
+    "HardSwish": lambda n, x: x * np.clip(x / 6 + 0.5, 0, 1),
+    "Tanh": lambda n, x: np.tanh(x),
+    "Softplus": lambda n, x: np.log1p(np.exp(x)),
+    "Softsign": lambda n, x: x / (1 + np.abs(x)),
+    "Abs": lambda n, x: np.abs(x),
+    "Neg": lambda n, x: -x,
+    "Identity": lambda n, x: x,
+    "Dropout": lambda n, x: x,
+    "Cast": lambda n, x: x,
+    "Gelu": lambda n, x: np.where(x == 0, 0.0, np.nan),
+    "Mish": lambda n, x: x * np.tanh(np.log1p(np.exp(x))),
+    "Clip": lambda n, x: _clip(n, x),
+}
+
+
+def _clip(node: gs.Node, x: np.ndarray) -> np.ndarray:
+    lo, hi = node.attrs.get("min", -np.inf), node.attrs.get("max", np.inf)
+    for i, name in ((1, "lo"), (2, "hi")):
+        t = _input(node, i)
+        if t is not None:
+            value = const(t)
+            if value is None:
+                return _unknown(x)
+            lo, hi = (float(value), hi) if name == "lo" else (lo, float(value))
+    return np.clip(x, lo, hi)
+
+
+@rule(*_UNARY)
+def _unary(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    extra = [f for f in flows[1:] if f is not None]
+    if extra:
+        return "channels reach a parameter input"
+    outputs: list[Flow | None] = [None] * len(node.outputs)
+    if flows and flows[0] is not None:
+        outputs[0] = _same(flows[0], _UNARY[node.op](node, flows[0].zero))
+    return Step(Kind.PASS_THROUGH, outputs)
+
+
+@rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
+def _pool(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    flow = flows[0]
+    if flow is None:
+        return Step(Kind.PASS_THROUGH, [None] * len(node.outputs))
+    if flow.axis != 1:
+        return "pooling expects channels on axis 1"
+    zero = flow.zero
+    uneven = node.op == "AveragePool" and node.attrs.get("count_include_pad", 0) and _spatial_pads(node)
+    if uneven or "Lp" in node.op:
+        zero = np.where(zero == 0, 0.0, np.nan)
+    return Step(Kind.PASS_THROUGH, [_same(flow, zero)] + [None] * (len(node.outputs) - 1))
+
+
+@rule("Resize", "Upsample")
+def _resize(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    flow = flows[0]
+    if flow is None:
+        return Step(Kind.PASS_THROUGH, [None])
+    if any(f is not None for f in flows[1:]):
+        return "channels reach the scales/sizes input"
+    for t in node.inputs[1:]:
+        v = const(t)
+        if t.name and v is not None and v.size == flow.rank and v[flow.axis] != 1 and v.dtype.kind == "f":
+            return "resizes the channel axis"
+    shape_in, shape_out = walk.shape(node.inputs[0]), walk.shape(node.outputs[0])
+    if shape_out is not None and shape_out[flow.axis] not in (None, len(flow.ids)):
+        return "resizes the channel axis"
+    if shape_in is None:
+        return "input rank is unknown"
+    return Step(Kind.PASS_THROUGH, [_same(flow)])
+
+
+@rule("Pad")
+def _pad(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    flow = flows[0]
+    if flow is None:
+        return Step(Kind.PASS_THROUGH, [None])
+    pads = node.attrs.get("pads")
+    if pads is None:
+        pads = const(node.inputs[1]) if _input(node, 1) is not None else None
+    if pads is None or _input(node, 3) is not None:
+        return "Pad amounts or axes are computed at run time"
+    pads = list(np.asarray(pads).ravel())
+    if pads[flow.axis] != 0 or pads[flow.axis + flow.rank] != 0:
+        return "pads the channel axis"
+    mode = node.attrs.get("mode", "constant")
+    value = node.attrs.get("value", 0.0)
+    if _input(node, 2) is not None:
+        v = const(node.inputs[2])
+        value = float(v) if v is not None and v.size else 0.0
+    zero = flow.zero if mode != "constant" else np.where(flow.zero == value, flow.zero, np.nan)
+    return Step(Kind.PASS_THROUGH, [_same(flow, zero)])
+
+
+@rule("Softmax", "LogSoftmax", "Hardmax")
+def _softmax(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    flow = flows[0]
+    if flow is None:
+        return Step(Kind.PASS_THROUGH, [None])
+    new = walk.opset >= 13
+    axis = int(node.attrs.get("axis", -1 if new else 1)) % flow.rank
+    if axis == flow.axis or (not new and axis <= flow.axis):
+        return f"{node.op} normalises over the channel axis"
+    return Step(Kind.PASS_THROUGH, [_same(flow, _unknown(flow.zero))])
+
+
+@rule("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum")
+def _reduce(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    flow = flows[0]
+    if flow is None:
+        return Step(Kind.PASS_THROUGH, [None])
+    axes = node.attrs.get("axes")
+    if axes is None and _input(node, 1) is not None:
+        axes = const(node.inputs[1])
+        if axes is None:
+            return "reduction axes are computed at run time"
+    if axes is None or len(np.atleast_1d(axes)) == 0:
+        return f"{node.op} over all axes mixes the channels"
+    axes = sorted(int(a) % flow.rank for a in np.atleast_1d(axes))
+    if flow.axis in axes:
+        return f"{node.op} reduces over the channel axis"
+    zero = flow.zero if node.op != "ReduceSum" else np.where(flow.zero == 0, 0.0, np.nan)
+    if node.attrs.get("keepdims", 1):
+        return Step(Kind.PASS_THROUGH, [_same(flow, zero)])
+    axis = flow.axis - sum(a < flow.axis for a in axes)
+    return Step(Kind.PASS_THROUGH, [_same(flow, zero, axis=axis, rank=flow.rank - len(axes))])
+
+
+@rule("LRN")
+def _lrn(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    if flows[0] is None:
+        return Step(Kind.PASS_THROUGH, [None])
+    return "LRN normalises across neighbouring channels"
+
+
+# ------------------------------------------------------------------------------------------ coupling
+
+_BINARY: dict[str, Callable[..., np.ndarray]] = {
+    "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide,
+    "Max": np.maximum, "Min": np.minimum, "Sum": np.add, "Mean": np.add, "Pow": np.power,
+}
+
+
+@rule(*_BINARY)
+def _elementwise(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    return _binary(node, flows, walk, _BINARY[node.op])
+
+
+def _binary(node: gs.Node, flows: list[Flow | None], walk: Walk, op: Callable[..., np.ndarray]) -> Step | str:
+    """Element-wise ops: constants per channel are sliced; two tracked tensors are coupled channel by channel."""
+    tracked = [(i, f) for i, f in enumerate(flows) if f is not None]
+    if not tracked:
+        return Step(Kind.PASS_THROUGH, [None])
+    out_shape = walk.shape(node.outputs[0])
+    if out_shape is None:
+        return "output rank is unknown (shape inference failed)"
+    rank = len(out_shape)
+    first = tracked[0][1]
+    axis = first.at_rank(rank)
+    n = len(first.ids)
+    zeros: list[np.ndarray] = []
+    params: list[ParamSlice] = []
+    kind = Kind.PASS_THROUGH
+    for i, tensor in enumerate(node.inputs):
+        flow = flows[i]
+        if flow is not None:
+            if flow.at_rank(rank) != axis or len(flow.ids) != n:
+                return "adds tensors whose channels do not line up"
+            if flow is not first:
+                walk.unify(first.ids, flow.ids)
+                kind = Kind.COUPLING
+            zeros.append(flow.zero)
+            continue
+        shape = walk.shape(tensor) if const(tensor) is None else list(const(tensor).shape)
+        if shape is None:
+            return f"operand '{tensor.name}' has unknown rank"
+        a = axis - (rank - len(shape))
+        size = shape[a] if a >= 0 else 1
+        value = const(tensor)
+        if value is None:
+            if size != 1:
+                return f"meets tensor '{tensor.name}' whose channels come from no tracked producer"
+            zeros.append(np.full(n, np.nan))
+            continue
+        if size == 1:
+            zeros.append(np.full(n, float(value.ravel()[0])) if np.all(value == value.ravel()[0])
+                         else np.full(n, np.nan))
+            continue
+        if size != n:
+            return f"constant '{tensor.name}' has {size} entries on the channel axis, the tensor carries {n}"
+        params.append(ParamSlice(i, ((a, first_input_name(node, flows)),)))
+        kind = Kind.PER_CHANNEL if kind is Kind.PASS_THROUGH else kind
+        per = np.moveaxis(value.astype(np.float64), a, 0).reshape(n, -1)
+        zeros.append(per[:, 0] if np.all(per == per[:, :1]) else np.full(n, np.nan))
+    with np.errstate(all="ignore"):
+        zero = zeros[0]
+        for z in zeros[1:]:
+            zero = op(zero, z)
+        if node.op == "Mean":
+            zero = zero / len(zeros)
+    return Step(kind, [Flow(axis, rank, first.ids, np.asarray(zero, dtype=np.float64))], params)
+
+
+def first_input_name(node: gs.Node, flows: list[Flow | None]) -> str:
+    """Name of the first input that carries tracked channels."""
+    return next(node.inputs[i].name for i, f in enumerate(flows) if f is not None)
+
+
+@rule("Concat")
+def _concat(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    if all(f is None for f in flows):
+        return Step(Kind.PASS_THROUGH, [None])
+    rank = next(f.rank for f in flows if f is not None)
+    axis = int(node.attrs["axis"]) % rank
+    tracked = [f for f in flows if f is not None]
+    if any(f.axis != axis for f in tracked):
+        if any(f is None for f in flows) or any(f.axis != tracked[0].axis for f in tracked):
+            return "concatenates along an axis other than the channels"
+        for f in tracked[1:]:
+            walk.unify(tracked[0].ids, f.ids)
+        zero = np.where(np.all([f.zero == tracked[0].zero for f in tracked], axis=0), tracked[0].zero, np.nan)
+        return Step(Kind.COUPLING, [_same(tracked[0], zero)])
+    ids, zeros = [], []
+    for tensor, flow in zip(node.inputs, flows):
+        if flow is None:
+            shape = walk.shape(tensor) if const(tensor) is None else list(const(tensor).shape)
+            if shape is None or shape[axis] is None:
+                return f"concatenates '{tensor.name}' of unknown channel count"
+            ids.append(walk.source_ids(shape[axis], f"concatenated with '{tensor.name}', which no producer fills"))
+            zeros.append(np.full(shape[axis], np.nan))
+        else:
+            ids.append(flow.ids)
+            zeros.append(flow.zero)
+    return Step(Kind.COUPLING, [Flow(axis, rank, np.concatenate(ids), np.concatenate(zeros))])
+
+
+def _split_sizes(node: gs.Node, total: int, n_out: int) -> list[int] | str:
+    split = node.attrs.get("split")
+    if split is None and _input(node, 1) is not None:
+        split = const(node.inputs[1])
+        if split is None:
+            return "split sizes are computed at run time"
+    if split is None:
+        if total % n_out:
+            return f"equal split of {total} channels into {n_out} is uneven"
+        return [total // n_out] * n_out
+    return [int(s) for s in np.atleast_1d(split)]
+
+
+@rule("Split")
+def _split(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    flow = flows[0]
+    if flow is None:
+        return Step(Kind.PASS_THROUGH, [None] * len(node.outputs))
+    axis = int(node.attrs.get("axis", 0)) % flow.rank
+    if axis != flow.axis:
+        return Step(Kind.PASS_THROUGH, [_same(flow) for _ in node.outputs])
+    sizes = _split_sizes(node, len(flow.ids), len(node.outputs))
+    if isinstance(sizes, str):
+        return sizes
+    bounds = np.cumsum([0] + sizes)
+    outs = [Flow(axis, flow.rank, flow.ids[a:b], flow.zero[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    names = [t.name for t in node.outputs]
+
+    def rewrite(node: gs.Node, keeps: dict[str, np.ndarray], walk: Walk) -> None:
+        new = np.array([len(keeps[n]) for n in names], dtype=np.int64)
+        node.attrs.pop("num_outputs", None)
+        if "split" in node.attrs:
+            node.attrs["split"] = [int(s) for s in new]
+        else:
+            _set_input(node, 1, new, walk, "split")
+
+    return Step(Kind.COUPLING, outs, rewrite=rewrite)
+
+
+@rule("Slice")
+def _slice(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    flow = flows[0]
+    if flow is None:
+        return Step(Kind.PASS_THROUGH, [None])
+    if "starts" in node.attrs:
+        starts, ends = node.attrs["starts"], node.attrs["ends"]
+        axes, steps = node.attrs.get("axes", list(range(len(starts)))), [1] * len(starts)
+    else:
+        values = [const(node.inputs[i]) if _input(node, i) is not None else None for i in range(1, 5)]
+        if any(v is None for v in values[:2]) or any(_input(node, i) is not None and values[i - 1] is None
+                                                     for i in (3, 4)):
+            return "Slice bounds are computed at run time"
+        starts, ends = list(values[0]), list(values[1])
+        axes = list(values[2]) if values[2] is not None else list(range(len(starts)))
+        steps = list(values[3]) if values[3] is not None else [1] * len(starts)
+    axes = [int(a) % flow.rank for a in axes]
+    if flow.axis not in axes:
+        return Step(Kind.PASS_THROUGH, [_same(flow)])
+    j = axes.index(flow.axis)
+    if steps[j] != 1:
+        return "Slice with a step on the channel axis"
+    lo, hi, _ = slice(int(starts[j]), int(min(ends[j], 2**62))).indices(len(flow.ids))
+    src = node.inputs[0].name
+
+    def rewrite(node: gs.Node, keeps: dict[str, np.ndarray], walk: Walk) -> None:
+        kept = keeps[src]
+        new_lo, new_hi = int(np.sum(kept < lo)), int(np.sum(kept < hi))
+        if "starts" in node.attrs:
+            node.attrs["starts"] = [*node.attrs["starts"][:j], new_lo, *node.attrs["starts"][j + 1 :]]
+            node.attrs["ends"] = [*node.attrs["ends"][:j], new_hi, *node.attrs["ends"][j + 1 :]]
+            return
+        for i, value in ((1, new_lo), (2, new_hi)):
+            arr = const(node.inputs[i]).copy()
+            arr[j] = value
+            _set_input(node, i, arr, walk, "slice")
+
+    return Step(Kind.COUPLING, [Flow(flow.axis, flow.rank, flow.ids[lo:hi], flow.zero[lo:hi])], rewrite=rewrite)
+
+
+@rule("Transpose")
+def _transpose(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    flow = flows[0]
+    if flow is None:
+        return Step(Kind.PASS_THROUGH, [None])
+    perm = node.attrs.get("perm", list(range(flow.rank))[::-1])
+    return Step(Kind.COUPLING, [_same(flow, axis=list(perm).index(flow.axis))])
+
+
+@rule("Squeeze", "Unsqueeze")
+def _squeeze(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    flow = flows[0]
+    if flow is None:
+        return Step(Kind.PASS_THROUGH, [None])
+    axes = node.attrs.get("axes")
+    if axes is None and _input(node, 1) is not None:
+        axes = const(node.inputs[1])
+        if axes is None:
+            return f"{node.op} axes are computed at run time"
+    out_shape = walk.shape(node.outputs[0])
+    if out_shape is None:
+        return "output rank is unknown"
+    rank_out = len(out_shape)
+    if node.op == "Squeeze":
+        if axes is None:
+            shape = walk.shape(node.inputs[0])
+            if shape is None or any(d is None for d in shape):
+                return "Squeeze without axes on a tensor of unknown shape"
+            axes = [i for i, d in enumerate(shape) if d == 1]
+        axes = [int(a) % flow.rank for a in np.atleast_1d(axes)]
+        if flow.axis in axes:
+            return "squeezes the channel axis"
+        axis = flow.axis - sum(a < flow.axis for a in axes)
+    else:
+        axes = sorted(int(a) % rank_out for a in np.atleast_1d(axes))
+        axis = flow.axis
+        for a in axes:
+            if a <= axis:
+                axis += 1
+    return Step(Kind.COUPLING, [_same(flow, axis=axis, rank=rank_out)])
+
+
+@rule("Flatten")
+def _flatten(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    flow = flows[0]
+    if flow is None:
+        return Step(Kind.PASS_THROUGH, [None])
+    at = int(node.attrs.get("axis", 1)) % max(flow.rank, 1)
+    if flow.axis < at:
+        return "Flatten merges the channel axis into the leading dimension"
+    shape = walk.shape(node.inputs[0])
+    if shape is None or any(d is None for d in shape[at:]):
+        return "Flatten of a tensor whose trailing dims are not static"
+    return Step(Kind.COUPLING, [_merge(flow, shape, at, len(shape), out_axis=1, rank=2)])
+
+
+def _merge(flow: Flow, shape: list, start: int, stop: int, *, out_axis: int, rank: int) -> Flow:
+    """Channels of `flow` once dims start..stop-1 are merged into one: each channel becomes a block."""
+    inner = int(np.prod(shape[flow.axis + 1 : stop], dtype=np.int64))
+    outer = int(np.prod(shape[start : flow.axis], dtype=np.int64))
+    ids = np.tile(np.repeat(flow.ids, inner), outer)
+    zero = np.tile(np.repeat(flow.zero, inner), outer)
+    return Flow(out_axis, rank, ids, zero)
+
+
+@rule("Reshape")
+def _reshape(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    flow = flows[0]
+    if flow is None:
+        return Step(Kind.PASS_THROUGH, [None])
+    in_shape, out_shape = walk.shape(node.inputs[0]), walk.shape(node.outputs[0])
+    target = const(node.inputs[1])
+    if in_shape is None or out_shape is None or any(d is None for d in in_shape[1:]):
+        return "Reshape of a tensor whose shape is not known"
+    if target is None:
+        return "Reshape target is computed at run time, so it cannot be rewritten"
+    rest_in = [int(d) for d in in_shape[1:]]
+    n = len(flow.ids)
+    resolved = _resolve_target(list(target), in_shape)
+    if resolved is None:
+        return "Reshape target does not resolve"
+    lead_in = int(np.prod(rest_in[: flow.axis - 1], dtype=np.int64)) if flow.axis >= 1 else None
+    if lead_in is None:
+        return "Reshape moves the batch axis"
+    # the output axis j whose leading product equals the input's leading product
+    for j in range(1, len(resolved)):
+        if int(np.prod(resolved[1:j], dtype=np.int64)) != lead_in:
+            continue
+        size = resolved[j]
+        if size == n:
+            out = _same(flow, axis=j, rank=len(resolved))
+        else:
+            stop, inner = flow.axis + 1, 1
+            while stop < len(in_shape) and n * inner < size:
+                inner *= int(in_shape[stop])
+                stop += 1
+            if n * inner != size:
+                continue
+            out = _merge(flow, in_shape, flow.axis, stop, out_axis=j, rank=len(resolved))
+        break
+    else:
+        return "Reshape splits the channel axis"
+    per = len(out.ids) // n if n else 1
+    src = node.inputs[0].name
+
+    def rewrite(node: gs.Node, keeps: dict[str, np.ndarray], walk: Walk) -> None:
+        t = const(node.inputs[1]).copy()
+        if t[j] > 0:
+            t[j] = len(keeps[src]) * per
+            _set_input(node, 1, t, walk, "shape")
+
+    return Step(Kind.COUPLING, [out], rewrite=rewrite)
+
+
+def _resolve_target(target: list[int], in_shape: list) -> list[int] | None:
+    """Concrete output dims of a Reshape, with the batch (and any unknown dim) taken as 1."""
+    dims = [int(d) for d in target]
+    for i, d in enumerate(dims):
+        if d == 0:
+            dims[i] = 1 if i >= len(in_shape) or in_shape[i] is None else int(in_shape[i])
+    if dims.count(-1) > 1:
+        return None
+    total = int(np.prod([1 if d is None else int(d) for d in in_shape], dtype=np.int64))
+    if -1 in dims:
+        known = int(np.prod([d for d in dims if d != -1], dtype=np.int64))
+        if known == 0 or total % known:
+            return None
+        dims[dims.index(-1)] = total // known
+    return dims if int(np.prod(dims, dtype=np.int64)) == total else None
+
+
+def _set_input(node: gs.Node, i: int, value: np.ndarray, walk: Walk, what: str) -> None:
+    name = getattr(walk, "fresh_name", lambda base: base)(f"{node.name}/{what}")
+    node.inputs[i] = gs.Constant(name, np.asarray(value, dtype=np.int64))
+
+
+# ---------------------------------------------------------------------------------------------- MACs
+
+
+def macs_per_weight(node: gs.Node, out_shape: list | None) -> int:
+    """Multiply-accumulates per sample for each weight element of `node` (0 for non-matrix ops)."""
+    if out_shape is None:
+        return 0
+    dims = [1 if d is None else int(d) for d in out_shape]
+    if node.op == "Conv":
+        return int(np.prod(dims[2:], dtype=np.int64))
+    if node.op == "ConvTranspose":
+        return int(np.prod(dims[2:], dtype=np.int64))
+    if node.op == "Gemm":
+        return 1
+    if node.op == "MatMul" and len(dims) >= 2:
+        return int(np.prod(dims[1:-1], dtype=np.int64))
+    return 0
+
+
+WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}

@@ -1,0 +1,110 @@
+"""Helpers for tests and benchmarks: run in onnxruntime, random feeds, apply a pass, mask channels, compare."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxprune.graph import session, to_graph, to_model
+from onnxprune.passes.groups import ChannelGraph, find_channel_groups
+from onnxprune.result import PassResult, Report
+from onnxprune.rules import Kind, const
+
+_NP_TYPES = {
+    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.BOOL: np.bool_,
+}
+
+
+def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs by name, from the CPU provider with every graph optimisation off."""
+    sess = session(model)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def random_feeds(model: onnx.ModelProto, *, batch: int = 2, seed: int = 0,
+                 dims: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Normal random data for every graph input; the first symbolic dim is `batch`, others from `dims` or 8."""
+    rng = np.random.default_rng(seed)
+    inits = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        shape = []
+        for i, d in enumerate(inp.type.tensor_type.shape.dim):
+            if d.HasField("dim_value"):
+                shape.append(d.dim_value)
+            else:
+                shape.append(batch if i == 0 else (dims or {}).get(d.dim_param, 8))
+        dtype = _NP_TYPES[inp.type.tensor_type.elem_type]
+        feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def apply_pass(model: onnx.ModelProto, pass_fn: Callable[..., PassResult], **options) -> tuple[onnx.ModelProto,
+                                                                                              Report]:
+    """Import, run one pass with `options`, export: the model-level view tests use."""
+    graph = to_graph(model)
+    result = pass_fn(graph, **options)
+    return to_model(result.graph, model), result.report
+
+
+def assert_outputs_close(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], *, rtol: float,
+                         atol: float) -> None:
+    """Every output of `expected` is in `actual` with the same shape and close values; names the worst one."""
+    for name, want in expected.items():
+        assert name in actual, f"output {name!r} is missing"
+        got = actual[name]
+        assert got.shape == want.shape, f"output {name!r}: shape {got.shape} != {want.shape}"
+        diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+        bound = atol + rtol * np.abs(want.astype(np.float64))
+        if not np.all(diff <= bound):
+            raise AssertionError(f"output {name!r}: max abs diff {diff.max():.3g} (tolerance atol={atol}, rtol={rtol})")
+
+
+def every_other_channel(analysis: ChannelGraph) -> dict[str, np.ndarray]:
+    """A plan that removes every other removable channel of every group (and keeps at least one)."""
+    plan = {}
+    for group in analysis.groups:
+        removable = set(group.removable.tolist())
+        gone = [i for i, c in enumerate(group.classes) if c in removable][1::2]
+        if gone and len(gone) < len(group.classes):
+            plan[group.name] = np.setdiff1d(np.arange(len(group.classes)), gone)
+    return plan
+
+
+def mask_channels(model: onnx.ModelProto, plan: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """The same model with the planned channels zeroed instead of removed: what removal must equal.
+
+    The producers' filters and biases of removed channels are zeroed. Where a consumer cannot take the constant
+    a removed channel still carries into its bias (a padded Conv after a Sigmoid, say), removal means that
+    consumer no longer sees the channel: its input slice is zeroed too.
+    """
+    graph = to_graph(model)
+    analysis = find_channel_groups(graph)
+    alive = analysis.alive(plan)
+    nodes = {n.name: n for n in graph.nodes}
+    for name, step in analysis.steps.items():
+        if step.kind is not Kind.PRODUCER:
+            continue
+        node = nodes[name]
+        unfoldable = step.fold is not None and (
+            step.fold.apply is None or not np.all(np.isfinite(analysis.flows[step.fold.tensor].zero)))
+        for ps in step.params:
+            if ps.index >= len(node.inputs) or const(node.inputs[ps.index]) is None:
+                continue
+            values = const(node.inputs[ps.index]).copy()
+            for axis, tensor in ps.axes:
+                is_out = tensor == node.outputs[0].name
+                if not (is_out or unfoldable) or not values.ndim or values.shape[axis] != len(analysis.flows[tensor].ids):
+                    continue
+                index = [slice(None)] * values.ndim
+                index[axis] = np.flatnonzero(~alive[analysis.classes(tensor)])
+                values[tuple(index)] = 0
+            node.inputs[ps.index] = gs.Constant(node.inputs[ps.index].name + "/masked", values)
+    return to_model(graph, model)

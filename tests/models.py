@@ -1,0 +1,214 @@
+"""Graphs built in code for the tests: static channels, dynamic batch, seeded weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+class Builder:
+    """Appends nodes with seeded random weights; every method returns the new tensor's name."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.count = 0
+
+    def _name(self, base: str) -> str:
+        self.count += 1
+        return f"{base}{self.count}"
+
+    def const(self, value: np.ndarray, base: str = "w") -> str:
+        name = self._name(base)
+        value = np.asarray(value)
+        self.inits.append(numpy_helper.from_array(value.astype(np.float32) if value.dtype == np.float64 else value, name))
+        return name
+
+    def node(self, op: str, inputs: list[str], n_out: int = 1, **attrs) -> str | list[str]:
+        name = self._name(op.lower())
+        outs = [f"{name}_out{i}" if n_out > 1 else f"{name}_out" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=name, **attrs))
+        return outs if n_out > 1 else outs[0]
+
+    def conv(self, x: str, cin: int, cout: int, k: int = 3, *, stride: int = 1, group: int = 1, bias: bool = True,
+             pad: int | None = None) -> str:
+        w = self.rng.standard_normal((cout, cin // group, k, k)).astype(np.float32) / np.sqrt(cin // group * k * k)
+        inputs = [x, self.const(w)]
+        if bias:
+            inputs.append(self.const(self.rng.standard_normal(cout).astype(np.float32) * 0.1, "b"))
+        p = k // 2 if pad is None else pad
+        return self.node("Conv", inputs, kernel_shape=[k, k], strides=[stride, stride], pads=[p] * 4, group=group)
+
+    def bn(self, x: str, c: int) -> str:
+        r = self.rng
+        params = [r.uniform(0.5, 1.5, c), r.standard_normal(c) * 0.1, r.standard_normal(c) * 0.1, r.uniform(0.5, 1.5, c)]
+        return self.node("BatchNormalization", [x] + [self.const(p.astype(np.float32), "bn") for p in params],
+                         epsilon=1e-5)
+
+    def relu(self, x: str) -> str:
+        return self.node("Relu", [x])
+
+    def cbr(self, x: str, cin: int, cout: int, k: int = 3, **kw) -> str:
+        return self.relu(self.bn(self.conv(x, cin, cout, k, bias=False, **kw), cout))
+
+    def gemm(self, x: str, k: int, n: int) -> str:
+        w = self.rng.standard_normal((n, k)).astype(np.float32) / np.sqrt(k)
+        return self.node("Gemm", [x, self.const(w), self.const(np.zeros(n, np.float32) + 0.1, "b")], transB=1)
+
+    def head(self, x: str, c: int, classes: int = 5) -> str:
+        return self.gemm(self.node("Flatten", [self.node("GlobalAveragePool", [x])], axis=1), c, classes)
+
+    def model(self, inputs: list[tuple[str, list]], outputs: list[str]) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes, "zoo",
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", *s]) for n, s in inputs],
+            [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["batch", None]) for o in outputs],
+            self.inits,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        model.ir_version = 8
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+def chain() -> onnx.ModelProto:
+    b = Builder()
+    x = b.cbr("x", 3, 8)
+    x = b.cbr(x, 8, 16, stride=2)
+    x = b.cbr(x, 16, 12)
+    return b.model([("x", [3, 8, 8])], [b.head(x, 12)])
+
+
+def basic_residual() -> onnx.ModelProto:
+    b = Builder(1)
+    s = b.cbr("x", 3, 8)
+    y = b.bn(b.conv(b.cbr(s, 8, 8), 8, 8, bias=False), 8)
+    x = b.relu(b.node("Add", [y, s]))
+    y = b.bn(b.conv(b.cbr(x, 8, 8), 8, 8, bias=False), 8)
+    x = b.relu(b.node("Sum", [x, y]))
+    return b.model([("x", [3, 8, 8])], [b.head(x, 8)])
+
+
+def bottleneck() -> onnx.ModelProto:
+    b = Builder(2)
+    s = b.cbr("x", 3, 16)
+    y = b.cbr(s, 16, 8, 1)
+    y = b.cbr(y, 8, 8, 3, stride=2)
+    y = b.bn(b.conv(y, 8, 32, 1, bias=False), 32)
+    short = b.bn(b.conv(s, 16, 32, 1, stride=2, bias=False), 32)
+    x = b.relu(b.node("Add", [y, short]))
+    return b.model([("x", [3, 8, 8])], [b.head(x, 32)])
+
+
+def inception() -> onnx.ModelProto:
+    b = Builder(3)
+    s = b.cbr("x", 3, 12)
+    b1 = b.cbr(s, 12, 4, 1)
+    b2 = b.cbr(b.cbr(s, 12, 6, 1), 6, 8, 3)
+    b3 = b.cbr(b.node("MaxPool", [s], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1]), 12, 4, 1)
+    x = b.node("Concat", [b1, b2, b3], axis=1)
+    x = b.cbr(x, 16, 10, 3)
+    return b.model([("x", [3, 8, 8])], [b.head(x, 10)])
+
+
+def inverted_residual() -> onnx.ModelProto:
+    b = Builder(4)
+    s = b.bn(b.conv("x", 3, 8, bias=False), 8)
+    y = b.node("Clip", [b.bn(b.conv(s, 8, 24, 1, bias=False), 24), b.const(np.float32(0), "lo"),
+                        b.const(np.float32(6), "hi")])
+    y = b.node("Clip", [b.bn(b.conv(y, 24, 24, 3, group=24, bias=False), 24), b.const(np.float32(0), "lo"),
+                        b.const(np.float32(6), "hi")])
+    y = b.bn(b.conv(y, 24, 8, 1, bias=False), 8)
+    x = b.node("Add", [s, y])
+    return b.model([("x", [3, 8, 8])], [b.head(b.cbr(x, 8, 16, 1), 16)])
+
+
+def grouped_conv() -> onnx.ModelProto:
+    b = Builder(5)
+    s = b.cbr("x", 3, 8)
+    y = b.relu(b.conv(s, 8, 8, 3, group=2))
+    x = b.cbr(y, 8, 6)
+    return b.model([("x", [3, 8, 8])], [b.head(x, 6)])
+
+
+def squeeze_excite() -> onnx.ModelProto:
+    b = Builder(6)
+    s = b.cbr("x", 3, 16)
+    g = b.node("GlobalAveragePool", [s])
+    g = b.node("Sigmoid", [b.conv(b.relu(b.conv(g, 16, 4, 1)), 4, 16, 1)])
+    x = b.node("Mul", [s, g])
+    x = b.cbr(x, 16, 8)
+    return b.model([("x", [3, 8, 8])], [b.head(x, 8)])
+
+
+def flatten_gemm() -> onnx.ModelProto:
+    b = Builder(7)
+    x = b.cbr("x", 3, 8, stride=2)
+    x = b.cbr(x, 8, 6, stride=2)
+    f = b.node("Flatten", [x], axis=1)
+    h = b.relu(b.gemm(f, 6 * 2 * 2, 10))
+    return b.model([("x", [3, 8, 8])], [b.gemm(h, 10, 4)])
+
+
+def reshape_gemm() -> onnx.ModelProto:
+    b = Builder(8)
+    x = b.cbr("x", 3, 6, stride=2)
+    f = b.node("Reshape", [x, b.const(np.array([0, -1], np.int64), "shape")])
+    return b.model([("x", [3, 4, 4])], [b.gemm(b.relu(b.gemm(f, 6 * 2 * 2, 7)), 7, 3)])
+
+
+def channel_shuffle() -> onnx.ModelProto:
+    b = Builder(9)
+    x = b.cbr("x", 3, 8)
+    y = b.node("Reshape", [x, b.const(np.array([0, 2, 4, 8, 8], np.int64), "shape")])
+    y = b.node("Transpose", [y], perm=[0, 2, 1, 3, 4])
+    y = b.node("Reshape", [y, b.const(np.array([0, 8, 8, 8], np.int64), "shape")])
+    return b.model([("x", [3, 8, 8])], [b.head(b.cbr(y, 8, 6), 6)])
+
+
+def two_in_two_out() -> onnx.ModelProto:
+    b = Builder(10)
+    a = b.cbr("a", 3, 8)
+    c = b.cbr("c", 2, 8)
+    x = b.relu(b.node("Add", [b.conv(a, 8, 8, 1), b.conv(c, 8, 8, 1)]))
+    y = b.cbr(x, 8, 6)
+    return b.model([("a", [3, 8, 8]), ("c", [2, 8, 8])], [b.head(y, 6, 4), b.head(x, 8, 3)])
+
+
+def sigmoid_consumers() -> onnx.ModelProto:
+    """Sigmoid(0) = 0.5: a 1x1 consumer folds it exactly, a padded 3x3 consumer cannot."""
+    b = Builder(11)
+    x = b.node("Sigmoid", [b.conv("x", 3, 8)])
+    y = b.relu(b.conv(x, 8, 6, 1))
+    z = b.relu(b.conv(x, 8, 6, 3))
+    return b.model([("x", [3, 8, 8])], [b.head(b.node("Add", [y, z]), 6)])
+
+
+def split_slice() -> onnx.ModelProto:
+    b = Builder(12)
+    x = b.cbr("x", 3, 12)
+    p, q = b.node("Split", [x, b.const(np.array([4, 8], np.int64), "split")], n_out=2, axis=1)
+    r = b.node("Slice", [q, b.const(np.array([2], np.int64), "st"), b.const(np.array([7], np.int64), "en"),
+                         b.const(np.array([1], np.int64), "ax")])
+    y = b.node("Concat", [b.cbr(p, 4, 6, 1), r], axis=1)
+    return b.model([("x", [3, 8, 8])], [b.head(b.cbr(y, 11, 5), 5)])
+
+
+def dense_block() -> onnx.ModelProto:
+    """DenseNet-style: Concat -> BN -> Relu -> 1x1 Conv (the BN stays unfolded)."""
+    b = Builder(13)
+    s = b.conv("x", 3, 8)
+    y1 = b.conv(b.relu(b.bn(s, 8)), 8, 4, 1)
+    c1 = b.node("Concat", [s, y1], axis=1)
+    y2 = b.conv(b.relu(b.bn(c1, 12)), 12, 4, 1)
+    c2 = b.node("Concat", [c1, y2], axis=1)
+    t = b.conv(b.relu(b.bn(c2, 16)), 16, 8, 1)
+    return b.model([("x", [3, 8, 8])], [b.head(b.relu(t), 8)])
+
+
+ZOO = [chain, basic_residual, bottleneck, inception, inverted_residual, grouped_conv, squeeze_excite,
+       flatten_gemm, reshape_gemm, channel_shuffle, two_in_two_out, sigmoid_consumers, split_slice, dense_block]
