@@ -62,15 +62,20 @@ class Builder:
     def head(self, x: str, c: int, classes: int = 5) -> str:
         return self.gemm(self.node("Flatten", [self.node("GlobalAveragePool", [x])], axis=1), c, classes)
 
-    def model(self, inputs: list[tuple[str, list]], outputs: list[str]) -> onnx.ModelProto:
+    def model(self, inputs: list[tuple[str, list]], outputs: list[str], opset: int = OPSET) -> onnx.ModelProto:
         graph = helper.make_graph(
             self.nodes, "zoo",
             [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", *s]) for n, s in inputs],
-            [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["batch", None]) for o in outputs],
+            [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
             self.inits,
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-        model.ir_version = 8
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        model.ir_version = 8 if opset < 19 else 9
+        inferred = onnx.shape_inference.infer_shapes(model)
+        for out in model.graph.output:  # declare each output's rank with a symbolic batch
+            found = next(v for v in inferred.graph.output if v.name == out.name)
+            dims = [None] * len(found.type.tensor_type.shape.dim)
+            out.CopyFrom(helper.make_tensor_value_info(out.name, TensorProto.FLOAT, ["batch", *dims[1:]]))
         onnx.checker.check_model(model, full_check=True)
         return model
 

@@ -1,0 +1,17 @@
+"""onnxprune: post-training structured pruning of ONNX models, without a training framework."""
+
+from onnxprune.errors import (
+    BudgetError,
+    CalibrationError,
+    InvalidModelError,
+    OnnxPruneError,
+    PassError,
+    UnsupportedModelError,
+)
+from onnxprune.pipeline import prune
+from onnxprune.result import PassResult, Report
+
+__all__ = [
+    "BudgetError", "CalibrationError", "InvalidModelError", "OnnxPruneError", "PassError", "PassResult", "Report",
+    "UnsupportedModelError", "prune",
+]

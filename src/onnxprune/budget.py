@@ -1,0 +1,164 @@
+"""Global allocation: parameter/MAC counting per channel class, comparable scores, bisection to the target."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune import rules
+from onnxprune.errors import BudgetError
+from onnxprune.passes.groups import ChannelGraph
+
+TARGETS = ("params", "flops")
+
+
+@dataclass
+class _Term:
+    numel: int
+    macs_per_elem: int
+    axes: list[tuple[int, str]]  # (full length along the axis, tracked tensor whose kept channels select it)
+
+
+class CostModel:
+    """Counts parameters and MACs of a graph for any choice of alive channel classes."""
+
+    def __init__(self, graph: gs.Graph, analysis: ChannelGraph | None = None) -> None:
+        self.analysis = analysis
+        self.terms: list[_Term] = []
+        seen: set[str] = set()
+        for node in graph.nodes:
+            step = analysis.steps.get(node.name) if analysis is not None else None
+            slices = {ps.index: ps for ps in step.params} if step is not None else {}
+            out_shape = _shape(node.outputs[0]) if node.outputs else None
+            for i, tensor in enumerate(node.inputs):
+                if not isinstance(tensor, gs.Constant) or tensor.name in seen:
+                    continue
+                values = tensor.values
+                if values.dtype.kind != "f" or values.size == 0:
+                    continue
+                seen.add(tensor.name)
+                macs = rules.macs_per_weight(node, out_shape) if rules.WEIGHT_INPUT.get(node.op) == i else 0
+                axes = []
+                for axis, name in (slices[i].axes if i in slices else ()):
+                    full = len(analysis.flows[name].ids)
+                    if values.ndim and values.shape[axis] == full:
+                        axes.append((full, name))
+                self.terms.append(_Term(int(values.size), macs, axes))
+
+    def count(self, alive: np.ndarray | None = None) -> tuple[int, int]:
+        """(parameters, MACs per sample) with only the `alive` classes kept (all when None)."""
+        kept: dict[str, float] = {}
+        params = macs = 0.0
+        for term in self.terms:
+            frac = 1.0
+            for full, name in term.axes:
+                if alive is not None:
+                    if name not in kept:
+                        kept[name] = float(alive[self.analysis.classes(name)].sum())
+                    frac *= kept[name] / full
+            params += term.numel * frac
+            macs += term.numel * term.macs_per_elem * frac
+        return int(round(params)), int(round(macs))
+
+    def savings(self, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+        """Parameters and MACs each class alone frees at full size (first-order, for ranking)."""
+        params = np.zeros(n_classes)
+        macs = np.zeros(n_classes)
+        for term in self.terms:
+            for full, name in term.axes:
+                share = np.bincount(self.analysis.classes(name), minlength=n_classes) / full
+                params += term.numel * share
+                macs += term.numel * term.macs_per_elem * share
+        return params, macs
+
+
+def _shape(tensor: gs.Tensor) -> list | None:
+    if tensor.shape is None:
+        return None
+    return [d if isinstance(d, int) and d >= 0 else None for d in tensor.shape]
+
+
+@dataclass
+class Allocation:
+    """The plan that reaches the target, and what it reaches."""
+
+    plan: dict[str, np.ndarray]
+    alive: np.ndarray
+    achieved: float
+    reachable: float
+
+
+def allocate(analysis: ChannelGraph, cost: CostModel, importance: np.ndarray, *, remove_ratio: float,
+             target: str, total_before: int, protected: frozenset[str] = frozenset()) -> Allocation:
+    """Remove the classes of least error per parameter (or MAC) saved until `remove_ratio` of `total_before` is gone.
+
+    Importance is normalised by its mean within each group, so scores compare across layers; each tracked
+    tensor keeps at least one channel. The cut in the ranked list is found by bisection on exact counts.
+    """
+    n = analysis.n_classes
+    saved_params, saved_macs = cost.savings(n)
+    saving = saved_params if target == "params" else saved_macs
+    score = np.full(n, np.inf)
+    candidates = [c for g in analysis.groups if g.name not in protected for c in g.removable.tolist()]
+    scale = max(float(saving[candidates].mean()), 1e-12) if candidates else 1.0
+    for group in analysis.groups:
+        if group.name in protected:
+            continue
+        cand = group.removable
+        if len(cand) == 0:
+            continue
+        mean = float(np.mean(importance[cand]))
+        norm = importance[cand] / mean if mean > 0 else np.ones(len(cand))
+        score[cand] = norm**2 / np.maximum(saving[cand] / scale, 1e-12)
+    order = _feasible_order(analysis, score)
+    index = 1 if target == "flops" else 0
+
+    def achieved(k: int) -> tuple[float, np.ndarray]:
+        alive = np.ones(n, dtype=bool)
+        alive[order[:k]] = False
+        left = cost.count(alive)[index]
+        return 1.0 - left / total_before if total_before else 0.0, alive
+
+    reachable, _ = achieved(len(order))
+    if remove_ratio > reachable + 0.01:
+        raise BudgetError(
+            f"--ratio {remove_ratio:.2f} cannot be reached: at most {reachable:.3f} of the {target} can be removed "
+            f"({sum(bool(g.blocked) for g in analysis.groups)} groups are blocked; see --verbose); lower --ratio"
+        )
+    lo, hi = 0, len(order)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if achieved(mid)[0] >= remove_ratio - 1e-9:
+            hi = mid
+        else:
+            lo = mid + 1
+    ratio, alive = achieved(lo)
+    plan = {}
+    for group in analysis.groups:
+        keep = np.flatnonzero(alive[group.classes])
+        if len(keep) < len(group.classes):
+            plan[group.name] = keep.astype(np.int64)
+    return Allocation(plan, alive, ratio, reachable)
+
+
+def _feasible_order(analysis: ChannelGraph, score: np.ndarray) -> np.ndarray:
+    """Classes by ascending score, skipping any whose removal would leave a tracked tensor without channels."""
+    tensors_of: dict[int, list[str]] = {}
+    remaining: dict[str, int] = {}
+    for name in analysis.flows:
+        classes = np.unique(analysis.classes(name))
+        remaining[name] = len(classes)
+        for c in classes.tolist():
+            tensors_of.setdefault(c, []).append(name)
+    order = []
+    for c in np.argsort(score, kind="stable").tolist():
+        if not np.isfinite(score[c]):
+            break
+        names = tensors_of.get(c, [])
+        if all(remaining[t] > 1 for t in names):
+            for t in names:
+                remaining[t] -= 1
+            order.append(c)
+    return np.array(order, dtype=np.int64)

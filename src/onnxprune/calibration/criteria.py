@@ -1,0 +1,104 @@
+"""Importance criteria: one registry; each maps the same context to one score per channel class."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.passes.groups import ChannelGraph
+from onnxprune.rules import Kind, const
+
+Criterion = Callable[["Context"], np.ndarray]
+_CRITERIA: dict[str, Criterion] = {}
+
+
+@dataclass
+class Context:
+    """What criteria may read: the graph, its channel analysis, and BN scales seen before folding."""
+
+    graph: gs.Graph
+    analysis: ChannelGraph
+    bn_gamma: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def criterion(name: str) -> Callable[[Criterion], Criterion]:
+    """Register a criterion under `name`."""
+
+    def register(fn: Criterion) -> Criterion:
+        _CRITERIA[name] = fn
+        return fn
+
+    return register
+
+
+def names() -> list[str]:
+    """Registered criteria."""
+    return sorted(_CRITERIA)
+
+
+def importance(name: str, context: Context) -> np.ndarray:
+    """Per-class importance under criterion `name` (larger means keep)."""
+    return _CRITERIA[name](context)
+
+
+def _per_producer_channel(context: Context, fn: Callable[[gs.Node, np.ndarray, int], np.ndarray | None],
+                          combine: str = "sum") -> np.ndarray:
+    """Sum fn(node, weight, out_axis) (one value per output channel) over each class's producer channels."""
+    analysis = context.analysis
+    scores = np.zeros(analysis.n_classes)
+    nodes = {n.name: n for n in context.graph.nodes}
+    for name, step in analysis.steps.items():
+        if step.kind is not Kind.PRODUCER:
+            continue
+        node = nodes[name]
+        out = node.outputs[0].name
+        axis = next(a for a, t in step.params[0].axes if t == out)
+        values = fn(node, const(node.inputs[step.params[0].index]).astype(np.float64), axis)
+        if values is None:
+            continue
+        np.add.at(scores, analysis.classes(out), values)
+    return scores
+
+
+@criterion("l1")
+def _l1(context: Context) -> np.ndarray:
+    """Sum of |w| of each channel's filters."""
+    return _per_producer_channel(context, lambda n, w, a: np.abs(np.moveaxis(w, a, 0)).reshape(w.shape[a], -1).sum(1))
+
+
+@criterion("l2")
+def _l2(context: Context) -> np.ndarray:
+    """Euclidean norm of each channel's filters (summed in square over coupled producers)."""
+    sq = _per_producer_channel(context, lambda n, w, a: (np.moveaxis(w, a, 0).reshape(w.shape[a], -1) ** 2).sum(1))
+    return np.sqrt(sq)
+
+
+@criterion("bn")
+def _bn(context: Context) -> np.ndarray:
+    """|gamma| of the BatchNormalization after each producer (AdaPruner); l2 for groups with no BN."""
+
+    def gamma(node: gs.Node, w: np.ndarray, axis: int) -> np.ndarray | None:
+        g = context.bn_gamma.get(node.name)
+        return None if g is None or g.size != w.shape[axis] else np.abs(g)
+
+    bn = _per_producer_channel(context, gamma)
+    fallback = _l2(context)
+    for group in context.analysis.groups:
+        if not np.any(bn[group.classes]):
+            bn[group.classes] = fallback[group.classes]
+    return bn
+
+
+def collect_bn_gamma(graph: gs.Graph) -> dict[str, np.ndarray]:
+    """BN scale per producer it directly follows, read before BN is folded away."""
+    found = {}
+    for node in graph.nodes:
+        if node.op != "BatchNormalization" or const(node.inputs[1]) is None:
+            continue
+        x = node.inputs[0]
+        if len(x.inputs) == 1:
+            found[x.inputs[0].name] = const(node.inputs[1]).astype(np.float64)
+    return found

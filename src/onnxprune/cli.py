@@ -1,0 +1,216 @@
+"""The onnxprune command: `onnxprune IN OUT --ratio R` (prune is the default command)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import sys
+import tempfile
+import traceback
+
+import click
+import numpy as np
+
+from onnxprune import graph as graph_io
+from onnxprune.budget import TARGETS
+from onnxprune.calibration import criteria
+from onnxprune.calibration.data import load_calibration
+from onnxprune.calibration.runner import fidelity
+from onnxprune.errors import OnnxPruneError
+from onnxprune.pipeline import METHODS, prune
+
+log = logging.getLogger("onnxprune")
+
+
+class _DefaultGroup(click.Group):
+    """A group whose first argument, when it is no sub-command, starts the `prune` command."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["prune", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="onnxprune")
+def cli() -> None:
+    """Post-training structured pruning of ONNX models. `onnxprune IN OUT --ratio 0.7` is `onnxprune prune ...`."""
+
+
+@cli.command("prune")
+@click.argument("input_path", metavar="IN", type=click.Path(path_type=pathlib.Path))
+@click.argument("output_path", metavar="OUT", type=click.Path(path_type=pathlib.Path))
+@click.option("--ratio", "remove_ratio", type=float, required=True,
+              help="Fraction of the --target quantity to remove, in [0, 1).")
+@click.option("--target", type=click.Choice(TARGETS), default="params", show_default=True,
+              help="What --ratio counts: parameters, or multiply-accumulates (flops).")
+@click.option("--method", type=click.Choice(METHODS), default="channel", show_default=True,
+              help="channel: remove whole filters, propagated through the graph.")
+@click.option("--criterion", type=click.Choice(criteria.names()), default="l2", show_default=True,
+              help="Channel importance: filter norm (l1, l2) or BN scale (bn).")
+@click.option("--exclude", multiple=True, metavar="PATTERN",
+              help="Never prune the output channels of nodes whose name matches (fnmatch; repeatable).")
+@click.option("--calib", type=click.Path(path_type=pathlib.Path), default=None,
+              help="Samples (.npy for one input, .npz keyed by input name) to measure fidelity on.")
+@click.option("--calib-size", type=click.IntRange(min=1), default=None, help="Use at most N samples.")
+@click.option("--labels", type=click.Path(path_type=pathlib.Path), default=None,
+              help="Labels (.npy) for the calibration samples, to report accuracy as well.")
+@click.option("--report", "report_path", type=click.Path(path_type=pathlib.Path), default=None,
+              help="Write the report as JSON to this file.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for anything random.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
+@click.option("-v", "--verbose", is_flag=True, help="Print every step and every blocked group.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def prune_command(input_path: pathlib.Path, output_path: pathlib.Path, remove_ratio: float, target: str,
+                  method: str, criterion: str, exclude: tuple[str, ...], calib: pathlib.Path | None,
+                  calib_size: int | None, labels: pathlib.Path | None, report_path: pathlib.Path | None,
+                  seed: int, overwrite: bool, quiet: bool, verbose: bool, debug: bool) -> None:
+    """Prune IN and write the smaller model to OUT."""
+    _setup_logging(quiet=quiet, verbose=verbose or debug)
+    np.random.seed(seed)
+    if not 0.0 <= remove_ratio < 1.0:
+        raise OnnxPruneError(f"--ratio must be in [0, 1), got {remove_ratio}")
+    _check_output(input_path, output_path, overwrite=overwrite)
+    if report_path is not None:
+        _check_output(input_path, report_path, overwrite=True)
+    model = graph_io.load(input_path)
+    data = load_calibration(calib, model, limit=calib_size) if calib is not None else None
+    truth = _load_labels(labels, data) if labels is not None else None
+    log.info("pruning %s (%s, criterion %s, %s %.2f)", input_path.name, method, criterion, target, remove_ratio)
+    pruned, report = prune(model, remove_ratio=remove_ratio, target=target, method=method, criterion=criterion,
+                           exclude=exclude)
+    facts = report.facts
+    if data is not None:
+        facts["fidelity"] = fidelity(model, pruned, data, labels=truth)
+        facts["fidelity_samples"] = len(next(iter(data.values())))
+    graph_io.save(pruned, output_path)
+    if report_path is not None:
+        _write_json(report_path, _json_report(report, input_path, output_path))
+    if not quiet:
+        _print_summary(report, input_path, output_path, verbose=verbose)
+
+
+def _setup_logging(*, quiet: bool, verbose: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
+
+
+def _check_output(input_path: pathlib.Path, output_path: pathlib.Path, *, overwrite: bool) -> None:
+    folder = output_path.parent if str(output_path.parent) else pathlib.Path(".")
+    if output_path.exists() and input_path.exists() and output_path.resolve() == input_path.resolve():
+        raise OnnxPruneError(f"{output_path}: output is the input file; choose another path (or pass --overwrite)"
+                             if not overwrite else f"{output_path}: refusing to overwrite the input file")
+    if output_path.is_dir():
+        raise OnnxPruneError(f"{output_path}: is a directory, expected a file path")
+    if output_path.exists() and not overwrite:
+        raise OnnxPruneError(f"{output_path}: exists; pass --overwrite to replace it")
+    if not folder.is_dir():
+        raise OnnxPruneError(f"{output_path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise OnnxPruneError(f"{output_path}: folder {folder} is not writable")
+
+
+def _load_labels(path: pathlib.Path, data: dict | None) -> np.ndarray:
+    if data is None:
+        raise OnnxPruneError("--labels needs --calib")
+    try:
+        labels = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise OnnxPruneError(f"labels {path}: cannot read ({err})") from err
+    n = len(next(iter(data.values())))
+    if labels.ndim != 1 or len(labels) < n:
+        raise OnnxPruneError(f"labels {path}: expected a 1-D array of {n} labels, got shape {list(labels.shape)}")
+    return labels[:n]
+
+
+def _json_report(report, input_path: pathlib.Path, output_path: pathlib.Path) -> dict:
+    facts = dict(report.facts)
+    facts["input"], facts["output"] = str(input_path), str(output_path)
+    facts["layers"] = [{"name": k, **v} for k, v in report.layers.items()]
+    facts["skipped"] = [{"node": s.node, "reason": s.reason} for s in report.skipped]
+    facts["counts"] = dict(report.counts)
+    return facts
+
+
+def _write_json(path: pathlib.Path, data: dict) -> None:
+    folder = path.parent if str(path.parent) else pathlib.Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=_jsonable)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, *, verbose: bool) -> None:
+    f = report.facts
+    pb, pa, mb, ma = f["params_before"], f["params_after"], f["macs_before"], f["macs_after"]
+    lines = [
+        f"{input_path.name} -> {output_path}  (method {f['method']}, criterion {f['criterion']}, "
+        f"target {f['target']} {f['ratio_requested']:.2f})",
+        f"  params  {pb:>12,} -> {pa:>12,}   removed {100 * (1 - pa / pb if pb else 0):5.1f} %",
+        f"  MACs    {mb:>12,} -> {ma:>12,}   removed {100 * (1 - ma / mb if mb else 0):5.1f} %",
+        f"  groups  {f['groups_pruned']} of {f['groups']} pruned, {len(f['blocked'])} blocked"
+        + (f", {report.counts['folds_skipped']} constant folds skipped" if report.counts.get("folds_skipped") else ""),
+    ]
+    for name, fid in f.get("fidelity", {}).items():
+        parts = [f"cosine {fid['cosine']:.4f}", f"rel. error {fid['relative_error']:.4f}"]
+        if "top1_agreement" in fid:
+            parts.insert(0, f"top-1 agreement {100 * fid['top1_agreement']:.1f} %")
+        if "accuracy_pruned" in fid:
+            parts.append(f"accuracy {100 * fid['accuracy_original']:.1f} % -> {100 * fid['accuracy_pruned']:.1f} %")
+        lines.append(f"  fidelity on {f['fidelity_samples']} samples, output '{name}': " + ", ".join(parts))
+    lines.append(f"  time    {f['seconds']:.1f} s")
+    if verbose:
+        lines += [f"  blocked {name}: {why}" for name, why in f["blocked"].items()]
+        lines += [f"  note    {s.node}: {s.reason}" for s in report.skipped]
+    click.echo("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: one line and exit 2 for user errors, 3 for bugs; never a traceback unless --debug."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="onnxprune", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as err:
+        click.echo(err.format_message() if hasattr(err, "format_message") else str(err))
+        return 0
+    except click.ClickException as err:
+        click.echo(f"onnxprune: error: {err.format_message()}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("onnxprune: aborted", err=True)
+        return 130
+    except OnnxPruneError as err:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"onnxprune: error: {err}", err=True)
+        return 2
+    except Exception as err:  # a bug: say so in one line, traceback only on request
+        if debug:
+            traceback.print_exc()
+        where = type(err).__name__
+        click.echo(f"onnxprune: internal error ({where}): {str(err).splitlines()[0] if str(err) else ''} "
+                   "(rerun with --debug for the traceback)", err=True)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

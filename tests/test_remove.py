@@ -1,0 +1,102 @@
+"""remove_channels on the zoo: removal equals masking, the result is valid with dynamic batch, blockers report."""
+
+import numpy as np
+import onnx
+import pytest
+from models import ZOO, Builder, channel_shuffle, grouped_conv, sigmoid_consumers
+
+from onnxprune.graph import to_graph, to_model
+from onnxprune.passes.cleanup import cleanup
+from onnxprune.passes.groups import find_channel_groups
+from onnxprune.passes.remove import remove_channels
+from onnxprune.testing import apply_pass, assert_outputs_close, every_other_channel, mask_channels, ort_run, random_feeds
+
+
+def cleaned(model: onnx.ModelProto) -> onnx.ModelProto:
+    return apply_pass(model, cleanup)[0]
+
+
+@pytest.mark.parametrize("build", ZOO, ids=lambda b: b.__name__)
+def test_remove_equals_mask(build):
+    model = cleaned(build())
+    plan = every_other_channel(find_channel_groups(to_graph(model)))
+    assert plan, "the zoo graph has something to prune"
+    pruned, report = apply_pass(model, remove_channels, plan=plan)
+    assert report.counts["channels_removed"] > 0
+    onnx.checker.check_model(pruned, full_check=True)
+    reference = mask_channels(model, plan)
+    for batch in (1, 3):
+        feeds = random_feeds(model, batch=batch, seed=batch)
+        # float32 through a few convs; folded biases reassociate sums: rtol 1e-4, atol 1e-5 as the style guide says
+        assert_outputs_close(ort_run(pruned, feeds), ort_run(reference, feeds), rtol=1e-4, atol=1e-5)
+    assert [i.name for i in pruned.graph.input] == [i.name for i in model.graph.input]
+    assert [o.name for o in pruned.graph.output] == [o.name for o in model.graph.output]
+    assert pruned.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert sum(t.ByteSize() for t in pruned.graph.initializer) < sum(t.ByteSize() for t in model.graph.initializer)
+
+
+@pytest.mark.parametrize("build", ZOO, ids=lambda b: b.__name__)
+def test_removing_nothing_changes_nothing(build):
+    model = cleaned(build())
+    pruned, report = apply_pass(model, remove_channels, plan={})
+    assert not report.counts
+    feeds = random_feeds(model, batch=2)
+    assert_outputs_close(ort_run(pruned, feeds), ort_run(model, feeds), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("build", ZOO, ids=lambda b: b.__name__)
+def test_cleanup_is_exact_and_idempotent(build):
+    model = build()
+    graph = to_graph(model)
+    first = cleanup(graph)
+    once = to_model(first.graph, model)
+    feeds = random_feeds(model, batch=3)
+    assert_outputs_close(ort_run(once, feeds), ort_run(model, feeds), rtol=1e-4, atol=1e-5)
+    again = cleanup(to_graph(once))
+    assert again.modified is False
+
+
+def test_bn_is_folded():
+    model = cleaned(ZOO[0]())
+    assert not [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+
+
+@pytest.mark.parametrize("build, producer, reason", [
+    (grouped_conv, "conv2", "grouped Conv (group=2) is not supported"),
+    (channel_shuffle, "conv2", "Reshape splits the channel axis"),
+])
+def test_blockers_are_reported(build, producer, reason):
+    analysis = find_channel_groups(to_graph(cleaned(build())))
+    group = next(g for g in analysis.groups if g.producers == [producer])
+    assert len(group.blocked) == len(group.classes)
+    assert reason in next(iter(group.blocked.values()))
+
+
+def test_graph_output_blocks_its_producer():
+    analysis = find_channel_groups(to_graph(cleaned(ZOO[0]())))
+    last = analysis.groups[-1]
+    assert "reaches graph output" in next(iter(last.blocked.values()))
+
+
+def test_sigmoid_constant_is_folded_where_exact_and_reported_where_not():
+    model = cleaned(sigmoid_consumers())
+    plan = every_other_channel(find_channel_groups(to_graph(model)))
+    pruned, report = apply_pass(model, remove_channels, plan=plan)
+    assert report.counts["biases_folded"] == 1
+    assert report.counts["folds_skipped"] == 1
+    assert any("padded Conv" in s.reason for s in report.skipped)
+
+
+def test_shared_weight_is_not_sliced_under_another_node():
+    b = Builder(20)
+    x = b.relu(b.conv("x", 3, 8))
+    w = b.const(np.random.default_rng(0).standard_normal((6, 8, 1, 1)).astype(np.float32))
+    y = b.node("Conv", [x, w], kernel_shape=[1, 1])
+    z = b.node("Conv", [b.relu(b.conv("x", 3, 8)), w], kernel_shape=[1, 1])
+    model = b.model([("x", [3, 8, 8])], [b.node("Add", [y, z])])
+    analysis = find_channel_groups(to_graph(model))
+    plan = every_other_channel(analysis)
+    plan = {k: v for k, v in plan.items() if k == "conv2"}
+    pruned, _ = apply_pass(model, remove_channels, plan=plan)
+    feeds = random_feeds(model, batch=2)
+    assert_outputs_close(ort_run(pruned, feeds), ort_run(mask_channels(model, plan), feeds), rtol=1e-4, atol=1e-5)
