@@ -135,12 +135,32 @@ def allocate(analysis: ChannelGraph, cost: CostModel, importance: np.ndarray, *,
         else:
             lo = mid + 1
     ratio, alive = achieved(lo)
+    if lo > 0 and ratio > remove_ratio + TOLERANCE:
+        ratio, alive = _land_closer(order, lo, alive, ratio, remove_ratio, lambda a: cost.count(a)[index],
+                                    total_before)
     plan = {}
     for group in analysis.groups:
         keep = np.flatnonzero(alive[group.classes])
         if len(keep) < len(group.classes):
             plan[group.name] = keep.astype(np.int64)
     return Allocation(plan, alive, ratio, reachable)
+
+
+TOLERANCE = 0.01  # how far above the request the achieved ratio may land
+
+
+def _land_closer(order: np.ndarray, k: int, alive: np.ndarray, ratio: float, wanted: float, left, total: int,
+                 *, tries: int = 256) -> tuple[float, np.ndarray]:
+    """The k-th class overshot: swap it for one of the next-ranked classes that lands within the tolerance."""
+    base = alive.copy()
+    base[order[k - 1]] = True
+    for c in order[k : k + tries].tolist():
+        trial = base.copy()
+        trial[c] = False
+        r = 1.0 - left(trial) / total
+        if wanted - 1e-9 <= r <= wanted + TOLERANCE:
+            return r, trial
+    return ratio, alive
 
 
 def _feasible_order(analysis: ChannelGraph, score: np.ndarray) -> np.ndarray:

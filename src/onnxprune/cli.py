@@ -94,7 +94,9 @@ def prune_command(input_path: pathlib.Path, output_path: pathlib.Path, remove_ra
 
 
 def _setup_logging(*, quiet: bool, verbose: bool) -> None:
-    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    # progress lines (INFO) go to an interactive terminal only, so piped stderr carries errors alone
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO if sys.stderr.isatty() \
+        else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
     logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
 

@@ -17,6 +17,8 @@ from onnx import external_data_helper
 from onnxprune.errors import InvalidModelError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
+ort.set_default_logger_severity(3)
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
 TWO_GB = 2**31 - 1
 
@@ -123,7 +125,7 @@ def _strip_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
 def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """Export `graph` with the template's opsets, IR version and metadata; re-infer shapes."""
     model = gs.export_onnx(graph, do_type_check=False)
-    model.ir_version = template.ir_version
+    model.ir_version = max(template.ir_version, 4)  # IR < 4 needs initializers listed as inputs; we strip those
     del model.opset_import[:]
     model.opset_import.extend(template.opset_import)
     for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):

@@ -1,0 +1,126 @@
+"""The command line: the job end to end, and every bad input ending in one line, exit 2, nothing written."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from models import chain, channel_shuffle
+
+from onnxprune.cli import main
+
+EXAMPLE = Path(__file__).parent.parent / "examples"
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "in.onnx"
+    onnx.save(chain(), path)
+    return path
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_prune_writes_a_smaller_valid_model_and_report(tmp_path, capsys):
+    out, rep = tmp_path / "out.onnx", tmp_path / "r.json"
+    src = EXAMPLE / "digits_resnet.onnx"
+    before = src.read_bytes()
+    code, stdout, err = run([src, out, "--ratio", "0.5", "--report", rep, "--calib", EXAMPLE / "digits_calib.npy",
+                             "--labels", EXAMPLE / "digits_labels.npy"], capsys)
+    assert code == 0, err
+    assert src.read_bytes() == before
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    data = json.loads(rep.read_text())
+    for key in ("params_before", "params_after", "macs_before", "macs_after", "ratio_achieved", "target", "method",
+                "layers", "blocked", "fidelity"):
+        assert key in data
+    assert abs(data["ratio_achieved"] - 0.5) <= 0.01
+    assert data["layers"] and {"name", "before", "after"} <= set(data["layers"][0])
+    assert "top1_agreement" in data["fidelity"]["logits"]
+    assert "params" in stdout and "removed" in stdout
+
+
+def test_flops_target(tmp_path, capsys):
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    code, _, err = run([EXAMPLE / "digits_resnet.onnx", out, "--ratio", "0.4", "--target", "flops", "--report", rep],
+                       capsys)
+    assert code == 0, err
+    data = json.loads(rep.read_text())
+    assert abs(data["macs_removed"] - 0.4) <= 0.01
+
+
+def test_explicit_prune_subcommand_and_module_entry(model_file, tmp_path):
+    out = tmp_path / "o.onnx"
+    proc = subprocess.run([sys.executable, "-m", "onnxprune", "prune", str(model_file), str(out), "--ratio", "0.3",
+                           "-q"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert out.exists()
+
+
+def _bad(tmp_path, model_file):
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    noise = tmp_path / "noise.onnx"
+    noise.write_bytes(np.random.default_rng(0).bytes(4096))
+    truncated = tmp_path / "trunc.onnx"
+    truncated.write_bytes(model_file.read_bytes()[:700])
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((4, 3, 9, 9), np.float32))
+    nan = tmp_path / "nan.npy"
+    np.save(nan, np.full((4, 3, 8, 8), np.nan, np.float32))
+    shuffle = tmp_path / "shuffle.onnx"
+    onnx.save(channel_shuffle(), shuffle)
+    out = tmp_path / "out.onnx"
+    return {
+        "missing": ([tmp_path / "nope.onnx", out, "--ratio", "0.5"], "no such file"),
+        "directory": ([tmp_path, out, "--ratio", "0.5"], "is a directory"),
+        "empty": ([empty, out, "--ratio", "0.5"], "empty"),
+        "random bytes": ([noise, out, "--ratio", "0.5"], "not an ONNX model"),
+        "truncated": ([truncated, out, "--ratio", "0.5"], "not an ONNX model"),
+        "ratio 1": ([model_file, out, "--ratio", "1"], "--ratio must be in [0, 1)"),
+        "ratio negative": ([model_file, out, "--ratio", "-0.1"], "--ratio must be in [0, 1)"),
+        "ratio text": ([model_file, out, "--ratio", "abc"], "not a valid float"),
+        "unknown target": ([model_file, out, "--ratio", "0.5", "--target", "speed"], "--target"),
+        "output is input": ([model_file, model_file, "--ratio", "0.5"], "output is the input"),
+        "missing folder": ([model_file, tmp_path / "no" / "o.onnx", "--ratio", "0.5"], "does not exist"),
+        "calib shape": ([model_file, out, "--ratio", "0.5", "--calib", wrong], "has shape [4, 3, 9, 9]"),
+        "calib nan": ([model_file, out, "--ratio", "0.5", "--calib", nan], "NaN"),
+        "unreachable": ([shuffle, out, "--ratio", "0.9"], "cannot be reached"),
+    }
+
+
+CASES = ["missing", "directory", "empty", "random bytes", "truncated", "ratio 1", "ratio negative", "ratio text",
+         "unknown target", "output is input", "missing folder", "calib shape", "calib nan", "unreachable"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path, model_file, capsys):
+    args, expected = _bad(tmp_path, model_file)[case]
+    before = model_file.read_bytes()
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    code, stdout, err = run(args, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert expected in lines[0]
+    assert "Traceback" not in err
+    assert model_file.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+
+
+def test_existing_output_needs_overwrite(model_file, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    shutil.copy(model_file, out)
+    code, _, err = run([model_file, out, "--ratio", "0.3"], capsys)
+    assert code == 2 and "--overwrite" in err
+    code, _, err = run([model_file, out, "--ratio", "0.3", "--overwrite", "-q"], capsys)
+    assert code == 0, err
+    assert out.read_bytes() != model_file.read_bytes()
