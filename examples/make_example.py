@@ -53,9 +53,12 @@ class DigitsResNet(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         self.layers = nn.Sequential(
-            Block(width, width, 1), Block(width, width, 1),
-            Block(width, 2 * width, 2), Block(2 * width, 2 * width, 1),
-            Block(2 * width, 4 * width, 2), Block(4 * width, 4 * width, 1),
+            Block(width, width, 1),
+            Block(width, width, 1),
+            Block(width, 2 * width, 2),
+            Block(2 * width, 2 * width, 1),
+            Block(2 * width, 4 * width, 2),
+            Block(4 * width, 4 * width, 1),
         )
         self.fc = nn.Linear(4 * width, classes)
 
@@ -80,7 +83,7 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
     epochs = 40
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=epochs * ((len(train) + 63) // 64))
-    for epoch in range(epochs):
+    for _ in range(epochs):
         model.train()
         perm = torch.randperm(len(train), generator=rng)
         for i in range(0, len(train), 64):
@@ -96,8 +99,14 @@ def main() -> None:
     print(f"held-out accuracy {acc:.4f} after {epochs} epochs")
     dummy = torch.tensor(images[held[:2]])
     torch.onnx.export(
-        model, (dummy,), str(HERE / "digits_resnet.onnx"), input_names=["image"], output_names=["logits"],
-        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+        model,
+        (dummy,),
+        str(HERE / "digits_resnet.onnx"),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
     )
     np.save(HERE / "digits_calib.npy", images[held].astype(np.float32))
     np.save(HERE / "digits_labels.npy", labels[held])

@@ -18,8 +18,17 @@ from onnxprune.graph import to_graph, to_model
 from onnxprune.passes.cleanup import cleanup
 
 LIGHT = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
-NAMES = ["alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50", "shufflenet", "squeezenet", "vgg19",
-         "zfnet512"]
+NAMES = [
+    "alexnet",
+    "densenet121",
+    "inception_v1",
+    "inception_v2",
+    "resnet50",
+    "shufflenet",
+    "squeezenet",
+    "vgg19",
+    "zfnet512",
+]
 
 
 def path(name: str) -> str:
@@ -27,7 +36,7 @@ def path(name: str) -> str:
     return os.path.join(LIGHT, file)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def materialize(name: str) -> bytes:
     model = onnx.load(path(name))
     model = _fix_reshape_inputs(model)
@@ -62,8 +71,10 @@ def _fix_reshape_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
         if node.op_type != "Reshape" or node.input[1] not in dummies:
             continue
         inferred = onnx.shape_inference.infer_shapes(model)
-        shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-                  for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+        shapes = {
+            v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in list(inferred.graph.value_info) + list(inferred.graph.input)
+        }
         src = shapes.get(node.input[0])
         n_target = [i for i in model.graph.input if i.name == node.input[1]][0].type.tensor_type.shape.dim[0].dim_value
         if n_target == 2:

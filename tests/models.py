@@ -25,7 +25,9 @@ class Builder:
     def const(self, value: np.ndarray, base: str = "w") -> str:
         name = self._name(base)
         value = np.asarray(value)
-        self.inits.append(numpy_helper.from_array(value.astype(np.float32) if value.dtype == np.float64 else value, name))
+        self.inits.append(
+            numpy_helper.from_array(value.astype(np.float32) if value.dtype == np.float64 else value, name)
+        )
         return name
 
     def node(self, op: str, inputs: list[str], n_out: int = 1, **attrs) -> str | list[str]:
@@ -34,8 +36,18 @@ class Builder:
         self.nodes.append(helper.make_node(op, inputs, outs, name=name, **attrs))
         return outs if n_out > 1 else outs[0]
 
-    def conv(self, x: str, cin: int, cout: int, k: int = 3, *, stride: int = 1, group: int = 1, bias: bool = True,
-             pad: int | None = None) -> str:
+    def conv(
+        self,
+        x: str,
+        cin: int,
+        cout: int,
+        k: int = 3,
+        *,
+        stride: int = 1,
+        group: int = 1,
+        bias: bool = True,
+        pad: int | None = None,
+    ) -> str:
         w = self.rng.standard_normal((cout, cin // group, k, k)).astype(np.float32) / np.sqrt(cin // group * k * k)
         inputs = [x, self.const(w)]
         if bias:
@@ -45,9 +57,15 @@ class Builder:
 
     def bn(self, x: str, c: int) -> str:
         r = self.rng
-        params = [r.uniform(0.5, 1.5, c), r.standard_normal(c) * 0.1, r.standard_normal(c) * 0.1, r.uniform(0.5, 1.5, c)]
-        return self.node("BatchNormalization", [x] + [self.const(p.astype(np.float32), "bn") for p in params],
-                         epsilon=1e-5)
+        params = [
+            r.uniform(0.5, 1.5, c),
+            r.standard_normal(c) * 0.1,
+            r.standard_normal(c) * 0.1,
+            r.uniform(0.5, 1.5, c),
+        ]
+        return self.node(
+            "BatchNormalization", [x] + [self.const(p.astype(np.float32), "bn") for p in params], epsilon=1e-5
+        )
 
     def relu(self, x: str) -> str:
         return self.node("Relu", [x])
@@ -64,7 +82,8 @@ class Builder:
 
     def model(self, inputs: list[tuple[str, list]], outputs: list[str], opset: int = OPSET) -> onnx.ModelProto:
         graph = helper.make_graph(
-            self.nodes, "zoo",
+            self.nodes,
+            "zoo",
             [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", *s]) for n, s in inputs],
             [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
             self.inits,
@@ -123,10 +142,17 @@ def inception() -> onnx.ModelProto:
 def inverted_residual() -> onnx.ModelProto:
     b = Builder(4)
     s = b.bn(b.conv("x", 3, 8, bias=False), 8)
-    y = b.node("Clip", [b.bn(b.conv(s, 8, 24, 1, bias=False), 24), b.const(np.float32(0), "lo"),
-                        b.const(np.float32(6), "hi")])
-    y = b.node("Clip", [b.bn(b.conv(y, 24, 24, 3, group=24, bias=False), 24), b.const(np.float32(0), "lo"),
-                        b.const(np.float32(6), "hi")])
+    y = b.node(
+        "Clip", [b.bn(b.conv(s, 8, 24, 1, bias=False), 24), b.const(np.float32(0), "lo"), b.const(np.float32(6), "hi")]
+    )
+    y = b.node(
+        "Clip",
+        [
+            b.bn(b.conv(y, 24, 24, 3, group=24, bias=False), 24),
+            b.const(np.float32(0), "lo"),
+            b.const(np.float32(6), "hi"),
+        ],
+    )
     y = b.bn(b.conv(y, 24, 8, 1, bias=False), 8)
     x = b.node("Add", [s, y])
     return b.model([("x", [3, 8, 8])], [b.head(b.cbr(x, 8, 16, 1), 16)])
@@ -197,8 +223,15 @@ def split_slice() -> onnx.ModelProto:
     b = Builder(12)
     x = b.cbr("x", 3, 12)
     p, q = b.node("Split", [x, b.const(np.array([4, 8], np.int64), "split")], n_out=2, axis=1)
-    r = b.node("Slice", [q, b.const(np.array([2], np.int64), "st"), b.const(np.array([7], np.int64), "en"),
-                         b.const(np.array([1], np.int64), "ax")])
+    r = b.node(
+        "Slice",
+        [
+            q,
+            b.const(np.array([2], np.int64), "st"),
+            b.const(np.array([7], np.int64), "en"),
+            b.const(np.array([1], np.int64), "ax"),
+        ],
+    )
     y = b.node("Concat", [b.cbr(p, 4, 6, 1), r], axis=1)
     return b.model([("x", [3, 8, 8])], [b.head(b.cbr(y, 11, 5), 5)])
 
@@ -215,5 +248,19 @@ def dense_block() -> onnx.ModelProto:
     return b.model([("x", [3, 8, 8])], [b.head(b.relu(t), 8)])
 
 
-ZOO = [chain, basic_residual, bottleneck, inception, inverted_residual, grouped_conv, squeeze_excite,
-       flatten_gemm, reshape_gemm, channel_shuffle, two_in_two_out, sigmoid_consumers, split_slice, dense_block]
+ZOO = [
+    chain,
+    basic_residual,
+    bottleneck,
+    inception,
+    inverted_residual,
+    grouped_conv,
+    squeeze_excite,
+    flatten_gemm,
+    reshape_gemm,
+    channel_shuffle,
+    two_in_two_out,
+    sigmoid_consumers,
+    split_slice,
+    dense_block,
+]

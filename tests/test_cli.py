@@ -33,14 +33,37 @@ def test_prune_writes_a_smaller_valid_model_and_report(tmp_path, capsys):
     out, rep = tmp_path / "out.onnx", tmp_path / "r.json"
     src = EXAMPLE / "digits_resnet.onnx"
     before = src.read_bytes()
-    code, stdout, err = run([src, out, "--ratio", "0.5", "--report", rep, "--calib", EXAMPLE / "digits_calib.npy",
-                             "--labels", EXAMPLE / "digits_labels.npy"], capsys)
+    code, stdout, err = run(
+        [
+            src,
+            out,
+            "--ratio",
+            "0.5",
+            "--report",
+            rep,
+            "--calib",
+            EXAMPLE / "digits_calib.npy",
+            "--labels",
+            EXAMPLE / "digits_labels.npy",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert src.read_bytes() == before
     onnx.checker.check_model(onnx.load(out), full_check=True)
     data = json.loads(rep.read_text())
-    for key in ("params_before", "params_after", "macs_before", "macs_after", "ratio_achieved", "target", "method",
-                "layers", "blocked", "fidelity"):
+    for key in (
+        "params_before",
+        "params_after",
+        "macs_before",
+        "macs_after",
+        "ratio_achieved",
+        "target",
+        "method",
+        "layers",
+        "blocked",
+        "fidelity",
+    ):
         assert key in data
     assert abs(data["ratio_achieved"] - 0.5) <= 0.01
     assert data["layers"] and {"name", "before", "after"} <= set(data["layers"][0])
@@ -50,8 +73,9 @@ def test_prune_writes_a_smaller_valid_model_and_report(tmp_path, capsys):
 
 def test_flops_target(tmp_path, capsys):
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
-    code, _, err = run([EXAMPLE / "digits_resnet.onnx", out, "--ratio", "0.4", "--target", "flops", "--report", rep],
-                       capsys)
+    code, _, err = run(
+        [EXAMPLE / "digits_resnet.onnx", out, "--ratio", "0.4", "--target", "flops", "--report", rep], capsys
+    )
     assert code == 0, err
     data = json.loads(rep.read_text())
     assert abs(data["macs_removed"] - 0.4) <= 0.01
@@ -59,8 +83,11 @@ def test_flops_target(tmp_path, capsys):
 
 def test_explicit_prune_subcommand_and_module_entry(model_file, tmp_path):
     out = tmp_path / "o.onnx"
-    proc = subprocess.run([sys.executable, "-m", "onnxprune", "prune", str(model_file), str(out), "--ratio", "0.3",
-                           "-q"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnxprune", "prune", str(model_file), str(out), "--ratio", "0.3", "-q"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert out.exists()
 
@@ -97,8 +124,22 @@ def _bad(tmp_path, model_file):
     }
 
 
-CASES = ["missing", "directory", "empty", "random bytes", "truncated", "ratio 1", "ratio negative", "ratio text",
-         "unknown target", "output is input", "missing folder", "calib shape", "calib nan", "unreachable"]
+CASES = [
+    "missing",
+    "directory",
+    "empty",
+    "random bytes",
+    "truncated",
+    "ratio 1",
+    "ratio negative",
+    "ratio text",
+    "unknown target",
+    "output is input",
+    "missing folder",
+    "calib shape",
+    "calib nan",
+    "unreachable",
+]
 
 
 @pytest.mark.parametrize("case", CASES)

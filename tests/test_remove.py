@@ -9,7 +9,14 @@ from onnxprune.graph import to_graph, to_model
 from onnxprune.passes.cleanup import cleanup
 from onnxprune.passes.groups import find_channel_groups
 from onnxprune.passes.remove import remove_channels
-from onnxprune.testing import apply_pass, assert_outputs_close, every_other_channel, mask_channels, ort_run, random_feeds
+from onnxprune.testing import (
+    apply_pass,
+    assert_outputs_close,
+    every_other_channel,
+    mask_channels,
+    ort_run,
+    random_feeds,
+)
 
 
 def cleaned(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -61,10 +68,13 @@ def test_bn_is_folded():
     assert not [n for n in model.graph.node if n.op_type == "BatchNormalization"]
 
 
-@pytest.mark.parametrize("build, producer, reason", [
-    (grouped_conv, "conv2", "grouped Conv (group=2) is not supported"),
-    (channel_shuffle, "conv2", "Reshape splits the channel axis"),
-])
+@pytest.mark.parametrize(
+    "build, producer, reason",
+    [
+        (grouped_conv, "conv2", "grouped Conv (group=2) is not supported"),
+        (channel_shuffle, "conv2", "Reshape splits the channel axis"),
+    ],
+)
 def test_blockers_are_reported(build, producer, reason):
     analysis = find_channel_groups(to_graph(cleaned(build())))
     group = next(g for g in analysis.groups if g.producers == [producer])

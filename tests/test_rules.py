@@ -8,7 +8,14 @@ from onnxprune import rules
 from onnxprune.graph import to_graph
 from onnxprune.passes.groups import find_channel_groups
 from onnxprune.passes.remove import remove_channels
-from onnxprune.testing import apply_pass, assert_outputs_close, every_other_channel, mask_channels, ort_run, random_feeds
+from onnxprune.testing import (
+    apply_pass,
+    assert_outputs_close,
+    every_other_channel,
+    mask_channels,
+    ort_run,
+    random_feeds,
+)
 
 C = 8
 
@@ -16,6 +23,7 @@ C = 8
 def _unary(op, **attrs):
     def build(b, x):
         return b.node(op, [x], **attrs)
+
     return build
 
 
@@ -23,52 +31,79 @@ def _with_const(op, shape):
     def build(b, x):
         value = np.random.default_rng(1).uniform(0.5, 1.5, shape).astype(np.float32)
         return b.node(op, [x, b.const(value, "k")])
+
     return build
 
 
 RULE_CASES = {
-    "Relu": _unary("Relu"), "LeakyRelu": _unary("LeakyRelu", alpha=0.1), "Elu": _unary("Elu"),
-    "Selu": _unary("Selu"), "Sigmoid": _unary("Sigmoid"), "HardSigmoid": _unary("HardSigmoid"),
-    "HardSwish": _unary("HardSwish"), "Tanh": _unary("Tanh"), "Softplus": _unary("Softplus"),
-    "Softsign": _unary("Softsign"), "Abs": _unary("Abs"), "Neg": _unary("Neg"), "Identity": _unary("Identity"),
-    "Dropout": _unary("Dropout"), "Gelu": _unary("Gelu"), "Mish": _unary("Mish"),
+    "Relu": _unary("Relu"),
+    "LeakyRelu": _unary("LeakyRelu", alpha=0.1),
+    "Elu": _unary("Elu"),
+    "Selu": _unary("Selu"),
+    "Sigmoid": _unary("Sigmoid"),
+    "HardSigmoid": _unary("HardSigmoid"),
+    "HardSwish": _unary("HardSwish"),
+    "Tanh": _unary("Tanh"),
+    "Softplus": _unary("Softplus"),
+    "Softsign": _unary("Softsign"),
+    "Abs": _unary("Abs"),
+    "Neg": _unary("Neg"),
+    "Identity": _unary("Identity"),
+    "Dropout": _unary("Dropout"),
+    "Gelu": _unary("Gelu"),
+    "Mish": _unary("Mish"),
     "Cast": _unary("Cast", to=1),
     "Clip": lambda b, x: b.node("Clip", [x, b.const(np.float32(-0.5), "lo"), b.const(np.float32(0.7), "hi")]),
     "MaxPool": _unary("MaxPool", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
     "AveragePool": _unary("AveragePool", kernel_shape=[2, 2], strides=[2, 2]),
     "LpPool": _unary("LpPool", kernel_shape=[2, 2], strides=[2, 2]),
-    "GlobalAveragePool": _unary("GlobalAveragePool"), "GlobalMaxPool": _unary("GlobalMaxPool"),
+    "GlobalAveragePool": _unary("GlobalAveragePool"),
+    "GlobalMaxPool": _unary("GlobalMaxPool"),
     "GlobalLpPool": _unary("GlobalLpPool"),
-    "Add": _with_const("Add", (C, 1, 1)), "Sub": _with_const("Sub", (1, C, 1, 1)),
-    "Mul": _with_const("Mul", (C, 1, 1)), "Div": _with_const("Div", (C, 1, 1)),
-    "Max": _with_const("Max", (C, 1, 1)), "Min": _with_const("Min", (1,)), "Pow": _with_const("Pow", (1,)),
-    "Sum": lambda b, x: b.node("Sum", [x, b.relu(x)]), "Mean": lambda b, x: b.node("Mean", [x, b.relu(x)]),
+    "Add": _with_const("Add", (C, 1, 1)),
+    "Sub": _with_const("Sub", (1, C, 1, 1)),
+    "Mul": _with_const("Mul", (C, 1, 1)),
+    "Div": _with_const("Div", (C, 1, 1)),
+    "Max": _with_const("Max", (C, 1, 1)),
+    "Min": _with_const("Min", (1,)),
+    "Pow": _with_const("Pow", (1,)),
+    "Sum": lambda b, x: b.node("Sum", [x, b.relu(x)]),
+    "Mean": lambda b, x: b.node("Mean", [x, b.relu(x)]),
     "PRelu": _with_const("PRelu", (C, 1, 1)),
     "BatchNormalization": lambda b, x: b.bn(x, C),
-    "InstanceNormalization": lambda b, x: b.node("InstanceNormalization", [x, b.const(np.ones(C) * 1.5, "s"),
-                                                                         b.const(np.ones(C) * 0.2, "b")]),
+    "InstanceNormalization": lambda b, x: b.node(
+        "InstanceNormalization", [x, b.const(np.ones(C) * 1.5, "s"), b.const(np.ones(C) * 0.2, "b")]
+    ),
     "Conv": lambda b, x: b.conv(x, C, C, 3, group=C),
     "ConvTranspose": lambda b, x: b.node("ConvTranspose", [x, b.const(np.ones((C, C, 1, 1)) * 0.1)]),
-    "Resize": lambda b, x: b.node("Resize", [x, "", b.const(np.array([1, 1, 2, 2], np.float32), "sc")],
-                                  mode="nearest"),
+    "Resize": lambda b, x: b.node("Resize", [x, "", b.const(np.array([1, 1, 2, 2], np.float32), "sc")], mode="nearest"),
     "Upsample": None,  # deprecated since opset 10; same rule as Resize
-    "Pad": lambda b, x: b.node("Pad", [x, b.const(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "p")],
-                               mode="reflect"),
+    "Pad": lambda b, x: b.node("Pad", [x, b.const(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "p")], mode="reflect"),
     "ReduceMean": lambda b, x: b.node("ReduceMean", [x], axes=[2, 3]),
     "ReduceMax": lambda b, x: b.node("ReduceMax", [x], axes=[3]),
     "ReduceMin": lambda b, x: b.node("ReduceMin", [x], axes=[2]),
     "ReduceSum": lambda b, x: b.node("ReduceSum", [x, b.const(np.array([2], np.int64), "ax")]),
-    "Softmax": _unary("Softmax", axis=3), "LogSoftmax": _unary("LogSoftmax", axis=2), "Hardmax": _unary("Hardmax", axis=3),
+    "Softmax": _unary("Softmax", axis=3),
+    "LogSoftmax": _unary("LogSoftmax", axis=2),
+    "Hardmax": _unary("Hardmax", axis=3),
     "Concat": lambda b, x: b.node("Concat", [b.conv(x, C, 3, 1), b.conv(x, C, 5, 1)], axis=1),
-    "Split": lambda b, x: b.node("Concat", b.node("Split", [x, b.const(np.array([3, 5], np.int64), "s")], n_out=2,
-                                                  axis=1)[::-1], axis=1),
+    "Split": lambda b, x: b.node(
+        "Concat", b.node("Split", [x, b.const(np.array([3, 5], np.int64), "s")], n_out=2, axis=1)[::-1], axis=1
+    ),
     "Slice": lambda b, x: b.node("Concat", [_slice(b, x, 5, 8), _slice(b, x, 0, 5)], axis=1),
     "Transpose": lambda b, x: b.node("Transpose", [b.node("Transpose", [x], perm=[0, 2, 3, 1])], perm=[0, 3, 1, 2]),
-    "Squeeze": lambda b, x: b.node("Unsqueeze", [b.node("Squeeze", [b.node("GlobalAveragePool", [x]),
-                                                                    b.const(np.array([3], np.int64))]),
-                                                 b.const(np.array([3], np.int64))]),
+    "Squeeze": lambda b, x: b.node(
+        "Unsqueeze",
+        [
+            b.node("Squeeze", [b.node("GlobalAveragePool", [x]), b.const(np.array([3], np.int64))]),
+            b.const(np.array([3], np.int64)),
+        ],
+    ),
     "Unsqueeze": None,  # covered with Squeeze
-    "Flatten": None, "Reshape": None, "Gemm": None, "MatMul": None,  # covered by the zoo's heads (test_remove)
+    "Flatten": None,
+    "Reshape": None,
+    "Gemm": None,
+    "MatMul": None,  # covered by the zoo's heads (test_remove)
     "LRN": None,  # always blocks: test_lrn_blocks
 }
 
@@ -77,8 +112,15 @@ OPSETS = {"Gelu": 20, "Mish": 18}  # ops newer than the zoo's opset 17
 
 
 def _slice(b, x, start, end):
-    return b.node("Slice", [x, b.const(np.array([start], np.int64), "st"), b.const(np.array([end], np.int64), "en"),
-                            b.const(np.array([1], np.int64), "ax")])
+    return b.node(
+        "Slice",
+        [
+            x,
+            b.const(np.array([start], np.int64), "st"),
+            b.const(np.array([end], np.int64), "en"),
+            b.const(np.array([1], np.int64), "ax"),
+        ],
+    )
 
 
 def _model(op):
@@ -106,18 +148,22 @@ def test_remove_equals_mask_through(op):
         assert_outputs_close(ort_run(pruned, feeds), ort_run(mask_channels(model, plan), feeds), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("op, attrs, reason", [
-    ("LRN", {"size": 3}, "LRN normalises across neighbouring channels"),
-    ("Softmax", {"axis": 1}, "Softmax normalises over the channel axis"),
-    ("ReduceMean", {"axes": [1]}, "ReduceMean reduces over the channel axis"),
-    ("Erf", {}, "no channel rule for op 'Erf'"),
-])
+@pytest.mark.parametrize(
+    "op, attrs, reason",
+    [
+        ("LRN", {"size": 3}, "LRN normalises across neighbouring channels"),
+        ("Softmax", {"axis": 1}, "Softmax normalises over the channel axis"),
+        ("ReduceMean", {"axes": [1]}, "ReduceMean reduces over the channel axis"),
+        ("Erf", {}, "no channel rule for op 'Erf'"),
+    ],
+)
 def test_blockers(op, attrs, reason):
     b = Builder(4)
     x = b.relu(b.conv("x", 3, C))
     y = b.node(op, [x], **attrs)
-    model = b.model([("x", [3, 8, 8])], [b.node("ReduceMean", [b.conv(y, y and C, 5, 1) if op != "ReduceMean" else y],
-                                                 axes=[1])])
+    model = b.model(
+        [("x", [3, 8, 8])], [b.node("ReduceMean", [b.conv(y, y and C, 5, 1) if op != "ReduceMean" else y], axes=[1])]
+    )
     analysis = find_channel_groups(to_graph(model))
     group = analysis.groups[0]
     assert reason in next(iter(group.blocked.values()))

@@ -8,10 +8,18 @@ from onnxprune.errors import (
     PassError,
     UnsupportedModelError,
 )
-from onnxprune.pipeline import prune
+from onnxprune.pipeline import decompose, prune
 from onnxprune.result import PassResult, Report
 
 __all__ = [
-    "BudgetError", "CalibrationError", "InvalidModelError", "OnnxPruneError", "PassError", "PassResult", "Report",
-    "UnsupportedModelError", "prune",
+    "BudgetError",
+    "CalibrationError",
+    "InvalidModelError",
+    "OnnxPruneError",
+    "PassError",
+    "PassResult",
+    "Report",
+    "UnsupportedModelError",
+    "decompose",
+    "prune",
 ]

@@ -9,6 +9,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune import rules
 from onnxprune.errors import BudgetError
+from onnxprune.passes.basis import BasisPair
 from onnxprune.passes.groups import ChannelGraph
 
 TARGETS = ("params", "flops")
@@ -22,11 +23,17 @@ class _Term:
 
 
 class CostModel:
-    """Counts parameters and MACs of a graph for any choice of alive channel classes."""
+    """Counts parameters and MACs of a graph for any choice of alive channel classes.
 
-    def __init__(self, graph: gs.Graph, analysis: ChannelGraph | None = None) -> None:
+    A basis pair counts as what will be written: the split, or the single op it merges back into when that is
+    smaller (``merge_unprofitable``).
+    """
+
+    def __init__(self, graph: gs.Graph, analysis: ChannelGraph | None = None, pairs: list[BasisPair] = ()) -> None:
         self.analysis = analysis
         self.terms: list[_Term] = []
+        self.pairs: list[tuple[int, int, _Term]] = []  # (basis term, scaling term, merged term)
+        where: dict[tuple[str, int], int] = {}
         seen: set[str] = set()
         for node in graph.nodes:
             step = analysis.steps.get(node.name) if analysis is not None else None
@@ -41,25 +48,47 @@ class CostModel:
                 seen.add(tensor.name)
                 macs = rules.macs_per_weight(node, out_shape) if rules.WEIGHT_INPUT.get(node.op) == i else 0
                 axes = []
-                for axis, name in (slices[i].axes if i in slices else ()):
+                for axis, name in slices[i].axes if i in slices else ():
                     full = len(analysis.flows[name].ids)
                     if values.ndim and values.shape[axis] == full:
                         axes.append((full, name))
+                where[(node.name, i)] = len(self.terms)
                 self.terms.append(_Term(int(values.size), macs, axes))
+        for pair in pairs:
+            b, sc = where.get((pair.basis, 1)), where.get((pair.scaling, 1))
+            if b is None or sc is None:
+                continue
+            bt, st = self.terms[b], self.terms[sc]
+            rank = next((full for full, name in bt.axes if name == pair.mid), None)
+            if rank is None:
+                continue
+            outer = [a for a in bt.axes + st.axes if a[1] != pair.mid]
+            merged = _Term(bt.numel * st.numel // rank // rank, bt.macs_per_elem, outer)
+            self.pairs.append((b, sc, merged))
+        self._paired = {i for b, sc, _ in self.pairs for i in (b, sc)}
 
     def count(self, alive: np.ndarray | None = None) -> tuple[int, int]:
         """(parameters, MACs per sample) with only the `alive` classes kept (all when None)."""
         kept: dict[str, float] = {}
-        params = macs = 0.0
-        for term in self.terms:
+
+        def size(term: _Term) -> tuple[float, float]:
             frac = 1.0
             for full, name in term.axes:
                 if alive is not None:
                     if name not in kept:
                         kept[name] = float(alive[self.analysis.classes(name)].sum())
                     frac *= kept[name] / full
-            params += term.numel * frac
-            macs += term.numel * term.macs_per_elem * frac
+            return term.numel * frac, term.numel * term.macs_per_elem * frac
+
+        params = macs = 0.0
+        for i, term in enumerate(self.terms):
+            if i not in self._paired:
+                p, m = size(term)
+                params, macs = params + p, macs + m
+        for b, sc, merged in self.pairs:
+            (bp, bm), (sp, sm), (mp, mm) = size(self.terms[b]), size(self.terms[sc]), size(merged)
+            p, m = (bp + sp, bm + sm) if bp + sp < mp else (mp, mm)
+            params, macs = params + p, macs + m
         return int(round(params)), int(round(macs))
 
     def savings(self, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -90,8 +119,16 @@ class Allocation:
     reachable: float
 
 
-def allocate(analysis: ChannelGraph, cost: CostModel, importance: np.ndarray, *, remove_ratio: float,
-             target: str, total_before: int, protected: frozenset[str] = frozenset()) -> Allocation:
+def allocate(
+    analysis: ChannelGraph,
+    cost: CostModel,
+    importance: np.ndarray,
+    *,
+    remove_ratio: float,
+    target: str,
+    total_before: int,
+    protected: frozenset[str] = frozenset(),
+) -> Allocation:
     """Remove the classes of least error per parameter (or MAC) saved until `remove_ratio` of `total_before` is gone.
 
     Importance is normalised by its mean within each group, so scores compare across layers; each tracked
@@ -136,8 +173,7 @@ def allocate(analysis: ChannelGraph, cost: CostModel, importance: np.ndarray, *,
             lo = mid + 1
     ratio, alive = achieved(lo)
     if lo > 0 and ratio > remove_ratio + TOLERANCE:
-        ratio, alive = _land_closer(order, lo, alive, ratio, remove_ratio, lambda a: cost.count(a)[index],
-                                    total_before)
+        ratio, alive = _land_closer(order, lo, alive, ratio, remove_ratio, lambda a: cost.count(a)[index], total_before)
     plan = {}
     for group in analysis.groups:
         keep = np.flatnonzero(alive[group.classes])
@@ -149,8 +185,9 @@ def allocate(analysis: ChannelGraph, cost: CostModel, importance: np.ndarray, *,
 TOLERANCE = 0.01  # how far above the request the achieved ratio may land
 
 
-def _land_closer(order: np.ndarray, k: int, alive: np.ndarray, ratio: float, wanted: float, left, total: int,
-                 *, tries: int = 256) -> tuple[float, np.ndarray]:
+def _land_closer(
+    order: np.ndarray, k: int, alive: np.ndarray, ratio: float, wanted: float, left, total: int, *, tries: int = 256
+) -> tuple[float, np.ndarray]:
     """The k-th class overshot: swap it for one of the next-ranked classes that lands within the tolerance."""
     base = alive.copy()
     base[order[k - 1]] = True

@@ -19,7 +19,7 @@ from onnxprune.calibration import criteria
 from onnxprune.calibration.data import load_calibration
 from onnxprune.calibration.runner import fidelity
 from onnxprune.errors import OnnxPruneError
-from onnxprune.pipeline import METHODS, prune
+from onnxprune.pipeline import METHODS, decompose, prune
 
 log = logging.getLogger("onnxprune")
 
@@ -42,32 +42,88 @@ def cli() -> None:
 @cli.command("prune")
 @click.argument("input_path", metavar="IN", type=click.Path(path_type=pathlib.Path))
 @click.argument("output_path", metavar="OUT", type=click.Path(path_type=pathlib.Path))
-@click.option("--ratio", "remove_ratio", type=float, required=True,
-              help="Fraction of the --target quantity to remove, in [0, 1).")
-@click.option("--target", type=click.Choice(TARGETS), default="params", show_default=True,
-              help="What --ratio counts: parameters, or multiply-accumulates (flops).")
-@click.option("--method", type=click.Choice(METHODS), default="channel", show_default=True,
-              help="channel: remove whole filters, propagated through the graph.")
-@click.option("--criterion", type=click.Choice(criteria.names()), default="l2", show_default=True,
-              help="Channel importance: filter norm (l1, l2) or BN scale (bn).")
-@click.option("--exclude", multiple=True, metavar="PATTERN",
-              help="Never prune the output channels of nodes whose name matches (fnmatch; repeatable).")
-@click.option("--calib", type=click.Path(path_type=pathlib.Path), default=None,
-              help="Samples (.npy for one input, .npz keyed by input name) to measure fidelity on.")
+@click.option(
+    "--ratio", "remove_ratio", type=float, required=True, help="Fraction of the --target quantity to remove, in [0, 1)."
+)
+@click.option(
+    "--target",
+    type=click.Choice(TARGETS),
+    default="params",
+    show_default=True,
+    help="What --ratio counts: parameters, or multiply-accumulates (flops).",
+)
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default="basis",
+    show_default=True,
+    help="channel: whole filters; basis: SVD basis vectors; double: channels then bases; auto: both, "
+    "ranked together by error per parameter saved.",
+)
+@click.option(
+    "--min-rank",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Layers of smaller rank are not split into basis + scaling.",
+)
+@click.option(
+    "--criterion",
+    type=click.Choice(criteria.names()),
+    default="l2",
+    show_default=True,
+    help="Channel importance: filter norm (l1, l2) or BN scale (bn).",
+)
+@click.option(
+    "--exclude",
+    multiple=True,
+    metavar="PATTERN",
+    help="Never prune the output channels of nodes whose name matches (fnmatch; repeatable).",
+)
+@click.option(
+    "--calib",
+    type=click.Path(path_type=pathlib.Path),
+    default=None,
+    help="Samples (.npy for one input, .npz keyed by input name) to measure fidelity on.",
+)
 @click.option("--calib-size", type=click.IntRange(min=1), default=None, help="Use at most N samples.")
-@click.option("--labels", type=click.Path(path_type=pathlib.Path), default=None,
-              help="Labels (.npy) for the calibration samples, to report accuracy as well.")
-@click.option("--report", "report_path", type=click.Path(path_type=pathlib.Path), default=None,
-              help="Write the report as JSON to this file.")
+@click.option(
+    "--labels",
+    type=click.Path(path_type=pathlib.Path),
+    default=None,
+    help="Labels (.npy) for the calibration samples, to report accuracy as well.",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(path_type=pathlib.Path),
+    default=None,
+    help="Write the report as JSON to this file.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for anything random.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 @click.option("-v", "--verbose", is_flag=True, help="Print every step and every blocked group.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def prune_command(input_path: pathlib.Path, output_path: pathlib.Path, remove_ratio: float, target: str,
-                  method: str, criterion: str, exclude: tuple[str, ...], calib: pathlib.Path | None,
-                  calib_size: int | None, labels: pathlib.Path | None, report_path: pathlib.Path | None,
-                  seed: int, overwrite: bool, quiet: bool, verbose: bool, debug: bool) -> None:
+def prune_command(
+    input_path: pathlib.Path,
+    output_path: pathlib.Path,
+    remove_ratio: float,
+    target: str,
+    method: str,
+    min_rank: int,
+    criterion: str,
+    exclude: tuple[str, ...],
+    calib: pathlib.Path | None,
+    calib_size: int | None,
+    labels: pathlib.Path | None,
+    report_path: pathlib.Path | None,
+    seed: int,
+    overwrite: bool,
+    quiet: bool,
+    verbose: bool,
+    debug: bool,
+) -> None:
     """Prune IN and write the smaller model to OUT."""
     _setup_logging(quiet=quiet, verbose=verbose or debug)
     np.random.seed(seed)
@@ -80,8 +136,15 @@ def prune_command(input_path: pathlib.Path, output_path: pathlib.Path, remove_ra
     data = load_calibration(calib, model, limit=calib_size) if calib is not None else None
     truth = _load_labels(labels, data) if labels is not None else None
     log.info("pruning %s (%s, criterion %s, %s %.2f)", input_path.name, method, criterion, target, remove_ratio)
-    pruned, report = prune(model, remove_ratio=remove_ratio, target=target, method=method, criterion=criterion,
-                           exclude=exclude)
+    pruned, report = prune(
+        model,
+        remove_ratio=remove_ratio,
+        target=target,
+        method=method,
+        criterion=criterion,
+        exclude=exclude,
+        min_rank=min_rank,
+    )
     facts = report.facts
     if data is not None:
         facts["fidelity"] = fidelity(model, pruned, data, labels=truth)
@@ -93,10 +156,49 @@ def prune_command(input_path: pathlib.Path, output_path: pathlib.Path, remove_ra
         _print_summary(report, input_path, output_path, verbose=verbose)
 
 
+@cli.command("decompose")
+@click.argument("input_path", metavar="IN", type=click.Path(path_type=pathlib.Path))
+@click.argument("output_path", metavar="OUT", type=click.Path(path_type=pathlib.Path))
+@click.option(
+    "--min-rank",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Layers of smaller rank are left whole.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def decompose_command(
+    input_path: pathlib.Path, output_path: pathlib.Path, min_rank: int, overwrite: bool, quiet: bool, debug: bool
+) -> None:
+    """Write IN with every eligible Conv/Gemm/MatMul split at full rank into basis + scaling (same outputs).
+
+    Train the scaling ops in your framework, re-export, and `onnxprune` prunes the bases in place.
+    """
+    _setup_logging(quiet=quiet, verbose=debug)
+    _check_output(input_path, output_path, overwrite=overwrite)
+    model = graph_io.load(input_path)
+    split, report = decompose(model, min_rank=min_rank)
+    graph_io.save(split, output_path)
+    if not quiet:
+        click.echo(
+            f"{input_path.name} -> {output_path}: {report.counts['decomposed']} layers split into basis + "
+            f"scaling, {len(report.skipped)} left whole"
+        )
+
+
 def _setup_logging(*, quiet: bool, verbose: bool) -> None:
     # progress lines (INFO) go to an interactive terminal only, so piped stderr carries errors alone
-    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO if sys.stderr.isatty() \
+    level = (
+        logging.WARNING
+        if quiet
+        else logging.DEBUG
+        if verbose
+        else logging.INFO
+        if sys.stderr.isatty()
         else logging.WARNING
+    )
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
     logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
 
@@ -104,8 +206,11 @@ def _setup_logging(*, quiet: bool, verbose: bool) -> None:
 def _check_output(input_path: pathlib.Path, output_path: pathlib.Path, *, overwrite: bool) -> None:
     folder = output_path.parent if str(output_path.parent) else pathlib.Path(".")
     if output_path.exists() and input_path.exists() and output_path.resolve() == input_path.resolve():
-        raise OnnxPruneError(f"{output_path}: output is the input file; choose another path (or pass --overwrite)"
-                             if not overwrite else f"{output_path}: refusing to overwrite the input file")
+        raise OnnxPruneError(
+            f"{output_path}: output is the input file; choose another path (or pass --overwrite)"
+            if not overwrite
+            else f"{output_path}: refusing to overwrite the input file"
+        )
     if output_path.is_dir():
         raise OnnxPruneError(f"{output_path}: is a directory, expected a file path")
     if output_path.exists() and not overwrite:
@@ -167,7 +272,7 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
         f"target {f['target']} {f['ratio_requested']:.2f})",
         f"  params  {pb:>12,} -> {pa:>12,}   removed {100 * (1 - pa / pb if pb else 0):5.1f} %",
         f"  MACs    {mb:>12,} -> {ma:>12,}   removed {100 * (1 - ma / mb if mb else 0):5.1f} %",
-        f"  groups  {f['groups_pruned']} of {f['groups']} pruned, {len(f['blocked'])} blocked"
+        f"  groups  {f['groups_pruned']} pruned ({_kinds(f)}), {len(f['blocked'])} blocked"
         + (f", {report.counts['folds_skipped']} constant folds skipped" if report.counts.get("folds_skipped") else ""),
     ]
     for name, fid in f.get("fidelity", {}).items():
@@ -182,6 +287,13 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
         lines += [f"  blocked {name}: {why}" for name, why in f["blocked"].items()]
         lines += [f"  note    {s.node}: {s.reason}" for s in report.skipped]
     click.echo("\n".join(lines))
+
+
+def _kinds(facts: dict) -> str:
+    removed = facts.get("removed", {}).values()
+    bases = sum(r["removed"] for r in removed if r["kind"] == "basis")
+    channels = sum(r["removed"] for r in removed if r["kind"] == "channel")
+    return f"{channels} channels, {bases} basis vectors removed"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,8 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         where = type(err).__name__
-        click.echo(f"onnxprune: internal error ({where}): {str(err).splitlines()[0] if str(err) else ''} "
-                   "(rerun with --debug for the traceback)", err=True)
+        click.echo(
+            f"onnxprune: internal error ({where}): {str(err).splitlines()[0] if str(err) else ''} "
+            "(rerun with --debug for the traceback)",
+            err=True,
+        )
         return 3
     return 0
 

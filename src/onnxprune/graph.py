@@ -135,6 +135,11 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     return infer_shapes(model)
 
 
+def reinfer_shapes(graph: gs.Graph, template: onnx.ModelProto) -> gs.Graph:
+    """A fresh import of `graph` with every shape inferred again (after a pass that reset them)."""
+    return to_graph(to_model(graph, template))
+
+
 def unique_name(graph: gs.Graph, base: str) -> str:
     """A tensor/node name derived from `base` that the graph does not use yet."""
     taken = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
@@ -162,8 +167,14 @@ def save(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     data_name = path.name + ".data"
     try:
         if model.ByteSize() > TWO_GB or _tensor_bytes(model) > TWO_GB:
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
+            onnx.save_model(
+                model,
+                tmp,
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
         else:
             onnx.save_model(model, tmp)
         os.replace(tmp, path)

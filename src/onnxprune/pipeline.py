@@ -15,7 +15,8 @@ import onnx_graphsurgeon as gs
 from onnxprune.budget import TARGETS, CostModel, allocate
 from onnxprune.calibration import criteria
 from onnxprune.errors import OnnxPruneError, PassError
-from onnxprune.graph import to_graph, to_model, validate
+from onnxprune.graph import reinfer_shapes, to_graph, to_model, validate
+from onnxprune.passes.basis import decompose_basis, find_basis_pairs, merge_unprofitable
 from onnxprune.passes.cleanup import cleanup
 from onnxprune.passes.groups import find_channel_groups
 from onnxprune.passes.remove import remove_channels
@@ -23,7 +24,8 @@ from onnxprune.result import PassResult, Report
 
 log = logging.getLogger(__name__)
 
-METHODS = ("channel",)
+METHODS = ("auto", "channel", "basis", "double")
+DOUBLE_CHANNEL_SHARE = 0.5  # --method double: the part of the request taken by channels before bases
 
 
 def run_passes(graph: gs.Graph, passes: Sequence[Callable[[gs.Graph], PassResult]]) -> PassResult:
@@ -51,11 +53,23 @@ def count(model: onnx.ModelProto) -> tuple[int, int]:
     return CostModel(to_graph(model)).count()
 
 
-def prune(model: onnx.ModelProto, *, remove_ratio: float, target: str = "params", method: str = "channel",
-          criterion: str = "l2", exclude: Sequence[str] = ()) -> tuple[onnx.ModelProto, Report]:
+def prune(
+    model: onnx.ModelProto,
+    *,
+    remove_ratio: float,
+    target: str = "params",
+    method: str = "basis",
+    criterion: str = "l2",
+    exclude: Sequence[str] = (),
+    min_rank: int = 8,
+) -> tuple[onnx.ModelProto, Report]:
     """Remove `remove_ratio` of the model's parameters (or MACs) and return the new model and its report.
 
-    The input model is not modified.
+    Methods: ``channel`` removes whole filters; ``basis`` splits each eligible layer by SVD and removes basis
+    vectors; ``auto`` ranks channel and basis removals together by error per parameter saved; ``double`` removes
+    channels first (half the request), then bases for the rest. A model that is already split (basis op feeding
+    a scaling op) has its bases pruned in place. Layers whose kept rank does not pay are merged back. The input
+    model is not modified.
     """
     if not 0.0 <= remove_ratio < 1.0:
         raise OnnxPruneError(f"--ratio must be in [0, 1), got {remove_ratio}")
@@ -67,40 +81,128 @@ def prune(model: onnx.ModelProto, *, remove_ratio: float, target: str = "params"
         raise OnnxPruneError(f"--criterion must be one of {', '.join(criteria.names())}, got {criterion!r}")
     start = time.perf_counter()
     params_before, macs_before = count(model)
+    total = params_before if target == "params" else macs_before
     graph = to_graph(model)
     bn_gamma = criteria.collect_bn_gamma(graph)
     report = run_passes(graph, [cleanup]).report
-    analysis = find_channel_groups(graph)
-    protected = frozenset(
-        g.name for g in analysis.groups if any(fnmatch.fnmatch(p, pat) for p in g.producers for pat in exclude))
-    for group in analysis.groups:
-        if group.blocked and len(group.blocked) == len(group.classes):
-            report.facts.setdefault("blocked", {})[group.name] = next(iter(group.blocked.values()))
-        elif group.name in protected:
-            report.facts.setdefault("blocked", {})[group.name] = "excluded by --exclude"
-    total = params_before if target == "params" else macs_before
-    plan: dict[str, np.ndarray] = {}
-    if remove_ratio > 0:
-        cost = CostModel(graph, analysis)
-        scores = criteria.importance(criterion, criteria.Context(graph, analysis, bn_gamma))
-        allocation = allocate(analysis, cost, scores, remove_ratio=remove_ratio, target=target,
-                              total_before=total, protected=protected)
-        plan = allocation.plan
-        report.facts["reachable"] = allocation.reachable
-    result = run_passes(graph, [partial(remove_channels, plan=plan, analysis=analysis), cleanup])
-    report.merge(result.report)
-    out = to_model(result.graph, model)
+    stages = {"channel": ["channel"], "basis": ["basis"], "auto": ["auto"], "double": ["channel", "basis"]}[method]
+    plans = 0
+    pairs = find_basis_pairs(graph)
+    for i, stage in enumerate(stages):
+        wanted = remove_ratio * (DOUBLE_CHANNEL_SHARE if method == "double" and i == 0 else 1.0)
+        if i > 0:
+            graph = reinfer_shapes(graph, model)
+        if stage in ("basis", "auto"):
+            report.merge(run_passes(graph, [partial(decompose_basis, min_channels=min_rank)]).report)
+            pairs = find_basis_pairs(graph)
+        plans += _prune_stage(
+            graph,
+            report,
+            stage=stage,
+            remove_ratio=wanted,
+            target=target,
+            total=total,
+            criterion=criterion,
+            exclude=exclude,
+            bn_gamma=bn_gamma,
+            pairs=pairs,
+        )
+    report.merge(run_passes(graph, [partial(merge_unprofitable, pairs=pairs), cleanup]).report)
+    out = to_model(graph, model)
     validate(out)
     params_after, macs_after = count(out)
-    report.facts.update({
-        "params_before": params_before, "params_after": params_after,
-        "macs_before": macs_before, "macs_after": macs_after,
-        "ratio_achieved": 1 - (params_after / params_before if target == "params" else macs_after / macs_before),
-        "params_removed": 1 - params_after / params_before if params_before else 0.0,
-        "macs_removed": 1 - macs_after / macs_before if macs_before else 0.0,
-        "ratio_requested": remove_ratio, "target": target, "method": method, "criterion": criterion,
-        "groups": len(analysis.groups), "groups_pruned": len(plan),
-        "seconds": time.perf_counter() - start,
-    })
+    report.facts.update(
+        {
+            "params_before": params_before,
+            "params_after": params_after,
+            "macs_before": macs_before,
+            "macs_after": macs_after,
+            "ratio_achieved": 1 - (params_after / params_before if target == "params" else macs_after / macs_before),
+            "params_removed": 1 - params_after / params_before if params_before else 0.0,
+            "macs_removed": 1 - macs_after / macs_before if macs_before else 0.0,
+            "ratio_requested": remove_ratio,
+            "target": target,
+            "method": method,
+            "criterion": criterion,
+            "groups_pruned": plans,
+            "seconds": time.perf_counter() - start,
+        }
+    )
     report.facts.setdefault("blocked", {})
+    return out, report
+
+
+def _prune_stage(
+    graph: gs.Graph,
+    report: Report,
+    *,
+    stage: str,
+    remove_ratio: float,
+    target: str,
+    total: int,
+    criterion: str,
+    exclude: Sequence[str],
+    bn_gamma: dict[str, np.ndarray],
+    pairs: list,
+) -> int:
+    """One allocation + removal on `graph` (in place); returns the number of groups it shrank."""
+    analysis = find_channel_groups(graph)
+    basis_groups = {
+        g.name for g in analysis.groups if len(g.producers) == 1 and g.producers[0] in {p.basis for p in pairs}
+    }
+    protected = {
+        g.name
+        for g in analysis.groups
+        if any(fnmatch.fnmatch(_original_name(p), pat) for p in g.producers for pat in exclude)
+    }
+    if stage == "channel":
+        protected |= basis_groups
+    elif stage == "basis":
+        protected |= {g.name for g in analysis.groups} - basis_groups
+    blocked = report.facts.setdefault("blocked", {})
+    for group in analysis.groups:
+        if group.blocked and len(group.blocked) == len(group.classes):
+            blocked[group.name] = next(iter(group.blocked.values()))
+        elif any(fnmatch.fnmatch(_original_name(p), pat) for p in group.producers for pat in exclude):
+            blocked[group.name] = "excluded by --exclude"
+    report.facts["groups"] = len(analysis.groups)
+    if remove_ratio <= 0:
+        return 0
+    cost = CostModel(graph, analysis, pairs)
+    scores = criteria.importance(criterion, criteria.Context(graph, analysis, bn_gamma, pairs))
+    allocation = allocate(
+        analysis,
+        cost,
+        scores,
+        remove_ratio=remove_ratio,
+        target=target,
+        total_before=total,
+        protected=frozenset(protected),
+    )
+    report.facts["reachable"] = allocation.reachable
+    kinds = report.facts.setdefault("removed", {})
+    for name, keep in allocation.plan.items():
+        group = next(g for g in analysis.groups if g.name == name)
+        kinds[name] = {
+            "kind": "basis" if name in basis_groups else "channel",
+            "removed": int(len(group.classes) - len(keep)),
+            "of": int(len(group.classes)),
+        }
+    report.merge(run_passes(graph, [partial(remove_channels, plan=allocation.plan, analysis=analysis)]).report)
+    return len(allocation.plan)
+
+
+def _original_name(node_name: str) -> str:
+    for suffix in ("_basis", "_scaling"):
+        if node_name.endswith(suffix):
+            return node_name[: -len(suffix)]
+    return node_name
+
+
+def decompose(model: onnx.ModelProto, *, min_rank: int = 8) -> tuple[onnx.ModelProto, Report]:
+    """The full-rank split of every eligible layer: a basis op (orthonormal filters) and a scaling op."""
+    graph = to_graph(model)
+    report = run_passes(graph, [cleanup, partial(decompose_basis, min_channels=min_rank)]).report
+    out = to_model(graph, model)
+    validate(out)
     return out, report

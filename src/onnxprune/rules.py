@@ -152,8 +152,12 @@ def _flow(flows: list[Flow | None]) -> tuple[int, Flow] | None:
 
 
 def _same(flow: Flow, zero: np.ndarray | None = None, *, axis: int | None = None, rank: int | None = None) -> Flow:
-    return Flow(flow.axis if axis is None else axis, flow.rank if rank is None else rank, flow.ids,
-                flow.zero if zero is None else zero)
+    return Flow(
+        flow.axis if axis is None else axis,
+        flow.rank if rank is None else rank,
+        flow.ids,
+        flow.zero if zero is None else zero,
+    )
 
 
 def _spatial_pads(node: gs.Node) -> bool:
@@ -168,9 +172,19 @@ def _unknown(zero: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------- producers
 
 
-def _producer(node: gs.Node, flows: list[Flow | None], walk: Walk, *, weight: np.ndarray, out_axis: int,
-              in_axis: int, in_channel_axis: int | None, bias_index: int | None, fold: FoldFn | None,
-              why_not: str = "") -> Step | str:
+def _producer(
+    node: gs.Node,
+    flows: list[Flow | None],
+    walk: Walk,
+    *,
+    weight: np.ndarray,
+    out_axis: int,
+    in_axis: int,
+    in_channel_axis: int | None,
+    bias_index: int | None,
+    fold: FoldFn | None,
+    why_not: str = "",
+) -> Step | str:
     """Shared by Conv, ConvTranspose, Gemm and MatMul: new output channels; input channels sliced from W."""
     data = flows[0] if flows else None
     out_shape = walk.shape(node.outputs[0])
@@ -196,7 +210,7 @@ def _producer(node: gs.Node, flows: list[Flow | None], walk: Walk, *, weight: np
 
 
 def _add_to_bias(node: gs.Node, delta: np.ndarray, walk: Walk, *, scale: float = 1.0) -> None:
-    """bias += delta / scale for Conv/ConvTranspose/Gemm, creating the bias when there is none."""
+    """Bias += delta / scale for Conv/ConvTranspose/Gemm, creating the bias when there is none."""
     dtype = const(node.inputs[1]).dtype
     if len(node.inputs) > 2 and node.inputs[2].name:
         old = const(node.inputs[2]).astype(np.float64)
@@ -237,8 +251,18 @@ def _conv(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
     group = int(node.attrs.get("group", 1))
     if group == 1:
         exact = not _spatial_pads(node)  # without padding every output position sees a constant channel alike
-        return _producer(node, flows, walk, weight=w, out_axis=0, in_axis=1, in_channel_axis=1, bias_index=2,
-                         fold=_fold_conv if exact else None, why_not="a padded Conv sees a constant channel unevenly")
+        return _producer(
+            node,
+            flows,
+            walk,
+            weight=w,
+            out_axis=0,
+            in_axis=1,
+            in_channel_axis=1,
+            bias_index=2,
+            fold=_fold_conv if exact else None,
+            why_not="a padded Conv sees a constant channel unevenly",
+        )
     if group == w.shape[0] and w.shape[1] == 1 and flows and flows[0] is not None and len(flows[0].ids) == group:
         return _depthwise(node, flows[0], w)
     return f"grouped Conv (group={group}) is not supported"
@@ -272,9 +296,18 @@ def _conv_transpose(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step
     if int(node.attrs.get("group", 1)) != 1:
         return f"grouped ConvTranspose (group={node.attrs['group']}) is not supported"
     exact = all(k == 1 for k in w.shape[2:]) and all(s == 1 for s in node.attrs.get("strides", [1]))
-    return _producer(node, flows, walk, weight=w, out_axis=1, in_axis=0, in_channel_axis=1, bias_index=2,
-                     fold=_fold_conv_transpose if exact and not _spatial_pads(node) else None,
-                     why_not="a strided or padded ConvTranspose sees a constant channel unevenly")
+    return _producer(
+        node,
+        flows,
+        walk,
+        weight=w,
+        out_axis=1,
+        in_axis=0,
+        in_channel_axis=1,
+        bias_index=2,
+        fold=_fold_conv_transpose if exact and not _spatial_pads(node) else None,
+        why_not="a strided or padded ConvTranspose sees a constant channel unevenly",
+    )
 
 
 @rule("Gemm")
@@ -285,8 +318,17 @@ def _gemm(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
     if node.attrs.get("transA", 0):
         return "Gemm with transA=1 is not supported"
     trans_b = int(node.attrs.get("transB", 0))
-    return _producer(node, flows, walk, weight=w, out_axis=0 if trans_b else 1, in_axis=1 if trans_b else 0,
-                     in_channel_axis=1, bias_index=2, fold=_fold_gemm)
+    return _producer(
+        node,
+        flows,
+        walk,
+        weight=w,
+        out_axis=0 if trans_b else 1,
+        in_axis=1 if trans_b else 0,
+        in_channel_axis=1,
+        bias_index=2,
+        fold=_fold_gemm,
+    )
 
 
 @rule("MatMul")
@@ -296,8 +338,18 @@ def _matmul(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
         if flows and any(f is not None for f in flows):
             return "MatMul without a constant 2-D weight on the right"
         return Step(Kind.PASS_THROUGH, [None])
-    return _producer(node, flows, walk, weight=w, out_axis=1, in_axis=0, in_channel_axis=-1, bias_index=None,
-                     fold=None, why_not="MatMul has no bias to fold into")
+    return _producer(
+        node,
+        flows,
+        walk,
+        weight=w,
+        out_axis=1,
+        in_axis=0,
+        in_channel_axis=-1,
+        bias_index=None,
+        fold=None,
+        why_not="MatMul has no bias to fold into",
+    )
 
 
 # -------------------------------------------------------------------------------------- per channel
@@ -317,8 +369,11 @@ def _batch_norm(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | s
     eps = float(node.attrs.get("epsilon", 1e-5))
     zero = (flow.zero - mean) / np.sqrt(var + eps) * scale + bias
     name = node.inputs[0].name
-    return Step(Kind.PER_CHANNEL, [_same(flow, zero)] + [None] * (len(node.outputs) - 1),
-                [ParamSlice(i, ((0, name),)) for i in range(1, 5)])
+    return Step(
+        Kind.PER_CHANNEL,
+        [_same(flow, zero)] + [None] * (len(node.outputs) - 1),
+        [ParamSlice(i, ((0, name),)) for i in range(1, 5)],
+    )
 
 
 @rule("InstanceNormalization")
@@ -484,8 +539,15 @@ def _lrn(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
 # ------------------------------------------------------------------------------------------ coupling
 
 _BINARY: dict[str, Callable[..., np.ndarray]] = {
-    "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide,
-    "Max": np.maximum, "Min": np.minimum, "Sum": np.add, "Mean": np.add, "Pow": np.power,
+    "Add": np.add,
+    "Sub": np.subtract,
+    "Mul": np.multiply,
+    "Div": np.divide,
+    "Max": np.maximum,
+    "Min": np.minimum,
+    "Sum": np.add,
+    "Mean": np.add,
+    "Pow": np.power,
 }
 
 
@@ -531,8 +593,9 @@ def _binary(node: gs.Node, flows: list[Flow | None], walk: Walk, op: Callable[..
             zeros.append(np.full(n, np.nan))
             continue
         if size == 1:
-            zeros.append(np.full(n, float(value.ravel()[0])) if np.all(value == value.ravel()[0])
-                         else np.full(n, np.nan))
+            zeros.append(
+                np.full(n, float(value.ravel()[0])) if np.all(value == value.ravel()[0]) else np.full(n, np.nan)
+            )
             continue
         if size != n:
             return f"constant '{tensor.name}' has {size} entries on the channel axis, the tensor carries {n}"
@@ -631,8 +694,9 @@ def _slice(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
         axes, steps = node.attrs.get("axes", list(range(len(starts)))), [1] * len(starts)
     else:
         values = [const(node.inputs[i]) if _input(node, i) is not None else None for i in range(1, 5)]
-        if any(v is None for v in values[:2]) or any(_input(node, i) is not None and values[i - 1] is None
-                                                     for i in (3, 4)):
+        if any(v is None for v in values[:2]) or any(
+            _input(node, i) is not None and values[i - 1] is None for i in (3, 4)
+        ):
             return "Slice bounds are computed at run time"
         starts, ends = list(values[0]), list(values[1])
         axes = list(values[2]) if values[2] is not None else list(range(len(starts)))

@@ -14,8 +14,12 @@ from onnxprune.result import PassResult, Report
 from onnxprune.rules import Kind, const
 
 _NP_TYPES = {
-    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64,
-    onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.BOOL: np.bool_,
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.BOOL: np.bool_,
 }
 
 
@@ -26,8 +30,9 @@ def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, n
     return dict(zip(names, sess.run(names, feeds)))
 
 
-def random_feeds(model: onnx.ModelProto, *, batch: int = 2, seed: int = 0,
-                 dims: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+def random_feeds(
+    model: onnx.ModelProto, *, batch: int = 2, seed: int = 0, dims: dict[str, int] | None = None
+) -> dict[str, np.ndarray]:
     """Normal random data for every graph input; the first symbolic dim is `batch`, others from `dims` or 8."""
     rng = np.random.default_rng(seed)
     inits = {t.name for t in model.graph.initializer}
@@ -46,16 +51,16 @@ def random_feeds(model: onnx.ModelProto, *, batch: int = 2, seed: int = 0,
     return feeds
 
 
-def apply_pass(model: onnx.ModelProto, pass_fn: Callable[..., PassResult], **options) -> tuple[onnx.ModelProto,
-                                                                                              Report]:
+def apply_pass(model: onnx.ModelProto, pass_fn: Callable[..., PassResult], **options) -> tuple[onnx.ModelProto, Report]:
     """Import, run one pass with `options`, export: the model-level view tests use."""
     graph = to_graph(model)
     result = pass_fn(graph, **options)
     return to_model(result.graph, model), result.report
 
 
-def assert_outputs_close(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], *, rtol: float,
-                         atol: float) -> None:
+def assert_outputs_close(
+    actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], *, rtol: float, atol: float
+) -> None:
     """Every output of `expected` is in `actual` with the same shape and close values; names the worst one."""
     for name, want in expected.items():
         assert name in actual, f"output {name!r} is missing"
@@ -94,14 +99,19 @@ def mask_channels(model: onnx.ModelProto, plan: dict[str, np.ndarray]) -> onnx.M
             continue
         node = nodes[name]
         unfoldable = step.fold is not None and (
-            step.fold.apply is None or not np.all(np.isfinite(analysis.flows[step.fold.tensor].zero)))
+            step.fold.apply is None or not np.all(np.isfinite(analysis.flows[step.fold.tensor].zero))
+        )
         for ps in step.params:
             if ps.index >= len(node.inputs) or const(node.inputs[ps.index]) is None:
                 continue
             values = const(node.inputs[ps.index]).copy()
             for axis, tensor in ps.axes:
                 is_out = tensor == node.outputs[0].name
-                if not (is_out or unfoldable) or not values.ndim or values.shape[axis] != len(analysis.flows[tensor].ids):
+                if (
+                    not (is_out or unfoldable)
+                    or not values.ndim
+                    or values.shape[axis] != len(analysis.flows[tensor].ids)
+                ):
                     continue
                 index = [slice(None)] * values.ndim
                 index[axis] = np.flatnonzero(~alive[analysis.classes(tensor)])

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxprune.passes.basis import BasisPair
 from onnxprune.passes.groups import ChannelGraph
 from onnxprune.rules import Kind, const
 
@@ -22,6 +23,7 @@ class Context:
     graph: gs.Graph
     analysis: ChannelGraph
     bn_gamma: dict[str, np.ndarray] = field(default_factory=dict)
+    pairs: list[BasisPair] = field(default_factory=list)
 
 
 def criterion(name: str) -> Callable[[Criterion], Criterion]:
@@ -40,12 +42,29 @@ def names() -> list[str]:
 
 
 def importance(name: str, context: Context) -> np.ndarray:
-    """Per-class importance under criterion `name` (larger means keep)."""
-    return _CRITERIA[name](context)
+    """Per-class importance under criterion `name` (larger means keep).
+
+    Bases of a split layer always score by their scaling factor: the norm of the scaling op's input column,
+    which is the singular value s_k for a fresh split (the basis filters themselves all have norm 1).
+    """
+    scores = _CRITERIA[name](context)
+    nodes = {n.name: n for n in context.graph.nodes}
+    by_producer = {tuple(g.producers): g for g in context.analysis.groups}
+    for pair in context.pairs:
+        group = by_producer.get((pair.basis,))
+        step = context.analysis.steps.get(pair.scaling)
+        if group is None or step is None:
+            continue
+        axis = next(a for a, t in step.params[0].axes if t == pair.mid)
+        w = const(nodes[pair.scaling].inputs[1]).astype(np.float64)
+        columns = np.sqrt((np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) ** 2).sum(1))
+        scores[group.classes] = columns[: len(group.classes)]
+    return scores
 
 
-def _per_producer_channel(context: Context, fn: Callable[[gs.Node, np.ndarray, int], np.ndarray | None],
-                          combine: str = "sum") -> np.ndarray:
+def _per_producer_channel(
+    context: Context, fn: Callable[[gs.Node, np.ndarray, int], np.ndarray | None], combine: str = "sum"
+) -> np.ndarray:
     """Sum fn(node, weight, out_axis) (one value per output channel) over each class's producer channels."""
     analysis = context.analysis
     scores = np.zeros(analysis.n_classes)

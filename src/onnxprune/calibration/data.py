@@ -10,8 +10,13 @@ import onnx
 
 from onnxprune.errors import CalibrationError
 
-_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
-           onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32}
+_DTYPES = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32,
+}
 
 
 def model_inputs(model: onnx.ModelProto) -> dict[str, tuple[list, type]]:
@@ -27,8 +32,9 @@ def model_inputs(model: onnx.ModelProto) -> dict[str, tuple[list, type]]:
     return found
 
 
-def load_calibration(path: str | pathlib.Path, model: onnx.ModelProto, *, limit: int | None = None
-                     ) -> dict[str, np.ndarray]:
+def load_calibration(
+    path: str | pathlib.Path, model: onnx.ModelProto, *, limit: int | None = None
+) -> dict[str, np.ndarray]:
     """Read samples for every model input and check shape, dtype and values; one CalibrationError line on failure."""
     path = pathlib.Path(path)
     inputs = model_inputs(model)
@@ -40,8 +46,10 @@ def load_calibration(path: str | pathlib.Path, model: onnx.ModelProto, *, limit:
         raise CalibrationError(f"calibration data {path}: not a .npy/.npz file ({err})") from err
     if isinstance(loaded, np.ndarray):
         if len(inputs) != 1:
-            raise CalibrationError(f"{path}: a .npy holds one input, the model has {len(inputs)}: {list(inputs)}; "
-                                   "use an .npz with one key per input")
+            raise CalibrationError(
+                f"{path}: a .npy holds one input, the model has {len(inputs)}: {list(inputs)}; "
+                "use an .npz with one key per input"
+            )
         data = {next(iter(inputs)): loaded}
     else:
         data = {k: loaded[k] for k in loaded.files}
@@ -55,8 +63,10 @@ def load_calibration(path: str | pathlib.Path, model: onnx.ModelProto, *, limit:
     for name, arr in data.items():
         dims, dtype = inputs[name]
         if arr.ndim != len(dims) or any(d is not None and d != s for d, s in zip(dims[1:], arr.shape[1:])):
-            raise CalibrationError(f"{path}: input '{name}' has shape {list(arr.shape)}, the model expects "
-                                   f"{['N' if d is None else d for d in dims]}")
+            raise CalibrationError(
+                f"{path}: input '{name}' has shape {list(arr.shape)}, the model expects "
+                f"{['N' if d is None else d for d in dims]}"
+            )
         if dtype is not None and arr.dtype != dtype:
             if arr.dtype.kind != np.dtype(dtype).kind:
                 raise CalibrationError(f"{path}: input '{name}' is {arr.dtype}, the model expects {np.dtype(dtype)}")

@@ -8,8 +8,7 @@ import onnx
 from onnxprune.graph import session
 
 
-def run_batches(model: onnx.ModelProto, data: dict[str, np.ndarray], *, batch_size: int = 64) -> dict[str,
-                                                                                                       np.ndarray]:
+def run_batches(model: onnx.ModelProto, data: dict[str, np.ndarray], *, batch_size: int = 64) -> dict[str, np.ndarray]:
     """All outputs of `model` on `data`, run in batches and concatenated."""
     sess = session(model, optimize=True)
     names = [o.name for o in sess.get_outputs()]
@@ -22,8 +21,14 @@ def run_batches(model: onnx.ModelProto, data: dict[str, np.ndarray], *, batch_si
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def fidelity(original: onnx.ModelProto, pruned: onnx.ModelProto, data: dict[str, np.ndarray], *,
-             labels: np.ndarray | None = None, batch_size: int = 64) -> dict[str, dict[str, float]]:
+def fidelity(
+    original: onnx.ModelProto,
+    pruned: onnx.ModelProto,
+    data: dict[str, np.ndarray],
+    *,
+    labels: np.ndarray | None = None,
+    batch_size: int = 64,
+) -> dict[str, dict[str, float]]:
     """Per output: top-1 agreement (2-D outputs), cosine similarity and relative L2 error against the original."""
     ref, got = run_batches(original, data, batch_size=batch_size), run_batches(pruned, data, batch_size=batch_size)
     found = {}
@@ -31,8 +36,9 @@ def fidelity(original: onnx.ModelProto, pruned: onnx.ModelProto, data: dict[str,
         have = got[name].astype(np.float64).reshape(len(want), -1)
         want = want.astype(np.float64).reshape(len(want), -1)
         entry = {
-            "cosine": float(np.mean(np.sum(have * want, 1) / (np.linalg.norm(have, axis=1) * np.linalg.norm(want, axis=1)
-                                                              + 1e-30))),
+            "cosine": float(
+                np.mean(np.sum(have * want, 1) / (np.linalg.norm(have, axis=1) * np.linalg.norm(want, axis=1) + 1e-30))
+            ),
             "relative_error": float(np.linalg.norm(have - want) / (np.linalg.norm(want) + 1e-30)),
         }
         if ref[name].ndim == 2 and want.shape[1] > 1:

@@ -153,8 +153,9 @@ def find_channel_groups(graph: gs.Graph) -> ChannelGraph:
     return _finish(walker, steps, flows, blockers)
 
 
-def _finish(walker: _Walker, steps: dict[str, Step], flows: dict[str, Flow],
-            blockers: list[tuple[str, str]]) -> ChannelGraph:
+def _finish(
+    walker: _Walker, steps: dict[str, Step], flows: dict[str, Flow], blockers: list[tuple[str, str]]
+) -> ChannelGraph:
     roots = np.array([walker.find(i) for i in range(len(walker.parent))], dtype=np.int64)
     _, class_of = np.unique(roots, return_inverse=True) if len(roots) else (None, np.zeros(0, dtype=np.int64))
     class_of = class_of.astype(np.int64)

@@ -25,8 +25,9 @@ class _Namer:
         return name
 
 
-def remove_channels(graph: gs.Graph, *, plan: dict[str, np.ndarray],
-                    analysis: ChannelGraph | None = None) -> PassResult:
+def remove_channels(
+    graph: gs.Graph, *, plan: dict[str, np.ndarray], analysis: ChannelGraph | None = None
+) -> PassResult:
     """Remove the channels `plan` drops (group name -> kept indices), in place, through the whole graph.
 
     Args:
@@ -74,8 +75,9 @@ def remove_channels(graph: gs.Graph, *, plan: dict[str, np.ndarray],
     return PassResult(graph, modified=True, report=report)
 
 
-def _fold(node: gs.Node, fold, analysis: ChannelGraph, keeps: dict[str, np.ndarray], namer: _Namer,
-          report: Report) -> None:
+def _fold(
+    node: gs.Node, fold, analysis: ChannelGraph, keeps: dict[str, np.ndarray], namer: _Namer, report: Report
+) -> None:
     flow = analysis.flows[fold.tensor]
     removed = np.setdiff1d(np.arange(len(flow.ids)), keeps[fold.tensor])
     values = flow.zero[removed]
@@ -95,6 +97,3 @@ def _weight_shape(node: gs.Node) -> list[int] | None:
         if isinstance(tensor, gs.Constant):
             return list(tensor.values.shape)
     return None
-
-
-

@@ -1,0 +1,234 @@
+"""decompose_basis(): Conv/Gemm/MatMul -> basis op + BasisScalingConv (SVD, full rank); merge_unprofitable() undoes it.
+
+A Conv with weight W[Co, Ci, k...] is the matrix M = W.reshape(Co, K) = U diag(s) Vt. The basis Conv has the
+r = min(Co, K) orthonormal filters Vt (same strides, pads, dilations, no bias); the BasisScalingConv is a 1x1 Conv
+with weight U diag(s) and the original bias. Gemm and MatMul with a constant weight become two matrix products
+through rank r. Pruning basis k is channel removal on the edge between the two (``remove_channels``); a pair whose
+kept rank no longer pays is merged back into one op holding the low-rank product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.graph import unique_name
+from onnxprune.result import PassResult, Report
+from onnxprune.rules import const
+
+ORTHONORMAL_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class BasisPair:
+    """A basis op feeding its scaling op through `mid`; weights seen as matrices basis [r, K], scaling [Co, r]."""
+
+    basis: str
+    scaling: str
+    mid: str
+
+
+def _conv_matrix(node: gs.Node) -> np.ndarray | None:
+    """A plain Conv's weight as [Co, K], or None if the node cannot be split."""
+    w = const(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None or w.ndim < 3 or int(node.attrs.get("group", 1)) != 1:
+        return None
+    return w.reshape(w.shape[0], -1)
+
+
+def _gemm_matrix(node: gs.Node) -> np.ndarray | None:
+    """A Gemm's weight as [N, K] (out x in), or None."""
+    w = const(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None or w.ndim != 2 or node.attrs.get("transA", 0):
+        return None
+    return w if node.attrs.get("transB", 0) else w.T
+
+
+def _matmul_matrix(node: gs.Node) -> np.ndarray | None:
+    w = const(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None or w.ndim != 2:
+        return None
+    return w.T
+
+
+# op -> weight as an [out, in] matrix (None: not splittable)
+_MATRIX = {"Conv": _conv_matrix, "Gemm": _gemm_matrix, "MatMul": _matmul_matrix}
+
+
+def decompose_basis(graph: gs.Graph, *, min_channels: int = 8, names: set[str] | None = None) -> PassResult:
+    """Split each eligible Conv/Gemm/MatMul, in place, into a basis op and a BasisScalingConv at full rank.
+
+    Args:
+        graph: Topologically sorted graph; edited in place.
+        min_channels: Layers whose rank min(out, in) is smaller are skipped (and reported).
+        names: Only split these nodes (all eligible ones when None).
+    """
+    report = Report()
+    paired = {n for p in find_basis_pairs(graph) for n in (p.basis, p.scaling)}
+    for node in [n for n in graph.nodes if n.op in _MATRIX]:
+        if names is not None and node.name not in names:
+            continue
+        if node.name in paired:
+            report.skip(node, "already a basis/scaling pair")
+            continue
+        matrix = _MATRIX[node.op](node)
+        if matrix is None:
+            report.skip(node, f"{node.op} without a constant weight that can be split (grouped, or computed)")
+            continue
+        if min(matrix.shape) < min_channels:
+            report.skip(node, f"rank {min(matrix.shape)} < {min_channels}")
+            continue
+        _split(graph, node, matrix)
+        report.counts["decomposed"] += 1
+    graph.cleanup().toposort()
+    return PassResult(graph, modified=bool(report.counts), report=report)
+
+
+def _split(graph: gs.Graph, node: gs.Node, matrix: np.ndarray) -> None:
+    w = const(node.inputs[1])
+    dtype = w.dtype
+    u, s, vt = np.linalg.svd(matrix.astype(np.float64), full_matrices=False)
+    r = len(s)
+    scaling = u * s  # [out, r]
+    x, y = node.inputs[0], node.outputs[0]
+    base = node.name
+    shape = None
+    if y.shape is not None:  # the scaling op keeps the layout: mid is y with r channels
+        shape = list(y.shape[:1]) + [r] + list(y.shape[2:]) if node.op == "Conv" else list(y.shape[:-1]) + [r]
+    mid = gs.Variable(unique_name(graph, f"{base}_basis_out"), dtype=y.dtype, shape=shape)
+    basis_name, scaling_name = unique_name(graph, f"{base}_basis"), unique_name(graph, f"{base}_scaling")
+    rest = list(node.inputs[2:])
+    if node.op == "Conv":
+        basis_w = vt.reshape((r,) + w.shape[1:])
+        scaling_w = scaling.reshape((w.shape[0], r) + (1,) * (w.ndim - 2))
+        first = gs.Node(
+            "Conv",
+            basis_name,
+            attrs={**node.attrs, "group": 1},
+            inputs=[x, gs.Constant(f"{basis_name}/weight", basis_w.astype(dtype))],
+            outputs=[mid],
+        )
+        second = gs.Node(
+            "Conv",
+            scaling_name,
+            attrs={"kernel_shape": [1] * (w.ndim - 2)},
+            inputs=[mid, gs.Constant(f"{scaling_name}/weight", scaling_w.astype(dtype)), *rest],
+            outputs=[y],
+        )
+    else:
+        first = gs.Node(
+            "MatMul", basis_name, inputs=[x, gs.Constant(f"{basis_name}/weight", vt.T.astype(dtype))], outputs=[mid]
+        )
+        second_w = gs.Constant(f"{scaling_name}/weight", scaling.T.astype(dtype))
+        attrs = {k: v for k, v in node.attrs.items() if k in ("alpha", "beta")}
+        second = gs.Node(node.op, scaling_name, attrs=attrs, inputs=[mid, second_w, *rest], outputs=[y])
+    node.inputs.clear()
+    node.outputs.clear()
+    graph.nodes.extend([first, second])
+
+
+def find_basis_pairs(graph: gs.Graph) -> list[BasisPair]:
+    """Basis ops (orthonormal filters, no bias) that feed only a 1x1 scaling op: split layers, ours or re-exported."""
+    pairs = []
+    for node in graph.nodes:
+        if node.op not in _MATRIX or len(node.outputs) != 1:
+            continue
+        mid = node.outputs[0]
+        if len(mid.outputs) != 1 or mid in graph.outputs:
+            continue
+        nxt = mid.outputs[0]
+        if nxt.op not in _MATRIX or nxt.inputs[0] is not mid or not _is_scaling(nxt):
+            continue
+        if node.op == "Conv" and (nxt.op != "Conv"):
+            continue
+        has_bias = len(node.inputs) > 2 and node.inputs[2].name and np.any(const(node.inputs[2]) != 0)
+        basis = _MATRIX[node.op](node)
+        if basis is None or has_bias or node.op == "Gemm" and nxt.op != "Gemm":
+            continue
+        rows = basis.astype(np.float64)  # [r, K]
+        if rows.shape[0] > rows.shape[1]:
+            continue
+        gram = rows @ rows.T
+        if np.max(np.abs(gram - np.eye(len(gram)))) <= ORTHONORMAL_TOLERANCE:
+            pairs.append(BasisPair(node.name, nxt.name, mid.name))
+    return pairs
+
+
+def _is_scaling(node: gs.Node) -> bool:
+    if _MATRIX[node.op](node) is None:
+        return False
+    if node.op != "Conv":
+        return True
+    w = const(node.inputs[1])
+    plain = all(v == 1 for v in node.attrs.get("strides", [1])) and not any(node.attrs.get("pads", [0]))
+    return all(k == 1 for k in w.shape[2:]) and plain and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID")
+
+
+def pair_sizes(graph: gs.Graph, pair: BasisPair) -> tuple[int, int, int]:
+    """(rank r, in size K, out size Co) of a pair as it is now."""
+    nodes = {n.name: n for n in graph.nodes}
+    basis = _MATRIX[nodes[pair.basis].op](nodes[pair.basis])
+    scaling = _MATRIX[nodes[pair.scaling].op](nodes[pair.scaling])
+    return basis.shape[0], basis.shape[1], scaling.shape[0]
+
+
+def merge_unprofitable(graph: gs.Graph, *, pairs: list[BasisPair] | None = None) -> PassResult:
+    """Merge back, in place, every basis pair whose split holds at least as many weights as one op would.
+
+    Args:
+        graph: Graph to edit in place.
+        pairs: The pairs to consider, as found before pruning (pruning an input channel of a basis op leaves its
+            filters no longer orthonormal, so they cannot be found again afterwards). Found anew when None.
+    """
+    report = Report()
+    nodes = {n.name: n for n in graph.nodes}
+    for pair in find_basis_pairs(graph) if pairs is None else pairs:
+        if pair.basis not in nodes or pair.scaling not in nodes or nodes[pair.basis].outputs[0].name != pair.mid:
+            continue
+        r, k, co = pair_sizes(graph, pair)
+        if r * (k + co) < co * k:
+            report.layers[pair.basis] = {"op": "basis", "rank": r, "full_rank": min(k, co)}
+            continue
+        _merge(graph, nodes[pair.basis], nodes[pair.scaling])
+        report.counts["merged_back"] += 1
+    graph.cleanup().toposort()
+    return PassResult(graph, modified=bool(report.counts), report=report)
+
+
+def _merge(graph: gs.Graph, basis: gs.Node, scaling: gs.Node) -> None:
+    bw, sw = const(basis.inputs[1]), const(scaling.inputs[1])
+    dtype = bw.dtype
+    name = basis.name[: -len("_basis")] if basis.name.endswith("_basis") else basis.name
+    if basis.op == "Conv":
+        product = sw.reshape(sw.shape[0], -1).astype(np.float64) @ bw.reshape(bw.shape[0], -1).astype(np.float64)
+        weight = product.reshape((sw.shape[0],) + bw.shape[1:])
+        merged = gs.Node(
+            "Conv",
+            unique_name(graph, name),
+            attrs=dict(basis.attrs),
+            inputs=[
+                basis.inputs[0],
+                gs.Constant(unique_name(graph, f"{name}/weight"), weight.astype(dtype)),
+                *scaling.inputs[2:],
+            ],
+            outputs=[scaling.outputs[0]],
+        )
+    else:
+        weight = bw.astype(np.float64) @ sw.astype(np.float64)  # [K, r] @ [r, N]
+        merged = gs.Node(
+            scaling.op,
+            unique_name(graph, name),
+            attrs=dict(scaling.attrs),
+            inputs=[
+                basis.inputs[0],
+                gs.Constant(unique_name(graph, f"{name}/weight"), weight.astype(dtype)),
+                *scaling.inputs[2:],
+            ],
+            outputs=[scaling.outputs[0]],
+        )
+    for node in (basis, scaling):
+        node.inputs.clear()
+        node.outputs.clear()
+    graph.nodes.append(merged)

@@ -1,0 +1,163 @@
+"""decompose_basis: full rank is exact, filters are orthonormal, basis errors add up, merge-back, pre-split models."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from light_zoo import load
+from models import ZOO, Builder, chain, flatten_gemm
+
+from onnxprune import decompose, prune
+from onnxprune.graph import to_graph
+from onnxprune.passes.basis import decompose_basis, find_basis_pairs, merge_unprofitable
+from onnxprune.passes.cleanup import cleanup
+from onnxprune.passes.groups import find_channel_groups
+from onnxprune.passes.remove import remove_channels
+from onnxprune.rules import const
+from onnxprune.testing import apply_pass, assert_outputs_close, mask_channels, ort_run, random_feeds
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "digits_resnet.onnx"
+
+
+def _relative_close(actual, expected, bound):
+    for name, want in expected.items():
+        err = np.abs(actual[name] - want).max() / (np.abs(want).max() + 1e-12)
+        assert err <= bound, f"output {name!r}: relative error {err:.2e} > {bound}"
+
+
+@pytest.mark.parametrize("build", ZOO, ids=lambda b: b.__name__)
+def test_full_rank_split_is_exact(build):
+    model = apply_pass(build(), cleanup)[0]
+    split, report = apply_pass(model, decompose_basis, min_channels=2)
+    assert report.counts["decomposed"] > 0
+    onnx.checker.check_model(split, full_check=True)
+    for batch in (1, 3):
+        feeds = random_feeds(model, batch=batch, seed=batch)
+        # SVD round trip in float32: relative error 1e-4 of the output scale
+        _relative_close(ort_run(split, feeds), ort_run(model, feeds), 1e-4)
+
+
+@pytest.mark.parametrize("name", ["squeezenet", "resnet50", "inception_v1", "densenet121"])
+def test_full_rank_split_is_exact_on_real_architectures(name):
+    model = load(name)
+    split, report = decompose(model)
+    assert report.counts["decomposed"] > 10
+    feeds = random_feeds(model, batch=1)
+    _relative_close(ort_run(split, feeds), ort_run(model, feeds), 1e-4)
+
+
+def test_basis_filters_are_orthonormal():
+    graph = to_graph(apply_pass(chain(), cleanup)[0])
+    decompose_basis(graph, min_channels=2)
+    pairs = find_basis_pairs(graph)
+    assert len(pairs) == 4
+    nodes = {n.name: n for n in graph.nodes}
+    for pair in pairs:
+        w = const(nodes[pair.basis].inputs[1]).astype(np.float64)
+        rows = w.reshape(w.shape[0], -1) if w.ndim > 2 else w.T
+        np.testing.assert_allclose(rows @ rows.T, np.eye(len(rows)), atol=1e-5)
+
+
+def _single_conv():
+    b = Builder(30)
+    y = b.conv("x", 6, 10, 3)
+    return b.model([("x", [6, 7, 7])], [y])
+
+
+def _with_output(model, name):
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return model
+
+
+def test_removed_basis_errors_add_exactly():
+    """E||dy||^2 of removing a set of bases equals sum_k s_k^2 E[z_k^2] (the u_k are orthonormal)."""
+    model = _single_conv()
+    split, _ = apply_pass(model, decompose_basis, min_channels=2)
+    graph = to_graph(split)
+    (pair,) = find_basis_pairs(graph)
+    nodes = {n.name: n for n in graph.nodes}
+    s = np.linalg.norm(const(nodes[pair.scaling].inputs[1]).reshape(10, -1).astype(np.float64), axis=0)
+    feeds = random_feeds(model, batch=4, seed=3)
+    z = ort_run(_with_output(split, pair.mid), feeds)[pair.mid].astype(np.float64)
+    y = ort_run(model, feeds)[model.graph.output[0].name].astype(np.float64)
+    group = find_channel_groups(graph).groups[0]
+    errors = []
+    for removed in ([0], [3, 7], [1, 2, 5, 9]):
+        keep = np.setdiff1d(np.arange(len(s)), removed)
+        pruned, _ = apply_pass(split, remove_channels, plan={group.name: keep})
+        got = ort_run(pruned, feeds)[model.graph.output[0].name].astype(np.float64)
+        measured = np.sum((got - y) ** 2)
+        predicted = np.sum(s[removed] ** 2 * np.sum(z[:, removed] ** 2, axis=(0, 2, 3)))
+        np.testing.assert_allclose(measured, predicted, rtol=1e-4)
+        errors.append(measured)
+
+
+def test_error_grows_as_rank_drops():
+    model = _single_conv()
+    split, _ = apply_pass(model, decompose_basis, min_channels=2)
+    group = find_channel_groups(to_graph(split)).groups[0]
+    feeds = random_feeds(model, batch=2, seed=1)
+    y = ort_run(model, feeds)[model.graph.output[0].name]
+    errors = []
+    for rank in range(10, 0, -1):
+        pruned, _ = apply_pass(split, remove_channels, plan={group.name: np.arange(rank)})
+        errors.append(float(np.sum((ort_run(pruned, feeds)[model.graph.output[0].name] - y) ** 2)))
+    assert errors[0] < 1e-6
+    assert all(b >= a for a, b in zip(errors, errors[1:]))
+
+
+def test_bases_removed_equal_masked():
+    model = apply_pass(flatten_gemm(), cleanup)[0]
+    split, _ = apply_pass(model, decompose_basis, min_channels=2)
+    graph = to_graph(split)
+    analysis = find_channel_groups(graph)
+    pairs = {p.basis for p in find_basis_pairs(graph)}
+    plan = {g.name: np.arange(0, len(g.classes), 2) for g in analysis.groups if g.producers[0] in pairs}
+    assert len(plan) == 4
+    pruned, _ = apply_pass(split, remove_channels, plan=plan)
+    feeds = random_feeds(model, batch=3)
+    assert_outputs_close(ort_run(pruned, feeds), ort_run(mask_channels(split, plan), feeds), rtol=1e-4, atol=1e-5)
+
+
+def test_few_bases_removed_merge_back_into_one_conv():
+    model = _single_conv()
+    split, _ = apply_pass(model, decompose_basis, min_channels=2)
+    group = find_channel_groups(to_graph(split)).groups[0]
+    pruned, _ = apply_pass(split, remove_channels, plan={group.name: np.arange(9)})
+    merged, report = apply_pass(pruned, merge_unprofitable)
+    assert report.counts["merged_back"] == 1
+    assert [n.op_type for n in merged.graph.node] == ["Conv"]
+    feeds = random_feeds(model, batch=2)
+    _relative_close(ort_run(merged, feeds), ort_run(pruned, feeds), 1e-5)
+    deep, _ = apply_pass(split, remove_channels, plan={group.name: np.arange(2)})
+    kept, report = apply_pass(deep, merge_unprofitable)
+    assert not report.counts and len(kept.graph.node) == 2
+
+
+@pytest.mark.parametrize("method", ["basis", "auto", "double", "channel"])
+def test_methods_reach_the_target_and_never_grow_a_layer(method):
+    model = onnx.load(EXAMPLE)
+    pruned, report = prune(model, remove_ratio=0.5, method=method)
+    assert abs(report.facts["params_removed"] - 0.5) <= 0.01
+    onnx.checker.check_model(pruned, full_check=True)
+    largest = max(np.prod(t.dims) for t in model.graph.initializer)
+    assert max(np.prod(t.dims) for t in pruned.graph.initializer) <= largest
+    feeds = random_feeds(model, batch=3)
+    assert ort_run(pruned, feeds)["logits"].shape == (3, 10)
+
+
+def test_pre_split_model_is_pruned_in_place():
+    split, _ = decompose(onnx.load(EXAMPLE))
+    graph = to_graph(split)
+    for node in graph.nodes:  # as if the scaling factors were trained after export
+        if node.name.endswith("_scaling"):
+            w = const(node.inputs[1])
+            node.inputs[1].values = (w * np.random.default_rng(0).uniform(0.5, 1.5, w.shape)).astype(w.dtype)
+    trained = gs.export_onnx(graph)
+    pruned, report = prune(trained, remove_ratio=0.3, method="basis")
+    assert report.counts.get("decomposed", 0) == 0
+    assert not any("_basis_basis" in n.name for n in pruned.graph.node)
+    assert abs(report.facts["params_removed"] - 0.3) <= 0.01
