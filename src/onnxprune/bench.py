@@ -1,0 +1,133 @@
+"""Time models side by side in onnxruntime: warm-up, interleaved runs (A B A B...), median and spread."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxprune.calibration.data import model_inputs
+from onnxprune.errors import OnnxPruneError
+from onnxprune.graph import load
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass
+class Timing:
+    """One model at one batch size: latency in milliseconds per run, and what the model holds."""
+
+    model: str
+    batch: int
+    params: int
+    macs: int
+    file_mb: float
+    median_ms: float
+    min_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+    speedup: float = 1.0
+
+    def as_dict(self) -> dict:
+        """Plain dict for JSON."""
+        return asdict(self)
+
+
+def parse_shapes(specs: tuple[str, ...]) -> dict[str, list[int]]:
+    """`name=1x3x224x224` -> {name: [1, 3, 224, 224]}; one OnnxPruneError line for a bad spec."""
+    shapes = {}
+    for spec in specs:
+        name, _, dims = spec.partition("=")
+        try:
+            shapes[name] = [int(d) for d in dims.lower().split("x")]
+        except ValueError as err:
+            raise OnnxPruneError(f"--shape {spec!r}: expected NAME=DxDx..., e.g. input=1x3x224x224") from err
+        if not name or any(d <= 0 for d in shapes[name]):
+            raise OnnxPruneError(f"--shape {spec!r}: expected NAME=DxDx... with positive dims")
+    return shapes
+
+
+def _feeds(model: onnx.ModelProto, batch: int, shapes: dict[str, list[int]], rng: np.random.Generator) -> dict:
+    feeds = {}
+    for name, (dims, dtype) in model_inputs(model).items():
+        if name in shapes:
+            shape = shapes[name]
+        else:
+            if any(d is None for d in dims[1:]):
+                raise OnnxPruneError(f"input '{name}' has dynamic dims {dims}; give them with --shape {name}=...")
+            shape = [batch, *dims[1:]]
+        dtype = dtype or np.float32
+        if np.issubdtype(dtype, np.floating):
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[name] = rng.integers(1, 10, size=shape).astype(dtype)
+    return feeds
+
+
+def _session(path: str, provider: str, opt_level: str, threads: int) -> ort.InferenceSession:
+    wanted = PROVIDERS[provider]
+    if wanted not in ort.get_available_providers():
+        raise OnnxPruneError(f"--provider {provider}: {wanted} is not available in this onnxruntime "
+                             f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
+                             "on a machine with the device")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = OPT_LEVELS[opt_level]
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    providers = [wanted] if provider == "cpu" else [wanted, "CPUExecutionProvider"]
+    return ort.InferenceSession(path, opts, providers=providers)
+
+
+def time_models(paths: list[str], *, batches: list[int], provider: str = "cpu", opt_level: str = "all",
+                threads: int = 0, shapes: dict[str, list[int]] | None = None, warmup: int = 5, runs: int = 30,
+                seed: int = 0) -> list[Timing]:
+    """Time every model at every batch size, interleaving the models run by run so drift hits all alike."""
+    from onnxprune.pipeline import count  # local: pipeline imports the passes, bench does not need them otherwise
+
+    models = [load(p) for p in paths]
+    sizes = [count(m) for m in models]
+    sessions = [_session(p, provider, opt_level, threads) for p in paths]
+    rng = np.random.default_rng(seed)
+    found: list[Timing] = []
+    for batch in batches:
+        feeds = [_feeds(m, batch, shapes or {}, rng) for m in models]
+        for sess, feed in zip(sessions, feeds):
+            for _ in range(warmup):
+                sess.run(None, feed)
+        samples: list[list[float]] = [[] for _ in paths]
+        for _ in range(runs):
+            for i, (sess, feed) in enumerate(zip(sessions, feeds)):
+                start = time.perf_counter()
+                sess.run(None, feed)
+                samples[i].append((time.perf_counter() - start) * 1e3)
+        rows = []
+        for path, (params, macs), times in zip(paths, sizes, samples):
+            t = np.array(times)
+            rows.append(Timing(os.path.basename(path), batch, params, macs * batch, os.path.getsize(path) / 2**20,
+                               float(np.median(t)), float(t.min()), float(np.percentile(t, 10)),
+                               float(np.percentile(t, 90)), runs))
+        for row in rows:
+            row.speedup = rows[0].median_ms / row.median_ms
+        found += rows
+    return found
+
+
+def table(timings: list[Timing]) -> str:
+    """The timings as an aligned text table."""
+    head = f"{'model':<28} {'batch':>5} {'params':>12} {'MACs':>15} {'MB':>7} {'median ms':>10} {'p10':>8} " \
+           f"{'p90':>8} {'speed-up':>8}"
+    lines = [head, "-" * len(head)]
+    for t in timings:
+        lines.append(f"{t.model[:28]:<28} {t.batch:>5} {t.params:>12,} {t.macs:>15,} {t.file_mb:>7.2f} "
+                     f"{t.median_ms:>10.3f} {t.p10_ms:>8.3f} {t.p90_ms:>8.3f} {t.speedup:>7.2f}x")
+    return "\n".join(lines)
