@@ -16,8 +16,10 @@ from onnxprune.graph import load
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 OPT_LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 
 
@@ -76,9 +78,11 @@ def _feeds(model: onnx.ModelProto, batch: int, shapes: dict[str, list[int]], rng
 def _session(path: str, provider: str, opt_level: str, threads: int) -> ort.InferenceSession:
     wanted = PROVIDERS[provider]
     if wanted not in ort.get_available_providers():
-        raise OnnxPruneError(f"--provider {provider}: {wanted} is not available in this onnxruntime "
-                             f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
-                             "on a machine with the device")
+        raise OnnxPruneError(
+            f"--provider {provider}: {wanted} is not available in this onnxruntime "
+            f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
+            "on a machine with the device"
+        )
     opts = ort.SessionOptions()
     opts.graph_optimization_level = OPT_LEVELS[opt_level]
     opts.log_severity_level = 3
@@ -88,9 +92,18 @@ def _session(path: str, provider: str, opt_level: str, threads: int) -> ort.Infe
     return ort.InferenceSession(path, opts, providers=providers)
 
 
-def time_models(paths: list[str], *, batches: list[int], provider: str = "cpu", opt_level: str = "all",
-                threads: int = 0, shapes: dict[str, list[int]] | None = None, warmup: int = 5, runs: int = 30,
-                seed: int = 0) -> list[Timing]:
+def time_models(
+    paths: list[str],
+    *,
+    batches: list[int],
+    provider: str = "cpu",
+    opt_level: str = "all",
+    threads: int = 0,
+    shapes: dict[str, list[int]] | None = None,
+    warmup: int = 5,
+    runs: int = 30,
+    seed: int = 0,
+) -> list[Timing]:
     """Time every model at every batch size, interleaving the models run by run so drift hits all alike."""
     from onnxprune.pipeline import count  # local: pipeline imports the passes, bench does not need them otherwise
 
@@ -113,9 +126,20 @@ def time_models(paths: list[str], *, batches: list[int], provider: str = "cpu", 
         rows = []
         for path, (params, macs), times in zip(paths, sizes, samples):
             t = np.array(times)
-            rows.append(Timing(os.path.basename(path), batch, params, macs * batch, os.path.getsize(path) / 2**20,
-                               float(np.median(t)), float(t.min()), float(np.percentile(t, 10)),
-                               float(np.percentile(t, 90)), runs))
+            rows.append(
+                Timing(
+                    os.path.basename(path),
+                    batch,
+                    params,
+                    macs * batch,
+                    os.path.getsize(path) / 2**20,
+                    float(np.median(t)),
+                    float(t.min()),
+                    float(np.percentile(t, 10)),
+                    float(np.percentile(t, 90)),
+                    runs,
+                )
+            )
         for row in rows:
             row.speedup = rows[0].median_ms / row.median_ms
         found += rows
@@ -124,10 +148,14 @@ def time_models(paths: list[str], *, batches: list[int], provider: str = "cpu", 
 
 def table(timings: list[Timing]) -> str:
     """The timings as an aligned text table."""
-    head = f"{'model':<28} {'batch':>5} {'params':>12} {'MACs':>15} {'MB':>7} {'median ms':>10} {'p10':>8} " \
-           f"{'p90':>8} {'speed-up':>8}"
+    head = (
+        f"{'model':<28} {'batch':>5} {'params':>12} {'MACs':>15} {'MB':>7} {'median ms':>10} {'p10':>8} "
+        f"{'p90':>8} {'speed-up':>8}"
+    )
     lines = [head, "-" * len(head)]
     for t in timings:
-        lines.append(f"{t.model[:28]:<28} {t.batch:>5} {t.params:>12,} {t.macs:>15,} {t.file_mb:>7.2f} "
-                     f"{t.median_ms:>10.3f} {t.p10_ms:>8.3f} {t.p90_ms:>8.3f} {t.speedup:>7.2f}x")
+        lines.append(
+            f"{t.model[:28]:<28} {t.batch:>5} {t.params:>12,} {t.macs:>15,} {t.file_mb:>7.2f} "
+            f"{t.median_ms:>10.3f} {t.p10_ms:>8.3f} {t.p90_ms:>8.3f} {t.speedup:>7.2f}x"
+        )
     return "\n".join(lines)

@@ -189,25 +189,56 @@ def decompose_command(
 
 
 @cli.command("bench")
-@click.argument("models", metavar="A.onnx [B.onnx ...]", nargs=-1, required=True,
-                type=click.Path(path_type=pathlib.Path))
+@click.argument(
+    "models", metavar="A.onnx [B.onnx ...]", nargs=-1, required=True, type=click.Path(path_type=pathlib.Path)
+)
 @click.option("--batch", "batches", default="1", show_default=True, help="Batch sizes, comma-separated (1,32).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
-@click.option("--opt-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
-              show_default=True, help="onnxruntime graph optimisation level.")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Intra-op threads (0: onnxruntime's default).")
-@click.option("--shape", "shape_specs", multiple=True, metavar="NAME=DxD...",
-              help="Concrete shape of an input with dynamic dims (repeatable).")
+@click.option(
+    "--opt-level",
+    type=click.Choice(["disable", "basic", "extended", "all"]),
+    default="all",
+    show_default=True,
+    help="onnxruntime graph optimisation level.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Intra-op threads (0: onnxruntime's default).",
+)
+@click.option(
+    "--shape",
+    "shape_specs",
+    multiple=True,
+    metavar="NAME=DxD...",
+    help="Concrete shape of an input with dynamic dims (repeatable).",
+)
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
-@click.option("--runs", type=click.IntRange(min=1), default=30, show_default=True,
-              help="Timed runs per model and batch size, interleaved across models.")
-@click.option("--json", "json_path", type=click.Path(path_type=pathlib.Path), default=None,
-              help="Write the timings as JSON.")
+@click.option(
+    "--runs",
+    type=click.IntRange(min=1),
+    default=30,
+    show_default=True,
+    help="Timed runs per model and batch size, interleaved across models.",
+)
+@click.option(
+    "--json", "json_path", type=click.Path(path_type=pathlib.Path), default=None, help="Write the timings as JSON."
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def bench_command(models: tuple[pathlib.Path, ...], batches: str, provider: str, opt_level: str, threads: int,
-                  shape_specs: tuple[str, ...], warmup: int, runs: int, json_path: pathlib.Path | None,
-                  debug: bool) -> None:
+def bench_command(
+    models: tuple[pathlib.Path, ...],
+    batches: str,
+    provider: str,
+    opt_level: str,
+    threads: int,
+    shape_specs: tuple[str, ...],
+    warmup: int,
+    runs: int,
+    json_path: pathlib.Path | None,
+    debug: bool,
+) -> None:
     """Time models side by side in onnxruntime (median of interleaved runs; speed-up against the first)."""
     from onnxprune.bench import parse_shapes, table, time_models
 
@@ -217,12 +248,27 @@ def bench_command(models: tuple[pathlib.Path, ...], batches: str, provider: str,
         raise OnnxPruneError(f"--batch {batches!r}: expected comma-separated integers such as 1,32") from err
     if any(b <= 0 for b in sizes):
         raise OnnxPruneError(f"--batch {batches!r}: batch sizes must be positive")
-    timings = time_models([str(m) for m in models], batches=sizes, provider=provider, opt_level=opt_level,
-                          threads=threads, shapes=parse_shapes(shape_specs), warmup=warmup, runs=runs)
+    timings = time_models(
+        [str(m) for m in models],
+        batches=sizes,
+        provider=provider,
+        opt_level=opt_level,
+        threads=threads,
+        shapes=parse_shapes(shape_specs),
+        warmup=warmup,
+        runs=runs,
+    )
     click.echo(table(timings))
     if json_path is not None:
-        _write_json(json_path, {"provider": provider, "opt_level": opt_level, "threads": threads,
-                                "timings": [t.as_dict() for t in timings]})
+        _write_json(
+            json_path,
+            {
+                "provider": provider,
+                "opt_level": opt_level,
+                "threads": threads,
+                "timings": [t.as_dict() for t in timings],
+            },
+        )
 
 
 def _setup_logging(*, quiet: bool, verbose: bool) -> None:

@@ -507,16 +507,24 @@ def _softmax(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
     return Step(Kind.PASS_THROUGH, [_same(flow, _unknown(flow.zero))])
 
 
+def _axes(node: gs.Node) -> np.ndarray | list | str | None:
+    """The `axes` of a node, from its attribute (old opsets) or its second input; a str when computed at run time."""
+    axes = node.attrs.get("axes")
+    if axes is None and _input(node, 1) is not None:
+        axes = const(node.inputs[1])
+        if axes is None:
+            return f"{node.op} axes are computed at run time"
+    return axes
+
+
 @rule("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum")
 def _reduce(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
     flow = flows[0]
     if flow is None:
         return Step(Kind.PASS_THROUGH, [None])
-    axes = node.attrs.get("axes")
-    if axes is None and _input(node, 1) is not None:
-        axes = const(node.inputs[1])
-        if axes is None:
-            return "reduction axes are computed at run time"
+    axes = _axes(node)
+    if isinstance(axes, str):
+        return axes
     if axes is None or len(np.atleast_1d(axes)) == 0:
         return f"{node.op} over all axes mixes the channels"
     axes = sorted(int(a) % flow.rank for a in np.atleast_1d(axes))
@@ -739,11 +747,9 @@ def _squeeze(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
     flow = flows[0]
     if flow is None:
         return Step(Kind.PASS_THROUGH, [None])
-    axes = node.attrs.get("axes")
-    if axes is None and _input(node, 1) is not None:
-        axes = const(node.inputs[1])
-        if axes is None:
-            return f"{node.op} axes are computed at run time"
+    axes = _axes(node)
+    if isinstance(axes, str):
+        return axes
     out_shape = walk.shape(node.outputs[0])
     if out_shape is None:
         return "output rank is unknown"

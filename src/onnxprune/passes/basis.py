@@ -203,31 +203,17 @@ def _merge(graph: gs.Graph, basis: gs.Node, scaling: gs.Node) -> None:
     name = basis.name[: -len("_basis")] if basis.name.endswith("_basis") else basis.name
     if basis.op == "Conv":
         product = sw.reshape(sw.shape[0], -1).astype(np.float64) @ bw.reshape(bw.shape[0], -1).astype(np.float64)
-        weight = product.reshape((sw.shape[0],) + bw.shape[1:])
-        merged = gs.Node(
-            "Conv",
-            unique_name(graph, name),
-            attrs=dict(basis.attrs),
-            inputs=[
-                basis.inputs[0],
-                gs.Constant(unique_name(graph, f"{name}/weight"), weight.astype(dtype)),
-                *scaling.inputs[2:],
-            ],
-            outputs=[scaling.outputs[0]],
-        )
+        op, attrs, weight = "Conv", dict(basis.attrs), product.reshape((sw.shape[0],) + bw.shape[1:])
     else:
-        weight = bw.astype(np.float64) @ sw.astype(np.float64)  # [K, r] @ [r, N]
-        merged = gs.Node(
-            scaling.op,
-            unique_name(graph, name),
-            attrs=dict(scaling.attrs),
-            inputs=[
-                basis.inputs[0],
-                gs.Constant(unique_name(graph, f"{name}/weight"), weight.astype(dtype)),
-                *scaling.inputs[2:],
-            ],
-            outputs=[scaling.outputs[0]],
-        )
+        op, attrs, weight = scaling.op, dict(scaling.attrs), bw.astype(np.float64) @ sw.astype(np.float64)
+    weight_in = gs.Constant(unique_name(graph, f"{name}/weight"), weight.astype(dtype))
+    merged = gs.Node(
+        op,
+        unique_name(graph, name),
+        attrs=attrs,
+        inputs=[basis.inputs[0], weight_in, *scaling.inputs[2:]],
+        outputs=[scaling.outputs[0]],
+    )
     for node in (basis, scaling):
         node.inputs.clear()
         node.outputs.clear()
