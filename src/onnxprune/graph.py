@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import shutil
 import tempfile
 
 import numpy as np
@@ -72,7 +73,9 @@ def check(model: onnx.ModelProto, *, where: str = "model", full: bool = False) -
         if model.ByteSize() > TWO_GB:
             with tempfile.TemporaryDirectory() as tmp:
                 p = os.path.join(tmp, "m.onnx")
-                onnx.save_model(model, p, save_as_external_data=True, location="m.data")
+                copy = onnx.ModelProto()
+                copy.CopyFrom(model)  # saving as external data rewrites the proto it is given
+                onnx.save_model(copy, p, save_as_external_data=True, location="m.data")
                 onnx.checker.check_model(p, full_check=full)
         else:
             onnx.checker.check_model(model, full_check=full)
@@ -159,30 +162,29 @@ def reset_shapes(graph: gs.Graph) -> None:
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Write atomically: a temp file beside the target, then rename. External data above 2 GB."""
+    """Write atomically: into a temp folder beside the target, then rename. External data above 2 GB, next to it."""
     path = pathlib.Path(path)
     folder = path.parent if str(path.parent) else pathlib.Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
     data_name = path.name + ".data"
     try:
         if model.ByteSize() > TWO_GB or _tensor_bytes(model) > TWO_GB:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)  # saving as external data rewrites the proto it is given
             onnx.save_model(
-                model,
-                tmp,
+                copy,
+                staging / path.name,
                 save_as_external_data=True,
                 all_tensors_to_one_file=True,
                 location=data_name,
                 size_threshold=1024,
             )
+            os.replace(staging / data_name, folder / data_name)
         else:
-            onnx.save_model(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        for leftover in (tmp, folder / data_name):
-            if os.path.exists(leftover) and str(leftover) == tmp:
-                os.unlink(leftover)
-        raise
+            onnx.save_model(model, staging / path.name)
+        os.replace(staging / path.name, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _tensor_bytes(model: onnx.ModelProto) -> int:

@@ -1,0 +1,55 @@
+"""The graph layer: external data in and out, refusal of data outside the model's folder, atomic save."""
+
+import os
+
+import onnx
+import pytest
+from models import chain
+
+from onnxprune.errors import InvalidModelError
+from onnxprune.graph import load, save
+from onnxprune.testing import assert_outputs_close, ort_run, random_feeds
+
+
+def test_external_data_loads(tmp_path):
+    model = chain()
+    path = tmp_path / "m.onnx"
+    onnx.save_model(onnx.ModelProto.FromString(model.SerializeToString()), path, save_as_external_data=True,
+                    location="m.data", size_threshold=0)
+    assert (tmp_path / "m.data").stat().st_size > 1000
+    loaded = load(path)
+    feeds = random_feeds(model, batch=2)
+    assert_outputs_close(ort_run(loaded, feeds), ort_run(model, feeds), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("location", ["../outside.data", "/etc/passwd"])
+def test_external_data_outside_the_folder_is_refused(tmp_path, location):
+    model = chain()
+    folder = tmp_path / "inner"
+    folder.mkdir()
+    path = folder / "m.onnx"
+    onnx.save_model(model, path, save_as_external_data=True, location="m.data", size_threshold=0)
+    proto = onnx.load(path, load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save_model(proto, path)
+    with pytest.raises(InvalidModelError, match="points outside the model's folder"):
+        load(path)
+
+
+def test_save_is_atomic_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    path = tmp_path / "out.onnx"
+    save(chain(), path)
+    assert load(path).graph.node
+    before = path.read_bytes()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(onnx, "save_model", broken)
+    with pytest.raises(OSError):
+        save(chain(), path)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["out.onnx"]
