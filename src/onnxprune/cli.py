@@ -17,7 +17,6 @@ from onnxprune import graph as graph_io
 from onnxprune.budget import TARGETS
 from onnxprune.calibration import criteria
 from onnxprune.calibration.data import load_calibration
-from onnxprune.calibration.runner import fidelity
 from onnxprune.errors import OnnxPruneError
 from onnxprune.pipeline import METHODS, decompose, prune
 
@@ -70,9 +69,9 @@ def cli() -> None:
 @click.option(
     "--criterion",
     type=click.Choice(criteria.names()),
-    default="l2",
-    show_default=True,
-    help="Channel importance: filter norm (l1, l2) or BN scale (bn).",
+    default=None,
+    help="Importance: filter norm (l1, l2), BN scale (bn), or output energy on --calib data (energy). "
+    "Default: energy with --calib, else l2.",
 )
 @click.option(
     "--exclude",
@@ -84,7 +83,16 @@ def cli() -> None:
     "--calib",
     type=click.Path(path_type=pathlib.Path),
     default=None,
-    help="Samples (.npy for one input, .npz keyed by input name) to measure fidelity on.",
+    help="Samples (.npy for one input, .npz keyed by input name): 80 % drive the decisions and the "
+    "least-squares refit, 20 % are held out to measure fidelity.",
+)
+@click.option("--no-compensate", is_flag=True, help="With --calib, skip the least-squares refit.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Calibration samples per onnxruntime run.",
 )
 @click.option("--calib-size", type=click.IntRange(min=1), default=None, help="Use at most N samples.")
 @click.option(
@@ -112,9 +120,11 @@ def prune_command(
     target: str,
     method: str,
     min_rank: int,
-    criterion: str,
+    criterion: str | None,
     exclude: tuple[str, ...],
     calib: pathlib.Path | None,
+    no_compensate: bool,
+    batch_size: int,
     calib_size: int | None,
     labels: pathlib.Path | None,
     report_path: pathlib.Path | None,
@@ -144,11 +154,11 @@ def prune_command(
         criterion=criterion,
         exclude=exclude,
         min_rank=min_rank,
+        calib=data,
+        compensate=not no_compensate,
+        labels=truth,
+        batch_size=batch_size,
     )
-    facts = report.facts
-    if data is not None:
-        facts["fidelity"] = fidelity(model, pruned, data, labels=truth)
-        facts["fidelity_samples"] = len(next(iter(data.values())))
     graph_io.save(pruned, output_path)
     if report_path is not None:
         _write_json(report_path, _json_report(report, input_path, output_path))

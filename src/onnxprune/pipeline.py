@@ -14,10 +14,12 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.budget import TARGETS, CostModel, allocate
 from onnxprune.calibration import criteria
+from onnxprune.calibration.runner import channel_energy, fidelity, split_held_out
 from onnxprune.errors import OnnxPruneError, PassError
 from onnxprune.graph import reinfer_shapes, to_graph, to_model, validate
 from onnxprune.passes.basis import decompose_basis, find_basis_pairs, merge_unprofitable
 from onnxprune.passes.cleanup import cleanup
+from onnxprune.passes.compensate import refit_scaling
 from onnxprune.passes.groups import find_channel_groups
 from onnxprune.passes.remove import remove_channels
 from onnxprune.result import PassResult, Report
@@ -59,9 +61,13 @@ def prune(
     remove_ratio: float,
     target: str = "params",
     method: str = "basis",
-    criterion: str = "l2",
+    criterion: str | None = None,
     exclude: Sequence[str] = (),
     min_rank: int = 8,
+    calib: dict[str, np.ndarray] | None = None,
+    compensate: bool = True,
+    labels: np.ndarray | None = None,
+    batch_size: int = 32,
 ) -> tuple[onnx.ModelProto, Report]:
     """Remove `remove_ratio` of the model's parameters (or MACs) and return the new model and its report.
 
@@ -70,13 +76,20 @@ def prune(
     channels first (half the request), then bases for the rest. A model that is already split (basis op feeding
     a scaling op) has its bases pruned in place. Layers whose kept rank does not pay are merged back. The input
     model is not modified.
+
+    With calibration samples `calib`, 80 % drive the decisions (criterion ``energy`` by default) and the
+    least-squares refit of each pruned basis pair (``compensate``); the other 20 % measure fidelity.
     """
+    fit, held = split_held_out(calib) if calib is not None else (None, None)
+    criterion = criterion or ("energy" if calib is not None else "l2")
     if not 0.0 <= remove_ratio < 1.0:
         raise OnnxPruneError(f"--ratio must be in [0, 1), got {remove_ratio}")
     if target not in TARGETS:
         raise OnnxPruneError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
     if method not in METHODS:
         raise OnnxPruneError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if criterion == "energy" and calib is None:
+        raise OnnxPruneError("--criterion energy needs calibration data (--calib)")
     if criterion not in criteria.names():
         raise OnnxPruneError(f"--criterion must be one of {', '.join(criteria.names())}, got {criterion!r}")
     start = time.perf_counter()
@@ -95,6 +108,12 @@ def prune(
         if stage in ("basis", "auto"):
             report.merge(run_passes(graph, [partial(decompose_basis, min_channels=min_rank)]).report)
             pairs = find_basis_pairs(graph)
+        energy = {}
+        if fit is not None:
+            graph = reinfer_shapes(graph, model)
+            axes = criteria.energy_tensors(find_channel_groups(graph))
+            axes.update({p.mid: _mid_axis(graph, p) for p in pairs})
+            energy = channel_energy(to_model(graph, model), fit, axes, batch_size=batch_size)
         plans += _prune_stage(
             graph,
             report,
@@ -106,10 +125,29 @@ def prune(
             exclude=exclude,
             bn_gamma=bn_gamma,
             pairs=pairs,
+            energy=energy,
         )
     report.merge(run_passes(graph, [partial(merge_unprofitable, pairs=pairs), cleanup]).report)
+    if fit is not None and compensate:
+        graph = reinfer_shapes(graph, model)
+        refit = partial(
+            refit_scaling,
+            template=model,
+            original=model,
+            fit=fit,
+            held=held,
+            pairs=pairs,
+            kept=report.facts.get("kept"),
+            batch_size=batch_size,
+        )
+        report.merge(run_passes(graph, [refit]).report)
     out = to_model(graph, model)
     validate(out)
+    if held is not None:
+        n_fit = len(next(iter(fit.values())))
+        truth = None if labels is None else labels[n_fit:]
+        report.facts["fidelity"] = fidelity(model, out, held, labels=truth, batch_size=batch_size)
+        report.facts["fidelity_samples"] = len(next(iter(held.values())))
     params_after, macs_after = count(out)
     report.facts.update(
         {
@@ -129,6 +167,7 @@ def prune(
         }
     )
     report.facts.setdefault("blocked", {})
+    report.facts.pop("kept", None)
     return out, report
 
 
@@ -144,6 +183,7 @@ def _prune_stage(
     exclude: Sequence[str],
     bn_gamma: dict[str, np.ndarray],
     pairs: list,
+    energy: dict[str, np.ndarray],
 ) -> int:
     """One allocation + removal on `graph` (in place); returns the number of groups it shrank."""
     analysis = find_channel_groups(graph)
@@ -169,7 +209,7 @@ def _prune_stage(
     if remove_ratio <= 0:
         return 0
     cost = CostModel(graph, analysis, pairs)
-    scores = criteria.importance(criterion, criteria.Context(graph, analysis, bn_gamma, pairs))
+    scores = criteria.importance(criterion, criteria.Context(graph, analysis, bn_gamma, pairs, energy))
     allocation = allocate(
         analysis,
         cost,
@@ -190,6 +230,11 @@ def _prune_stage(
         }
     report.merge(run_passes(graph, [partial(remove_channels, plan=allocation.plan, analysis=analysis)]).report)
     return len(allocation.plan)
+
+
+def _mid_axis(graph: gs.Graph, pair) -> int:
+    basis = next(n for n in graph.nodes if n.name == pair.basis)
+    return 1 if basis.op == "Conv" else -1
 
 
 def _original_name(node_name: str) -> str:

@@ -36,7 +36,13 @@ class Report:
         self.skipped.extend(other.skipped)
         for name, change in other.layers.items():
             self.layers.setdefault(name, {}).update(change)
-        self.facts.update(other.facts)
+        for key, value in other.facts.items():
+            if key == "kept":  # a tensor shrunk twice keeps the second selection of the first
+                kept = self.facts.setdefault("kept", {})
+                for name, keep in value.items():
+                    kept[name] = kept[name][keep] if name in kept else keep
+            else:
+                self.facts[key] = value
         return self
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxprune.errors import CalibrationError
 from onnxprune.passes.basis import BasisPair
 from onnxprune.passes.groups import ChannelGraph
 from onnxprune.rules import Kind, const
@@ -24,6 +25,7 @@ class Context:
     analysis: ChannelGraph
     bn_gamma: dict[str, np.ndarray] = field(default_factory=dict)
     pairs: list[BasisPair] = field(default_factory=list)
+    energy: dict[str, np.ndarray] = field(default_factory=dict)  # tensor -> E[x_c^2] on calibration data
 
 
 def criterion(name: str) -> Callable[[Criterion], Criterion]:
@@ -45,7 +47,9 @@ def importance(name: str, context: Context) -> np.ndarray:
     """Per-class importance under criterion `name` (larger means keep).
 
     Bases of a split layer always score by their scaling factor: the norm of the scaling op's input column,
-    which is the singular value s_k for a fresh split (the basis filters themselves all have norm 1).
+    which is the singular value s_k for a fresh split (the basis filters themselves all have norm 1), times the
+    RMS response of the basis filter on calibration data when there is some; s_k^2 E[z_k^2] is then exactly the
+    output error its removal causes.
     """
     scores = _CRITERIA[name](context)
     nodes = {n.name: n for n in context.graph.nodes}
@@ -58,6 +62,8 @@ def importance(name: str, context: Context) -> np.ndarray:
         axis = next(a for a, t in step.params[0].axes if t == pair.mid)
         w = const(nodes[pair.scaling].inputs[1]).astype(np.float64)
         columns = np.sqrt((np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) ** 2).sum(1))
+        if pair.mid in context.energy:
+            columns = columns * np.sqrt(context.energy[pair.mid])
         scores[group.classes] = columns[: len(group.classes)]
     return scores
 
@@ -109,6 +115,33 @@ def _bn(context: Context) -> np.ndarray:
         if not np.any(bn[group.classes]):
             bn[group.classes] = fallback[group.classes]
     return bn
+
+
+@criterion("energy")
+def _energy(context: Context) -> np.ndarray:
+    """RMS of each channel at its producers' outputs on calibration data: the error of zeroing it there."""
+    if not context.energy:
+        raise CalibrationError("criterion 'energy' needs calibration data (--calib)")
+    analysis = context.analysis
+    scores = np.zeros(analysis.n_classes)
+    for step in analysis.steps.values():
+        out = step.outputs[0]
+        if step.kind is not Kind.PRODUCER or out is None:
+            continue
+        tensor = _tensor_of(analysis, out)
+        if tensor in context.energy:
+            np.add.at(scores, analysis.class_of[out.ids], context.energy[tensor])
+    return np.sqrt(scores)
+
+
+def _tensor_of(analysis: ChannelGraph, flow) -> str | None:
+    return next((t for t, f in analysis.flows.items() if f is flow), None)
+
+
+def energy_tensors(analysis: ChannelGraph) -> dict[str, int]:
+    """Tensor -> channel axis of every producer output: what the energy criterion measures."""
+    made = {id(s.outputs[0]) for s in analysis.steps.values() if s.kind is Kind.PRODUCER}
+    return {t: f.axis for t, f in analysis.flows.items() if id(f) in made}
 
 
 def collect_bn_gamma(graph: gs.Graph) -> dict[str, np.ndarray]:

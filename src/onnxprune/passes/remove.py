@@ -71,6 +71,7 @@ def remove_channels(
         report.layers[node.name] = {"op": node.op, "before": before, "after": _weight_shape(node)}
         report.counts["nodes_changed"] += 1
     report.counts["channels_removed"] += int((~alive).sum())
+    report.facts["kept"] = {name: keeps[name] for name in shrunk}  # positions that stay, per shrunk tensor
     reset_shapes(graph)
     return PassResult(graph, modified=True, report=report)
 

@@ -1,0 +1,96 @@
+"""refit_scaling: the least-squares refit equals the closed-form optimum and never makes held-out error worse."""
+
+import numpy as np
+import onnx
+import pytest
+from models import Builder
+
+from onnxprune import prune
+from onnxprune.graph import to_graph, to_model
+from onnxprune.passes.basis import decompose_basis, find_basis_pairs
+from onnxprune.passes.compensate import refit_scaling
+from onnxprune.passes.groups import find_channel_groups
+from onnxprune.passes.remove import remove_channels
+from onnxprune.rules import const
+from onnxprune.testing import ort_run
+
+EXAMPLE = "examples/digits_resnet.onnx"
+
+
+def _linear_layer():
+    """A 1x1 Conv of 12 -> 10 channels: the layer is linear, so the best rank-r refit has a closed form."""
+    b = Builder(40)
+    return b.model([("x", [12, 4, 4])], [b.conv("x", 12, 10, 1)])
+
+
+def _correlated(n, seed, mixing_seed=100):
+    mixing = np.random.default_rng(mixing_seed).standard_normal((12, 12)) * np.linspace(2.0, 0.05, 12)  # correlated
+    rng = np.random.default_rng(seed)
+    x = np.einsum("ij,njhw->nihw", mixing, rng.standard_normal((n, 12, 4, 4)))
+    return {"x": x.astype(np.float32)}
+
+
+def _pruned_split(model, keep):
+    graph = to_graph(model)
+    decompose_basis(graph, min_channels=2)
+    pairs = find_basis_pairs(graph)
+    group = find_channel_groups(graph).groups[0]
+    remove_channels(graph, plan={group.name: np.arange(keep)})
+    return graph, pairs
+
+
+def test_refit_equals_the_least_squares_optimum_and_lowers_error():
+    model = _linear_layer()
+    fit, held = _correlated(64, 0), _correlated(32, 1)
+    graph, pairs = _pruned_split(model, keep=4)
+    before = to_model(graph, model)
+    result = refit_scaling(graph, template=model, original=model, fit=fit, held=held, pairs=pairs, ridge=0.0)
+    assert result.report.counts["refitted"] == 1
+    after = to_model(result.graph, model)
+    out = model.graph.output[0].name
+
+    # the optimum computed independently: regress y on [z, 1] over every position of the fit samples
+    basis = next(n for n in result.graph.nodes if n.name == pairs[0].basis)
+    v = const(basis.inputs[1]).reshape(4, 12).astype(np.float64)
+    x = np.moveaxis(fit["x"], 1, -1).reshape(-1, 12).astype(np.float64)
+    y = np.moveaxis(ort_run(model, fit)[out], 1, -1).reshape(-1, 10).astype(np.float64)
+    design = np.hstack([x @ v.T, np.ones((len(x), 1))])
+    optimum, *_ = np.linalg.lstsq(design, y, rcond=None)
+    scaling = next(n for n in result.graph.nodes if n.name == pairs[0].scaling)
+    np.testing.assert_allclose(const(scaling.inputs[1]).reshape(10, 4), optimum[:4].T, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(const(scaling.inputs[2]), optimum[4], rtol=1e-3, atol=1e-4)
+
+    want = ort_run(model, held)[out]
+    err_before = np.sum((ort_run(before, held)[out] - want) ** 2)
+    err_after = np.sum((ort_run(after, held)[out] - want) ** 2)
+    assert err_after < err_before
+
+
+def test_refit_that_does_not_generalise_is_rejected():
+    model = _linear_layer()
+    fit = _correlated(64, 2)
+    held = _correlated(32, 3, mixing_seed=7)  # held-out samples from another distribution: the fit does not carry
+    graph, pairs = _pruned_split(model, keep=4)
+    result = refit_scaling(graph, template=model, original=model, fit=fit, held=held, pairs=pairs, ridge=0.0)
+    assert result.report.counts["refits_rejected"] == 1
+    assert "refit kept out" in result.report.skipped[0].reason
+
+
+@pytest.mark.parametrize("compensate", [False, True])
+def test_prune_with_calibration_reports_held_out_fidelity(compensate):
+    model = onnx.load(EXAMPLE)
+    data = {"image": np.load("examples/digits_calib.npy")[:120]}
+    pruned, report = prune(model, remove_ratio=0.7, calib=data, compensate=compensate)
+    fid = report.facts["fidelity"]["logits"]
+    assert report.facts["fidelity_samples"] == 24 and report.facts["criterion"] == "energy"
+    assert 0 <= fid["top1_agreement"] <= 1
+    assert bool(report.counts.get("refitted")) is compensate
+    onnx.checker.check_model(pruned, full_check=True)
+
+
+def test_refit_improves_the_example():
+    model = onnx.load(EXAMPLE)
+    data = {"image": np.load("examples/digits_calib.npy")[:200]}
+    plain = prune(model, remove_ratio=0.8, calib=data, compensate=False)[1].facts["fidelity"]["logits"]
+    fitted = prune(model, remove_ratio=0.8, calib=data, compensate=True)[1].facts["fidelity"]["logits"]
+    assert fitted["relative_error"] < plain["relative_error"]
