@@ -170,8 +170,9 @@ def test_existing_output_needs_overwrite(model_file, tmp_path, capsys):
 def test_bench_times_models_side_by_side(model_file, tmp_path, capsys):
     pruned, report = tmp_path / "p.onnx", tmp_path / "bench.json"
     assert run([model_file, pruned, "--ratio", "0.5", "-q"], capsys)[0] == 0
-    code, stdout, err = run(["bench", model_file, pruned, "--batch", "1,3", "--runs", "3", "--warmup", "1",
-                             "--json", report], capsys)
+    code, stdout, err = run(
+        ["bench", model_file, pruned, "--batch", "1,3", "--runs", "3", "--warmup", "1", "--json", report], capsys
+    )
     assert code == 0, err
     data = json.loads(report.read_text())["timings"]
     assert [(t["model"], t["batch"]) for t in data] == [("in.onnx", 1), ("p.onnx", 1), ("in.onnx", 3), ("p.onnx", 3)]
@@ -180,11 +181,14 @@ def test_bench_times_models_side_by_side(model_file, tmp_path, capsys):
     assert "speed-up" in stdout
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--provider", "tensorrt"], "TensorrtExecutionProvider is not available"),
-    (["--batch", "x"], "--batch 'x'"),
-    (["--shape", "x=1xq"], "--shape 'x=1xq'"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--provider", "tensorrt"], "TensorrtExecutionProvider is not available"),
+        (["--batch", "x"], "--batch 'x'"),
+        (["--shape", "x=1xq"], "--shape 'x=1xq'"),
+    ],
+)
 def test_bench_errors_are_one_line(model_file, args, expected, capsys):
     code, _, err = run(["bench", model_file, *args], capsys)
     assert code == 2

@@ -14,8 +14,13 @@ from onnxprune.testing import assert_outputs_close, ort_run, random_feeds
 def test_external_data_loads(tmp_path):
     model = chain()
     path = tmp_path / "m.onnx"
-    onnx.save_model(onnx.ModelProto.FromString(model.SerializeToString()), path, save_as_external_data=True,
-                    location="m.data", size_threshold=0)
+    onnx.save_model(
+        onnx.ModelProto.FromString(model.SerializeToString()),
+        path,
+        save_as_external_data=True,
+        location="m.data",
+        size_threshold=0,
+    )
     assert (tmp_path / "m.data").stat().st_size > 1000
     loaded = load(path)
     feeds = random_feeds(model, batch=2)

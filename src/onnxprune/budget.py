@@ -29,10 +29,17 @@ class CostModel:
     smaller (``merge_unprofitable``).
     """
 
-    def __init__(self, graph: gs.Graph, analysis: ChannelGraph | None = None, pairs: list[BasisPair] = ()) -> None:
+    def __init__(
+        self,
+        graph: gs.Graph,
+        analysis: ChannelGraph | None = None,
+        pairs: list[BasisPair] = (),
+        limits: dict[str, int] | None = None,
+    ) -> None:
         self.analysis = analysis
         self.terms: list[_Term] = []
-        self.pairs: list[tuple[int, int, _Term]] = []  # (basis term, scaling term, merged term)
+        # (basis term, scaling term, merged term, mid tensor, full rank, largest rank kept split or None)
+        self.pairs: list[tuple[int, int, _Term, str, int, int | None]] = []
         where: dict[tuple[str, int], int] = {}
         seen: set[str] = set()
         for node in graph.nodes:
@@ -64,20 +71,24 @@ class CostModel:
                 continue
             outer = [a for a in bt.axes + st.axes if a[1] != pair.mid]
             merged = _Term(bt.numel * st.numel // rank // rank, bt.macs_per_elem, outer)
-            self.pairs.append((b, sc, merged))
-        self._paired = {i for b, sc, _ in self.pairs for i in (b, sc)}
+            self.pairs.append((b, sc, merged, pair.mid, rank, (limits or {}).get(pair.basis)))
+        self._paired = {i for pair in self.pairs for i in pair[:2]}
 
     def count(self, alive: np.ndarray | None = None) -> tuple[int, int]:
         """(parameters, MACs per sample) with only the `alive` classes kept (all when None)."""
         kept: dict[str, float] = {}
 
+        def kept_of(name: str, full: int) -> float:
+            if alive is None:
+                return full
+            if name not in kept:
+                kept[name] = float(alive[self.analysis.classes(name)].sum())
+            return kept[name]
+
         def size(term: _Term) -> tuple[float, float]:
             frac = 1.0
             for full, name in term.axes:
-                if alive is not None:
-                    if name not in kept:
-                        kept[name] = float(alive[self.analysis.classes(name)].sum())
-                    frac *= kept[name] / full
+                frac *= kept_of(name, full) / full
             return term.numel * frac, term.numel * term.macs_per_elem * frac
 
         params = macs = 0.0
@@ -85,9 +96,10 @@ class CostModel:
             if i not in self._paired:
                 p, m = size(term)
                 params, macs = params + p, macs + m
-        for b, sc, merged in self.pairs:
+        for b, sc, merged, mid, full_rank, limit in self.pairs:
             (bp, bm), (sp, sm), (mp, mm) = size(self.terms[b]), size(self.terms[sc]), size(merged)
-            p, m = (bp + sp, bm + sm) if bp + sp < mp else (mp, mm)
+            split = bp + sp < mp and (limit is None or kept_of(mid, full_rank) <= limit)
+            p, m = (bp + sp, bm + sm) if split else (mp, mm)
             params, macs = params + p, macs + m
         return int(round(params)), int(round(macs))
 

@@ -88,6 +88,14 @@ def cli() -> None:
 )
 @click.option("--no-compensate", is_flag=True, help="With --calib, skip the least-squares refit.")
 @click.option(
+    "--latency-batch",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Keep a layer split only where it measured faster than one op at this batch size (0: by parameters).",
+)
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="Intra-op threads for latency decisions.")
+@click.option(
     "--batch-size",
     type=click.IntRange(min=1),
     default=32,
@@ -124,6 +132,8 @@ def prune_command(
     exclude: tuple[str, ...],
     calib: pathlib.Path | None,
     no_compensate: bool,
+    latency_batch: int,
+    threads: int,
     batch_size: int,
     calib_size: int | None,
     labels: pathlib.Path | None,
@@ -158,6 +168,8 @@ def prune_command(
         compensate=not no_compensate,
         labels=truth,
         batch_size=batch_size,
+        latency_batch=latency_batch,
+        threads=threads,
     )
     graph_io.save(pruned, output_path)
     if report_path is not None:

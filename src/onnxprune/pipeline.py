@@ -17,12 +17,14 @@ from onnxprune.calibration import criteria
 from onnxprune.calibration.runner import channel_energy, fidelity, split_held_out
 from onnxprune.errors import OnnxPruneError, PassError
 from onnxprune.graph import reinfer_shapes, to_graph, to_model, validate
-from onnxprune.passes.basis import decompose_basis, find_basis_pairs, merge_unprofitable
+from onnxprune.latency import split_rank_limit
+from onnxprune.passes.basis import decompose_basis, find_basis_pairs, merge_unprofitable, pair_sizes, param_breakeven
 from onnxprune.passes.cleanup import cleanup
 from onnxprune.passes.compensate import refit_scaling
 from onnxprune.passes.groups import find_channel_groups
 from onnxprune.passes.remove import remove_channels
 from onnxprune.result import PassResult, Report
+from onnxprune.rules import const
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,8 @@ def prune(
     compensate: bool = True,
     labels: np.ndarray | None = None,
     batch_size: int = 32,
+    latency_batch: int = 0,
+    threads: int = 0,
 ) -> tuple[onnx.ModelProto, Report]:
     """Remove `remove_ratio` of the model's parameters (or MACs) and return the new model and its report.
 
@@ -79,6 +83,9 @@ def prune(
 
     With calibration samples `calib`, 80 % drive the decisions (criterion ``energy`` by default) and the
     least-squares refit of each pruned basis pair (``compensate``); the other 20 % measure fidelity.
+
+    With `latency_batch` > 0, a pair stays split only up to the rank at which it measured faster than the single op
+    at that batch size with `threads` threads (onnxruntime, CPU, this machine); 0 decides by parameters alone.
     """
     fit, held = split_held_out(calib) if calib is not None else (None, None)
     criterion = criterion or ("energy" if calib is not None else "l2")
@@ -101,6 +108,7 @@ def prune(
     stages = {"channel": ["channel"], "basis": ["basis"], "auto": ["auto"], "double": ["channel", "basis"]}[method]
     plans = 0
     pairs = find_basis_pairs(graph)
+    limits: dict[str, int] = {}
     for i, stage in enumerate(stages):
         wanted = remove_ratio * (DOUBLE_CHANNEL_SHARE if method == "double" and i == 0 else 1.0)
         if i > 0:
@@ -108,6 +116,8 @@ def prune(
         if stage in ("basis", "auto"):
             report.merge(run_passes(graph, [partial(decompose_basis, min_channels=min_rank)]).report)
             pairs = find_basis_pairs(graph)
+            if latency_batch:
+                limits.update(_latency_limits(graph, pairs, batch=latency_batch, threads=threads))
         energy = {}
         if fit is not None:
             graph = reinfer_shapes(graph, model)
@@ -126,8 +136,10 @@ def prune(
             bn_gamma=bn_gamma,
             pairs=pairs,
             energy=energy,
+            limits=limits,
         )
-    report.merge(run_passes(graph, [partial(merge_unprofitable, pairs=pairs), cleanup]).report)
+    report.merge(run_passes(graph, [partial(merge_unprofitable, pairs=pairs, limits=limits), cleanup]).report)
+    report.facts["split_rank_limits"] = limits
     if fit is not None and compensate:
         graph = reinfer_shapes(graph, model)
         refit = partial(
@@ -184,6 +196,7 @@ def _prune_stage(
     bn_gamma: dict[str, np.ndarray],
     pairs: list,
     energy: dict[str, np.ndarray],
+    limits: dict[str, int],
 ) -> int:
     """One allocation + removal on `graph` (in place); returns the number of groups it shrank."""
     analysis = find_channel_groups(graph)
@@ -208,7 +221,7 @@ def _prune_stage(
     report.facts["groups"] = len(analysis.groups)
     if remove_ratio <= 0:
         return 0
-    cost = CostModel(graph, analysis, pairs)
+    cost = CostModel(graph, analysis, pairs, limits)
     scores = criteria.importance(criterion, criteria.Context(graph, analysis, bn_gamma, pairs, energy))
     allocation = allocate(
         analysis,
@@ -230,6 +243,33 @@ def _prune_stage(
         }
     report.merge(run_passes(graph, [partial(remove_channels, plan=allocation.plan, analysis=analysis)]).report)
     return len(allocation.plan)
+
+
+def _latency_limits(graph: gs.Graph, pairs: list, *, batch: int, threads: int) -> dict[str, int]:
+    """Per pair, the largest kept rank that still measures faster split than merged (static shapes only)."""
+    nodes = {n.name: n for n in graph.nodes}
+    limits = {}
+    for pair in pairs:
+        basis = nodes[pair.basis]
+        x_shape = basis.inputs[0].shape
+        if x_shape is None or any(not isinstance(d, int) for d in x_shape[1:]):
+            continue
+        r, k, co = pair_sizes(graph, pair)
+        bound = min(r, param_breakeven(k, co))
+        w = const(basis.inputs[1])
+        if basis.op == "Conv":
+            shape, op = [co, *w.shape[1:]], "Conv"
+        else:
+            shape, op = [k, co], "MatMul"
+        limits[pair.basis] = split_rank_limit(
+            op=op,
+            x_shape=[batch, *x_shape[1:]],
+            weight_shape=shape,
+            attrs=dict(basis.attrs),
+            max_rank=bound,
+            threads=threads,
+        )
+    return limits
 
 
 def _mid_axis(graph: gs.Graph, pair) -> int:

@@ -174,13 +174,22 @@ def pair_sizes(graph: gs.Graph, pair: BasisPair) -> tuple[int, int, int]:
     return basis.shape[0], basis.shape[1], scaling.shape[0]
 
 
-def merge_unprofitable(graph: gs.Graph, *, pairs: list[BasisPair] | None = None) -> PassResult:
-    """Merge back, in place, every basis pair whose split holds at least as many weights as one op would.
+def param_breakeven(k: int, co: int) -> int:
+    """Largest rank at which a split of a [co, k] layer holds fewer weights than the layer: r (k + co) < co k."""
+    return max(0, -(-co * k // (k + co)) - 1)
+
+
+def merge_unprofitable(
+    graph: gs.Graph, *, pairs: list[BasisPair] | None = None, limits: dict[str, int] | None = None
+) -> PassResult:
+    """Merge back, in place, every basis pair whose kept rank is above its limit.
 
     Args:
         graph: Graph to edit in place.
         pairs: The pairs to consider, as found before pruning (pruning an input channel of a basis op leaves its
             filters no longer orthonormal, so they cannot be found again afterwards). Found anew when None.
+        limits: Largest rank each pair (by basis name) may keep split, e.g. from measured latency; the parameter
+            break-even when absent.
     """
     report = Report()
     nodes = {n.name: n for n in graph.nodes}
@@ -188,7 +197,7 @@ def merge_unprofitable(graph: gs.Graph, *, pairs: list[BasisPair] | None = None)
         if pair.basis not in nodes or pair.scaling not in nodes or nodes[pair.basis].outputs[0].name != pair.mid:
             continue
         r, k, co = pair_sizes(graph, pair)
-        if r * (k + co) < co * k:
+        if r <= min(param_breakeven(k, co), (limits or {}).get(pair.basis, r)):
             report.layers[pair.basis] = {"op": "basis", "rank": r, "full_rank": min(k, co)}
             continue
         _merge(graph, nodes[pair.basis], nodes[pair.scaling])

@@ -1,0 +1,153 @@
+"""Measured latency of a split layer against the single op it came from, on this machine, cached.
+
+Fewer MACs do not make onnxruntime faster by themselves: a basis pair is two kernels launched instead of one. For
+each pair, `split_rank_limit` finds (by bisection over micro-benchmarks at the model's shapes) the largest kept rank
+at which the pair still runs faster than the merged op; above it the pair is merged back. Results are cached in a
+JSON file keyed by shapes, attributes, batch, threads, onnxruntime version and processor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import platform
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "ONNXPRUNE_CACHE"
+
+
+def cache_path() -> pathlib.Path:
+    """Where measurements are kept: $ONNXPRUNE_CACHE, else ~/.cache/onnxprune/latency.json."""
+    default = pathlib.Path.home() / ".cache" / "onnxprune" / "latency.json"
+    return pathlib.Path(os.environ.get(CACHE_ENV, default))
+
+
+def _load_cache() -> dict:
+    try:
+        return json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _store_cache(cache: dict) -> None:
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, path)
+    except OSError as err:  # a read-only home is no reason to fail the job
+        log.debug("latency cache not written: %s", err)
+
+
+def _layer_model(op: str, x_shape: list[int], weights: list[np.ndarray], attrs: list[dict]) -> onnx.ModelProto:
+    """A chain of `op` nodes (Conv or MatMul) with the given weights: the thing to time."""
+    nodes, inits, name = [], [], "x"
+    for i, (w, a) in enumerate(zip(weights, attrs, strict=True)):
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node(op, [name, f"w{i}"], [f"y{i}"], **a))
+        name = f"y{i}"
+    graph = helper.make_graph(
+        nodes,
+        "layer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _time(model: onnx.ModelProto, x: np.ndarray, threads: int, runs: int) -> float:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    for _ in range(3):
+        sess.run(None, {"x": x})
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        sess.run(None, {"x": x})
+        times.append(time.perf_counter() - start)
+    return float(np.min(times))  # the least disturbed run: micro-benchmarks on a shared machine
+
+
+def split_rank_limit(
+    *,
+    op: str,
+    x_shape: list[int],
+    weight_shape: list[int],
+    attrs: dict,
+    max_rank: int,
+    threads: int = 0,
+    runs: int = 20,
+) -> int:
+    """Largest rank r <= max_rank at which basis + scaling runs faster than one op (0: never).
+
+    Args:
+        op: "Conv" (weight [Co, Ci, k...]) or "MatMul" (weight [K, N]).
+        x_shape: The layer's input shape, batch included.
+        weight_shape: The original (merged) weight's shape.
+        attrs: The Conv's attributes (strides, pads, dilations), ignored for MatMul.
+        max_rank: Upper bound (the rank below which the split saves parameters).
+        threads: Intra-op threads, as the model will run.
+        runs: Timed runs per measurement (the minimum is kept).
+    """
+    key = hashlib.sha1(
+        json.dumps(
+            [
+                op,
+                x_shape,
+                weight_shape,
+                sorted(attrs.items()),
+                max_rank,
+                threads,
+                ort.__version__,
+                platform.processor(),
+                platform.machine(),
+                os.cpu_count(),
+            ],
+            default=str,
+        ).encode()
+    ).hexdigest()
+    cache = _load_cache()
+    if key in cache:
+        return int(cache[key])
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(weight_shape).astype(np.float32)
+    conv_attrs = {k: v for k, v in attrs.items() if k in ("strides", "pads", "dilations", "auto_pad", "kernel_shape")}
+
+    def split(r: int) -> onnx.ModelProto:
+        if op == "Conv":
+            basis = rng.standard_normal((r, *weight_shape[1:])).astype(np.float32)
+            scale = rng.standard_normal((weight_shape[0], r) + (1,) * (len(weight_shape) - 2)).astype(np.float32)
+            return _layer_model("Conv", x_shape, [basis, scale], [conv_attrs, {}])
+        basis = rng.standard_normal((weight_shape[0], r)).astype(np.float32)
+        return _layer_model(
+            "MatMul", x_shape, [basis, rng.standard_normal((r, weight_shape[1])).astype(np.float32)], [{}, {}]
+        )
+
+    merged = _time(_layer_model(op, x_shape, [w], [conv_attrs if op == "Conv" else {}]), x, threads, runs)
+    lo, hi = 0, max_rank  # invariant: rank lo is faster split (0 trivially), ranks above hi are not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _time(split(mid), x, threads, runs) < merged:
+            lo = mid
+        else:
+            hi = mid - 1
+    cache[key] = lo
+    _store_cache(cache)
+    return lo

@@ -1,0 +1,76 @@
+"""Latency-aware merging: measured split-vs-merged limits, cached; pairs above their limit are merged back."""
+
+import json
+
+import numpy as np
+import onnx
+from models import Builder
+
+from onnxprune import latency, prune
+from onnxprune.budget import CostModel
+from onnxprune.graph import to_graph
+from onnxprune.latency import cache_path, split_rank_limit
+from onnxprune.passes.basis import decompose_basis, find_basis_pairs, merge_unprofitable, param_breakeven
+from onnxprune.passes.groups import find_channel_groups
+from onnxprune.passes.remove import remove_channels
+from onnxprune.testing import apply_pass, ort_run, random_feeds
+
+EXAMPLE = "examples/digits_resnet.onnx"
+
+
+def test_limit_is_within_bounds_and_cached(monkeypatch):
+    args = dict(
+        op="Conv",
+        x_shape=[1, 16, 8, 8],
+        weight_shape=[32, 16, 3, 3],
+        attrs={"pads": [1, 1, 1, 1], "kernel_shape": [3, 3]},
+        max_rank=param_breakeven(144, 32),
+        runs=5,
+    )
+    limit = split_rank_limit(**args)
+    assert 0 <= limit <= param_breakeven(144, 32)
+    assert list(json.loads(cache_path().read_text()).values()) == [limit]
+
+    def no_timing(*a, **k):
+        raise AssertionError("a cached measurement was taken again")
+
+    monkeypatch.setattr(latency, "_time", no_timing)
+    assert split_rank_limit(**args) == limit
+
+
+def test_param_breakeven():
+    assert param_breakeven(144, 32) == 26  # 26 * 176 = 4576 < 4608 = 32 * 144; 27 * 176 = 4752
+    assert param_breakeven(9, 24) == 6
+
+
+def _split_single_conv():
+    b = Builder(50)
+    model = b.model([("x", [12, 6, 6])], [b.conv("x", 12, 20, 3)])
+    return model, apply_pass(model, decompose_basis, min_channels=2)[0]
+
+
+def test_pair_above_its_limit_is_merged_and_counted_merged():
+    model, split = _split_single_conv()
+    graph = to_graph(split)
+    pairs = find_basis_pairs(graph)
+    analysis = find_channel_groups(graph)
+    group = analysis.groups[0]
+    alive = np.ones(analysis.n_classes, dtype=bool)
+    alive[group.classes[6:]] = False  # keep rank 6
+    merged_params = 20 * 12 * 9 + 20
+    assert CostModel(graph, analysis, pairs).count(alive)[0] < merged_params
+    assert CostModel(graph, analysis, pairs, {pairs[0].basis: 5}).count(alive)[0] == merged_params
+    pruned, _ = apply_pass(split, remove_channels, plan={group.name: np.arange(6)})
+    kept, report = apply_pass(pruned, merge_unprofitable, pairs=pairs, limits={pairs[0].basis: 5})
+    assert report.counts["merged_back"] == 1 and len(kept.graph.node) == 1
+    feeds = random_feeds(model, batch=2)
+    out = model.graph.output[0].name
+    np.testing.assert_allclose(ort_run(kept, feeds)[out], ort_run(pruned, feeds)[out], rtol=1e-4, atol=1e-4)
+
+
+def test_prune_with_latency_limits_reports_them_and_hits_the_target():
+    pruned, report = prune(onnx.load(EXAMPLE), remove_ratio=0.5, latency_batch=1)
+    limits = report.facts["split_rank_limits"]
+    assert len(limits) == 16 and all(v >= 0 for v in limits.values())
+    assert abs(report.facts["params_removed"] - 0.5) <= 0.01
+    onnx.checker.check_model(pruned, full_check=True)
