@@ -7,6 +7,6 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
-def _latency_cache(tmp_path, monkeypatch):
-    """Latency measurements go to a per-test cache, never to the user's home."""
-    monkeypatch.setenv("ONNXPRUNE_CACHE", str(tmp_path / "latency.json"))
+def _latency_cache(tmp_path_factory, monkeypatch):
+    """Latency measurements go to a per-test cache in its own folder, never to the user's home."""
+    monkeypatch.setenv("ONNXPRUNE_CACHE", str(tmp_path_factory.mktemp("cache") / "latency.json"))

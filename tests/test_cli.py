@@ -84,7 +84,18 @@ def test_flops_target(tmp_path, capsys):
 def test_explicit_prune_subcommand_and_module_entry(model_file, tmp_path):
     out = tmp_path / "o.onnx"
     proc = subprocess.run(
-        [sys.executable, "-m", "onnxprune", "prune", str(model_file), str(out), "--ratio", "0.3", "-q"],
+        [
+            sys.executable,
+            "-m",
+            "onnxprune",
+            "prune",
+            str(model_file),
+            str(out),
+            "--ratio",
+            "0.3",
+            "--method",
+            "channel",
+        ],
         capture_output=True,
         text=True,
     )
@@ -162,14 +173,14 @@ def test_existing_output_needs_overwrite(model_file, tmp_path, capsys):
     shutil.copy(model_file, out)
     code, _, err = run([model_file, out, "--ratio", "0.3"], capsys)
     assert code == 2 and "--overwrite" in err
-    code, _, err = run([model_file, out, "--ratio", "0.3", "--overwrite", "-q"], capsys)
+    code, _, err = run([model_file, out, "--ratio", "0.3", "--method", "channel", "--overwrite", "-q"], capsys)
     assert code == 0, err
     assert out.read_bytes() != model_file.read_bytes()
 
 
 def test_bench_times_models_side_by_side(model_file, tmp_path, capsys):
     pruned, report = tmp_path / "p.onnx", tmp_path / "bench.json"
-    assert run([model_file, pruned, "--ratio", "0.5", "-q"], capsys)[0] == 0
+    assert run([model_file, pruned, "--ratio", "0.5", "--method", "channel", "-q"], capsys)[0] == 0
     code, stdout, err = run(
         ["bench", model_file, pruned, "--batch", "1,3", "--runs", "3", "--warmup", "1", "--json", report], capsys
     )

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from models import Builder
 
-from onnxprune import latency, prune
+from onnxprune import latency, pipeline, prune
 from onnxprune.budget import CostModel
 from onnxprune.graph import to_graph
 from onnxprune.latency import cache_path, split_rank_limit
@@ -68,9 +68,13 @@ def test_pair_above_its_limit_is_merged_and_counted_merged():
     np.testing.assert_allclose(ort_run(kept, feeds)[out], ort_run(pruned, feeds)[out], rtol=1e-4, atol=1e-4)
 
 
-def test_prune_with_latency_limits_reports_them_and_hits_the_target():
+def test_prune_with_latency_limits_reports_them_and_hits_the_target(monkeypatch):
+    # measured limits vary from run to run; fixed ones keep this test deterministic (the measurement has its own)
+    monkeypatch.setattr(pipeline, "split_rank_limit", lambda *, max_rank, **kw: (3 * max_rank) // 4)
     pruned, report = prune(onnx.load(EXAMPLE), remove_ratio=0.5, latency_batch=1)
     limits = report.facts["split_rank_limits"]
     assert len(limits) == 16 and all(v >= 0 for v in limits.values())
+    ranks = [n for n in pruned.graph.node if n.name.endswith("_basis")]
+    assert ranks, "some layers stay split"
     assert abs(report.facts["params_removed"] - 0.5) <= 0.01
     onnx.checker.check_model(pruned, full_check=True)

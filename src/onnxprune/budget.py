@@ -174,7 +174,8 @@ def allocate(
     if remove_ratio > reachable + 0.01:
         raise BudgetError(
             f"--ratio {remove_ratio:.2f} cannot be reached: at most {reachable:.3f} of the {target} can be removed "
-            f"({sum(bool(g.blocked) for g in analysis.groups)} groups are blocked; see --verbose); lower --ratio"
+            f"({sum(bool(g.blocked) for g in analysis.groups)} groups are blocked, and split layers stay split only "
+            f"where that is smaller and measured faster); lower --ratio, or try --method channel or --latency-batch 0"
         )
     lo, hi = 0, len(order)
     while lo < hi:
