@@ -37,6 +37,8 @@ def test_prune_writes_a_smaller_valid_model_and_report(tmp_path, capsys):
         [
             src,
             out,
+            "--latency-batch",
+            "0",
             "--ratio",
             "0.5",
             "--report",
@@ -74,7 +76,19 @@ def test_prune_writes_a_smaller_valid_model_and_report(tmp_path, capsys):
 def test_flops_target(tmp_path, capsys):
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
     code, _, err = run(
-        [EXAMPLE / "digits_resnet.onnx", out, "--ratio", "0.4", "--target", "flops", "--report", rep], capsys
+        [
+            EXAMPLE / "digits_resnet.onnx",
+            out,
+            "--ratio",
+            "0.4",
+            "--target",
+            "flops",
+            "--latency-batch",
+            "0",
+            "--report",
+            rep,
+        ],
+        capsys,
     )
     assert code == 0, err
     data = json.loads(rep.read_text())
@@ -204,3 +218,20 @@ def test_bench_errors_are_one_line(model_file, args, expected, capsys):
     code, _, err = run(["bench", model_file, *args], capsys)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and expected in err
+
+
+def test_default_keeps_only_layers_measured_faster_split(tmp_path, capsys, monkeypatch):
+    from onnxprune import pipeline
+
+    seen = []
+
+    def fake_limit(*, max_rank, **kwargs):
+        seen.append(kwargs["x_shape"][0])
+        return max_rank // 2
+
+    monkeypatch.setattr(pipeline, "split_rank_limit", fake_limit)
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    code, _, err = run([EXAMPLE / "digits_resnet.onnx", out, "--ratio", "0.5", "--report", rep], capsys)
+    assert code == 0, err
+    assert seen and set(seen) == {1}  # measured at the default --latency-batch 1
+    assert len(json.loads(rep.read_text())["split_rank_limits"]) == len(seen)

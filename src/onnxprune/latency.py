@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "ONNXPRUNE_CACHE"
+MARGIN = 0.02  # a split must be this much faster: noise should tip the decision toward merging, never slower
 
 
 def cache_path() -> pathlib.Path:
@@ -92,7 +93,7 @@ def split_rank_limit(
     attrs: dict,
     max_rank: int,
     threads: int = 0,
-    runs: int = 20,
+    runs: int = 30,
 ) -> int:
     """Largest rank r <= max_rank at which basis + scaling runs faster than one op (0: never).
 
@@ -144,7 +145,7 @@ def split_rank_limit(
     lo, hi = 0, max_rank  # invariant: rank lo is faster split (0 trivially), ranks above hi are not
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if _time(split(mid), x, threads, runs) < merged:
+        if _time(split(mid), x, threads, runs) < merged * (1 - MARGIN):
             lo = mid
         else:
             hi = mid - 1
