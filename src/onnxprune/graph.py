@@ -79,7 +79,17 @@ def check(model: onnx.ModelProto, *, where: str = "model", full: bool = False) -
                 onnx.checker.check_model(p, full_check=full)
         else:
             onnx.checker.check_model(model, full_check=full)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+    except (
+        onnx.checker.ValidationError,
+        onnx.shape_inference.InferenceError,
+        UnicodeError,
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        OverflowError,
+        RuntimeError,
+    ) as err:  # all ways a corrupt proto fails
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InvalidModelError(f"{where}: fails the ONNX checker: {first}") from err
 
@@ -90,7 +100,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     try:
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except (onnx.shape_inference.InferenceError, RuntimeError) as err:
+    except (onnx.shape_inference.InferenceError, RuntimeError, ValueError, UnicodeError, TypeError) as err:
         log.debug("shape inference failed: %s", err)
         return model
 
@@ -101,7 +111,12 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     for domain in model.opset_import:
         if domain.domain in ("", "ai.onnx") and domain.version < 7:
             raise UnsupportedModelError(f"opset {domain.version} is too old; convert the model to opset 9 or newer")
-    graph = gs.import_onnx(infer_shapes(model))
+    try:
+        graph = gs.import_onnx(infer_shapes(model))
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError, AssertionError) as err:
+        raise InvalidModelError(
+            f"model cannot be read into a graph ({type(err).__name__}: {err}); is it a valid ONNX model?"
+        ) from err
     used = {n.name for n in graph.nodes if n.name}
     for i, node in enumerate(graph.nodes):
         if not node.name:
