@@ -1,7 +1,6 @@
 """Mutated bytes of valid models: loading succeeds or fails with one InvalidModelError, never anything else."""
 
 import numpy as np
-import onnx
 import pytest
 from models import chain, squeeze_excite
 
