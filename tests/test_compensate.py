@@ -94,3 +94,23 @@ def test_refit_improves_the_example():
     plain = prune(model, remove_ratio=0.8, calib=data, compensate=False)[1].facts["fidelity"]["logits"]
     fitted = prune(model, remove_ratio=0.8, calib=data, compensate=True)[1].facts["fidelity"]["logits"]
     assert fitted["relative_error"] < plain["relative_error"]
+
+
+def test_max_drop_stops_before_agreement_falls_below_the_floor():
+    from onnxprune.pipeline import prune_within
+
+    model = onnx.load(EXAMPLE)
+    data = {"image": np.load("examples/digits_calib.npy")[:150]}
+    pruned, report = prune_within(model, remove_ratio=0.95, max_drop=0.05, calib=data, compensate=False)
+    stop = report.facts["max_drop"]
+    assert stop["reached"] < 0.95
+    assert stop["agreement"] >= 0.95 and report.facts["fidelity"]["logits"]["top1_agreement"] >= 0.95
+    assert stop["agreement_at_request"] is None or stop["agreement_at_request"] < 0.95
+
+
+def test_max_drop_needs_calibration():
+    from onnxprune.errors import OnnxPruneError
+    from onnxprune.pipeline import prune_within
+
+    with pytest.raises(OnnxPruneError, match="--max-drop needs calibration data"):
+        prune_within(onnx.load(EXAMPLE), remove_ratio=0.5, max_drop=0.01)

@@ -9,6 +9,7 @@ import pathlib
 import sys
 import tempfile
 import traceback
+from functools import partial
 
 import click
 import numpy as np
@@ -18,7 +19,7 @@ from onnxprune.budget import TARGETS
 from onnxprune.calibration import criteria
 from onnxprune.calibration.data import load_calibration
 from onnxprune.errors import OnnxPruneError
-from onnxprune.pipeline import METHODS, decompose, prune
+from onnxprune.pipeline import METHODS, decompose, prune, prune_within
 
 log = logging.getLogger("onnxprune")
 
@@ -88,6 +89,12 @@ def cli() -> None:
 )
 @click.option("--no-compensate", is_flag=True, help="With --calib, skip the least-squares refit.")
 @click.option(
+    "--max-drop",
+    type=float,
+    default=None,
+    help="With --calib: never let held-out top-1 agreement fall under 1 - X; prune less and say so instead.",
+)
+@click.option(
     "--latency-batch",
     type=click.IntRange(min=0),
     default=1,
@@ -132,6 +139,7 @@ def prune_command(
     exclude: tuple[str, ...],
     calib: pathlib.Path | None,
     no_compensate: bool,
+    max_drop: float | None,
     latency_batch: int,
     threads: int,
     batch_size: int,
@@ -156,7 +164,8 @@ def prune_command(
     data = load_calibration(calib, model, limit=calib_size) if calib is not None else None
     truth = _load_labels(labels, data) if labels is not None else None
     log.info("pruning %s (%s, criterion %s, %s %.2f)", input_path.name, method, criterion, target, remove_ratio)
-    pruned, report = prune(
+    run = prune if max_drop is None else partial(prune_within, max_drop=max_drop)
+    pruned, report = run(
         model,
         remove_ratio=remove_ratio,
         target=target,
@@ -387,6 +396,12 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
         if "accuracy_pruned" in fid:
             parts.append(f"accuracy {100 * fid['accuracy_original']:.1f} % -> {100 * fid['accuracy_pruned']:.1f} %")
         lines.append(f"  fidelity on {f['fidelity_samples']} samples, output '{name}': " + ", ".join(parts))
+    if "max_drop" in f and f["max_drop"]["reached"] < f["max_drop"]["requested"]:
+        m = f["max_drop"]
+        lines.append(
+            f"  stopped at ratio {m['reached']:.3f} of the requested {m['requested']:.2f}: further removal "
+            f"drops held-out top-1 agreement below {1 - m['max_drop']:.3f} (--max-drop {m['max_drop']})"
+        )
     lines.append(f"  time    {f['seconds']:.1f} s")
     if verbose:
         lines += [f"  blocked {name}: {why}" for name, why in f["blocked"].items()]

@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.budget import TARGETS, CostModel, allocate
 from onnxprune.calibration import criteria
 from onnxprune.calibration.runner import channel_energy, fidelity, split_held_out
-from onnxprune.errors import OnnxPruneError, PassError
+from onnxprune.errors import BudgetError, OnnxPruneError, PassError
 from onnxprune.graph import reinfer_shapes, to_graph, to_model, validate
 from onnxprune.latency import split_rank_limit
 from onnxprune.passes.basis import decompose_basis, find_basis_pairs, merge_unprofitable, pair_sizes, param_breakeven
@@ -181,6 +181,67 @@ def prune(
     report.facts.setdefault("blocked", {})
     report.facts.pop("kept", None)
     return out, report
+
+
+MAX_DROP_STEPS = 6  # bisection steps on the ratio for --max-drop: 1/64 of the request
+
+
+def prune_within(
+    model: onnx.ModelProto, *, remove_ratio: float, max_drop: float, **options
+) -> tuple[onnx.ModelProto, Report]:
+    """Like `prune`, but never let held-out top-1 agreement fall under ``1 - max_drop``.
+
+    Prunes at `remove_ratio`; if agreement is too low, bisects the ratio down and returns the largest one that
+    holds (the report's ``max_drop`` entry says what was asked and what was reached). Needs ``calib``.
+    """
+    if options.get("calib") is None:
+        raise OnnxPruneError("--max-drop needs calibration data (--calib) to measure agreement on")
+    if not 0.0 <= max_drop < 1.0:
+        raise OnnxPruneError(f"--max-drop must be in [0, 1), got {max_drop}")
+
+    def attempt(ratio: float) -> tuple[float, onnx.ModelProto, Report] | None:
+        try:
+            out, report = prune(model, remove_ratio=ratio, **options)
+        except BudgetError:
+            return None
+        return _agreement(report), out, report
+
+    floor = 1.0 - max_drop
+    first = attempt(remove_ratio)
+    if first is not None and first[0] >= floor:
+        first[2].facts["max_drop"] = {"max_drop": max_drop, "requested": remove_ratio, "reached": remove_ratio}
+        return first[1], first[2]
+    lo, hi, best = 0.0, remove_ratio, attempt(0.0)
+    for _ in range(MAX_DROP_STEPS):
+        mid = (lo + hi) / 2
+        tried = attempt(mid)
+        if tried is not None and tried[0] >= floor:
+            lo, best = mid, tried
+        else:
+            hi = mid
+    agreement, out, report = best
+    report.facts["max_drop"] = {
+        "max_drop": max_drop,
+        "requested": remove_ratio,
+        "reached": lo,
+        "agreement": agreement,
+        "agreement_at_request": None if first is None else first[0],
+    }
+    log.warning(
+        "--max-drop %.3f: stopped at ratio %.3f (top-1 agreement %.3f); %.2f would drop to %s",
+        max_drop,
+        lo,
+        agreement,
+        remove_ratio,
+        "unreachable" if first is None else f"{first[0]:.3f}",
+    )
+    return out, report
+
+
+def _agreement(report: Report) -> float:
+    """Held-out top-1 agreement of the first classifier-like output (cosine similarity for others)."""
+    fid = next(iter(report.facts["fidelity"].values()))
+    return fid.get("top1_agreement", fid["cosine"])
 
 
 def _prune_stage(
