@@ -52,13 +52,22 @@ def graphs(draw):
 
 
 def _plan(analysis, seed):
+    """Remove ~40 % of the removable channels at random, but leave every tracked tensor at least one channel."""
     rng = np.random.default_rng(seed)
+    alive = np.ones(analysis.n_classes, dtype=bool)
+    for group in analysis.groups:
+        for cls in group.classes:
+            if cls not in group.blocked and rng.random() < 0.4:
+                alive[cls] = False
+    for name in analysis.flows:
+        classes = analysis.classes(name)
+        if not alive[classes].any():
+            alive[classes[0]] = True
     plan = {}
     for group in analysis.groups:
-        removable = [i for i, cls in enumerate(group.classes) if cls not in group.blocked]
-        gone = [i for i in removable if rng.random() < 0.4]
-        if gone and len(gone) < len(group.classes):
-            plan[group.name] = np.setdiff1d(np.arange(len(group.classes)), gone)
+        keep = np.flatnonzero(alive[group.classes])
+        if len(keep) < len(group.classes):
+            plan[group.name] = keep
     return plan
 
 

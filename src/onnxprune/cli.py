@@ -89,6 +89,11 @@ def cli() -> None:
 )
 @click.option("--no-compensate", is_flag=True, help="With --calib, skip the least-squares refit.")
 @click.option(
+    "--whiten/--no-whiten",
+    default=None,
+    help="With --calib, split Convs along data-whitened bases (default: only with --no-compensate, where it helps).",
+)
+@click.option(
     "--max-drop",
     type=float,
     default=None,
@@ -139,6 +144,7 @@ def prune_command(
     exclude: tuple[str, ...],
     calib: pathlib.Path | None,
     no_compensate: bool,
+    whiten: bool | None,
     max_drop: float | None,
     latency_batch: int,
     threads: int,
@@ -175,6 +181,7 @@ def prune_command(
         min_rank=min_rank,
         calib=data,
         compensate=not no_compensate,
+        whiten=whiten,
         labels=truth,
         batch_size=batch_size,
         latency_batch=latency_batch,

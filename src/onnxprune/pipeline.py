@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.budget import TARGETS, CostModel, allocate
 from onnxprune.calibration import criteria
-from onnxprune.calibration.runner import channel_energy, fidelity, split_held_out
+from onnxprune.calibration.runner import channel_energy, fidelity, patch_covariances, split_held_out
 from onnxprune.errors import BudgetError, OnnxPruneError, PassError
 from onnxprune.graph import reinfer_shapes, to_graph, to_model, validate
 from onnxprune.latency import split_rank_limit
@@ -72,6 +72,7 @@ def prune(
     batch_size: int = 32,
     latency_batch: int = 0,
     threads: int = 0,
+    whiten: bool | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Remove `remove_ratio` of the model's parameters (or MACs) and return the new model and its report.
 
@@ -82,12 +83,16 @@ def prune(
     model is not modified.
 
     With calibration samples `calib`, 80 % drive the decisions (criterion ``energy`` by default) and the
-    least-squares refit of each pruned basis pair (``compensate``); the other 20 % measure fidelity.
+    least-squares refit of each pruned basis pair (``compensate``); the other 20 % measure fidelity. Conv layers
+    can be split along a whitened basis (``whiten``): the rank-r layer with the least output error on that data.
+    By default it is used only without the refit: measured on the bundled example, the sequential refit alone
+    does as well as whitening + refit, while whitening alone is far better than plain SVD alone.
 
     With `latency_batch` > 0, a pair stays split only up to the rank at which it measured faster than the single op
     at that batch size with `threads` threads (onnxruntime, CPU, this machine); 0 decides by parameters alone.
     """
     fit, held = split_held_out(calib) if calib is not None else (None, None)
+    whiten = (not compensate) if whiten is None else whiten
     criterion = criterion or ("energy" if calib is not None else "l2")
     if not 0.0 <= remove_ratio < 1.0:
         raise OnnxPruneError(f"--ratio must be in [0, 1), got {remove_ratio}")
@@ -114,8 +119,15 @@ def prune(
         if i > 0:
             graph = reinfer_shapes(graph, model)
         if stage in ("basis", "auto"):
-            report.merge(run_passes(graph, [partial(decompose_basis, min_channels=min_rank)]).report)
-            pairs = find_basis_pairs(graph)
+            covs = None
+            if fit is not None and whiten:
+                graph = reinfer_shapes(graph, model)
+                covs = patch_covariances(
+                    to_model(graph, model), fit, _whitenable(graph, min_rank), batch_size=batch_size
+                )
+            split = run_passes(graph, [partial(decompose_basis, min_channels=min_rank, covariances=covs)]).report
+            pairs = pairs + split.facts.pop("pairs", [])
+            report.merge(split)
             if latency_batch:
                 limits.update(_latency_limits(graph, pairs, batch=latency_batch, threads=threads))
         energy = {}
@@ -304,6 +316,27 @@ def _prune_stage(
         }
     report.merge(run_passes(graph, [partial(remove_channels, plan=allocation.plan, analysis=analysis)]).report)
     return len(allocation.plan)
+
+
+def _whitenable(graph: gs.Graph, min_rank: int) -> dict[str, tuple[str, dict]]:
+    """2-D plain Convs worth splitting: node name -> (input tensor, attributes) for their patch covariances."""
+    found = {}
+    for node in graph.nodes:
+        w = const(node.inputs[1]) if node.op == "Conv" and len(node.inputs) > 1 else None
+        if (
+            w is None
+            or w.ndim != 4
+            or int(node.attrs.get("group", 1)) != 1
+            or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
+        ):
+            continue
+        if min(w.shape[0], int(np.prod(w.shape[1:]))) >= min_rank:
+            attrs = {
+                "kernel_shape": list(w.shape[2:]),
+                **{k: list(node.attrs[k]) for k in ("strides", "pads", "dilations") if k in node.attrs},
+            }
+            found[node.name] = (node.inputs[0].name, attrs)
+    return found
 
 
 def _latency_limits(graph: gs.Graph, pairs: list, *, batch: int, threads: int) -> dict[str, int]:

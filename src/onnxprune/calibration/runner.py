@@ -72,6 +72,62 @@ def channel_energy(
     return {k: sums[k] / max(counts[k], 1) for k in names}
 
 
+MAX_POSITIONS = 4096  # patch rows kept per batch for covariances: memory depends on the batch, not the data set
+
+
+def im2col(
+    x: np.ndarray, kernel: list[int], *, strides: list[int], pads: list[int], dilations: list[int]
+) -> np.ndarray:
+    """[N, C, H, W] -> [positions, C*kh*kw]: the input patch each output position of a 2-D Conv sees."""
+    n, c, h, w = x.shape
+    kh, kw = kernel
+    pt, pl, pb, pr = pads[0], pads[1], pads[2], pads[3]
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    ho = (h + pt + pb - dilations[0] * (kh - 1) - 1) // strides[0] + 1
+    wo = (w + pl + pr - dilations[1] * (kw - 1) - 1) // strides[1] + 1
+    cols = np.empty((n, c, kh, kw, ho, wo), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            hi, wj = i * dilations[0], j * dilations[1]
+            cols[:, :, i, j] = xp[:, :, hi : hi + strides[0] * ho : strides[0], wj : wj + strides[1] * wo : strides[1]]
+    return cols.transpose(0, 4, 5, 1, 2, 3).reshape(n * ho * wo, c * kh * kw)
+
+
+def patch_covariances(
+    model: onnx.ModelProto,
+    data: dict[str, np.ndarray],
+    convs: dict[str, tuple[str, dict]],
+    *,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """E[p p^T] of each Conv's input patches (node name -> (input tensor, attrs with kernel_shape, strides...)).
+
+    Streamed: per batch at most MAX_POSITIONS patch rows are sampled, so memory depends on the batch size and the
+    layers, not on the number of samples.
+    """
+    rng = np.random.default_rng(seed)
+    sums: dict[str, np.ndarray] = {}
+    counts = dict.fromkeys(convs, 0)
+    tensors = sorted({t for t, _ in convs.values()})
+    for batch in stream(model, data, tensors, batch_size=batch_size):
+        for name, (tensor, attrs) in convs.items():
+            x = batch[tensor].astype(np.float64)
+            rank = x.ndim - 2
+            patches = im2col(
+                x,
+                attrs["kernel_shape"],
+                strides=attrs.get("strides", [1] * rank),
+                pads=attrs.get("pads", [0] * 2 * rank),
+                dilations=attrs.get("dilations", [1] * rank),
+            )
+            if len(patches) > MAX_POSITIONS:
+                patches = patches[rng.choice(len(patches), MAX_POSITIONS, replace=False)]
+            sums[name] = sums.get(name, 0) + patches.T @ patches
+            counts[name] += len(patches)
+    return {k: sums[k] / max(counts[k], 1) for k in sums}
+
+
 def fidelity(
     original: onnx.ModelProto,
     pruned: onnx.ModelProto,

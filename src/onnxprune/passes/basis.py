@@ -57,15 +57,28 @@ def _matmul_matrix(node: gs.Node) -> np.ndarray | None:
 _MATRIX = {"Conv": _conv_matrix, "Gemm": _gemm_matrix, "MatMul": _matmul_matrix}
 
 
-def decompose_basis(graph: gs.Graph, *, min_channels: int = 8, names: set[str] | None = None) -> PassResult:
+def decompose_basis(
+    graph: gs.Graph,
+    *,
+    min_channels: int = 8,
+    names: set[str] | None = None,
+    covariances: dict[str, np.ndarray] | None = None,
+) -> PassResult:
     """Split each eligible Conv/Gemm/MatMul, in place, into a basis op and a BasisScalingConv at full rank.
+
+    With the input-patch covariance C = L L^T of a Conv (``covariances[node name]``), the split is whitened: the SVD
+    of M L = U' S' V'^T gives basis rows V'^T L^-1 and scaling U' S', so truncating to rank r leaves the layer with
+    the least output error on that data, and s'_k^2 is exactly the output error of removing basis k. The pairs made
+    are listed in ``report.facts["pairs"]``.
 
     Args:
         graph: Topologically sorted graph; edited in place.
         min_channels: Layers whose rank min(out, in) is smaller are skipped (and reported).
         names: Only split these nodes (all eligible ones when None).
+        covariances: Input-patch covariances E[p p^T] by Conv node name, for a data-aware basis.
     """
     report = Report()
+    made: list[BasisPair] = []
     paired = {n for p in find_basis_pairs(graph) for n in (p.basis, p.scaling)}
     for node in [n for n in graph.nodes if n.op in _MATRIX]:
         if names is not None and node.name not in names:
@@ -80,18 +93,34 @@ def decompose_basis(graph: gs.Graph, *, min_channels: int = 8, names: set[str] |
         if min(matrix.shape) < min_channels:
             report.skip(node, f"rank {min(matrix.shape)} < {min_channels}")
             continue
-        _split(graph, node, matrix)
+        cov = (covariances or {}).get(node.name)
+        made.append(_split(graph, node, matrix, cov if cov is not None and len(cov) == matrix.shape[1] else None))
         report.counts["decomposed"] += 1
+        report.counts["whitened"] += int(cov is not None and len(cov) == matrix.shape[1])
     graph.cleanup().toposort()
+    report.facts["pairs"] = made
     return PassResult(graph, modified=bool(report.counts), report=report)
 
 
-def _split(graph: gs.Graph, node: gs.Node, matrix: np.ndarray) -> None:
+WHITEN_DAMPING = 1e-6  # relative diagonal loading, so a rank-deficient covariance still factors
+
+
+def _factor(matrix: np.ndarray, cov: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(scaling [out, r], basis rows [r, in]) with scaling @ basis == matrix: plain or whitened SVD."""
+    if cov is None:
+        u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+        return u * s, vt
+    k = len(cov)
+    low = np.linalg.cholesky(cov + np.eye(k) * WHITEN_DAMPING * max(np.trace(cov) / k, 1e-12))
+    u, s, vt = np.linalg.svd(matrix @ low, full_matrices=False)
+    return u * s, np.linalg.solve(low.T, vt.T).T
+
+
+def _split(graph: gs.Graph, node: gs.Node, matrix: np.ndarray, cov: np.ndarray | None) -> BasisPair:
     w = const(node.inputs[1])
     dtype = w.dtype
-    u, s, vt = np.linalg.svd(matrix.astype(np.float64), full_matrices=False)
-    r = len(s)
-    scaling = u * s  # [out, r]
+    scaling, vt = _factor(matrix.astype(np.float64), cov)  # [out, r], [r, in]
+    r = len(vt)
     x, y = node.inputs[0], node.outputs[0]
     base = node.name
     shape = None
@@ -127,6 +156,7 @@ def _split(graph: gs.Graph, node: gs.Node, matrix: np.ndarray) -> None:
     node.inputs.clear()
     node.outputs.clear()
     graph.nodes.extend([first, second])
+    return BasisPair(basis_name, scaling_name, mid.name)
 
 
 def find_basis_pairs(graph: gs.Graph) -> list[BasisPair]:
