@@ -161,3 +161,14 @@ def test_pre_split_model_is_pruned_in_place():
     assert report.counts.get("decomposed", 0) == 0
     assert not any("_basis_basis" in n.name for n in pruned.graph.node)
     assert abs(report.facts["params_removed"] - 0.3) <= 0.01
+
+
+@pytest.mark.parametrize("method", ["basis", "channel"])
+def test_round_to_keeps_multiples(method):
+    model = onnx.load(EXAMPLE)
+    before = {tuple(t.dims) for t in model.graph.initializer}
+    pruned, report = prune(model, remove_ratio=0.5, method=method, round_to=8)
+    assert report.facts["params_removed"] >= 0.5 - 1e-9
+    for t in pruned.graph.initializer:
+        if len(t.dims) == 4 and tuple(t.dims) not in before:
+            assert all(d % 8 == 0 for d in t.dims[:2] if d > 1), f"{t.name}: {list(t.dims)}"

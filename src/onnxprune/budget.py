@@ -140,6 +140,7 @@ def allocate(
     target: str,
     total_before: int,
     protected: frozenset[str] = frozenset(),
+    round_to: int = 1,
 ) -> Allocation:
     """Remove the classes of least error per parameter (or MAC) saved until `remove_ratio` of `total_before` is gone.
 
@@ -164,9 +165,13 @@ def allocate(
     order = _feasible_order(analysis, score)
     index = 1 if target == "flops" else 0
 
+    rounding = _Rounding(analysis, order, round_to) if round_to > 1 else None
+
     def achieved(k: int) -> tuple[float, np.ndarray]:
         alive = np.ones(n, dtype=bool)
         alive[order[:k]] = False
+        if rounding is not None:
+            rounding.apply(alive)
         left = cost.count(alive)[index]
         return 1.0 - left / total_before if total_before else 0.0, alive
 
@@ -185,7 +190,7 @@ def allocate(
         else:
             lo = mid + 1
     ratio, alive = achieved(lo)
-    if lo > 0 and ratio > remove_ratio + TOLERANCE:
+    if lo > 0 and ratio > remove_ratio + TOLERANCE and rounding is None:
         ratio, alive = _land_closer(order, lo, alive, ratio, remove_ratio, lambda a: cost.count(a)[index], total_before)
     plan = {}
     for group in analysis.groups:
@@ -211,6 +216,35 @@ def _land_closer(
         if wanted - 1e-9 <= r <= wanted + TOLERANCE:
             return r, trial
     return ratio, alive
+
+
+class _Rounding:
+    """Round each group's kept count up to a multiple of `step` (kernels like multiples of 8), by restoring the
+    group's removals that the ranking made last.
+    """
+
+    def __init__(self, analysis: ChannelGraph, order: np.ndarray, step: int) -> None:
+        self.step = step
+        position = np.full(analysis.n_classes, -1)
+        position[order] = np.arange(len(order))
+        # per group: its removable classes, latest-ranked first
+        self.groups = [
+            g.classes[np.argsort(-position[g.classes])] for g in analysis.groups if np.any(position[g.classes] >= 0)
+        ]
+        self.sizes = [len(g.classes) for g in analysis.groups if np.any(position[g.classes] >= 0)]
+
+    def apply(self, alive: np.ndarray) -> None:
+        for classes, size in zip(self.groups, self.sizes):
+            kept = int(alive[classes].sum())
+            if kept == size:
+                continue
+            wanted = min(size, -(-kept // self.step) * self.step)
+            for cls in classes:
+                if kept >= wanted:
+                    break
+                if not alive[cls]:
+                    alive[cls] = True
+                    kept += 1
 
 
 def _feasible_order(analysis: ChannelGraph, score: np.ndarray) -> np.ndarray:

@@ -108,6 +108,13 @@ def cli() -> None:
 )
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="Intra-op threads for latency decisions.")
 @click.option(
+    "--round-to",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Keep channel counts and ranks at multiples of N (e.g. 8, which CPU kernels like).",
+)
+@click.option(
     "--batch-size",
     type=click.IntRange(min=1),
     default=32,
@@ -148,6 +155,7 @@ def prune_command(
     max_drop: float | None,
     latency_batch: int,
     threads: int,
+    round_to: int,
     batch_size: int,
     calib_size: int | None,
     labels: pathlib.Path | None,
@@ -186,6 +194,7 @@ def prune_command(
         batch_size=batch_size,
         latency_batch=latency_batch,
         threads=threads,
+        round_to=round_to,
     )
     graph_io.save(pruned, output_path)
     if report_path is not None:

@@ -73,6 +73,7 @@ def prune(
     latency_batch: int = 0,
     threads: int = 0,
     whiten: bool | None = None,
+    round_to: int = 1,
 ) -> tuple[onnx.ModelProto, Report]:
     """Remove `remove_ratio` of the model's parameters (or MACs) and return the new model and its report.
 
@@ -149,6 +150,7 @@ def prune(
             pairs=pairs,
             energy=energy,
             limits=limits,
+            round_to=round_to,
         )
     report.merge(run_passes(graph, [partial(merge_unprofitable, pairs=pairs, limits=limits), cleanup]).report)
     report.facts["split_rank_limits"] = limits
@@ -270,6 +272,7 @@ def _prune_stage(
     pairs: list,
     energy: dict[str, np.ndarray],
     limits: dict[str, int],
+    round_to: int,
 ) -> int:
     """One allocation + removal on `graph` (in place); returns the number of groups it shrank."""
     analysis = find_channel_groups(graph)
@@ -304,6 +307,7 @@ def _prune_stage(
         target=target,
         total_before=total,
         protected=frozenset(protected),
+        round_to=round_to,
     )
     report.facts["reachable"] = allocation.reachable
     kinds = report.facts.setdefault("removed", {})
