@@ -219,8 +219,9 @@ def _land_closer(
 
 
 class _Rounding:
-    """Round each group's kept count up to a multiple of `step` (kernels like multiples of 8), by restoring the
-    group's removals that the ranking made last.
+    """Round each group's kept count up to a multiple of `step` (kernels like multiples of 8).
+
+    Rounding restores the group's removals that the ranking made last.
     """
 
     def __init__(self, analysis: ChannelGraph, order: np.ndarray, step: int) -> None:
