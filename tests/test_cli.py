@@ -235,3 +235,67 @@ def test_default_keeps_only_layers_measured_faster_split(tmp_path, capsys, monke
     assert code == 0, err
     assert seen and set(seen) == {1}  # measured at the default --latency-batch 1
     assert len(json.loads(rep.read_text())["split_rank_limits"]) == len(seen)
+
+
+def test_calibration_from_a_folder_of_images(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    images = np.load(EXAMPLE / "digits_calib.npy")[:40]
+    for i, img in enumerate(images):
+        pixels = np.clip((img[0] * 0.4 + 0.3) * 255, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    code, _, err = run(
+        [
+            EXAMPLE / "digits_resnet.onnx",
+            out,
+            "--ratio",
+            "0.5",
+            "--latency-batch",
+            "0",
+            "--calib",
+            folder,
+            "--image-mean",
+            "0.3",
+            "--image-std",
+            "0.4",
+            "--report",
+            rep,
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    data = json.loads(rep.read_text())
+    assert data["fidelity_samples"] == 8 and data["fidelity"]["logits"]["top1_agreement"] > 0.8
+
+
+def test_calibration_from_a_folder_of_npy_files(tmp_path):
+    from onnxprune.calibration.data import load_calibration
+
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    x = np.load(EXAMPLE / "digits_calib.npy")[:30]
+    np.save(folder / "a.npy", x[:10])
+    np.save(folder / "b.npy", x[10:])
+    data = load_calibration(folder, onnx.load(EXAMPLE / "digits_resnet.onnx"))
+    np.testing.assert_array_equal(data["image"], x)
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda d: None, "no .npy, .npz or image files"),
+        (lambda d: (d / "x.png").write_bytes(b"not an image"), "not a readable image"),
+    ],
+)
+def test_bad_calibration_folders_are_one_line(tmp_path, capsys, make, expected):
+    folder = tmp_path / "c"
+    folder.mkdir()
+    make(folder)
+    code, _, err = run(
+        [EXAMPLE / "digits_resnet.onnx", tmp_path / "o.onnx", "--ratio", "0.3", "--calib", folder], capsys
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err
+    assert not (tmp_path / "o.onnx").exists()

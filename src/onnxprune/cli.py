@@ -17,7 +17,7 @@ import numpy as np
 from onnxprune import graph as graph_io
 from onnxprune.budget import TARGETS
 from onnxprune.calibration import criteria
-from onnxprune.calibration.data import load_calibration
+from onnxprune.calibration.data import ImageOptions, load_calibration
 from onnxprune.errors import OnnxPruneError
 from onnxprune.pipeline import METHODS, decompose, prune, prune_within
 
@@ -122,6 +122,13 @@ def cli() -> None:
     help="Calibration samples per onnxruntime run.",
 )
 @click.option("--calib-size", type=click.IntRange(min=1), default=None, help="Use at most N samples.")
+@click.option("--image-size", default=None, metavar="HxW", help="Images: resize to this (default: the input's size).")
+@click.option("--image-resize", type=click.Choice(["bilinear", "nearest"]), default="bilinear", show_default=True)
+@click.option("--image-scale", type=float, default=1 / 255, show_default=True, help="Images: multiply pixels by this.")
+@click.option("--image-mean", default=None, metavar="M[,M,M]", help="Images: subtract per channel, after scaling.")
+@click.option("--image-std", default=None, metavar="S[,S,S]", help="Images: divide per channel, after the mean.")
+@click.option("--image-layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True)
+@click.option("--image-order", type=click.Choice(["rgb", "bgr"]), default="rgb", show_default=True)
 @click.option(
     "--labels",
     type=click.Path(path_type=pathlib.Path),
@@ -158,6 +165,13 @@ def prune_command(
     round_to: int,
     batch_size: int,
     calib_size: int | None,
+    image_size: str | None,
+    image_resize: str,
+    image_scale: float,
+    image_mean: str | None,
+    image_std: str | None,
+    image_layout: str,
+    image_order: str,
     labels: pathlib.Path | None,
     report_path: pathlib.Path | None,
     seed: int,
@@ -175,7 +189,16 @@ def prune_command(
     if report_path is not None:
         _check_output(input_path, report_path, overwrite=True)
     model = graph_io.load(input_path)
-    data = load_calibration(calib, model, limit=calib_size) if calib is not None else None
+    images = ImageOptions(
+        size=_dims(image_size, "--image-size") if image_size else None,
+        resize=image_resize,
+        scale=image_scale,
+        mean=_floats(image_mean, "--image-mean"),
+        std=_floats(image_std, "--image-std"),
+        layout=image_layout,
+        order=image_order,
+    )
+    data = load_calibration(calib, model, limit=calib_size, image_options=images) if calib is not None else None
     truth = _load_labels(labels, data) if labels is not None else None
     log.info("pruning %s (%s, criterion %s, %s %.2f)", input_path.name, method, criterion, target, remove_ratio)
     run = prune if max_drop is None else partial(prune_within, max_drop=max_drop)
@@ -349,6 +372,23 @@ def _check_output(input_path: pathlib.Path, output_path: pathlib.Path, *, overwr
         raise OnnxPruneError(f"{output_path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise OnnxPruneError(f"{output_path}: folder {folder} is not writable")
+
+
+def _dims(text: str, option: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError as err:
+        raise OnnxPruneError(f"{option} {text!r}: expected HxW, e.g. 224x224") from err
+    return h, w
+
+
+def _floats(text: str | None, option: str) -> tuple[float, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as err:
+        raise OnnxPruneError(f"{option} {text!r}: expected comma-separated numbers") from err
 
 
 def _load_labels(path: pathlib.Path, data: dict | None) -> np.ndarray:
