@@ -23,6 +23,27 @@ from onnxprune.pipeline import METHODS, decompose, prune, prune_within
 
 log = logging.getLogger("onnxprune")
 
+# options several commands share: declared once
+_IN = click.argument("input_path", metavar="IN", type=click.Path(path_type=pathlib.Path))
+_OUT = click.argument("output_path", metavar="OUT", type=click.Path(path_type=pathlib.Path))
+_MIN_RANK = click.option(
+    "--min-rank",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Layers of smaller rank are not split into basis + scaling.",
+)
+_THREADS = click.option(
+    "--threads",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Intra-op threads (0: onnxruntime's default); also used for latency decisions.",
+)
+_OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+_QUIET = click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
+_DEBUG = click.option("--debug", is_flag=True, help="Show tracebacks.")
+
 
 class _DefaultGroup(click.Group):
     """A group whose first argument, when it is no sub-command, starts the `prune` command."""
@@ -40,8 +61,8 @@ def cli() -> None:
 
 
 @cli.command("prune")
-@click.argument("input_path", metavar="IN", type=click.Path(path_type=pathlib.Path))
-@click.argument("output_path", metavar="OUT", type=click.Path(path_type=pathlib.Path))
+@_IN
+@_OUT
 @click.option(
     "--ratio", "remove_ratio", type=float, required=True, help="Fraction of the --target quantity to remove, in [0, 1)."
 )
@@ -60,13 +81,7 @@ def cli() -> None:
     help="channel: whole filters; basis: SVD basis vectors; double: channels then bases; auto: both, "
     "ranked together by error per parameter saved.",
 )
-@click.option(
-    "--min-rank",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    help="Layers of smaller rank are not split into basis + scaling.",
-)
+@_MIN_RANK
 @click.option(
     "--criterion",
     type=click.Choice(criteria.names()),
@@ -106,7 +121,7 @@ def cli() -> None:
     show_default=True,
     help="Keep a layer split only where it measured faster than one op at this batch size (0: by parameters).",
 )
-@click.option("--threads", type=click.IntRange(min=0), default=0, help="Intra-op threads for latency decisions.")
+@_THREADS
 @click.option(
     "--round-to",
     type=click.IntRange(min=1),
@@ -143,10 +158,10 @@ def cli() -> None:
     help="Write the report as JSON to this file.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for anything random.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
+@_OVERWRITE
+@_QUIET
 @click.option("-v", "--verbose", is_flag=True, help="Print every step and every blocked group.")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@_DEBUG
 def prune_command(
     input_path: pathlib.Path,
     output_path: pathlib.Path,
@@ -227,18 +242,12 @@ def prune_command(
 
 
 @cli.command("decompose")
-@click.argument("input_path", metavar="IN", type=click.Path(path_type=pathlib.Path))
-@click.argument("output_path", metavar="OUT", type=click.Path(path_type=pathlib.Path))
-@click.option(
-    "--min-rank",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    help="Layers of smaller rank are left whole.",
-)
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@_IN
+@_OUT
+@_MIN_RANK
+@_OVERWRITE
+@_QUIET
+@_DEBUG
 def decompose_command(
     input_path: pathlib.Path, output_path: pathlib.Path, min_rank: int, overwrite: bool, quiet: bool, debug: bool
 ) -> None:
@@ -271,13 +280,7 @@ def decompose_command(
     show_default=True,
     help="onnxruntime graph optimisation level.",
 )
-@click.option(
-    "--threads",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Intra-op threads (0: onnxruntime's default).",
-)
+@_THREADS
 @click.option(
     "--shape",
     "shape_specs",
@@ -296,7 +299,7 @@ def decompose_command(
 @click.option(
     "--json", "json_path", type=click.Path(path_type=pathlib.Path), default=None, help="Write the timings as JSON."
 )
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@_DEBUG
 def bench_command(
     models: tuple[pathlib.Path, ...],
     batches: str,
