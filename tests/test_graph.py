@@ -58,3 +58,19 @@ def test_save_is_atomic_and_leaves_no_temp_file(tmp_path, monkeypatch):
         save(chain(), path)
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["out.onnx"]
+
+
+@pytest.mark.parametrize("dims, expected", [
+    ([2**20, 2**20, 2**10], "is absurd"),
+    ([3, 3], "needs 36 bytes"),
+])
+def test_declared_shapes_that_disagree_with_the_data_are_refused(tmp_path, dims, expected):
+    model = chain()
+    tensor = model.graph.initializer[0]
+    tensor.raw_data = onnx.numpy_helper.to_array(tensor).tobytes()[:100]
+    del tensor.dims[:]
+    tensor.dims.extend(dims)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(InvalidModelError, match=expected):
+        load(path)

@@ -42,9 +42,38 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
         raise InvalidModelError(f"{path}: not an ONNX model (the protobuf does not parse)") from err
     if not model.graph.node:
         raise InvalidModelError(f"{path}: not an ONNX model (no graph nodes; truncated or another file type?)")
+    _check_declared_sizes(model)
     _load_external_data(model, path.parent)
     check(model, where=str(path))
     return model
+
+
+MAX_ELEMENTS = 2**36  # no real weight holds more; a larger declared shape is corrupt or hostile
+
+
+def _check_declared_sizes(model: onnx.ModelProto) -> None:
+    """Refuse initializers whose declared shape is absurd or disagrees with the bytes stored, before any use."""
+    for tensor in model.graph.initializer:
+        if any(d < 0 for d in tensor.dims):
+            raise InvalidModelError(f"initializer '{tensor.name}': negative dimension in {list(tensor.dims)}")
+        count = 1
+        for d in tensor.dims:
+            count *= d
+        if count > MAX_ELEMENTS:
+            raise InvalidModelError(
+                f"initializer '{tensor.name}': declared shape {list(tensor.dims)} is absurd ({count:.3g} elements)"
+            )
+        if tensor.HasField("raw_data") and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            itemsize = (
+                onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+                if tensor.data_type not in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING)
+                else 0
+            )
+            if itemsize and len(tensor.raw_data) != count * itemsize:
+                raise InvalidModelError(
+                    f"initializer '{tensor.name}': declared shape {list(tensor.dims)} needs "
+                    f"{count * itemsize} bytes, the file holds {len(tensor.raw_data)}"
+                )
 
 
 def _load_external_data(model: onnx.ModelProto, folder: pathlib.Path) -> None:
