@@ -111,3 +111,30 @@ def test_nothing_prunable_is_refused_with_the_reason():
         prune(model, remove_ratio=0.3, method="channel")
     same, report = prune(model, remove_ratio=0.0, method="channel")
     assert report.facts["params_after"] == report.facts["params_before"]
+
+
+@pytest.mark.parametrize("opset", range(9, onnx.defs.onnx_opset_version() + 1))
+def test_every_opset_from_9_to_the_newest(opset):
+    model = chain()
+    model.opset_import[0].version = opset
+    model.ir_version = 4 if opset < 13 else 8 if opset < 19 else 9
+    onnx.checker.check_model(model, full_check=True)
+    for method in ("channel", "basis"):
+        pruned, report = prune(model, remove_ratio=0.4, method=method, min_rank=2)
+        assert report.facts["params_removed"] >= 0.4
+        assert pruned.opset_import[0].version == opset
+        assert ort_run(pruned, random_feeds(model, batch=2))[model.graph.output[0].name].shape == (2, 5)
+
+
+@pytest.mark.parametrize("method", ["channel", "basis"])
+def test_symbolic_spatial_dims_are_kept(method):
+    from models import basic_residual
+
+    model = basic_residual()
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "h", "w"]))
+    pruned, report = prune(model, remove_ratio=0.3, method=method, min_rank=2)
+    dims = [d.dim_param or d.dim_value for d in pruned.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, "h", "w"] and report.facts["params_removed"] >= 0.3
+    for size in (8, 12):
+        out = ort_run(pruned, random_feeds(model, batch=2, dims={"h": size, "w": size}))
+        assert next(iter(out.values())).shape == (2, 5)

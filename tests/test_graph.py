@@ -60,10 +60,13 @@ def test_save_is_atomic_and_leaves_no_temp_file(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["out.onnx"]
 
 
-@pytest.mark.parametrize("dims, expected", [
-    ([2**20, 2**20, 2**10], "is absurd"),
-    ([3, 3], "needs 36 bytes"),
-])
+@pytest.mark.parametrize(
+    "dims, expected",
+    [
+        ([2**20, 2**20, 2**10], "is absurd"),
+        ([3, 3], "needs 36 bytes"),
+    ],
+)
 def test_declared_shapes_that_disagree_with_the_data_are_refused(tmp_path, dims, expected):
     model = chain()
     tensor = model.graph.initializer[0]
