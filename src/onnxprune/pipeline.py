@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxprune import rules
 from onnxprune.budget import TARGETS, CostModel, allocate
 from onnxprune.calibration import criteria
 from onnxprune.calibration.runner import channel_energy, fidelity, patch_covariances, split_held_out
@@ -372,7 +373,7 @@ def _latency_limits(graph: gs.Graph, pairs: list, *, batch: int, threads: int) -
 
 def _mid_axis(graph: gs.Graph, pair) -> int:
     basis = next(n for n in graph.nodes if n.name == pair.basis)
-    return 1 if basis.op == "Conv" else -1
+    return rules.output_channel_axis(basis)
 
 
 def _original_name(node_name: str) -> str:

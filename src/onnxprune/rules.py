@@ -204,7 +204,7 @@ def _producer(
     params = [ParamSlice(1, tuple(axes))]
     if bias_index is not None:  # sliced on its last axis where it has one entry per output (created by folds too)
         params.append(ParamSlice(bias_index, ((-1, node.outputs[0].name),)))
-    out_axis_t = 1 if node.op in ("Conv", "ConvTranspose", "Gemm") else rank - 1
+    out_axis_t = output_channel_axis(node, rank)
     ids = walk.new_ids(node, n_out)
     return Step(Kind.PRODUCER, [Flow(out_axis_t, rank, ids, np.zeros(n_out))], params, fold=folding)
 
@@ -887,3 +887,64 @@ def macs_per_weight(node: gs.Node, out_shape: list | None) -> int:
 
 
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+BIAS_INPUT = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}  # MatMul has none
+
+# ------------------------------------------------------------- weights of the matrix ops, seen as matrices
+
+MATRIX_OPS = ("Conv", "Gemm", "MatMul")  # ops whose weight is a plain [out, in] matrix (basis split, refit)
+
+
+def weight_matrix(node: gs.Node) -> np.ndarray | None:
+    """The constant weight of a Conv (group 1), Gemm (transA 0) or MatMul as an [out, in] matrix; alpha not applied.
+
+    None when the node has no such weight (another op, a computed or grouped weight).
+    """
+    w = const(node.inputs[1]) if node.op in MATRIX_OPS and len(node.inputs) > 1 else None
+    if w is None:
+        return None
+    if node.op == "Conv":
+        return w.reshape(w.shape[0], -1) if w.ndim >= 3 and int(node.attrs.get("group", 1)) == 1 else None
+    if w.ndim != 2 or node.attrs.get("transA", 0):
+        return None
+    return w if node.op == "Gemm" and node.attrs.get("transB", 0) else w.T
+
+
+def weight_from_matrix(node: gs.Node, matrix: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Inverse of `weight_matrix` for `node`'s layout: (weight, attributes to set so that alpha = beta = 1)."""
+    if node.op == "Conv":
+        ndim = const(node.inputs[1]).ndim
+        return matrix.reshape(matrix.shape + (1,) * (ndim - 2)), {}
+    if node.op == "Gemm":
+        return matrix.T, {"alpha": 1.0, "beta": 1.0, "transB": 0}
+    return matrix.T, {}
+
+
+def affine(node: gs.Node) -> tuple[np.ndarray, np.ndarray | None]:
+    """The op as y = W x + b along its channel axis: W [out, in] with alpha applied, b with beta (None: no bias)."""
+    w = weight_matrix(node).astype(np.float64)
+    index = BIAS_INPUT.get(node.op)
+    present = index is not None and len(node.inputs) > index and node.inputs[index].name
+    bias = const(node.inputs[index]).astype(np.float64) if present else None
+    if node.op == "Gemm":
+        alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+        return alpha * w, None if bias is None else beta * np.broadcast_to(bias, (w.shape[0],))
+    return w, bias
+
+
+def weight_out_axis(node: gs.Node) -> int | None:
+    """Axis of the constant weight that holds the output channels (None: not a plain producer)."""
+    if node.op == "Conv" or node.op == "ConvTranspose" and int(node.attrs.get("group", 1)) == 1:
+        return 0 if node.op == "Conv" else 1
+    if node.op == "Gemm" and not node.attrs.get("transA", 0):
+        return 0 if node.attrs.get("transB", 0) else 1
+    return 1 if node.op == "MatMul" else None
+
+
+def output_channel_axis(node: gs.Node, rank: int | None = None) -> int:
+    """Axis of a producer's output that carries its channels: 1 in N, C, ... layouts, the last for MatMul.
+
+    The last axis is counted from the front when `rank` is given, else it is -1.
+    """
+    if node.op in ("Conv", "ConvTranspose", "Gemm"):
+        return 1
+    return -1 if rank is None else rank - 1

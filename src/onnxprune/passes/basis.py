@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.graph import unique_name
 from onnxprune.result import PassResult, Report
-from onnxprune.rules import const
+from onnxprune.rules import MATRIX_OPS, const, weight_matrix
 
 ORTHONORMAL_TOLERANCE = 1e-3
 
@@ -28,33 +28,6 @@ class BasisPair:
     basis: str
     scaling: str
     mid: str
-
-
-def _conv_matrix(node: gs.Node) -> np.ndarray | None:
-    """A plain Conv's weight as [Co, K], or None if the node cannot be split."""
-    w = const(node.inputs[1]) if len(node.inputs) > 1 else None
-    if w is None or w.ndim < 3 or int(node.attrs.get("group", 1)) != 1:
-        return None
-    return w.reshape(w.shape[0], -1)
-
-
-def _gemm_matrix(node: gs.Node) -> np.ndarray | None:
-    """A Gemm's weight as [N, K] (out x in), or None."""
-    w = const(node.inputs[1]) if len(node.inputs) > 1 else None
-    if w is None or w.ndim != 2 or node.attrs.get("transA", 0):
-        return None
-    return w if node.attrs.get("transB", 0) else w.T
-
-
-def _matmul_matrix(node: gs.Node) -> np.ndarray | None:
-    w = const(node.inputs[1]) if len(node.inputs) > 1 else None
-    if w is None or w.ndim != 2:
-        return None
-    return w.T
-
-
-# op -> weight as an [out, in] matrix (None: not splittable)
-_MATRIX = {"Conv": _conv_matrix, "Gemm": _gemm_matrix, "MatMul": _matmul_matrix}
 
 
 def decompose_basis(
@@ -80,13 +53,13 @@ def decompose_basis(
     report = Report()
     made: list[BasisPair] = []
     paired = {n for p in find_basis_pairs(graph) for n in (p.basis, p.scaling)}
-    for node in [n for n in graph.nodes if n.op in _MATRIX]:
+    for node in [n for n in graph.nodes if n.op in MATRIX_OPS]:
         if names is not None and node.name not in names:
             continue
         if node.name in paired:
             report.skip(node, "already a basis/scaling pair")
             continue
-        matrix = _MATRIX[node.op](node)
+        matrix = weight_matrix(node)
         if matrix is None:
             report.skip(node, f"{node.op} without a constant weight that can be split (grouped, or computed)")
             continue
@@ -163,18 +136,18 @@ def find_basis_pairs(graph: gs.Graph) -> list[BasisPair]:
     """Basis ops (orthonormal filters, no bias) that feed only a 1x1 scaling op: split layers, ours or re-exported."""
     pairs = []
     for node in graph.nodes:
-        if node.op not in _MATRIX or len(node.outputs) != 1:
+        if node.op not in MATRIX_OPS or len(node.outputs) != 1:
             continue
         mid = node.outputs[0]
         if len(mid.outputs) != 1 or mid in graph.outputs:
             continue
         nxt = mid.outputs[0]
-        if nxt.op not in _MATRIX or nxt.inputs[0] is not mid or not _is_scaling(nxt):
+        if nxt.op not in MATRIX_OPS or nxt.inputs[0] is not mid or not _is_scaling(nxt):
             continue
         if node.op == "Conv" and (nxt.op != "Conv"):
             continue
         has_bias = len(node.inputs) > 2 and node.inputs[2].name and np.any(const(node.inputs[2]) != 0)
-        basis = _MATRIX[node.op](node)
+        basis = weight_matrix(node)
         if basis is None or has_bias or node.op == "Gemm" and nxt.op != "Gemm":
             continue
         rows = basis.astype(np.float64)  # [r, K]
@@ -187,7 +160,7 @@ def find_basis_pairs(graph: gs.Graph) -> list[BasisPair]:
 
 
 def _is_scaling(node: gs.Node) -> bool:
-    if _MATRIX[node.op](node) is None:
+    if weight_matrix(node) is None:
         return False
     if node.op != "Conv":
         return True
@@ -199,8 +172,8 @@ def _is_scaling(node: gs.Node) -> bool:
 def pair_sizes(graph: gs.Graph, pair: BasisPair) -> tuple[int, int, int]:
     """(rank r, in size K, out size Co) of a pair as it is now."""
     nodes = {n.name: n for n in graph.nodes}
-    basis = _MATRIX[nodes[pair.basis].op](nodes[pair.basis])
-    scaling = _MATRIX[nodes[pair.scaling].op](nodes[pair.scaling])
+    basis = weight_matrix(nodes[pair.basis])
+    scaling = weight_matrix(nodes[pair.scaling])
     return basis.shape[0], basis.shape[1], scaling.shape[0]
 
 

@@ -7,14 +7,12 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxprune import rules
 from onnxprune.graph import unique_name
 from onnxprune.result import PassResult, Report
 from onnxprune.rules import const
 
 log = logging.getLogger(__name__)
-
-# Where the output channels sit in each foldable producer's weight (BN scales them).
-_BN_TARGET_AXIS = {"Conv": 0, "ConvTranspose": 1}
 
 
 def cleanup(graph: gs.Graph, *, fold_bn: bool = True) -> PassResult:
@@ -61,15 +59,13 @@ def _fold_batch_norm(graph: gs.Graph, bn: gs.Node) -> bool:
         return False
     producer = x.inputs[0]
     weight = const(producer.inputs[1]) if len(producer.inputs) > 1 else None
-    if weight is None or producer.op not in ("Conv", "ConvTranspose", "Gemm"):
+    axis = rules.weight_out_axis(producer)
+    if weight is None or axis is None or producer.op not in rules.BIAS_INPUT:
         return False
-    if producer.op == "ConvTranspose" and int(producer.attrs.get("group", 1)) != 1:
-        return False
-    if producer.op == "Gemm" and (producer.attrs.get("transA", 0) or float(producer.attrs.get("beta", 1.0)) != 1.0):
+    if float(producer.attrs.get("beta", 1.0)) != 1.0:  # Gemm: the new bias is written for beta = 1
         return False
     scale, shift, mean, var = (p.astype(np.float64) for p in params)
     factor = scale / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
-    axis = _BN_TARGET_AXIS.get(producer.op, 0 if producer.attrs.get("transB", 0) else 1)
     if weight.shape[axis] != factor.size:
         return False
     shape = [1] * weight.ndim
@@ -86,8 +82,6 @@ def _fold_batch_norm(graph: gs.Graph, bn: gs.Node) -> bool:
     while len(producer.inputs) < 3:
         producer.inputs.append(gs.Variable.empty())
     producer.inputs[2] = b
-    if producer.op == "Gemm":
-        producer.attrs["beta"] = 1.0
     y = bn.outputs[0]
     producer.outputs[0] = y
     bn.outputs.clear()

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxprune import rules
 from onnxprune.calibration.runner import channels_last, stream
 from onnxprune.graph import to_model, unique_name
 from onnxprune.passes.basis import BasisPair
@@ -58,9 +59,9 @@ def refit_scaling(
             report.skip(node, "no matching tensor in the original model to fit to")
             continue
         current = to_model(graph, template)
-        old_w, old_b = _affine(node)
-        axis = 1 if node.op == "Conv" else -1
-        with_bias = node.op != "MatMul"
+        old_w, old_b = rules.affine(node)
+        axis = rules.output_channel_axis(node)
+        with_bias = node.op in rules.BIAS_INPUT
         select = (kept or {}).get(target)
         zz, yz = _accumulate(current, original, fit, pair.mid, target, axis, with_bias, batch_size, select)
         r = old_w.shape[1]
@@ -86,34 +87,17 @@ def refit_scaling(
     return PassResult(graph, modified=bool(report.counts.get("refitted")), report=report)
 
 
-def _affine(node: gs.Node) -> tuple[np.ndarray, np.ndarray | None]:
-    """The scaling op as y = W z + b with W [Co, r]."""
-    w = const(node.inputs[1]).astype(np.float64)
-    bias = const(node.inputs[2]).astype(np.float64) if len(node.inputs) > 2 and node.inputs[2].name else None
-    if node.op == "Conv":
-        return w.reshape(w.shape[0], -1), bias
-    alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
-    matrix = w if node.op == "Gemm" and node.attrs.get("transB", 0) else w.T
-    if node.op == "Gemm":
-        return alpha * matrix, None if bias is None else beta * np.broadcast_to(bias, (matrix.shape[0],))
-    return matrix, None
-
-
 def _write(graph: gs.Graph, node: gs.Node, w: np.ndarray, b: np.ndarray | None) -> None:
     dtype = const(node.inputs[1]).dtype
-    if node.op == "Conv":
-        weight = w.reshape(w.shape + (1,) * (const(node.inputs[1]).ndim - 2))
-    else:
-        weight = w.T
-        if node.op == "Gemm":
-            node.attrs.update({"alpha": 1.0, "beta": 1.0, "transB": 0})
+    weight, attrs = rules.weight_from_matrix(node, w)
+    node.attrs.update(attrs)
     node.inputs[1] = gs.Constant(unique_name(graph, f"{node.name}/weight_refit"), weight.astype(dtype))
     if b is not None:
         bias = gs.Constant(unique_name(graph, f"{node.name}/bias_refit"), b.astype(dtype))
-        if len(node.inputs) > 2:
-            node.inputs[2] = bias
-        else:
-            node.inputs.append(bias)
+        index = rules.BIAS_INPUT[node.op]
+        while len(node.inputs) <= index:
+            node.inputs.append(gs.Variable.empty())
+        node.inputs[index] = bias
 
 
 def _pairs_of(current: onnx.ModelProto, original: onnx.ModelProto, data: dict, mid: str, target: str, batch_size: int):
