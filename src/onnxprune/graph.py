@@ -189,11 +189,22 @@ def reinfer_shapes(graph: gs.Graph, template: onnx.ModelProto) -> gs.Graph:
 
 def unique_name(graph: gs.Graph, base: str) -> str:
     """A tensor/node name derived from `base` that the graph does not use yet."""
-    taken = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    return name
+    return Namer(graph).fresh_name(base)
+
+
+class Namer:
+    """Fresh names for one graph, remembering those it gave (cheaper than `unique_name` for many rewrites)."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self._taken = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
+
+    def fresh_name(self, base: str) -> str:
+        """`base`, or `base_1`, `base_2`... whichever is still free."""
+        name, i = base, 1
+        while name in self._taken:
+            name, i = f"{base}_{i}", i + 1
+        self._taken.add(name)
+        return name
 
 
 def reset_shapes(graph: gs.Graph) -> None:

@@ -8,19 +8,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxprune.calibration.data import model_inputs
 from onnxprune.graph import session, to_graph, to_model
 from onnxprune.passes.groups import ChannelGraph, find_channel_groups
 from onnxprune.result import PassResult, Report
 from onnxprune.rules import Kind, const
-
-_NP_TYPES = {
-    onnx.TensorProto.FLOAT: np.float32,
-    onnx.TensorProto.FLOAT16: np.float16,
-    onnx.TensorProto.DOUBLE: np.float64,
-    onnx.TensorProto.INT64: np.int64,
-    onnx.TensorProto.INT32: np.int32,
-    onnx.TensorProto.BOOL: np.bool_,
-}
 
 
 def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -35,19 +27,14 @@ def random_feeds(
 ) -> dict[str, np.ndarray]:
     """Normal random data for every graph input; the first symbolic dim is `batch`, others from `dims` or 8."""
     rng = np.random.default_rng(seed)
-    inits = {t.name for t in model.graph.initializer}
+    symbols = {i.name: [d.dim_param for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     feeds = {}
-    for inp in model.graph.input:
-        if inp.name in inits:
-            continue
-        shape = []
-        for i, d in enumerate(inp.type.tensor_type.shape.dim):
-            if d.HasField("dim_value"):
-                shape.append(d.dim_value)
-            else:
-                shape.append(batch if i == 0 else (dims or {}).get(d.dim_param, 8))
-        dtype = _NP_TYPES[inp.type.tensor_type.elem_type]
-        feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+    for name, (known, dtype) in model_inputs(model).items():
+        shape = [
+            d if d is not None else batch if i == 0 else (dims or {}).get(symbols[name][i], 8)
+            for i, d in enumerate(known)
+        ]
+        feeds[name] = rng.standard_normal(shape).astype(dtype or np.float32)
     return feeds
 
 
@@ -98,9 +85,11 @@ def mask_channels(model: onnx.ModelProto, plan: dict[str, np.ndarray]) -> onnx.M
         if step.kind is not Kind.PRODUCER:
             continue
         node = nodes[name]
-        unfoldable = step.fold is not None and (
-            step.fold.apply is None or not np.all(np.isfinite(analysis.flows[step.fold.tensor].zero))
-        )
+        unfoldable = False
+        if step.fold is not None:  # the same judgement remove_channels makes, on the removed positions
+            flow = analysis.flows[step.fold.tensor]
+            values = flow.zero[~alive[analysis.class_of[flow.ids]]]
+            unfoldable = bool(np.any(values != 0)) and (step.fold.apply is None or not np.all(np.isfinite(values)))
         for ps in step.params:
             if ps.index >= len(node.inputs) or const(node.inputs[ps.index]) is None:
                 continue

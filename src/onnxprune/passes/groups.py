@@ -8,7 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune import rules
-from onnxprune.rules import Flow, Kind, Step
+from onnxprune.rules import Flow, Step
 
 
 @dataclass
@@ -199,8 +199,3 @@ def _outer_names(node: gs.Node) -> list[str]:
                 names += [t.name for n in sub.nodes for t in n.inputs if t.name and t.name not in local]
                 names.append("<subgraph>")
     return names
-
-
-def producer_kind(step: Step) -> bool:
-    """True when the step makes new channels (a Conv/Gemm/MatMul producer)."""
-    return step.kind is Kind.PRODUCER

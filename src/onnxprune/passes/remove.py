@@ -5,24 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.graph import reset_shapes
+from onnxprune.graph import Namer, reset_shapes
 from onnxprune.passes.groups import ChannelGraph, find_channel_groups
 from onnxprune.result import PassResult, Report
 from onnxprune.rules import const
-
-
-class _Namer:
-    """Gives rewrites fresh tensor names in this graph."""
-
-    def __init__(self, graph: gs.Graph) -> None:
-        self._taken = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
-
-    def fresh_name(self, base: str) -> str:
-        name, i = base, 1
-        while name in self._taken:
-            name, i = f"{base}_{i}", i + 1
-        self._taken.add(name)
-        return name
 
 
 def remove_channels(
@@ -45,7 +31,7 @@ def remove_channels(
     empty = sorted(name for name in shrunk if len(keeps[name]) == 0)
     if empty:
         raise ValueError(f"plan removes every channel of tensor '{empty[0]}'")
-    namer = _Namer(graph)
+    namer = Namer(graph)
     for node in graph.nodes:
         step = analysis.steps.get(node.name)
         touched = {t.name for t in node.inputs} | {t.name for t in node.outputs}
@@ -77,7 +63,7 @@ def remove_channels(
 
 
 def _fold(
-    node: gs.Node, fold, analysis: ChannelGraph, keeps: dict[str, np.ndarray], namer: _Namer, report: Report
+    node: gs.Node, fold, analysis: ChannelGraph, keeps: dict[str, np.ndarray], namer: Namer, report: Report
 ) -> None:
     flow = analysis.flows[fold.tensor]
     removed = np.setdiff1d(np.arange(len(flow.ids)), keeps[fold.tensor])
