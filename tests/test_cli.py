@@ -1,9 +1,12 @@
 """The command line: the job end to end, and every bad input ending in one line, exit 2, nothing written."""
 
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +193,45 @@ def test_existing_output_needs_overwrite(model_file, tmp_path, capsys):
     code, _, err = run([model_file, out, "--ratio", "0.3", "--method", "channel", "--overwrite", "-q"], capsys)
     assert code == 0, err
     assert out.read_bytes() != model_file.read_bytes()
+
+
+def _one_line_exit_2(code, err):
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_full_disk_leaves_nothing_behind(model_file, tmp_path, capsys, monkeypatch):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save_model", full)
+    before = model_file.read_bytes()
+    code, _, err = run([model_file, out_dir / "o.onnx", "--ratio", "0.3", "--method", "channel"], capsys)
+    _one_line_exit_2(code, err)
+    assert "No space left on device" in err and "nothing was written" in err
+    assert list(out_dir.iterdir()) == [] and model_file.read_bytes() == before
+
+
+def test_read_only_output_folder(model_file, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.geteuid() == 0:  # root ignores the mode bits; make the write fail as the kernel would for a user
+
+        def denied(*args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "mkdtemp", denied)
+    try:
+        code, _, err = run([model_file, folder / "o.onnx", "--ratio", "0.3", "--method", "channel"], capsys)
+        _one_line_exit_2(code, err)
+        assert "not writable" in err or "Permission denied" in err
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o755)
 
 
 def test_bench_times_models_side_by_side(model_file, tmp_path, capsys):

@@ -138,3 +138,133 @@ def test_symbolic_spatial_dims_are_kept(method):
     for size in (8, 12):
         out = ort_run(pruned, random_feeds(model, batch=2, dims={"h": size, "w": size}))
         assert next(iter(out.values())).shape == (2, 5)
+
+
+def _old_exporter(opset: int, *, constants_as_nodes: bool = False) -> onnx.ModelProto:
+    """What old exporters wrote: auto_pad, Clip with attributes, Upsample, Sum, Reshape 0/-1, Gemm alpha/beta/transB,
+    weights also listed as graph inputs (or held by Constant nodes)."""
+    b = Builder(70 + opset)
+    x = b.node(
+        "Conv", ["x", b.const(b.rng.standard_normal((8, 3, 3, 3)) / 5)], kernel_shape=[3, 3], auto_pad="SAME_UPPER"
+    )
+    x = b.bn(x, 8)
+    x = (
+        b.node("Clip", [x], min=0.0, max=6.0)
+        if opset < 11
+        else b.node("Clip", [x, b.const(np.float32(0.0), "lo"), b.const(np.float32(6.0), "hi")])
+    )
+    if opset < 10:
+        x = b.node("Upsample", [x, b.const(np.array([1, 1, 2, 2], np.float32), "sc")], mode="nearest")
+    else:
+        x = b.node(
+            "Resize",
+            [x, b.const(np.zeros(0, np.float32), "roi"), b.const(np.array([1, 1, 2, 2], np.float32), "sc")]
+            if opset >= 11
+            else [x, b.const(np.array([1, 1, 2, 2], np.float32), "sc")],
+            mode="nearest",
+        )
+    left, right = b.conv(x, 8, 12, stride=2), b.conv(x, 8, 12, 1, stride=2, pad=0)
+    x = b.relu(b.node("Sum", [left, right]))
+    flat = b.node("Reshape", [b.conv(x, 12, 6, stride=2), b.const(np.array([0, -1], np.int64), "shape")])
+    w = b.rng.standard_normal((6 * 4 * 4, 5)).astype(np.float32) / 10  # transB=0: weight is [in, out]
+    out = b.node("Gemm", [flat, b.const(w), b.const(np.full(5, 0.1, np.float32), "b")], alpha=0.5, beta=2.0)
+    model = b.model([("x", [3, 8, 8])], [out], opset=opset)
+    model.ir_version = 4 if opset < 13 else 7
+    if constants_as_nodes:
+        consts = [helper.make_node("Constant", [], [t.name], value=t) for t in model.graph.initializer]
+        model.graph.ClearField("initializer")
+        nodes = consts + list(model.graph.node)
+        model.graph.ClearField("node")
+        model.graph.node.extend(nodes)
+    else:  # IR 3 style: every initializer is also a graph input
+        model.graph.input.extend(
+            helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in model.graph.initializer
+        )
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("constants_as_nodes", [False, True], ids=["inits-as-inputs", "constant-nodes"])
+@pytest.mark.parametrize("opset", [9, 10, 11, 13])
+def test_old_exporter_graphs_prune_exactly(opset, constants_as_nodes):
+    """Clip attrs (opset < 11), Upsample (opset 9), auto_pad, Sum, Reshape [0, -1], Gemm transB=0 alpha/beta."""
+    from onnxprune.passes.cleanup import cleanup
+    from onnxprune.passes.remove import remove_channels
+    from onnxprune.testing import apply_pass, assert_outputs_close, every_other_channel, mask_channels
+
+    model = _old_exporter(opset, constants_as_nodes=constants_as_nodes)
+    clean = apply_pass(model, cleanup)[0]
+    analysis = find_channel_groups(to_graph(clean))
+    plan = every_other_channel(analysis)
+    assert len(plan) == 3, analysis.groups  # conv after BN+Clip+Upsample, the Sum pair, the conv before Reshape
+    pruned, _ = apply_pass(clean, remove_channels, plan=plan)
+    onnx.checker.check_model(pruned, full_check=True)
+    feeds = random_feeds(model, batch=3)
+    assert_outputs_close(ort_run(pruned, feeds), ort_run(mask_channels(clean, plan), feeds), rtol=1e-4, atol=1e-5)
+    for method in ("channel", "basis"):
+        out, report = prune(model, remove_ratio=0.4, method=method, min_rank=2)
+        assert report.facts["params_removed"] >= 0.39
+        assert out.opset_import[0].version == opset
+        assert ort_run(out, feeds)[model.graph.output[0].name].shape == (3, 5)
+
+
+@pytest.mark.parametrize("op", ["Loop", "Scan"])
+def test_loop_and_scan_bodies_reading_a_tensor_block_it(op):
+    b = Builder(64)
+    x = b.cbr("x", 3, 8)
+    if op == "Loop":
+        body = helper.make_graph(
+            [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Relu", [x], ["body_out"])],
+            "body",
+            [
+                helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            ],
+            [
+                helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+                helper.make_tensor_value_info("body_out", TensorProto.FLOAT, None),
+            ],
+        )
+        trips, cond = b.const(np.array(2, np.int64), "n"), b.const(np.array(True), "c")
+        b.nodes.append(helper.make_node("Loop", [trips, cond], ["stacked"], name="loop", body=body))
+        y = b.node("ReduceMax", ["stacked"], axes=[0], keepdims=0)
+    else:
+        body = helper.make_graph(
+            [helper.make_node("Add", ["state", "row"], ["next"]), helper.make_node("Identity", ["next"], ["scan_out"])],
+            "body",
+            [
+                helper.make_tensor_value_info("state", TensorProto.FLOAT, None),
+                helper.make_tensor_value_info("row", TensorProto.FLOAT, None),
+            ],
+            [
+                helper.make_tensor_value_info("next", TensorProto.FLOAT, None),
+                helper.make_tensor_value_info("scan_out", TensorProto.FLOAT, None),
+            ],
+        )
+        init = b.node("ReduceMean", [x], axes=[0], keepdims=0)
+        b.nodes.append(
+            helper.make_node("Scan", [init, x], ["final", "rows"], name="scan", body=body, num_scan_inputs=1)
+        )
+        y = "rows"
+    out = b.head(b.cbr(y, 8, 6), 6)
+    model = b.model([("x", [3, 8, 8])], [out])
+    groups = _groups(model).groups
+    assert f"{op} has subgraphs" in next(iter(groups[0].blocked.values()))
+    pruned, report = prune(model, remove_ratio=0.1, method="channel")
+    assert [n for n in pruned.graph.node if n.op_type == op]
+    assert ort_run(pruned, random_feeds(model, batch=2))[out].shape == (2, 5)
+
+
+def test_matmul_with_the_weight_on_the_left_is_left_alone_and_named():
+    b = Builder(65)
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [b.cbr("x", 3, 8)])], axis=1)  # [batch, 8]
+    xt = b.node("Transpose", [x], perm=[1, 0])  # [8, batch]
+    y = b.node("MatMul", [b.const(b.rng.standard_normal((5, 8)).astype(np.float32)), xt])  # W @ x: [5, batch]
+    out = b.node(
+        "Transpose", [b.node("MatMul", [b.const(b.rng.standard_normal((6, 5)).astype(np.float32)), y])], perm=[1, 0]
+    )
+    model = b.model([("x", [3, 8, 8])], [out])
+    reasons = [r for g in _groups(model).groups for r in g.blocked.values()]
+    assert reasons, "the group feeding a left-hand weight is blocked"
+    pruned, report = prune(model, remove_ratio=0.0, method="channel")
+    assert ort_run(pruned, random_feeds(model, batch=2))[out].shape == (2, 6)

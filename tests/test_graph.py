@@ -6,7 +6,7 @@ import onnx
 import pytest
 from models import chain
 
-from onnxprune.errors import InvalidModelError
+from onnxprune.errors import InvalidModelError, OnnxPruneError
 from onnxprune.graph import load, save
 from onnxprune.testing import assert_outputs_close, ort_run, random_feeds
 
@@ -27,13 +27,16 @@ def test_external_data_loads(tmp_path):
     assert_outputs_close(ort_run(loaded, feeds), ort_run(model, feeds), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("location", ["../outside.data", "/etc/passwd"])
+@pytest.mark.parametrize("location", ["../outside.data", "/etc/passwd", "link.data"])
 def test_external_data_outside_the_folder_is_refused(tmp_path, location):
     model = chain()
     folder = tmp_path / "inner"
     folder.mkdir()
     path = folder / "m.onnx"
     onnx.save_model(model, path, save_as_external_data=True, location="m.data", size_threshold=0)
+    if location == "link.data":  # a symlink inside the folder that leads out of it
+        (folder / "m.data").rename(tmp_path / "outside.data")
+        (folder / "link.data").symlink_to(tmp_path / "outside.data")
     proto = onnx.load(path, load_external_data=False)
     for tensor in proto.graph.initializer:
         for entry in tensor.external_data:
@@ -54,7 +57,7 @@ def test_save_is_atomic_and_leaves_no_temp_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(onnx, "save_model", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(OnnxPruneError, match="cannot write .disk full.; nothing was written"):
         save(chain(), path)
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["out.onnx"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pathlib
@@ -12,10 +13,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 from onnx import external_data_helper
 
-from onnxprune.errors import InvalidModelError, UnsupportedModelError
+from onnxprune.errors import InvalidModelError, OnnxPruneError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 ort.set_default_logger_severity(3)
@@ -44,7 +45,8 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
         raise InvalidModelError(f"{path}: not an ONNX model (no graph nodes; truncated or another file type?)")
     _check_declared_sizes(model)
     _load_external_data(model, path.parent)
-    check(model, where=str(path))
+    _check_declared_sizes(model)  # external tensors too, now that their bytes are in
+    check(model, where=str(path), path=path)
     return model
 
 
@@ -96,16 +98,29 @@ def _load_external_data(model: onnx.ModelProto, folder: pathlib.Path) -> None:
             raise InvalidModelError(f"external data of the model cannot be read: {err}") from err
 
 
-def check(model: onnx.ModelProto, *, where: str = "model", full: bool = False) -> None:
-    """Run the ONNX checker; raise InvalidModelError with its first line."""
+def oversized(model: onnx.ModelProto) -> bool:
+    """True when the proto cannot be serialised in one piece (over protobuf's 2 GB limit).
+
+    ByteSize walks every byte (seconds on a 2 GB model), so the weights' declared sizes decide the clear cases.
+    """
+    payload = _tensor_bytes(model)
+    if payload > TWO_GB:
+        return True
+    if payload < TWO_GB // 2:
+        return False
     try:
-        if model.ByteSize() > TWO_GB:
-            with tempfile.TemporaryDirectory() as tmp:
-                p = os.path.join(tmp, "m.onnx")
-                copy = onnx.ModelProto()
-                copy.CopyFrom(model)  # saving as external data rewrites the proto it is given
-                onnx.save_model(copy, p, save_as_external_data=True, location="m.data")
-                onnx.checker.check_model(p, full_check=full)
+        return model.ByteSize() > TWO_GB
+    except EncodeError:
+        return True
+
+
+def check(
+    model: onnx.ModelProto, *, where: str = "model", full: bool = False, path: pathlib.Path | None = None
+) -> None:
+    """Run the ONNX checker (on `path`, the file it was read from, when the proto is over 2 GB); one-line errors."""
+    try:
+        if path is not None and oversized(model):
+            onnx.checker.check_model(str(path), full_check=full)
         else:
             onnx.checker.check_model(model, full_check=full)
     except (
@@ -125,9 +140,10 @@ def check(model: onnx.ModelProto, *, where: str = "model", full: bool = False) -
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape inference with data propagation (Shape -> Gather -> Reshape chains resolve where they can)."""
-    if model.ByteSize() > TWO_GB:
-        return model
     try:
+        if oversized(model):
+            with _weights_set_aside(model):
+                return onnx.shape_inference.infer_shapes(model, data_prop=True)
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except (onnx.shape_inference.InferenceError, RuntimeError, ValueError, UnicodeError, TypeError) as err:
         log.debug("shape inference failed: %s", err)
@@ -141,7 +157,11 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
         if domain.domain in ("", "ai.onnx") and domain.version < 7:
             raise UnsupportedModelError(f"opset {domain.version} is too old; convert the model to opset 9 or newer")
     try:
-        graph = gs.import_onnx(infer_shapes(model))
+        if oversized(model):  # infer on a weightless view, import the real weights, then copy the shapes over
+            graph = gs.import_onnx(model)
+            _set_shapes(graph, infer_shapes(model))
+        else:
+            graph = gs.import_onnx(infer_shapes(model))
     except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError, AssertionError) as err:
         raise InvalidModelError(
             f"model cannot be read into a graph ({type(err).__name__}: {err}); is it a valid ONNX model?"
@@ -157,12 +177,44 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     return graph
 
 
+@contextlib.contextmanager
+def _weights_set_aside(model: onnx.ModelProto):
+    """Temporarily mark large initializers as external (dims kept, bytes held here) so the proto serialises."""
+    held = []
+    for tensor in model.graph.initializer:
+        if len(tensor.raw_data) > 1024 and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            held.append((tensor, tensor.raw_data))
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            entry = tensor.external_data.add()
+            entry.key, entry.value = "location", "set-aside"
+    try:
+        yield model
+    finally:
+        for tensor, data in held:
+            tensor.ClearField("external_data")
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = data
+
+
+def _set_shapes(graph: gs.Graph, inferred: onnx.ModelProto) -> None:
+    values = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for tensor in graph.tensors().values():
+        info = values.get(tensor.name)
+        if isinstance(tensor, gs.Variable) and info is not None and info.type.tensor_type.HasField("shape"):
+            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type)
+            tensor.shape = [
+                d.dim_param or (d.dim_value if d.HasField("dim_value") else None)
+                for d in info.type.tensor_type.shape.dim
+            ]
+
+
 def _strip_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     """Old exporters list every initializer as a graph input too; those are weights, not inputs."""
     inits = {t.name for t in model.graph.initializer}
     if not any(i.name in inits for i in model.graph.input):
         return model
-    model = onnx.ModelProto.FromString(model.SerializeToString()) if model.ByteSize() <= TWO_GB else model
+    model = onnx.ModelProto.FromString(model.SerializeToString()) if not oversized(model) else model
     keep = [i for i in model.graph.input if i.name not in inits]
     del model.graph.input[:]
     model.graph.input.extend(keep)
@@ -220,10 +272,13 @@ def save(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     """Write atomically: into a temp folder beside the target, then rename. External data above 2 GB, next to it."""
     path = pathlib.Path(path)
     folder = path.parent if str(path.parent) else pathlib.Path(".")
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+    try:
+        staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+    except OSError as err:
+        raise OnnxPruneError(f"{path}: cannot write into {folder} ({err.strerror or err})") from err
     data_name = path.name + ".data"
     try:
-        if model.ByteSize() > TWO_GB or _tensor_bytes(model) > TWO_GB:
+        if oversized(model):
             copy = onnx.ModelProto()
             copy.CopyFrom(model)  # saving as external data rewrites the proto it is given
             onnx.save_model(
@@ -238,12 +293,18 @@ def save(model: onnx.ModelProto, path: str | os.PathLike) -> None:
         else:
             onnx.save_model(model, staging / path.name)
         os.replace(staging / path.name, path)
+    except OSError as err:  # disk full, quota, permissions changed under us: nothing half-written is left
+        raise OnnxPruneError(f"{path}: cannot write ({err.strerror or err}); nothing was written") from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def _tensor_bytes(model: onnx.ModelProto) -> int:
-    return sum(int(np.prod(t.dims)) * 4 for t in model.graph.initializer)
+    """Bytes the initializers and Constant nodes declare (4 per element: an upper bound for float16 and int8)."""
+    tensors = list(model.graph.initializer) + [
+        a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.HasField("t")
+    ]
+    return sum(int(np.prod(t.dims, dtype=np.int64)) * 4 for t in tensors)
 
 
 def session(model: onnx.ModelProto | str, *, optimize: bool = False, threads: int = 0) -> ort.InferenceSession:
@@ -260,10 +321,23 @@ def session(model: onnx.ModelProto | str, *, optimize: bool = False, threads: in
 
 
 def validate(model: onnx.ModelProto, *, where: str = "output model") -> None:
-    """Full checker and an onnxruntime session must both accept the model."""
-    check(model, where=where, full=True)
+    """Full checker and an onnxruntime session must both accept the model (over 2 GB: as a file with its data)."""
+    if not oversized(model):
+        check(model, where=where, full=True)
+        _session_accepts(model, where)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "m.onnx"
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # saving as external data rewrites the proto it is given
+        onnx.save_model(copy, path, save_as_external_data=True, location="m.data")
+        del copy
+        check(model, where=where, full=True, path=path)
+        _session_accepts(str(path), where)
+
+
+def _session_accepts(model: onnx.ModelProto | str, where: str) -> None:
     try:
-        if model.ByteSize() <= TWO_GB:
-            session(model)
+        session(model)
     except Exception as err:  # onnxruntime raises its own exception types; any of them means invalid.
         raise InvalidModelError(f"{where}: onnxruntime cannot load it: {str(err).splitlines()[0]}") from err

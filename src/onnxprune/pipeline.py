@@ -54,8 +54,8 @@ def run_passes(graph: gs.Graph, passes: Sequence[Callable[[gs.Graph], PassResult
 
 
 def count(model: onnx.ModelProto) -> tuple[int, int]:
-    """(parameters, MACs per sample) of a model as written."""
-    return CostModel(to_graph(model)).count()
+    """(parameters, MACs per sample) of a model as written (weights in Constant nodes or constant subgraphs count)."""
+    return CostModel(cleanup(to_graph(model), fold_bn=False).graph).count()
 
 
 def prune(
