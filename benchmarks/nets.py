@@ -1,0 +1,184 @@
+"""The suite's networks (torch, CPU): a CIFAR-style ResNet-20, a VGG with BatchNorm and a MobileNetV2-style net.
+
+Each is trained once per data set and cached (torch state dict + ONNX export) under the data cache; `export` writes
+the eval-mode ONNX with a dynamic batch, BatchNorm folded by the exporter, as a user's exporter would.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.short(x))
+
+
+class ResNet(nn.Module):
+    """ResNet-6n+2 for small images (He et al. 2016, CIFAR variant): n blocks per stage, widths w, 2w, 4w."""
+
+    def __init__(self, classes: int, n: int = 3, width: int = 16, channels: int = 1) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        layers, cin = [], width
+        for stage, cout in enumerate((width, 2 * width, 4 * width)):
+            for i in range(n):
+                layers.append(BasicBlock(cin, cout, 2 if stage and i == 0 else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1))
+
+
+class VGG(nn.Module):
+    """VGG-style stack of 3x3 Conv-BN-ReLU with max pools, global pooling and a two-layer classifier."""
+
+    def __init__(self, classes: int, cfg=(32, "M", 64, "M", 128, 128, "M", 256, 256, "M"), channels: int = 1) -> None:
+        super().__init__()
+        layers, cin = [], channels
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(cin, v, 3, 1, 1, bias=False), nn.BatchNorm2d(v), nn.ReLU()]
+                cin = v
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Linear(cin, 256), nn.ReLU(), nn.Linear(256, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.residual = stride == 1 and cin == cout
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, mid, 1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU6(),
+            nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU6(),
+            nn.Conv2d(mid, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x) if self.residual else self.body(x)
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (Sandler et al. 2018) scaled for 32x32 inputs: (expansion, channels, blocks, stride) stages."""
+
+    def __init__(
+        self,
+        classes: int,
+        cfg=((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 2, 2), (6, 64, 2, 2), (6, 96, 1, 1)),
+        channels: int = 1,
+    ) -> None:
+        super().__init__()
+        layers = [nn.Conv2d(channels, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU6()]
+        cin = 32
+        for t, c, n, s in cfg:
+            for i in range(n):
+                layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+                cin = c
+        layers += [nn.Conv2d(cin, 320, 1, bias=False), nn.BatchNorm2d(320), nn.ReLU6()]
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(320, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+ARCHITECTURES = {"resnet20": ResNet, "vgg": VGG, "mobilenetv2": MobileNetV2}
+
+
+def build(arch: str, classes: int, **kw) -> nn.Module:
+    return ARCHITECTURES[arch](classes, **kw)
+
+
+def train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch: int = 64, seed: int = 0) -> float:
+    """SGD with Nesterov momentum, one-cycle schedule, random shifts of up to 2 pixels; returns seconds spent."""
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    steps = epochs * ((len(x) + batch - 1) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), batch):
+            idx = perm[i : i + batch]
+            dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
+            loss = F.cross_entropy(model(torch.roll(xt[idx], shifts=(dy, dx), dims=(2, 3))), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    return time.perf_counter() - start
+
+
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    model.eval()
+    with torch.no_grad():
+        preds = torch.cat([model(torch.from_numpy(x[i : i + 256])).argmax(1) for i in range(0, len(x), 256)])
+    return float((preds.numpy() == y).mean())
+
+
+def export(model: nn.Module, path: os.PathLike, shape: tuple[int, ...]) -> None:
+    """Eval-mode ONNX, opset 17, dynamic batch; input 'image', output 'logits'."""
+    model.eval()
+    path = pathlib.Path(path)
+    tmp = path.with_suffix(".tmp.onnx")
+    torch.onnx.export(
+        model,
+        (torch.zeros(2, *shape),),
+        str(tmp),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    os.replace(tmp, path)
+
+
+def reestimate_bn(model: nn.Module, x: np.ndarray, batch: int = 64) -> None:
+    """Recompute every BatchNorm's running mean/var on `x` (cumulative average), a cheap post-pruning fix."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            model(torch.from_numpy(x[i : i + batch]))
+    model.eval()

@@ -1,0 +1,162 @@
+"""The tools a user would pick instead of onnxprune, run without fine-tuning on the same trained models.
+
+* Torch-Pruning (magnitude, BN-scale and Taylor importance; global or uniform), optionally followed by BatchNorm
+  statistics re-estimated on the calibration data;
+* plain truncated SVD of every Conv (one rank fraction for all layers, data-free);
+* onnxsim's structured Wanda pruning on the ONNX graph, with the same calibration data.
+
+Each takes a parameter-removal target and searches its own knob by bisection until the exported ONNX model's
+parameter count (counted by the same function for every row) is within one point of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from benchmarks.nets import export, reestimate_bn
+from onnxprune.pipeline import count
+
+TOLERANCE = 0.01
+
+
+def bisect(make: Callable[[float], tuple[object, float]], target: float, lo: float = 0.0, hi: float = 0.98, steps=12):
+    """Search knob in [lo, hi] (removal grows with it) for removal within TOLERANCE of target; best found wins."""
+    best = None
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        result, removed = make(mid)
+        if best is None or abs(removed - target) < abs(best[1] - target):
+            best = (result, removed, mid)
+        if abs(removed - target) <= TOLERANCE / 2:
+            break
+        lo, hi = (mid, hi) if removed < target else (lo, mid)
+    return best
+
+
+def torch_params(model: nn.Module) -> int:
+    """Parameters of the ONNX export: conv weights plus one bias per output channel (BN folds into it), linears."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            total += m.weight.numel() + m.out_channels
+        elif isinstance(m, nn.Linear):
+            total += m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+    return total
+
+
+def onnx_of(model: nn.Module, shape: tuple[int, ...]) -> onnx.ModelProto:
+    with tempfile.TemporaryDirectory() as tmp:
+        export(model, f"{tmp}/m.onnx", shape)
+        return onnx.load(f"{tmp}/m.onnx")
+
+
+def torch_pruning(
+    model: nn.Module,
+    calib: np.ndarray,
+    target: float,
+    *,
+    importance: str,
+    global_pruning: bool,
+    reestimate: bool,
+) -> tuple[onnx.ModelProto, dict]:
+    """Torch-Pruning's MetaPruner at the channel ratio that removes `target` of the parameters."""
+    import torch_pruning as tp
+
+    shape = tuple(calib.shape[1:])
+    example = torch.from_numpy(calib[:2])
+    before = torch_params(model)
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        pseudo = model(torch.from_numpy(calib)).argmax(1)  # no labels: the model's own predictions, as onnxprune
+
+    def make(ratio: float):
+        m = copy.deepcopy(model)
+        imp = {
+            "magnitude": tp.importance.MagnitudeImportance(p=1),
+            "bn": tp.importance.BNScaleImportance(),
+            "taylor": tp.importance.TaylorImportance(),
+        }[importance]
+        pruner = tp.pruner.MetaPruner(
+            m,
+            example,
+            importance=imp,
+            global_pruning=global_pruning,
+            pruning_ratio=ratio,
+            max_pruning_ratio=0.95,
+            ignored_layers=[head],
+        )
+        if importance == "taylor":
+            m.zero_grad()
+            for i in range(0, len(calib), 128):
+                F.cross_entropy(m(torch.from_numpy(calib[i : i + 128])), pseudo[i : i + 128]).backward()
+        pruner.step()
+        return m, 1 - torch_params(m) / before
+
+    pruned, _, knob = bisect(make, target)
+    if reestimate:
+        reestimate_bn(pruned, calib)
+    return onnx_of(pruned, shape), {"knob": "pruning_ratio", "value": knob}
+
+
+class LowRankConv(nn.Module):
+    def __init__(self, conv: nn.Conv2d, rank: int) -> None:
+        super().__init__()
+        w = conv.weight.detach().reshape(conv.out_channels, -1)
+        u, s, vt = torch.linalg.svd(w, full_matrices=False)
+        self.basis = nn.Conv2d(
+            conv.in_channels, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=False
+        )
+        self.basis.weight.data = vt[:rank].reshape(rank, *conv.weight.shape[1:]).clone()
+        self.scale = nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None)
+        self.scale.weight.data = (u[:, :rank] * s[:rank]).reshape(conv.out_channels, rank, 1, 1).clone()
+        if conv.bias is not None:
+            self.scale.bias.data = conv.bias.detach().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale(self.basis(x))
+
+
+def plain_svd(model: nn.Module, calib: np.ndarray, target: float) -> tuple[onnx.ModelProto, dict]:
+    """Every group-1 Conv replaced by its rank-r truncated SVD, r a fixed fraction of its full rank (data-free)."""
+    shape = tuple(calib.shape[1:])
+    before = torch_params(model)
+
+    def make(cut: float):
+        m = copy.deepcopy(model)
+        for parent in list(m.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Conv2d) and child.groups == 1:
+                    cin = child.in_channels * child.kernel_size[0] * child.kernel_size[1]
+                    full = min(child.out_channels, cin)
+                    rank = max(1, int(round(full * (1 - cut))))
+                    if rank * (cin + child.out_channels) < child.out_channels * cin:
+                        setattr(parent, name, LowRankConv(child, rank))
+        return m, 1 - torch_params(m) / before
+
+    pruned, _, knob = bisect(make, target)
+    return onnx_of(pruned, shape), {"knob": "rank cut", "value": knob}
+
+
+def onnxsim_wanda(model: onnx.ModelProto, calib: np.ndarray, target: float) -> tuple[onnx.ModelProto, dict]:
+    """onnxsim.pruning.apply_structured_wanda_pruning with global sparsity and the calibration batches."""
+    from onnxsim import pruning
+
+    before = count(model)[0]
+    batches = [{"image": calib[i : i + 64]} for i in range(0, len(calib), 64)]
+
+    def make(sparsity: float):
+        out = pruning.apply_structured_wanda_pruning(
+            model, calibration_data=batches, sparsity=sparsity, global_sparsity=True
+        )
+        return out, 1 - count(out)[0] / before
+
+    pruned, _, knob = bisect(make, target, hi=0.99)
+    return pruned, {"knob": "sparsity", "value": knob}

@@ -1,0 +1,35 @@
+"""The benchmark suite's --quick code path on a tiny configuration, so it cannot rot silently (needs .[bench])."""
+
+import json
+
+import pytest
+
+for module in ("torch", "torch_pruning", "onnxsim", "sklearn", "matplotlib"):
+    pytest.importorskip(module, reason=f"the benchmark suite needs {module}: pip install '.[bench]'")
+
+
+def test_tiny_suite_runs_every_tool_and_writes_tables_and_plots(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNXPRUNE_BENCH_CACHE", str(tmp_path / "cache"))
+    from benchmarks import data, run
+    from onnxprune import pipeline
+
+    monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
+    # the suite runs onnxprune as the CLI does (split layers kept only where measured faster); timing is not
+    # deterministic, so here every split is taken as paying off up to full rank
+    monkeypatch.setattr(pipeline, "split_rank_limit", lambda *, max_rank, **kwargs: max_rank)
+    summary = run.main(["--tiny", "--out", str(tmp_path / "out")])
+    (model,) = summary["models"]
+    rows = model["rows"]
+    assert {r["tool"] for r in rows} == {"onnxprune", "tp", "svd", "onnxsim"}
+    assert not [r for r in rows if "error" in r], [r["error"] for r in rows if "error" in r]
+    for row in rows:
+        # every tool aims at the same target; a tiny net's layers are too coarse for the suite's 1 point, so 3 here
+        assert abs(row["params_removed"] - 0.3) <= 0.03, row
+        assert 0 <= row["accuracy"] <= 1 and row["speedup_b1"] > 0 and row["speedup_b32"] > 0
+        assert row["wall_s"] >= 0 and row["peak_rss_mb"] > 0
+    written = json.loads((tmp_path / "out" / "suite.json").read_text())
+    assert written["models"][0]["rows"] == rows
+    table = (tmp_path / "out" / "suite.md").read_text()
+    assert "| onnxprune | auto+calib+refit | 0.3 |" in table and "Largest parameter removal" in table
+    assert (tmp_path / "out" / "latency_vs_macs.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "digits-resnet20_accuracy.png").stat().st_size > 1000
