@@ -3,7 +3,7 @@
 import numpy as np
 from models import Builder
 
-from onnxprune.calibration.runner import channel_energy, im2col, patch_covariances
+from onnxprune.calibration.runner import channel_statistics, im2col, patch_covariances
 from onnxprune.graph import to_graph
 from onnxprune.passes.basis import decompose_basis
 from onnxprune.passes.groups import find_channel_groups
@@ -60,8 +60,11 @@ def test_streamed_statistics_equal_the_batch_computation():
     out = model.graph.output[0].name
     y = ort_run(model, data)[out].astype(np.float64)
     full_energy = np.mean(np.moveaxis(y, 1, -1).reshape(-1, 12) ** 2, axis=0)
+    full_pooled = y.mean(axis=(2, 3))
     for batch in (1, 3, 7, 20):
         np.testing.assert_allclose(
             patch_covariances(model, data, CONV, batch_size=batch)["conv3"], full_cov, rtol=1e-6, atol=1e-9
         )
-        np.testing.assert_allclose(channel_energy(model, data, {out: 1}, batch_size=batch)[out], full_energy, rtol=1e-5)
+        energy, pooled = channel_statistics(model, data, {out: 1}, pooled=True, batch_size=batch)
+        np.testing.assert_allclose(energy[out], full_energy, rtol=1e-5)
+        np.testing.assert_allclose(pooled[out], full_pooled, rtol=1e-5, atol=1e-6)

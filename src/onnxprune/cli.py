@@ -86,8 +86,9 @@ def cli() -> None:
     "--criterion",
     type=click.Choice(criteria.names()),
     default=None,
-    help="Importance: filter norm (l1, l2), BN scale (bn), or output energy on --calib data (energy). "
-    "Default: energy with --calib, else l2.",
+    help="Importance: filter norm (l1, l2), BN scale (bn); with --calib: output energy (energy), Fisher class "
+    "separation (discriminant) or conditional mutual information with the labels (cmi), the labels being --labels "
+    "or else the model's own top-1. Default: energy with --calib, else l2.",
 )
 @click.option(
     "--exclude",

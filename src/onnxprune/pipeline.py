@@ -15,7 +15,13 @@ import onnx_graphsurgeon as gs
 from onnxprune import rules
 from onnxprune.budget import TARGETS, CostModel, allocate
 from onnxprune.calibration import criteria
-from onnxprune.calibration.runner import channel_energy, fidelity, patch_covariances, split_held_out
+from onnxprune.calibration.runner import (
+    channel_statistics,
+    fidelity,
+    patch_covariances,
+    run_batches,
+    split_held_out,
+)
 from onnxprune.errors import BudgetError, OnnxPruneError, PassError
 from onnxprune.graph import reinfer_shapes, to_graph, to_model, validate
 from onnxprune.latency import split_rank_limit
@@ -102,11 +108,15 @@ def prune(
         raise OnnxPruneError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
     if method not in METHODS:
         raise OnnxPruneError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    if criterion == "energy" and calib is None:
-        raise OnnxPruneError("--criterion energy needs calibration data (--calib)")
+    if criterion in ("energy", *criteria.LABEL_CRITERIA) and calib is None:
+        raise OnnxPruneError(f"--criterion {criterion} needs calibration data (--calib)")
     if criterion not in criteria.names():
         raise OnnxPruneError(f"--criterion must be one of {', '.join(criteria.names())}, got {criterion!r}")
     start = time.perf_counter()
+    fit_labels = None
+    if fit is not None and criterion in criteria.LABEL_CRITERIA:  # the user's labels, else the model's own top-1
+        n_fit = len(next(iter(fit.values())))
+        fit_labels = labels[:n_fit] if labels is not None else _predictions(model, fit, batch_size)
     params_before, macs_before = count(model)
     total = params_before if target == "params" else macs_before
     graph = to_graph(model)
@@ -132,12 +142,14 @@ def prune(
             report.merge(split)
             if latency_batch:
                 limits.update(_latency_limits(graph, pairs, batch=latency_batch, threads=threads))
-        energy = {}
+        energy, pooled = {}, {}
         if fit is not None:
             graph = reinfer_shapes(graph, model)
             axes = criteria.energy_tensors(find_channel_groups(graph))
             axes.update({p.mid: _mid_axis(graph, p) for p in pairs})
-            energy = channel_energy(to_model(graph, model), fit, axes, batch_size=batch_size)
+            energy, pooled = channel_statistics(
+                to_model(graph, model), fit, axes, pooled=criterion in criteria.LABEL_CRITERIA, batch_size=batch_size
+            )
         plans += _prune_stage(
             graph,
             report,
@@ -150,6 +162,8 @@ def prune(
             bn_gamma=bn_gamma,
             pairs=pairs,
             energy=energy,
+            pooled=pooled,
+            labels=fit_labels,
             limits=limits,
             round_to=round_to,
         )
@@ -272,6 +286,8 @@ def _prune_stage(
     bn_gamma: dict[str, np.ndarray],
     pairs: list,
     energy: dict[str, np.ndarray],
+    pooled: dict[str, np.ndarray],
+    labels: np.ndarray | None,
     limits: dict[str, int],
     round_to: int,
 ) -> int:
@@ -299,7 +315,7 @@ def _prune_stage(
     if remove_ratio <= 0:
         return 0
     cost = CostModel(graph, analysis, pairs, limits)
-    scores = criteria.importance(criterion, criteria.Context(graph, analysis, bn_gamma, pairs, energy))
+    scores = criteria.importance(criterion, criteria.Context(graph, analysis, bn_gamma, pairs, energy, pooled, labels))
     allocation = allocate(
         analysis,
         cost,
@@ -321,6 +337,12 @@ def _prune_stage(
         }
     report.merge(run_passes(graph, [partial(remove_channels, plan=allocation.plan, analysis=analysis)]).report)
     return len(allocation.plan)
+
+
+def _predictions(model: onnx.ModelProto, data: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
+    """The model's own top-1 class on `data` (first output, classes on its last axis): labels without labels."""
+    out = run_batches(model, data, batch_size=batch_size)[model.graph.output[0].name]
+    return out.reshape(len(out), -1).argmax(1)
 
 
 def _whitenable(graph: gs.Graph, min_rank: int) -> dict[str, tuple[str, dict]]:

@@ -26,6 +26,11 @@ class Context:
     bn_gamma: dict[str, np.ndarray] = field(default_factory=dict)
     pairs: list[BasisPair] = field(default_factory=list)
     energy: dict[str, np.ndarray] = field(default_factory=dict)  # tensor -> E[x_c^2] on calibration data
+    pooled: dict[str, np.ndarray] = field(default_factory=dict)  # tensor -> [N, C] spatially averaged channels
+    labels: np.ndarray | None = None  # [N] class of each calibration sample (the user's, or the model's top-1)
+
+
+LABEL_CRITERIA = ("cmi", "discriminant")  # criteria that read pooled features and labels
 
 
 def criterion(name: str) -> Callable[[Criterion], Criterion]:
@@ -132,6 +137,98 @@ def _energy(context: Context) -> np.ndarray:
         if tensor in context.energy:
             np.add.at(scores, analysis.class_of[out.ids], context.energy[tensor])
     return np.sqrt(scores)
+
+
+def _class_features(context: Context, name: str) -> np.ndarray:
+    """[N, classes] pooled features: each class's producer channels summed (coupled channels add in residuals)."""
+    if not context.pooled or context.labels is None:
+        raise CalibrationError(f"criterion '{name}' needs calibration data (--calib)")
+    analysis = context.analysis
+    n = len(context.labels)
+    features = np.zeros((n, analysis.n_classes))
+    for step in analysis.steps.values():
+        out = step.outputs[0]
+        if step.kind is not Kind.PRODUCER or out is None:
+            continue
+        tensor = _tensor_of(analysis, out)
+        if tensor in context.pooled:
+            np.add.at(features.T, analysis.class_of[out.ids], context.pooled[tensor].T)
+    return features
+
+
+@criterion("discriminant")
+def _discriminant(context: Context) -> np.ndarray:
+    """Fisher's ratio of each channel's pooled feature: between-class over within-class variance (LDA, 1-D)."""
+    x = _class_features(context, "discriminant")
+    labels = context.labels
+    mean = x.mean(0)
+    between = np.zeros(x.shape[1])
+    within = np.zeros(x.shape[1])
+    for k in np.unique(labels):
+        xk = x[labels == k]
+        between += len(xk) * (xk.mean(0) - mean) ** 2
+        within += ((xk - xk.mean(0)) ** 2).sum(0)
+    return between / (within + 1e-12 * (between + within).max() + 1e-30)
+
+
+CMI_SAMPLES = 256  # Gram matrices are N x N; a sub-sample keeps the greedy search in seconds
+CMI_ALPHA = 2  # Renyi order 2: S(A) = -log2 tr(A^2) needs no eigen-decomposition
+
+
+def _gram(x: np.ndarray) -> np.ndarray:
+    """Normalised RBF Gram matrix (trace 1) of one feature over the samples, bandwidth by Silverman's rule."""
+    x = (x - x.mean()) / (x.std() + 1e-12)
+    sigma = 1.06 * len(x) ** (-1 / 5)
+    k = np.exp(-((x[:, None] - x[None, :]) ** 2) / (2 * sigma**2))
+    return k / np.trace(k)
+
+
+def _renyi(a: np.ndarray) -> float:
+    """Matrix-based Renyi alpha-entropy (alpha 2) of a trace-1 Gram matrix."""
+    return float(-np.log2(max(np.sum(a * a), 1e-300)))
+
+
+def _joint(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    h = a * b
+    return h / np.trace(h)
+
+
+@criterion("cmi")
+def _cmi(context: Context) -> np.ndarray:
+    """Greedy conditional mutual information with the labels (matrix-based Renyi entropy of Gram matrices).
+
+    Within each channel group, repeatedly keep the channel whose pooled feature adds the most information about
+    the labels given the channels kept so far: I(f; y | S) = H(f, S) + H(y, S) - H(f, y, S) - H(S). The score is
+    the order of selection (first chosen scores highest), so a loud but uninformative or redundant channel ranks low.
+    """
+    x = _class_features(context, "cmi")
+    labels = context.labels
+    pick = np.random.default_rng(0).permutation(len(labels))[:CMI_SAMPLES]
+    x, labels = x[pick], labels[pick]
+    y = (labels[:, None] == labels[None, :]).astype(np.float64)
+    y /= np.trace(y)
+    scores = np.zeros(context.analysis.n_classes)
+    bases = {p.basis for p in context.pairs}  # their bases score by s_k rms(z_k) whatever the criterion
+    for group in context.analysis.groups:
+        if set(group.producers) <= bases:
+            continue
+        classes = list(group.classes)
+        grams = {c: _gram(x[:, c]) for c in classes}
+        kept = np.full_like(y, 1.0 / len(y))  # the Gram matrix of nothing: every sample alike
+        h_s, h_ys = _renyi(kept), _renyi(_joint(y, kept))
+        left = set(classes)
+        for position in range(len(classes)):
+            best, best_gain = None, -np.inf
+            for c in sorted(left):
+                with_c = _joint(grams[c], kept)
+                gain = _renyi(with_c) + h_ys - _renyi(_joint(y, with_c)) - h_s
+                if gain > best_gain:
+                    best, best_gain = c, gain
+            left.remove(best)
+            scores[best] = len(classes) - position
+            kept = _joint(grams[best], kept)
+            h_s, h_ys = _renyi(kept), _renyi(_joint(y, kept))
+    return scores
 
 
 def _tensor_of(analysis: ChannelGraph, flow) -> str | None:

@@ -57,19 +57,33 @@ def channels_last(x: np.ndarray, axis: int = 1) -> np.ndarray:
     return np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]).astype(np.float64)
 
 
-def channel_energy(
-    model: onnx.ModelProto, data: dict[str, np.ndarray], axes: dict[str, int], *, batch_size: int = 32
-) -> dict[str, np.ndarray]:
-    """E[x_c^2] per channel of each tensor in `axes` (name -> channel axis), streamed over `data`."""
+def channel_statistics(
+    model: onnx.ModelProto,
+    data: dict[str, np.ndarray],
+    axes: dict[str, int],
+    *,
+    pooled: bool = False,
+    batch_size: int = 32,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """E[x_c^2] per channel of each tensor in `axes` (name -> channel axis), streamed over `data`.
+
+    With `pooled`, also each sample's spatially averaged channel values ([N, C] per tensor), the features the label
+    criteria read: memory grows with samples x channels, never with spatial size.
+    """
     names = list(axes)
     sums = {k: 0.0 for k in names}
     counts = dict.fromkeys(names, 0)
+    features: dict[str, list[np.ndarray]] = {k: [] for k in names}
     for batch in stream(model, data, names, batch_size=batch_size):
         for name in names:
-            x = channels_last(batch[name], axes[name])
-            sums[name] = sums[name] + np.sum(x * x, axis=0)
-            counts[name] += len(x)
-    return {k: sums[k] / max(counts[k], 1) for k in names}
+            x = batch[name]
+            rows = channels_last(x, axes[name])
+            sums[name] = sums[name] + np.sum(rows * rows, axis=0)
+            counts[name] += len(rows)
+            if pooled:
+                features[name].append(rows.reshape(x.shape[0], -1, x.shape[axes[name]]).mean(1))
+    energy = {k: sums[k] / max(counts[k], 1) for k in names}
+    return energy, ({k: np.concatenate(v) for k, v in features.items()} if pooled else {})
 
 
 MAX_POSITIONS = 4096  # patch rows kept per batch for covariances: memory depends on the batch, not the data set
