@@ -191,7 +191,7 @@ def bench_model(cfg: Config, dataset_name: str, arch: str, options: dict, work: 
         wall = time.perf_counter() - start
         peak = peak_rss_mb()
         p, m = count(pruned)
-        path = work / f"{label}_{tool}_{variant}_{ratio}.onnx".replace("+", "p")
+        path = work / f"{label}_{tool}_{variant}_{ratio}.onnx".replace("+", "p").replace("/", "-").replace(" ", "_")
         onnx.save(pruned, path)
         row = {
             "tool": tool,
