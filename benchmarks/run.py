@@ -55,9 +55,9 @@ MAIN = [
 ]
 FULL = (
     [(method, None, False, False) for method in ("basis", "channel", "double", "auto")]
+    + [(method, None, True, False) for method in ("basis", "channel")]  # the recovery ablation
     + [(method, None, True, True) for method in ("basis", "channel", "double", "auto")]
-    + [("basis", None, True, False)]  # the recovery ablation
-    + [("channel", criterion, True, True) for criterion in ("l1", "bn")]  # data-free criteria, then the refit
+    + [("channel", criterion, True, True) for criterion in ("l1", "bn", "cmi", "discriminant")]
 )
 PEERS_MAIN = ["tp-magnitude-global", "tp-magnitude-global+bn", "svd", "onnxsim-wanda"]
 PEERS_ALL = [
@@ -84,6 +84,14 @@ CONFIGS = {
         onnxprune=MAIN,
         peers=PEERS_MAIN,
         n_calib=256,
+    ),
+    "lite": Config(  # the full run's models, 5 epochs, its main variants at three ratios: a third of the time
+        "lite",
+        [("chars", "resnet20", {}), ("chars", "vgg", {}), ("chars", "mobilenetv2", {})],
+        (0.5, 0.7, 0.9),
+        epochs=5,
+        onnxprune=MAIN,
+        peers=PEERS_MAIN + ["tp-bn-uniform+bn"],
     ),
     "tiny": Config(  # the test's configuration: every code path of --quick, in seconds
         "tiny",
@@ -258,6 +266,7 @@ def bench_model(cfg: Config, dataset_name: str, arch: str, options: dict, work: 
         print(f"  latency of the original at batch {batch}: {base.median_ms:.2f} ms (median of {base.runs})")
     return {
         "model": label,
+        "config": cfg.name,
         "dataset": dataset_name,
         "arch": arch,
         "options": options,
@@ -283,11 +292,11 @@ def best_by_tool(result: dict) -> dict[str, dict[float, dict]]:
 
 
 def markdown(results: list[dict], cfg: Config, machine: str, seconds: float) -> str:
-    lines = [f"Configuration `{cfg.name}`, {machine}; whole run {seconds / 60:.1f} min.", ""]
+    lines = [f"{machine}; whole run {seconds / 60:.1f} min.", ""]
     for res in results:
         lines += [
             f"### {res['model']}: {res['params']:,} params, {res['macs']:,} MACs, "
-            f"test accuracy {100 * res['accuracy']:.1f} %",
+            f"test accuracy {100 * res['accuracy']:.1f} % (configuration `{res.get('config', cfg.name)}`)",
             "",
             "| tool | variant | target | params removed | MACs removed | accuracy | latency ratio b1 | b32 "
             "| wall s | peak RSS MB |",
@@ -382,15 +391,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tiny", action="store_const", const="tiny", dest="config", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=pathlib.Path, default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads for timing (default 1)")
+    parser.add_argument("--lite", action="store_const", const="lite", dest="config", help="main variants, 3 ratios")
     parser.add_argument("--models", default="", help="comma-separated architectures to keep (default all)")
+    parser.add_argument("--append", action="store_true", help="keep the other models already in <out>/suite.json")
     args = parser.parse_args(argv)
     cfg = CONFIGS[args.config]
     keep = set(filter(None, args.models.split(",")))
-    out = args.out or HERE / "results" / ("" if cfg.name == "full" else cfg.name)
+    out = args.out or HERE / "results" / ("" if cfg.name in ("full", "lite") else cfg.name)
     out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
     start = time.perf_counter()
     results = []
+    if args.append and (out / "suite.json").exists():
+        earlier = json.loads((out / "suite.json").read_text())
+        results = [m for m in earlier["models"] if not keep or m["arch"] not in keep]
+        start -= earlier["seconds"]
     with tempfile.TemporaryDirectory() as tmp:
         for dataset, arch, options in cfg.models:
             if not keep or arch in keep:
@@ -407,7 +422,7 @@ def write(results: list[dict], cfg: Config, machine: str, seconds: float, out: p
     table = markdown(results, cfg, machine, seconds)
     (out / "suite.md").write_text(table + "\n")
     figures = plots(results, out)
-    if cfg.name == "full":
+    if cfg.name in ("full", "lite"):
         (HERE / "RESULTS.md").write_text(
             "# Benchmark results\n\nProduced by `python -m benchmarks.run` (nothing typed in by hand).\n\n"
             + table

@@ -1,4 +1,4 @@
-"""refit_scaling: the least-squares refit equals the closed-form optimum and never makes held-out error worse."""
+"""refit: the least-squares refit equals the closed-form optimum and never makes held-out error worse."""
 
 import numpy as np
 import onnx
@@ -8,7 +8,7 @@ from models import Builder
 from onnxprune import prune
 from onnxprune.graph import to_graph, to_model
 from onnxprune.passes.basis import decompose_basis, find_basis_pairs
-from onnxprune.passes.compensate import refit_scaling
+from onnxprune.passes.compensate import refit
 from onnxprune.passes.groups import find_channel_groups
 from onnxprune.passes.remove import remove_channels
 from onnxprune.rules import const
@@ -44,7 +44,7 @@ def test_refit_equals_the_least_squares_optimum_and_lowers_error():
     fit, held = _correlated(64, 0), _correlated(32, 1)
     graph, pairs = _pruned_split(model, keep=4)
     before = to_model(graph, model)
-    result = refit_scaling(graph, template=model, original=model, fit=fit, held=held, pairs=pairs, ridge=0.0)
+    result = refit(graph, template=model, original=model, fit=fit, held=held, pairs=pairs, ridge=0.0)
     assert result.report.counts["refitted"] == 1
     after = to_model(result.graph, model)
     out = model.graph.output[0].name
@@ -71,9 +71,50 @@ def test_refit_that_does_not_generalise_is_rejected():
     fit = _correlated(64, 2)
     held = _correlated(32, 3, mixing_seed=7)  # held-out samples from another distribution: the fit does not carry
     graph, pairs = _pruned_split(model, keep=4)
-    result = refit_scaling(graph, template=model, original=model, fit=fit, held=held, pairs=pairs, ridge=0.0)
+    result = refit(graph, template=model, original=model, fit=fit, held=held, pairs=pairs, ridge=0.0)
     assert result.report.counts["refits_rejected"] == 1
     assert "refit kept out" in result.report.skipped[0].reason
+
+
+def _two_convs():
+    """x -> Conv 3x3 (12 -> 8) -> Relu -> Conv 3x3 (8 -> 5): the second is refitted when the first loses channels."""
+    b = Builder(41)
+    return b.model([("x", [12, 4, 4])], [b.conv(b.relu(b.conv("x", 12, 8)), 8, 5)])
+
+
+def _patches(x):
+    """[N, C, 4, 4] -> [N*16, C*9] with zero padding 1, built independently of the library's im2col."""
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    windows = np.lib.stride_tricks.sliding_window_view(xp, (3, 3), axis=(2, 3))  # [N, C, 4, 4, 3, 3]
+    return np.moveaxis(windows, 1, 3).reshape(len(x) * 16, -1)
+
+
+def test_refit_of_a_channel_pruned_consumer_equals_the_least_squares_optimum():
+    model = _two_convs()
+    fit, held = _correlated(64, 4), _correlated(32, 5)
+    graph = to_graph(model)
+    group = next(g for g in find_channel_groups(graph).groups if g.producers == ["conv3"])
+    kept = remove_channels(graph, plan={group.name: np.array([0, 2, 3, 6])}).report.facts["kept"]
+    before = to_model(graph, model)
+    result = refit(graph, template=model, original=model, fit=fit, held=held, pairs=[], kept=kept, ridge=0.0)
+    assert result.report.counts["refitted"] == 1
+    conv2 = next(n for n in result.graph.nodes if n.name == "conv7")
+    relu = conv2.inputs[0].name
+    z = _patches(_hidden(before, fit, relu))
+    y = np.moveaxis(ort_run(model, fit)[model.graph.output[0].name], 1, -1).reshape(-1, 5).astype(np.float64)
+    optimum, *_ = np.linalg.lstsq(np.hstack([z, np.ones((len(z), 1))]), y, rcond=None)
+    np.testing.assert_allclose(const(conv2.inputs[1]).reshape(5, -1), optimum[:-1].T, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(const(conv2.inputs[2]), optimum[-1], rtol=1e-3, atol=1e-4)
+    out = model.graph.output[0].name
+    want = ort_run(model, held)[out]
+    after = to_model(result.graph, model)
+    assert np.sum((ort_run(after, held)[out] - want) ** 2) < np.sum((ort_run(before, held)[out] - want) ** 2)
+
+
+def _hidden(model, data, name):
+    from onnxprune.calibration.runner import run_batches, with_outputs
+
+    return run_batches(with_outputs(model, [name]), data)[name].astype(np.float64)
 
 
 @pytest.mark.parametrize("compensate", [False, True])

@@ -66,11 +66,14 @@ def _check_declared_sizes(model: onnx.ModelProto) -> None:
                 f"initializer '{tensor.name}': declared shape {list(tensor.dims)} is absurd ({count:.3g} elements)"
             )
         if tensor.HasField("raw_data") and tensor.data_location != onnx.TensorProto.EXTERNAL:
-            itemsize = (
-                onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-                if tensor.data_type not in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING)
-                else 0
-            )
+            try:
+                itemsize = (
+                    onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+                    if tensor.data_type not in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING)
+                    else 0
+                )
+            except (KeyError, ValueError, TypeError) as err:
+                raise InvalidModelError(f"initializer '{tensor.name}': unknown data type {tensor.data_type}") from err
             if itemsize and len(tensor.raw_data) != count * itemsize:
                 raise InvalidModelError(
                     f"initializer '{tensor.name}': declared shape {list(tensor.dims)} needs "

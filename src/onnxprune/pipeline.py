@@ -27,7 +27,7 @@ from onnxprune.graph import reinfer_shapes, to_graph, to_model, validate
 from onnxprune.latency import split_rank_limit
 from onnxprune.passes.basis import decompose_basis, find_basis_pairs, merge_unprofitable, pair_sizes, param_breakeven
 from onnxprune.passes.cleanup import cleanup
-from onnxprune.passes.compensate import refit_scaling
+from onnxprune.passes.compensate import refit
 from onnxprune.passes.groups import find_channel_groups
 from onnxprune.passes.remove import remove_channels
 from onnxprune.result import PassResult, Report
@@ -171,8 +171,8 @@ def prune(
     report.facts["split_rank_limits"] = limits
     if fit is not None and compensate:
         graph = reinfer_shapes(graph, model)
-        refit = partial(
-            refit_scaling,
+        refit_pass = partial(
+            refit,
             template=model,
             original=model,
             fit=fit,
@@ -181,7 +181,7 @@ def prune(
             kept=report.facts.get("kept"),
             batch_size=batch_size,
         )
-        report.merge(run_passes(graph, [refit]).report)
+        report.merge(run_passes(graph, [refit_pass]).report)
     out = to_model(graph, model)
     validate(out)
     if held is not None:

@@ -911,9 +911,9 @@ def weight_matrix(node: gs.Node) -> np.ndarray | None:
 
 def weight_from_matrix(node: gs.Node, matrix: np.ndarray) -> tuple[np.ndarray, dict]:
     """Inverse of `weight_matrix` for `node`'s layout: (weight, attributes to set so that alpha = beta = 1)."""
-    if node.op == "Conv":
-        ndim = const(node.inputs[1]).ndim
-        return matrix.reshape(matrix.shape + (1,) * (ndim - 2)), {}
+    if node.op == "Conv":  # [out, in * kernel] -> [out, in, *kernel], the kernel of the weight it replaces
+        kernel = const(node.inputs[1]).shape[2:]
+        return matrix.reshape(matrix.shape[0], -1, *kernel), {}
     if node.op == "Gemm":
         return matrix.T, {"alpha": 1.0, "beta": 1.0, "transB": 0}
     return matrix.T, {}
