@@ -23,8 +23,10 @@ def test_tiny_suite_runs_every_tool_and_writes_tables_and_plots(tmp_path, monkey
     assert {r["tool"] for r in rows} == {"onnxprune", "tp", "svd", "onnxsim"}
     assert not [r for r in rows if "error" in r], [r["error"] for r in rows if "error" in r]
     for row in rows:
-        # every tool aims at the same target; a tiny net's layers are too coarse for the suite's 1 point, so 3 here
-        assert abs(row["params_removed"] - 0.3) <= 0.03, row
+        # every tool aims at the same target; in a 4-channel-wide net one channel is several points of the
+        # parameters, too coarse for the suite's 1 point (real rows off by more are marked "off target")
+        assert abs(row["params_removed"] - 0.3) <= 0.05, row
+        assert row["matched"] == (abs(row["params_removed"] - 0.3) <= 0.01)
         assert 0 <= row["accuracy"] <= 1 and row["speedup_b1"] > 0 and row["speedup_b32"] > 0
         assert row["wall_s"] >= 0 and row["peak_rss_mb"] > 0
     written = json.loads((tmp_path / "out" / "suite.json").read_text())
