@@ -296,7 +296,7 @@ def markdown(results: list[dict], cfg: Config, machine: str, seconds: float) -> 
     for res in results:
         lines += [
             f"### {res['model']}: {res['params']:,} params, {res['macs']:,} MACs, "
-            f"test accuracy {100 * res['accuracy']:.1f} % (configuration `{res.get('config', cfg.name)}`)",
+            f"test accuracy {100 * res['accuracy']:.1f} % (configuration `{res.get('config', 'full')}`)",
             "",
             "| tool | variant | target | params removed | MACs removed | accuracy | latency ratio b1 | b32 "
             "| wall s | peak RSS MB |",
@@ -343,8 +343,9 @@ def plots(results: list[dict], out: pathlib.Path) -> list[str]:
 
     written = []
     for res in results:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(10, 5))
         variants = sorted({(r["tool"], r["variant"]) for r in res["rows"] if "error" not in r})
+        ax.set_prop_cycle(color=[plt.get_cmap("tab20")(i % 20) for i in range(len(variants))])
         for tool, variant in variants:
             pts = sorted(
                 (r["params_removed"], r["accuracy"])
@@ -360,7 +361,7 @@ def plots(results: list[dict], out: pathlib.Path) -> list[str]:
             )
         ax.axhline(res["accuracy"], color="k", lw=0.8, ls=":", label="unpruned")
         ax.set(xlabel="parameters removed", ylabel="test accuracy", title=res["model"], ylim=(0, 1.02))
-        ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         path = out / f"{res['model']}_accuracy.png"
         fig.savefig(path, dpi=110)
@@ -394,6 +395,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lite", action="store_const", const="lite", dest="config", help="main variants, 3 ratios")
     parser.add_argument("--models", default="", help="comma-separated architectures to keep (default all)")
     parser.add_argument("--append", action="store_true", help="keep the other models already in <out>/suite.json")
+    parser.add_argument("--render", action="store_true", help="only re-write tables and plots from <out>/suite.json")
     args = parser.parse_args(argv)
     cfg = CONFIGS[args.config]
     keep = set(filter(None, args.models.split(",")))
@@ -402,6 +404,9 @@ def main(argv: list[str] | None = None) -> dict:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
     start = time.perf_counter()
     results = []
+    if args.render:
+        earlier = json.loads((out / "suite.json").read_text())
+        return write(earlier["models"], cfg, earlier["machine"], earlier["seconds"], out)[0]
     if args.append and (out / "suite.json").exists():
         earlier = json.loads((out / "suite.json").read_text())
         results = [m for m in earlier["models"] if not keep or m["arch"] not in keep]
