@@ -127,32 +127,29 @@ def _energy(context: Context) -> np.ndarray:
     """RMS of each channel at its producers' outputs on calibration data: the error of zeroing it there."""
     if not context.energy:
         raise CalibrationError("criterion 'energy' needs calibration data (--calib)")
-    analysis = context.analysis
-    scores = np.zeros(analysis.n_classes)
+    scores = np.zeros(context.analysis.n_classes)
+    for tensor, classes in _producer_outputs(context.analysis):
+        if tensor in context.energy:
+            np.add.at(scores, classes, context.energy[tensor])
+    return np.sqrt(scores)
+
+
+def _producer_outputs(analysis: ChannelGraph):
+    """(tensor name, class of each of its channels) for every producer's output."""
     for step in analysis.steps.values():
         out = step.outputs[0]
-        if step.kind is not Kind.PRODUCER or out is None:
-            continue
-        tensor = _tensor_of(analysis, out)
-        if tensor in context.energy:
-            np.add.at(scores, analysis.class_of[out.ids], context.energy[tensor])
-    return np.sqrt(scores)
+        if step.kind is Kind.PRODUCER and out is not None:
+            yield _tensor_of(analysis, out), analysis.class_of[out.ids]
 
 
 def _class_features(context: Context, name: str) -> np.ndarray:
     """[N, classes] pooled features: each class's producer channels summed (coupled channels add in residuals)."""
     if not context.pooled or context.labels is None:
         raise CalibrationError(f"criterion '{name}' needs calibration data (--calib)")
-    analysis = context.analysis
-    n = len(context.labels)
-    features = np.zeros((n, analysis.n_classes))
-    for step in analysis.steps.values():
-        out = step.outputs[0]
-        if step.kind is not Kind.PRODUCER or out is None:
-            continue
-        tensor = _tensor_of(analysis, out)
+    features = np.zeros((len(context.labels), context.analysis.n_classes))
+    for tensor, classes in _producer_outputs(context.analysis):
         if tensor in context.pooled:
-            np.add.at(features.T, analysis.class_of[out.ids], context.pooled[tensor].T)
+            np.add.at(features.T, classes, context.pooled[tensor].T)
     return features
 
 
