@@ -6,7 +6,7 @@ import pytest
 from models import Builder
 
 from onnxprune import prune
-from onnxprune.graph import to_graph, to_model
+from onnxprune.graph import reinfer_shapes, to_graph, to_model
 from onnxprune.passes.basis import decompose_basis, find_basis_pairs
 from onnxprune.passes.compensate import refit
 from onnxprune.passes.groups import find_channel_groups
@@ -155,3 +155,69 @@ def test_max_drop_needs_calibration():
 
     with pytest.raises(OnnxPruneError, match="--max-drop needs calibration data"):
         prune_within(onnx.load(EXAMPLE), remove_ratio=0.5, max_drop=0.01)
+
+
+def _split_and_prune(model, keep):
+    """Split every 1x1 Conv and keep the first `keep` bases of each: the graph (shapes inferred) and its pairs."""
+    graph = to_graph(model)
+    decompose_basis(graph, min_channels=2)
+    pairs = find_basis_pairs(graph)
+    bases = {p.basis for p in pairs}
+    groups = [g for g in find_channel_groups(graph).groups if set(g.producers) <= bases]
+    remove_channels(graph, plan={g.name: np.arange(keep) for g in groups})
+    return reinfer_shapes(graph, model), pairs
+
+
+def test_a_layer_feeding_a_residual_sum_is_fitted_to_the_sum():
+    """Both branches of Add(Conv_a(x), Conv_b(x)) lose bases; the layer refitted last is the least-squares optimum
+    for the *sum*: original sum minus the other branch as it now is (refitted or not), so it absorbs its error."""
+    b = Builder(42)
+    model = b.model([("x", [12, 4, 4])], [b.node("Add", [b.conv("x", 12, 10, 1), b.conv("x", 12, 10, 1)])])
+    fit, held = _correlated(64, 6), _correlated(32, 7)
+    graph, pairs = _split_and_prune(model, keep=3)
+    before = to_model(graph, model)
+    result = refit(graph, template=model, original=model, fit=fit, held=held, pairs=pairs, ridge=0.0)
+    assert result.report.counts["refitted"] == 2 and result.report.counts["refit_residual_sums"] == 2
+    after = to_model(result.graph, model)
+    order = [n.name for n in result.graph.nodes]
+    last, first = sorted(pairs, key=lambda p: order.index(p.scaling), reverse=True)
+    nodes = {n.name: n for n in result.graph.nodes}
+    z = _hidden(after, fit, nodes[last.basis].outputs[0].name)
+    other = _hidden(after, fit, nodes[first.scaling].outputs[0].name)
+    out = model.graph.output[0].name
+    y = ort_run(model, fit)[out].astype(np.float64) - other
+    rows = lambda t: np.moveaxis(t, 1, -1).reshape(-1, t.shape[1])  # noqa: E731
+    optimum, *_ = np.linalg.lstsq(np.hstack([rows(z), np.ones((len(rows(z)), 1))]), rows(y), rcond=None)
+    scaling = nodes[last.scaling]
+    np.testing.assert_allclose(const(scaling.inputs[1]).reshape(10, 3), optimum[:3].T, rtol=1e-3, atol=1e-4)
+    want = ort_run(model, held)[out]
+    assert np.sum((ort_run(after, held)[out] - want) ** 2) < np.sum((ort_run(before, held)[out] - want) ** 2)
+
+
+def test_errors_a_relu_clips_away_are_free():
+    """Conv -> Relu with mostly negative outputs: after the plain fit, a second fit targets, where the original is
+    clipped, the first fit's output pushed to <= 0, so it spends nothing on values the Relu discards. Its weights
+    equal that least-squares optimum, and after the Relu it is closer to the original than the plain fit."""
+    b = Builder(43)
+    conv = b.conv("x", 12, 10, 1)
+    model = b.model([("x", [12, 4, 4])], [b.relu(conv)])
+    model.graph.initializer[1].CopyFrom(onnx.numpy_helper.from_array(np.full(10, -1.0, np.float32), "b2"))
+    fit, held = _correlated(64, 8), _correlated(32, 9)
+    graph, pairs = _split_and_prune(model, keep=3)
+    before = to_model(graph, model)
+    result = refit(graph, template=model, original=model, fit=fit, held=held, pairs=pairs, ridge=0.0)
+    assert result.report.counts["refit_clipped_targets"] == 1
+    nodes = {n.name: n for n in result.graph.nodes}
+    rows = lambda t: np.moveaxis(t, 1, -1).reshape(-1, t.shape[1])  # noqa: E731
+    mid = nodes[pairs[0].basis].outputs[0].name
+    design, y = np.hstack([rows(_hidden(before, fit, mid)), np.ones((64 * 16, 1))]), rows(_hidden(model, fit, conv))
+    plain, *_ = np.linalg.lstsq(design, y, rcond=None)
+    optimum, *_ = np.linalg.lstsq(design, np.where(y <= 0, np.minimum(design @ plain, 0), y), rcond=None)
+    scaling = nodes[pairs[0].scaling]
+    np.testing.assert_allclose(const(scaling.inputs[1]).reshape(10, 3), optimum[:3].T, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(const(scaling.inputs[2]), optimum[3], rtol=1e-3, atol=1e-4)
+    for data, n in ((fit, 64), (held, 32)):
+        x = np.hstack([rows(_hidden(before, data, mid)), np.ones((n * 16, 1))])
+        truth = np.maximum(rows(_hidden(model, data, conv)), 0)
+        errors = [np.sum((np.maximum(x @ w, 0) - truth) ** 2) for w in (optimum, plain)]
+        assert errors[0] < errors[1]

@@ -417,6 +417,11 @@ _UNARY: dict[str, Callable[[gs.Node, np.ndarray], np.ndarray]] = {
 }
 
 
+def elementwise(node: gs.Node, x: np.ndarray) -> np.ndarray:
+    """`x` through the one-input elementwise op `node` (Relu, Clip, ...); NaN where its parameters are computed."""
+    return _UNARY[node.op](node, x)
+
+
 def _clip(node: gs.Node, x: np.ndarray) -> np.ndarray:
     lo, hi = node.attrs.get("min", -np.inf), node.attrs.get("max", np.inf)
     for i, name in ((1, "lo"), (2, "hi")):

@@ -7,10 +7,21 @@ Sequential, in topological order: layer L is fitted on the inputs z that the alr
 produce, against the original model's output y of the same layer, so errors do not pile up through depth:
 ``S, b = argmin E||S z + b - y||^2 + lambda ||S||^2``, from streamed sums of z z^T and y z^T (memory does not grow
 with the number of samples). A refit that makes the layer's error on the held-out samples worse is not kept.
+
+Two refinements of the target y (``Target``):
+* residual sum: a layer whose only consumer is a two-input Add is fitted so that the *sum* matches the original's,
+  ``y = original(sum) - current(other branch)``, so the last layer of a block absorbs the skip path's error;
+* activation-aware: when the fitted tensor feeds only a Relu or a Clip, an error both models' activations clip away
+  costs nothing. One majorize-minimize step: fit plainly, then refit with the target, where the original is clipped,
+  set to that first fit's output pushed to the clip bound (``min(p, lo)`` below ``lo``, ``max(p, hi)`` above ``hi``).
+  That surrogate is above the error after the activation and equal to it at the first fit, so the second fit's
+  error after the activation is no larger than the first's (on the fit samples). Errors are measured after the
+  activation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -64,29 +75,30 @@ def refit(
     layers |= {n.name for n in graph.nodes if n.inputs and n.inputs[0].name in shrunk and _rows_of(n) is not None}
     for name in sorted(layers, key=order.get):
         node = nodes[name]
-        target = node.outputs[0].name
         rows = _rows_of(node)
-        if target not in original_names or rows is None:
+        target = _target_of(node, graph, original_names, kept or {})
+        if target is None or rows is None:
             report.skip(node, "no matching tensor in the original model to fit to, or an input layout not handled")
             continue
         current = to_model(graph, template)
         old_w, old_b = rules.affine(node)
         axis = rules.output_channel_axis(node)
         with_bias = node.op in rules.BIAS_INPUT
-        select = (kept or {}).get(target)
         source = node.inputs[0].name
-        zz, yz = _accumulate(current, original, fit, source, target, rows, axis, with_bias, batch_size, select)
         r = old_w.shape[1]
-        reg = np.zeros_like(zz)
-        reg[:r, :r] = np.eye(r) * ridge * max(np.trace(zz[:r, :r]) / r, 1e-12)
-        try:
-            solved = np.linalg.solve(zz + reg, yz.T).T  # [Co, r(+1)]
-        except np.linalg.LinAlgError:
+        solved = None
+        for _ in range(2 if target.clip else 1):  # with an activation: one majorize-minimize step from the plain fit
+            zz, yz = _accumulate(current, original, fit, source, target, rows, axis, with_bias, batch_size, solved)
+            step = _solve(zz, yz, r, ridge)
+            if step is None:
+                break
+            solved = step
+        if solved is None:
             report.skip(node, "least-squares system is singular")
             continue
         new_w, new_b = solved[:, :r], (solved[:, r] if with_bias else None)
         before, after = _held_errors(
-            current, original, held, source, target, rows, axis, (old_w, old_b), (new_w, new_b), batch_size, select
+            current, original, held, source, target, rows, axis, (old_w, old_b), (new_w, new_b), batch_size
         )
         if after >= before:
             report.skip(node, f"refit kept out: held-out error {after:.4g} >= {before:.4g}")
@@ -94,9 +106,22 @@ def refit(
             continue
         _write(graph, node, new_w, new_b)
         report.counts["refitted"] += 1
+        report.counts["refit_residual_sums"] += target.offset is not None
+        report.counts["refit_clipped_targets"] += target.clip is not None
         report.layers[name] = {"refit_error_before": before, "refit_error_after": after}
         log.debug("refit %s: held-out layer error %.4g -> %.4g", name, before, after)
     return PassResult(graph, modified=bool(report.counts.get("refitted")), report=report)
+
+
+def _solve(zz: np.ndarray, yz: np.ndarray, r: int, ridge: float) -> np.ndarray | None:
+    """[Co, r(+1)] minimising the squared error plus `ridge` (relative to the mean of diag z z^T) on the weights."""
+    reg = np.zeros_like(zz)
+    reg[:r, :r] = np.eye(r) * ridge * max(np.trace(zz[:r, :r]) / r, 1e-12)
+    try:
+        solved = np.linalg.solve(zz + reg, yz.T).T
+    except np.linalg.LinAlgError:
+        return None
+    return solved if np.all(np.isfinite(solved)) else None
 
 
 def _rows_of(node: gs.Node):
@@ -133,47 +158,108 @@ def _write(graph: gs.Graph, node: gs.Node, w: np.ndarray, b: np.ndarray | None) 
         node.inputs[index] = bias
 
 
-def _pairs_of(current: onnx.ModelProto, original: onnx.ModelProto, data: dict, mid: str, target: str, batch_size: int):
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What a layer is fitted to.
+
+    The original model's tensor `name` (its channels `select`), minus the current model's tensor `offset` (a residual
+    sum's other branch), compared after clipping to `clip` (the activation that follows).
+    """
+
+    name: str
+    offset: str | None = None
+    clip: tuple[float, float] | None = None
+    select: np.ndarray | None = None
+
+
+def _target_of(node: gs.Node, graph: gs.Graph, original_names: set[str], kept: dict[str, np.ndarray]) -> Target | None:
+    """The fit target of `node`: its own output, or the residual sum it feeds; with the activation that follows."""
+    out = node.outputs[0]
+    if out.name not in original_names:
+        return None
+    fitted, offset = out, None
+    if len(out.outputs) == 1 and out.outputs[0].op == "Add" and len(out.outputs[0].inputs) == 2:
+        add = out.outputs[0]
+        other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+        if (
+            other is not out
+            and not isinstance(other, gs.Constant)
+            and other.shape is not None
+            and list(other.shape) == list(out.shape or [])
+            and add.outputs[0].name in original_names
+        ):
+            fitted, offset = add.outputs[0], other.name
+    clip = None if fitted in graph.outputs else _clip_bounds(fitted)
+    return Target(fitted.name, offset, clip, kept.get(fitted.name))
+
+
+def _clip_bounds(tensor: gs.Variable) -> tuple[float, float] | None:
+    """(lo, hi) of the Relu or constant-bound Clip that is the tensor's only consumer; None otherwise."""
+    if len(tensor.outputs) != 1 or tensor.outputs[0].op not in ("Relu", "Clip"):
+        return None
+    lo, hi = (float(v) for v in rules.elementwise(tensor.outputs[0], np.array([-np.inf, np.inf])))
+    return None if np.isnan(lo) or np.isnan(hi) else (lo, hi)
+
+
+def _pairs_of(current, original, data, source: str, target: Target, batch_size: int):
+    ours = list(
+        dict.fromkeys([source, *([target.name] if target.clip else []), *([target.offset] if target.offset else [])])
+    )
     return zip(
-        stream(current, data, [mid], batch_size=batch_size),
-        stream(original, data, [target], batch_size=batch_size),
+        stream(current, data, ours, batch_size=batch_size),
+        stream(original, data, [target.name], batch_size=batch_size),
         strict=True,
     )
 
 
-def _batch_rows(zb, yb, source, target, rows, axis, select, rng):
-    """Input rows and target rows of one batch, the same positions sub-sampled in both (memory bound per batch)."""
+def _batch_rows(zb, yb, source: str, target: Target, rows, axis: int, rng):
+    """One batch as rows: inputs z, the original target y and the offset (0 without one).
+
+    The same positions are sub-sampled in all (memory bound per batch).
+    """
     z = rows(zb[source])
-    y = _targets(yb[target], axis, select)
+    y = channels_last(yb[target.name], axis)
+    y = y if target.select is None else y[:, target.select]
+    off = channels_last(zb[target.offset], axis) if target.offset else np.zeros((len(y), 1))
     if len(z) > MAX_POSITIONS:
         pick = rng.choice(len(z), MAX_POSITIONS, replace=False)
-        z, y = z[pick], y[pick]
-    return z, y
+        z, y, off = z[pick], y[pick], off[pick]
+    return z, y, off
 
 
-def _accumulate(current, original, data, source, target, rows, axis, with_bias, batch_size, select):
+def _fit_target(target: Target, y: np.ndarray, off: np.ndarray, pred: np.ndarray | None) -> np.ndarray:
+    """The layer's regression target, the other branch of a sum taken off.
+
+    Where the original is clipped, the previous fit's output `pred` (offset included) pushed to the bound.
+    """
+    if target.clip is not None and pred is not None:
+        lo, hi = target.clip
+        y = np.where(y <= lo, np.minimum(pred, lo), np.where(y >= hi, np.maximum(pred, hi), y))
+    return y - off
+
+
+def _accumulate(current, original, data, source, target: Target, rows, axis, with_bias, batch_size, previous=None):
+    """Streamed z z^T and y z^T (z with a column of ones for the bias); `previous` is the fit the targets build on."""
     zz = yz = None
     rng = np.random.default_rng(0)
     for zb, yb in _pairs_of(current, original, data, source, target, batch_size):
-        z, y = _batch_rows(zb, yb, source, target, rows, axis, select, rng)
+        z, y, off = _batch_rows(zb, yb, source, target, rows, axis, rng)
         if with_bias:
             z = np.hstack([z, np.ones((len(z), 1))])
+        y = _fit_target(target, y, off, None if previous is None else z @ previous.T + off)
         zz = z.T @ z if zz is None else zz + z.T @ z
         yz = y.T @ z if yz is None else yz + y.T @ z
     return zz, yz
 
 
-def _targets(y: np.ndarray, axis: int, select: np.ndarray | None) -> np.ndarray:
-    y = channels_last(y, axis)
-    return y if select is None else y[:, select]
-
-
-def _held_errors(current, original, held, source, target, rows, axis, old, new, batch_size, select):
+def _held_errors(current, original, held, source, target: Target, rows, axis, old, new, batch_size):
+    """Squared error of the old and the new weights on the held-out samples, after the sum and the activation."""
     errors = np.zeros(2)
     rng = np.random.default_rng(1)
+    lo, hi = target.clip or (-np.inf, np.inf)
     for zb, yb in _pairs_of(current, original, held, source, target, batch_size):
-        z, y = _batch_rows(zb, yb, source, target, rows, axis, select, rng)
+        z, y, off = _batch_rows(zb, yb, source, target, rows, axis, rng)
         for i, (w, b) in enumerate((old, new)):
-            pred = z @ w.T + (0 if b is None else b)
-            errors[i] += float(np.sum((pred - y) ** 2))
+            pred = z @ w.T + (0 if b is None else b) + off
+            errors[i] += float(np.sum((np.clip(pred, lo, hi) - np.clip(y, lo, hi)) ** 2))
     return float(errors[0]), float(errors[1])
