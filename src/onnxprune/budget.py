@@ -141,11 +141,13 @@ def allocate(
     total_before: int,
     protected: frozenset[str] = frozenset(),
     round_to: int = 1,
+    weights: dict[str, float] | None = None,
 ) -> Allocation:
     """Remove the classes of least error per parameter (or MAC) saved until `remove_ratio` of `total_before` is gone.
 
-    Importance is normalised by its mean within each group, so scores compare across layers; each tracked
-    tensor keeps at least one channel. The cut in the ranked list is found by bisection on exact counts.
+    Importance is normalised by its mean within each group, so scores compare across layers, then multiplied by the
+    group's measured sensitivity `weights` (default 1); each tracked tensor keeps at least one channel. The cut in
+    the ranked list is found by bisection on exact counts.
     """
     n = analysis.n_classes
     saved_params, saved_macs = cost.savings(n)
@@ -161,7 +163,8 @@ def allocate(
             continue
         mean = float(np.mean(importance[cand]))
         norm = importance[cand] / mean if mean > 0 else np.ones(len(cand))
-        score[cand] = norm**2 / np.maximum(saving[cand] / scale, 1e-12)
+        weight = (weights or {}).get(group.name, 1.0)
+        score[cand] = weight * norm**2 / np.maximum(saving[cand] / scale, 1e-12)
     order = _feasible_order(analysis, score)
     index = 1 if target == "flops" else 0
 

@@ -105,6 +105,11 @@ def cli() -> None:
 )
 @click.option("--no-compensate", is_flag=True, help="With --calib, skip the least-squares refit.")
 @click.option(
+    "--sensitivity",
+    is_flag=True,
+    help="With --calib, weigh each layer's scores by how much the outputs move when it alone is pruned (slower).",
+)
+@click.option(
     "--whiten/--no-whiten",
     default=None,
     help="With --calib, split Convs along data-whitened bases (default: only with --no-compensate, where it helps).",
@@ -174,6 +179,7 @@ def prune_command(
     exclude: tuple[str, ...],
     calib: pathlib.Path | None,
     no_compensate: bool,
+    sensitivity: bool,
     whiten: bool | None,
     max_drop: float | None,
     latency_batch: int,
@@ -228,6 +234,7 @@ def prune_command(
         min_rank=min_rank,
         calib=data,
         compensate=not no_compensate,
+        sensitivity=sensitivity,
         whiten=whiten,
         labels=truth,
         batch_size=batch_size,

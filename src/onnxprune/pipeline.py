@@ -22,6 +22,7 @@ from onnxprune.calibration.runner import (
     run_batches,
     split_held_out,
 )
+from onnxprune.calibration.sensitivity import layer_sensitivity
 from onnxprune.errors import BudgetError, OnnxPruneError, PassError
 from onnxprune.graph import reinfer_shapes, to_graph, to_model, validate
 from onnxprune.latency import split_rank_limit
@@ -81,6 +82,7 @@ def prune(
     threads: int = 0,
     whiten: bool | None = None,
     round_to: int = 1,
+    sensitivity: bool = False,
 ) -> tuple[onnx.ModelProto, Report]:
     """Remove `remove_ratio` of the model's parameters (or MACs) and return the new model and its report.
 
@@ -96,6 +98,9 @@ def prune(
     By default it is used only without the refit: measured on the bundled example, the sequential refit alone
     does as well as whitening + refit, while whitening alone is far better than plain SVD alone.
 
+    With `sensitivity` (needs ``calib``), each group's scores are weighed by how much the model's outputs move when
+    that group alone is pruned (``calibration.sensitivity``).
+
     With `latency_batch` > 0, a pair stays split only up to the rank at which it measured faster than the single op
     at that batch size with `threads` threads (onnxruntime, CPU, this machine); 0 decides by parameters alone.
     """
@@ -108,6 +113,8 @@ def prune(
         raise OnnxPruneError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
     if method not in METHODS:
         raise OnnxPruneError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if sensitivity and calib is None:
+        raise OnnxPruneError("--sensitivity needs calibration data (--calib) to measure the outputs on")
     if criterion in ("energy", *criteria.LABEL_CRITERIA) and calib is None:
         raise OnnxPruneError(f"--criterion {criterion} needs calibration data (--calib)")
     if criterion not in criteria.names():
@@ -166,6 +173,7 @@ def prune(
             labels=fit_labels,
             limits=limits,
             round_to=round_to,
+            probe=partial(layer_sensitivity, template=model, data=fit, batch_size=batch_size) if sensitivity else None,
         )
     report.merge(run_passes(graph, [partial(merge_unprofitable, pairs=pairs, limits=limits), cleanup]).report)
     report.facts["split_rank_limits"] = limits
@@ -290,6 +298,7 @@ def _prune_stage(
     labels: np.ndarray | None,
     limits: dict[str, int],
     round_to: int,
+    probe: Callable | None = None,
 ) -> int:
     """One allocation + removal on `graph` (in place); returns the number of groups it shrank."""
     analysis = find_channel_groups(graph)
@@ -316,6 +325,10 @@ def _prune_stage(
         return 0
     cost = CostModel(graph, analysis, pairs, limits)
     scores = criteria.importance(criterion, criteria.Context(graph, analysis, bn_gamma, pairs, energy, pooled, labels))
+    weights = None
+    if probe is not None:
+        weights = probe(graph, groups=[g for g in analysis.groups if g.name not in protected], scores=scores)
+        report.facts.setdefault("sensitivity", {}).update(weights)
     allocation = allocate(
         analysis,
         cost,
@@ -325,6 +338,7 @@ def _prune_stage(
         total_before=total,
         protected=frozenset(protected),
         round_to=round_to,
+        weights=weights,
     )
     report.facts["reachable"] = allocation.reachable
     kinds = report.facts.setdefault("removed", {})
