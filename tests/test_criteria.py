@@ -70,3 +70,13 @@ def test_label_criteria_need_calibration_data():
     model, _, _ = _informative_vs_loud(n=10)
     with pytest.raises(OnnxPruneError, match="--criterion cmi needs calibration data"):
         prune(model, remove_ratio=0.3, method="channel", criterion="cmi")
+
+
+@pytest.mark.parametrize(
+    "method, calibrated, expected",
+    [("channel", True, "cmi"), ("auto", True, "cmi"), ("basis", True, "energy"), ("channel", False, "l2")],
+)
+def test_default_criterion(method, calibrated, expected):
+    model, data, _ = _informative_vs_loud(n=100)
+    report = prune(model, remove_ratio=0.0, method=method, calib=data if calibrated else None)[1]
+    assert report.facts["criterion"] == expected
