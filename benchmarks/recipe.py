@@ -1,11 +1,11 @@
 """Accuracy of onnxprune's calibrated methods on the suite's character models at high ratios, onnxprune only.
 
 Usage: python -m benchmarks.recipe [--models resnet20,mobilenetv2] [--ratios 0.7,0.8,0.9] [--variants basis,...]
-(after `pip install .[bench]`). A variant is METHOD or METHOD/CRITERION. Every row: 512 calibration samples, no
-labels (the criteria that need labels use the model's own predictions), refit on, decisions by parameters alone (no
-latency merges; `benchmarks.run` measures those, beside the peers). Test accuracy in onnxruntime. Writes
-benchmarks/results/recipe.json and prints a markdown table. The peers' figures for the same models are in
-benchmarks/RESULTS.md.
+(after `pip install .[bench]`). A variant is METHOD or METHOD/CRITERION, `+sens` appended for --sensitivity. Every
+row: 512 calibration samples, no labels (the criteria that need labels use the model's own predictions), refit on,
+decisions by parameters alone (no latency merges; `benchmarks.run` measures those, beside the peers). Test accuracy in
+onnxruntime. Writes benchmarks/results/recipe.json and prints a markdown table. The peers' figures for the same models
+are in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ratios", default="0.7,0.8,0.9")
     parser.add_argument("--variants", default="basis,double,auto,channel/cmi")
     parser.add_argument("--out", type=pathlib.Path, default=HERE / "results" / "recipe.json")
+    parser.add_argument("--append", action="store_true", help="add to the rows already in --out")
     args = parser.parse_args(argv)
     from benchmarks import data, nets
     from benchmarks.run import accuracy, trained
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     ratios = [float(r) for r in args.ratios.split(",")]
     variants = args.variants.split(",")
     results = {"calibration_samples": 512, "models": {}}
+    if args.append and args.out.exists():
+        results = json.loads(args.out.read_text())
     print("| model | variant | " + " | ".join(map(str, ratios)) + " |\n|---|---|" + "---|" * len(ratios))
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.models.split(","):
@@ -46,10 +49,10 @@ def main(argv: list[str] | None = None) -> None:
             nets.export(torch_model, path, dataset.shape)
             model = onnx.load(path)
             x, y = dataset.test
-            entry = {"accuracy": accuracy(model, x, y), "rows": []}
-            results["models"][f"chars-{arch}"] = entry
+            entry = results["models"].setdefault(f"chars-{arch}", {"accuracy": accuracy(model, x, y), "rows": []})
             for variant in variants:
-                method, _, criterion = variant.partition("/")
+                name, sens = variant.removesuffix("+sens"), variant.endswith("+sens")
+                method, _, criterion = name.partition("/")
                 cells = []
                 for ratio in ratios:
                     start = time.perf_counter()
@@ -58,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
                         remove_ratio=ratio,
                         method=method,
                         criterion=criterion or None,
+                        sensitivity=sens,
                         calib={"image": dataset.calib[0][:512]},
                     )
                     acc = accuracy(pruned, x, y)

@@ -74,7 +74,13 @@ def test_label_criteria_need_calibration_data():
 
 @pytest.mark.parametrize(
     "method, calibrated, expected",
-    [("channel", True, "cmi"), ("auto", True, "cmi"), ("basis", True, "energy"), ("channel", False, "l2")],
+    [
+        ("channel", True, "cmi"),
+        ("auto", True, "cmi"),
+        ("basis", True, "energy"),
+        ("double", True, "energy"),
+        ("channel", False, "l2"),
+    ],
 )
 def test_default_criterion(method, calibrated, expected):
     model, data, _ = _informative_vs_loud(n=100)

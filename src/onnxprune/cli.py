@@ -88,8 +88,8 @@ def cli() -> None:
     default=None,
     help="Importance: filter norm (l1, l2), BN scale (bn); with --calib: output energy (energy), Fisher class "
     "separation (discriminant) or conditional mutual information with the labels (cmi), the labels being --labels "
-    "or else the model's own top-1. Default with --calib: cmi (energy for --method basis, whose bases score by "
-    "their output error); without: l2.",
+    "or else the model's own top-1. Default with --calib: cmi for --method channel/auto, energy for basis/double "
+    "(measured best); without: l2.",
 )
 @click.option(
     "--exclude",

@@ -278,12 +278,13 @@ def prune_within(
 def _default_criterion(method: str, *, calibrated: bool) -> str:
     """The criterion used when none is given.
 
-    With calibration data: cmi (measured best for ranking channels on the benchmark suite), or energy for --method
-    basis, whose bases always score by s_k^2 E[z_k^2] whatever the criterion. Without: l2.
+    With calibration data: cmi for --method channel and auto (measured on the suite's ResNet-20 at 0.7: channel 96.7 %
+    with cmi vs 10.6 % with energy, auto 97.5 vs 76.5); energy for double (97.6 vs 95.5 with cmi) and for basis, whose
+    bases score by s_k^2 E[z_k^2] whatever the criterion. Without: l2.
     """
     if not calibrated:
         return "l2"
-    return "energy" if method == "basis" else "cmi"
+    return "cmi" if method in ("channel", "auto") else "energy"
 
 
 def _agreement(report: Report) -> float:
