@@ -41,7 +41,7 @@ def test_the_branch_that_reaches_the_output_weighs_more():
     analysis, loud, quiet = _hidden_groups(graph)
     before = to_model(graph, model).SerializeToString()
     weights = layer_sensitivity(graph, model, [loud, quiet], np.ones(analysis.n_classes), _data())
-    assert weights[loud.name] > 10 * weights[quiet.name]  # 10^4 apart, clipped to [0.1, 10] x the median
+    assert weights[loud.name] > 3.9 * weights[quiet.name]  # far apart: clipped to [0.5, 2] x the median
     assert to_model(graph, model).SerializeToString() == before  # probes work on copies
 
 

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 LEVELS = (0.25, 0.5)  # parts of a group's removable classes taken away, one probe each
 SAMPLES = 64  # calibration samples per probe
-WEIGHT_RANGE = (0.1, 10.0)  # no group is made more than 10x cheaper or dearer than the median one
+WEIGHT_RANGE = (0.5, 2.0)  # measured: (0.1, 10) let layers go almost whole (MobileNetV2 at 0.7: 7.7 %)
 
 
 def layer_sensitivity(
