@@ -167,3 +167,18 @@ def test_blockers(op, attrs, reason):
     analysis = find_channel_groups(to_graph(model))
     group = analysis.groups[0]
     assert reason in next(iter(group.blocked.values()))
+
+
+def test_clip_bounds_of_relu_and_clip():
+    import onnx_graphsurgeon as gs
+
+    from onnxprune.rules import clip_bounds
+
+    x, y = gs.Variable("x", np.float32), gs.Variable("y", np.float32)
+    lo, hi = gs.Constant("lo", np.array(0.0, np.float32)), gs.Constant("hi", np.array(6.0, np.float32))
+    computed = gs.Variable("m", np.float32)
+    assert clip_bounds(gs.Node("Relu", inputs=[x], outputs=[y])) == (0.0, np.inf)
+    assert clip_bounds(gs.Node("Clip", inputs=[x, lo, hi], outputs=[y])) == (0.0, 6.0)  # opset >= 11
+    assert clip_bounds(gs.Node("Clip", attrs={"min": -1.0, "max": 1.0}, inputs=[x], outputs=[y])) == (-1.0, 1.0)
+    assert clip_bounds(gs.Node("Clip", inputs=[x, computed], outputs=[y])) is None  # bound known only at run time
+    assert clip_bounds(gs.Node("Sigmoid", inputs=[x], outputs=[y])) is None

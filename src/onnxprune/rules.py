@@ -417,9 +417,15 @@ _UNARY: dict[str, Callable[[gs.Node, np.ndarray], np.ndarray]] = {
 }
 
 
-def elementwise(node: gs.Node, x: np.ndarray) -> np.ndarray:
-    """`x` through the one-input elementwise op `node` (Relu, Clip, ...); NaN where its parameters are computed."""
-    return _UNARY[node.op](node, x)
+CLIPPING = ("Relu", "Clip")  # activations that are the identity between two bounds and constant outside
+
+
+def clip_bounds(node: gs.Node) -> tuple[float, float] | None:
+    """(lo, hi) of a Relu or a Clip with constant bounds; None for any other op or computed bounds."""
+    if node.op not in CLIPPING:
+        return None
+    lo, hi = (float(v) for v in _UNARY[node.op](node, np.array([-np.inf, np.inf])))
+    return None if np.isnan(lo) or np.isnan(hi) else (lo, hi)
 
 
 def _clip(node: gs.Node, x: np.ndarray) -> np.ndarray:

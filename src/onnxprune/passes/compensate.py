@@ -195,16 +195,11 @@ def _target_of(node: gs.Node, graph: gs.Graph, original_names: set[str], kept: d
 
 def _clip_bounds(tensor: gs.Variable) -> tuple[float, float] | None:
     """(lo, hi) of the Relu or constant-bound Clip that is the tensor's only consumer; None otherwise."""
-    if len(tensor.outputs) != 1 or tensor.outputs[0].op not in ("Relu", "Clip"):
-        return None
-    lo, hi = (float(v) for v in rules.elementwise(tensor.outputs[0], np.array([-np.inf, np.inf])))
-    return None if np.isnan(lo) or np.isnan(hi) else (lo, hi)
+    return rules.clip_bounds(tensor.outputs[0]) if len(tensor.outputs) == 1 else None
 
 
 def _pairs_of(current, original, data, source: str, target: Target, batch_size: int):
-    ours = list(
-        dict.fromkeys([source, *([target.name] if target.clip else []), *([target.offset] if target.offset else [])])
-    )
+    ours = [source, *([target.offset] if target.offset else [])]
     return zip(
         stream(current, data, ours, batch_size=batch_size),
         stream(original, data, [target.name], batch_size=batch_size),
