@@ -29,15 +29,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="resnet20,vgg,mobilenetv2")
     parser.add_argument("--ratios", default="0.7,0.8,0.9")
     parser.add_argument("--variants", default="basis,double,auto,channel/cmi")
+    parser.add_argument(
+        "--peers", default="", help="peers of benchmarks.run to measure beside (e.g. tp-bn-uniform+bn), same data"
+    )
     parser.add_argument("--out", type=pathlib.Path, default=HERE / "results" / "recipe.json")
     parser.add_argument("--append", action="store_true", help="add to the rows already in --out")
     args = parser.parse_args(argv)
     from benchmarks import data, nets
-    from benchmarks.run import accuracy, trained
+    from benchmarks.run import accuracy, run_peer, trained
+    from onnxprune.pipeline import count
 
     dataset = data.load("chars")
     ratios = [float(r) for r in args.ratios.split(",")]
-    variants = args.variants.split(",")
+    variants = [v for v in args.variants.split(",") if v]
+    peer_names = [v for v in args.peers.split(",") if v]
     results = {"calibration_samples": 512, "models": {}}
     if args.append and args.out.exists():
         results = json.loads(args.out.read_text())
@@ -50,28 +55,34 @@ def main(argv: list[str] | None = None) -> None:
             model = onnx.load(path)
             x, y = dataset.test
             entry = results["models"].setdefault(f"chars-{arch}", {"accuracy": accuracy(model, x, y), "rows": []})
-            for variant in variants:
-                name, sens = variant.removesuffix("+sens"), variant.endswith("+sens")
-                method, _, criterion = name.partition("/")
+            params = count(model)[0]
+            for variant in variants + peer_names:
                 cells = []
                 for ratio in ratios:
                     start = time.perf_counter()
-                    pruned, report = prune(
-                        model,
-                        remove_ratio=ratio,
-                        method=method,
-                        criterion=criterion or None,
-                        sensitivity=sens,
-                        calib={"image": dataset.calib[0][:512]},
-                    )
+                    if variant in peer_names:  # no fine-tuning, the same 512 calibration samples
+                        pruned, _ = run_peer(variant, torch_model, model, dataset.calib[0][:512], ratio)
+                        criterion = None
+                    else:
+                        name, sens = variant.removesuffix("+sens"), variant.endswith("+sens")
+                        method, _, criterion = name.partition("/")
+                        pruned, report = prune(
+                            model,
+                            remove_ratio=ratio,
+                            method=method,
+                            criterion=criterion or None,
+                            sensitivity=sens,
+                            calib={"image": dataset.calib[0][:512]},
+                        )
+                        criterion = report.facts["criterion"]
                     acc = accuracy(pruned, x, y)
                     entry["rows"].append(
                         {
                             "variant": variant,
                             "ratio": ratio,
                             "accuracy": acc,
-                            "params_removed": report.facts["params_removed"],
-                            "criterion": report.facts["criterion"],
+                            "params_removed": 1 - count(pruned)[0] / params,
+                            "criterion": criterion,
                             "seconds": time.perf_counter() - start,
                         }
                     )
