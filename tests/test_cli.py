@@ -341,3 +341,27 @@ def test_bad_calibration_folders_are_one_line(tmp_path, capsys, make, expected):
     )
     assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_the_guard_refuses_a_destroyed_model_and_force_writes_it(tmp_path, capsys):
+    """Default --max-drop 0.05: a model whose held-out agreement collapses is not written (exit 1, one line naming
+    what was measured and the ratio that holds); --force writes it and the summary says it failed the check."""
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.load(EXAMPLE / "digits_calib.npy")[:120])
+    out = tmp_path / "out.onnx"
+    args = [EXAMPLE / "digits_resnet.onnx", out, "--ratio", "0.95", "--method", "channel", "--calib", calib]
+    code, stdout, err = run([*args, "--no-compensate", "--latency-batch", "0"], capsys)
+    assert code == 1, err
+    assert not out.exists() and not list(tmp_path.glob("*.tmp*"))
+    line = err.strip()
+    assert "\n" not in line and "top-1 agreement" in line and "largest ratio that holds" in line
+    code, stdout, err = run([*args, "--no-compensate", "--latency-batch", "0", "--force"], capsys)
+    assert code == 0, err
+    assert out.exists() and "written only because of --force" in stdout
+
+
+def test_without_calibration_the_summary_says_fidelity_is_unverified(tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    code, stdout, err = run([EXAMPLE / "digits_resnet.onnx", out, "--ratio", "0.3", "--latency-batch", "0"], capsys)
+    assert code == 0, err
+    assert "fidelity on real data is unverified" in stdout and "random inputs" in stdout

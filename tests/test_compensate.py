@@ -137,24 +137,28 @@ def test_refit_improves_the_example():
     assert fitted["relative_error"] < plain["relative_error"]
 
 
-def test_max_drop_stops_before_agreement_falls_below_the_floor():
-    from onnxprune.pipeline import prune_within
+def test_guard_refuses_a_destroyed_model_and_names_the_ratio_that_holds():
+    from onnxprune.errors import GuardError
+    from onnxprune.pipeline import prune_guarded
 
     model = onnx.load(EXAMPLE)
     data = {"image": np.load("examples/digits_calib.npy")[:150]}
-    pruned, report = prune_within(model, remove_ratio=0.95, max_drop=0.05, calib=data, compensate=False)
-    stop = report.facts["max_drop"]
-    assert stop["reached"] < 0.95
-    assert stop["agreement"] >= 0.95 and report.facts["fidelity"]["logits"]["top1_agreement"] >= 0.95
-    assert stop["agreement_at_request"] is None or stop["agreement_at_request"] < 0.95
+    with pytest.raises(GuardError, match=r"below 0\.950 .*largest ratio that holds is about 0\.\d\d") as err:
+        prune_guarded(model, remove_ratio=0.95, max_drop=0.05, calib=data, compensate=False, method="channel")
+    assert "nothing written" in str(err.value)
+    out, report = prune_guarded(
+        model, remove_ratio=0.95, max_drop=0.05, calib=data, compensate=False, method="channel", force=True
+    )
+    guard = report.facts["guard"]
+    assert not guard["held"] and guard["measured"] < 0.95 and guard["measure"] == "top-1 agreement"
+    assert report.facts["fidelity"]["logits"]["top1_agreement"] == guard["measured"]
 
 
-def test_max_drop_needs_calibration():
-    from onnxprune.errors import OnnxPruneError
-    from onnxprune.pipeline import prune_within
-
-    with pytest.raises(OnnxPruneError, match="--max-drop needs calibration data"):
-        prune_within(onnx.load(EXAMPLE), remove_ratio=0.5, max_drop=0.01)
+def test_without_calibration_the_drift_on_random_inputs_is_reported():
+    _, report = prune(onnx.load(EXAMPLE), remove_ratio=0.3)
+    drift = report.facts["synthetic_drift"]
+    assert drift["samples"] == 8 and 0 < drift["relative_error"] and -1 <= drift["cosine"] <= 1
+    assert "guard" not in report.facts
 
 
 def _split_and_prune(model, keep):
@@ -176,7 +180,7 @@ def test_a_layer_feeding_a_residual_sum_is_fitted_to_the_sum():
     fit, held = _correlated(64, 6), _correlated(32, 7)
     graph, pairs = _split_and_prune(model, keep=3)
     before = to_model(graph, model)
-    result = refit(graph, template=model, original=model, fit=fit, held=held, pairs=pairs, ridge=0.0)
+    result = refit(graph, template=model, original=model, fit=fit, held=held, pairs=pairs, ridge=0.0, low_rank=False)
     assert result.report.counts["refitted"] == 2 and result.report.counts["refit_residual_sums"] == 2
     after = to_model(result.graph, model)
     order = [n.name for n in result.graph.nodes]
@@ -205,7 +209,7 @@ def test_errors_a_relu_clips_away_are_free():
     fit, held = _correlated(64, 8), _correlated(32, 9)
     graph, pairs = _split_and_prune(model, keep=3)
     before = to_model(graph, model)
-    result = refit(graph, template=model, original=model, fit=fit, held=held, pairs=pairs, ridge=0.0)
+    result = refit(graph, template=model, original=model, fit=fit, held=held, pairs=pairs, ridge=0.0, low_rank=False)
     assert result.report.counts["refit_clipped_targets"] == 1
     nodes = {n.name: n for n in result.graph.nodes}
     rows = lambda t: np.moveaxis(t, 1, -1).reshape(-1, t.shape[1])  # noqa: E731
@@ -221,3 +225,39 @@ def test_errors_a_relu_clips_away_are_free():
         truth = np.maximum(rows(_hidden(model, data, conv)), 0)
         errors = [np.sum((np.maximum(x @ w, 0) - truth) ** 2) for w in (optimum, plain)]
         assert errors[0] < errors[1]
+
+
+def test_low_rank_refit_is_the_reduced_rank_regression_optimum():
+    """Conv 12 -> 10 (1x1) split and cut to rank 3: the low-rank refit rewrites both factors with the best rank-3
+    layer for the data. Checked against the classical reduced-rank regression optimum (an independent formula: the
+    full least-squares fit projected on the top-3 principal directions of its fitted values), and its held-out error
+    is below the refit of the scaling op alone."""
+    b = Builder(44)
+    conv = b.conv("x", 12, 10, 1)
+    model = b.model([("x", [12, 4, 4])], [conv])
+    fit, held = _correlated(64, 10), _correlated(32, 11)
+    graph, pairs = _split_and_prune(model, keep=3)
+    result = refit(graph, template=model, original=model, fit=fit, held=held, pairs=pairs, ridge=0.0)
+    assert result.report.counts["refit_low_rank"] == 1
+    nodes = {n.name: n for n in result.graph.nodes}
+    rows = lambda t: np.moveaxis(t, 1, -1).reshape(-1, t.shape[1]).astype(np.float64)  # noqa: E731
+    x, y = rows(fit["x"]), rows(ort_run(model, fit)[conv])
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    w_ls = np.linalg.lstsq(xc, yc, rcond=None)[0].T  # [10, 12]
+    u = np.linalg.svd(xc @ w_ls.T, full_matrices=False)[2][:3]  # top-3 directions of the fitted values
+    optimum = u.T @ u @ w_ls
+    pair = pairs[0]
+    got = const(nodes[pair.scaling].inputs[1]).reshape(10, 3).astype(np.float64) @ const(
+        nodes[pair.basis].inputs[1]
+    ).reshape(3, 12).astype(np.float64)
+    np.testing.assert_allclose(got, optimum, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(
+        const(nodes[pair.scaling].inputs[2]), y.mean(0) - optimum @ x.mean(0), rtol=1e-3, atol=1e-4
+    )
+    graph2, pairs2 = _split_and_prune(model, keep=3)
+    scaling_only = refit(
+        graph2, template=model, original=model, fit=fit, held=held, pairs=pairs2, ridge=0.0, low_rank=False
+    )
+    want = ort_run(model, held)[conv]
+    errors = [np.sum((ort_run(to_model(g, model), held)[conv] - want) ** 2) for g in (result.graph, scaling_only.graph)]
+    assert errors[0] < errors[1]

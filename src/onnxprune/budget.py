@@ -12,7 +12,7 @@ from onnxprune.errors import BudgetError
 from onnxprune.passes.basis import BasisPair
 from onnxprune.passes.groups import ChannelGraph
 
-TARGETS = ("params", "flops")
+TARGETS = ("params", "flops", "latency")
 
 
 @dataclass
@@ -129,6 +129,7 @@ class Allocation:
     alive: np.ndarray
     achieved: float
     reachable: float
+    latency: float | None = None  # predicted seconds of the layers allocated by measured latency
 
 
 def allocate(
@@ -270,3 +271,230 @@ def _feasible_order(analysis: ChannelGraph, score: np.ndarray) -> np.ndarray:
                 remaining[t] -= 1
             order.append(c)
     return np.array(order, dtype=np.int64)
+
+
+@dataclass
+class RankChoice:
+    """One split layer's options for `allocate_ranks`: the dense op (option 0) or the top r bases split (option r).
+
+    Arrays run over the options 0 .. max_rank: ``error`` is the predicted output error (the relative output error of
+    that layer alone, times its sensitivity weight; 0 for the dense op), ``cost`` the parameters, MACs or seconds of
+    the `--target`, ``latency`` the measured seconds at the requested batch (zeros when not measured).
+    """
+
+    group: str
+    classes: np.ndarray  # class ids, highest score first
+    error: np.ndarray
+    cost: np.ndarray
+    latency: np.ndarray
+
+    @property
+    def max_rank(self) -> int:
+        """Largest rank kept split."""
+        return len(self.error) - 1
+
+
+def rank_choices(
+    analysis: ChannelGraph,
+    cost: CostModel,
+    importance: np.ndarray,
+    *,
+    target: str,
+    protected: frozenset[str] = frozenset(),
+    weights: dict[str, float] | None = None,
+    latencies: dict[str, tuple[float, dict[int, float]]] | None = None,
+) -> list[RankChoice]:
+    """The options of every split layer whose basis group may be pruned (see `RankChoice`).
+
+    A basis k of a split layer scores s_k sqrt(E[z_k^2]) (``criteria.importance``); removing a set of bases changes the
+    layer output by exactly the sum of their squared scores, so the error of a rank is the tail sum of the sorted
+    squared scores over their total (the relative output error of that layer alone). A split is offered only at ranks
+    where it holds fewer parameters than the dense op.
+
+    Args:
+        analysis: Channel groups of the split graph.
+        cost: Its cost model (pairs with their dense alternative).
+        importance: Per class score (larger means keep).
+        target: "params", "flops" or "latency" (then `latencies` must cover every pair).
+        protected: Groups never pruned.
+        weights: Sensitivity weight per group (default 1).
+        latencies: Per pair's mid tensor: (dense seconds, {rank: split seconds}) from ``latency.layer_latency``.
+    """
+    group_of = {int(c): g for g in analysis.groups for c in g.classes}
+    choices = []
+    for b, sc, merged, mid, rank, _ in cost.pairs:
+        classes = np.unique(analysis.classes(mid))
+        group = group_of.get(int(classes[0]))
+        if (
+            group is None
+            or group.name in protected
+            or group.blocked
+            or len(classes) != rank
+            or not np.array_equal(np.sort(group.classes), classes)
+            or (target == "latency" and mid not in (latencies or {}))
+        ):
+            continue
+        bt, st = cost.terms[b], cost.terms[sc]
+        per_rank_params = (bt.numel + st.numel) / rank
+        max_rank = min(rank, int(np.ceil(merged.numel / per_rank_params)) - 1)  # r * per_rank < dense
+        if max_rank < 1:
+            continue
+        ranks = np.arange(max_rank + 1)
+        if mid in (latencies or {}):
+            dense_seconds, points = latencies[mid]
+            xs = sorted(points)
+            latency = np.interp(ranks, xs, [points[r] for r in xs])
+            latency[0] = dense_seconds
+        else:
+            latency = np.zeros(max_rank + 1)
+        if target == "params":
+            costs = ranks * per_rank_params
+            costs[0] = merged.numel
+        elif target == "flops":
+            costs = ranks * (bt.numel * bt.macs_per_elem + st.numel * st.macs_per_elem) / rank
+            costs[0] = merged.numel * merged.macs_per_elem
+        else:
+            costs = latency.copy()
+        order = group.classes[np.argsort(-importance[group.classes], kind="stable")]
+        energy = importance[order].astype(np.float64) ** 2
+        total = float(energy.sum())
+        tail = total - np.concatenate([[0.0], np.cumsum(energy)])  # tail[r]: energy of the bases after the top r
+        relative = np.clip(tail / total, 0.0, 1.0) if total > 0 else np.zeros(rank + 1)
+        error = relative[: max_rank + 1] * (weights or {}).get(group.name, 1.0)
+        error[0] = 0.0
+        choices.append(RankChoice(group.name, order, error, np.asarray(costs, float), np.asarray(latency, float)))
+    return choices
+
+
+def allocate_ranks(
+    analysis: ChannelGraph,
+    cost: CostModel,
+    choices: list[RankChoice],
+    *,
+    remove_ratio: float,
+    total_before: float,
+    fixed: float,
+    latency_budget: float | None = None,
+) -> Allocation:
+    """Choose per split layer its kept rank, or the dense op, to remove `remove_ratio` at the least predicted error.
+
+    A multiple-choice knapsack (DESIGN §4): each layer takes the option minimising
+    ``error + lambda * cost + mu * latency``; bisection on lambda meets the request, an outer bisection on mu keeps
+    the summed measured latency of the layers within `latency_budget` (the model is not slower than the original),
+    then the slack left is filled back greedily by the option change of most error saved per unit of cost. A layer
+    whose split does not pay keeps its dense option inside the optimisation, so the budget spreads by error over the
+    layers that can give it.
+
+    Args:
+        analysis: Channel groups of the split graph.
+        cost: Its cost model; `achieved` is counted by it for parameters and MACs.
+        choices: The options of each layer (`rank_choices`).
+        remove_ratio: Fraction of `total_before` to remove.
+        total_before: The target quantity of the original model (parameters, MACs or seconds).
+        fixed: What everything outside `choices` costs, in the same unit.
+        latency_budget: Seconds the chosen options may take together (None: no latency constraint).
+
+    Returns:
+        The allocation; ``achieved`` is the removed fraction (predicted, for a latency target).
+
+    Raises:
+        BudgetError: The request is more than one point above what these layers can give within the latency budget.
+    """
+    wanted = total_before * (1.0 - remove_ratio)
+    cheapest = [int(np.argmin(c.cost)) for c in choices]
+
+    def totals(picks: list[int]) -> tuple[float, float]:
+        return (
+            fixed + sum(float(c.cost[o]) for c, o in zip(choices, picks)),
+            sum(float(c.latency[o]) for c, o in zip(choices, picks)),
+        )
+
+    def solve(lam: float, mu: float) -> list[int]:
+        return [int(np.argmin(c.error + lam * c.cost + mu * c.latency)) for c in choices]
+
+    def meet_cost(mu: float) -> list[int] | None:
+        if totals(solve(0.0, mu))[0] <= wanted:
+            return solve(0.0, mu)
+        lo, hi = 0.0, 1.0 / max(max((float(c.cost.max()) for c in choices), default=1.0), 1e-30)
+        while totals(solve(hi, mu))[0] > wanted:
+            hi *= 4
+            if hi > 1e30:
+                return None
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if totals(solve(mid, mu))[0] > wanted else (lo, mid)
+        return solve(hi, mu)
+
+    reachable = 1.0 - totals(cheapest)[0] / total_before if total_before else 0.0
+    if remove_ratio > reachable + TOLERANCE:
+        raise BudgetError(
+            f"--ratio {remove_ratio:.2f} cannot be reached: at most {reachable:.3f} can be removed by keeping fewer "
+            f"bases in the {len(choices)} layers whose split is smaller than the layer "
+            f"({sum(bool(g.blocked) for g in analysis.groups)} groups blocked); lower --ratio"
+        )
+    picks = meet_cost(0.0) or cheapest
+    if latency_budget is not None and totals(picks)[1] > latency_budget:
+        scale = 1.0 / max(max((float(c.latency.max()) for c in choices), default=1.0), 1e-30)
+        lo, hi, best = 0.0, scale, None
+        while best is None and hi < 1e9 * scale:
+            trial = meet_cost(hi)
+            if trial is not None and totals(trial)[1] <= latency_budget:
+                best = trial
+            else:
+                lo, hi = hi, hi * 4
+        if best is None:
+            raise BudgetError(
+                f"--ratio {remove_ratio:.2f} cannot be reached without making the model slower than the original at "
+                "the measured batch (split layers cost an extra kernel each); lower --ratio, or allow a slower model "
+                "with --latency-batch 0"
+            )
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            trial = meet_cost(mid)
+            if trial is not None and totals(trial)[1] <= latency_budget:
+                hi, best = mid, trial
+            else:
+                lo = mid
+        picks = best
+    if totals(picks)[0] > wanted:  # the request is within a point of the reachable figure
+        picks = cheapest
+    used, seconds = totals(picks)
+    picks = _fill_slack(
+        choices, picks, wanted - used, (latency_budget - seconds) if latency_budget is not None else np.inf
+    )
+    alive = np.ones(analysis.n_classes, dtype=bool)
+    for c, o in zip(choices, picks):
+        if o > 0:
+            alive[c.classes[o:]] = False
+    plan = {}
+    groups = {g.name: g for g in analysis.groups}
+    for c in choices:
+        group = groups[c.group]
+        keep = np.flatnonzero(alive[group.classes])
+        if len(keep) < len(group.classes):
+            plan[c.group] = keep.astype(np.int64)
+    achieved = 1.0 - totals(picks)[0] / total_before if total_before else 0.0
+    return Allocation(plan, alive, achieved, reachable, totals(picks)[1] if latency_budget is not None else None)
+
+
+def _fill_slack(choices: list[RankChoice], picks: list[int], slack: float, seconds: float) -> list[int]:
+    """Spend `slack` (cost) and `seconds` (latency) on the option changes saving the most error per unit of cost."""
+    picks = list(picks)
+    while True:
+        best, best_gain = None, 0.0
+        for i, (c, o) in enumerate(zip(choices, picks)):
+            if o == 0:
+                continue
+            for new in (o + 1, 0) if o < c.max_rank else (0,):
+                extra, later = c.cost[new] - c.cost[o], c.latency[new] - c.latency[o]
+                saved = c.error[o] - c.error[new]
+                if extra <= slack and later <= seconds and saved > 0:
+                    gain = saved / max(extra, 1e-30)
+                    if gain > best_gain:
+                        best, best_gain = (i, new, extra, later), gain
+        if best is None:
+            return picks
+        i, new, extra, later = best
+        picks[i] = new
+        slack -= extra
+        seconds -= later

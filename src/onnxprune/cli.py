@@ -9,7 +9,6 @@ import pathlib
 import sys
 import tempfile
 import traceback
-from functools import partial
 
 import click
 import numpy as np
@@ -18,8 +17,8 @@ from onnxprune import graph as graph_io
 from onnxprune.budget import TARGETS
 from onnxprune.calibration import criteria
 from onnxprune.calibration.data import ImageOptions, load_calibration
-from onnxprune.errors import OnnxPruneError
-from onnxprune.pipeline import METHODS, decompose, prune, prune_within
+from onnxprune.errors import GuardError, OnnxPruneError
+from onnxprune.pipeline import MAX_DROP, METHODS, decompose, prune_guarded
 
 log = logging.getLogger("onnxprune")
 
@@ -106,9 +105,10 @@ def cli() -> None:
 )
 @click.option("--no-compensate", is_flag=True, help="With --calib, skip the least-squares refit.")
 @click.option(
-    "--sensitivity",
-    is_flag=True,
-    help="With --calib, weigh each layer's scores by how much the outputs move when it alone is pruned (slower).",
+    "--sensitivity/--no-sensitivity",
+    default=None,
+    help="With --calib (default on): weigh each layer's predicted error by how much the outputs move when it alone "
+    "is cut as planned (one probe per layer), then allocate again.",
 )
 @click.option(
     "--whiten/--no-whiten",
@@ -118,9 +118,12 @@ def cli() -> None:
 @click.option(
     "--max-drop",
     type=float,
-    default=None,
-    help="With --calib: never let held-out top-1 agreement fall under 1 - X; prune less and say so instead.",
+    default=MAX_DROP,
+    show_default=True,
+    help="With --calib: if held-out top-1 agreement (cosine for outputs that are not class scores) falls under "
+    "1 - X, write nothing, exit 1 and say which ratio holds.",
 )
+@click.option("--force", is_flag=True, help="Write the result even when it fails the --max-drop check.")
 @click.option(
     "--latency-batch",
     type=click.IntRange(min=0),
@@ -180,9 +183,10 @@ def prune_command(
     exclude: tuple[str, ...],
     calib: pathlib.Path | None,
     no_compensate: bool,
-    sensitivity: bool,
+    sensitivity: bool | None,
     whiten: bool | None,
-    max_drop: float | None,
+    max_drop: float,
+    force: bool,
     latency_batch: int,
     threads: int,
     round_to: int,
@@ -224,9 +228,10 @@ def prune_command(
     data = load_calibration(calib, model, limit=calib_size, image_options=images) if calib is not None else None
     truth = _load_labels(labels, data) if labels is not None else None
     log.info("pruning %s (%s, criterion %s, %s %.2f)", input_path.name, method, criterion, target, remove_ratio)
-    run = prune if max_drop is None else partial(prune_within, max_drop=max_drop)
-    pruned, report = run(
+    pruned, report = prune_guarded(
         model,
+        max_drop=max_drop,
+        force=force,
         remove_ratio=remove_ratio,
         target=target,
         method=method,
@@ -242,6 +247,7 @@ def prune_command(
         latency_batch=latency_batch,
         threads=threads,
         round_to=round_to,
+        seed=seed,
     )
     graph_io.save(pruned, output_path)
     if report_path is not None:
@@ -464,11 +470,17 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
         if "accuracy_pruned" in fid:
             parts.append(f"accuracy {100 * fid['accuracy_original']:.1f} % -> {100 * fid['accuracy_pruned']:.1f} %")
         lines.append(f"  fidelity on {f['fidelity_samples']} samples, output '{name}': " + ", ".join(parts))
-    if "max_drop" in f and f["max_drop"]["reached"] < f["max_drop"]["requested"]:
-        m = f["max_drop"]
+    guard = f.get("guard")
+    if guard and not guard["held"]:
         lines.append(
-            f"  stopped at ratio {m['reached']:.3f} of the requested {m['requested']:.2f}: further removal "
-            f"drops held-out top-1 agreement below {1 - m['max_drop']:.3f} (--max-drop {m['max_drop']})"
+            f"  WARNING held-out {guard['measure']} {guard['measured']:.3f} is below {guard['floor']:.3f} "
+            f"(--max-drop {guard['max_drop']}): written only because of --force"
+        )
+    if "synthetic_drift" in f:
+        d = f["synthetic_drift"]
+        lines.append(
+            f"  WARNING no --calib: fidelity on real data is unverified; on {d['samples']} random inputs the outputs "
+            f"drift by rel. error {d['relative_error']:.3f} (cosine {d['cosine']:.3f})"
         )
     lines.append(f"  time    {f['seconds']:.1f} s")
     if verbose:
@@ -496,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as err:
         click.echo(f"onnxprune: error: {err.format_message()}", err=True)
         return 2
+    except GuardError as err:
+        click.echo(f"onnxprune: {err}", err=True)
+        return 1
     except click.exceptions.Abort:
         click.echo("onnxprune: aborted", err=True)
         return 130

@@ -25,3 +25,10 @@ class BudgetError(OnnxPruneError):
 
 class PassError(OnnxPruneError):
     """A pass failed; the message names the pass and the ones that ran before it."""
+
+
+class GuardError(Exception):
+    """The pruned model measured as broken on the user's held-out samples; nothing was written (the CLI exits 1).
+
+    Not an `OnnxPruneError`: the input was fine, the result is what failed the check the user (by default) asked for.
+    """

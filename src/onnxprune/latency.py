@@ -21,6 +21,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxprune.graph import session
+
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "ONNXPRUNE_CACHE"
@@ -69,12 +71,7 @@ def _layer_model(op: str, x_shape: list[int], weights: list[np.ndarray], attrs: 
 
 
 def _time(model: onnx.ModelProto, x: np.ndarray, threads: int, runs: int) -> float:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = session(model, optimize=True, threads=threads)
     for _ in range(3):
         sess.run(None, {"x": x})
     times = []
@@ -152,3 +149,87 @@ def split_rank_limit(
     cache[key] = lo
     _store_cache(cache)
     return lo
+
+
+def _cache_key(*parts) -> str:
+    machine = [ort.__version__, platform.processor(), platform.machine(), os.cpu_count()]
+    return hashlib.sha1(json.dumps([*parts, *machine], default=str).encode()).hexdigest()
+
+
+MEASURE_SECONDS = 0.05  # wall time one latency figure may take (runs are cut to fit, at least 5)
+
+
+def layer_latency(
+    *,
+    op: str,
+    x_shape: list[int],
+    weight_shape: list[int],
+    attrs: dict,
+    ranks: list[int],
+    threads: int = 0,
+) -> tuple[float, dict[int, float]]:
+    """Measured seconds of one layer as the dense op and as a basis + scaling pair at each rank of `ranks`.
+
+    The figures are the fastest of several onnxruntime runs (CPU, all graph optimisations, `threads` intra-op
+    threads) at the layer's real input shape, cached like `split_rank_limit`. The joint allocation
+    (``budget.allocate_ranks``) interpolates between them.
+
+    Args:
+        op: "Conv" (weight [Co, Ci, k...]) or "MatMul" (weight [K, N]).
+        x_shape: The layer's input shape, batch included.
+        weight_shape: The dense weight's shape.
+        attrs: The Conv's attributes (strides, pads, dilations), ignored for MatMul.
+        ranks: Ranks of the split to time.
+        threads: Intra-op threads, as the model will run (0: onnxruntime's default).
+
+    Returns:
+        (dense seconds, {rank: split seconds}).
+    """
+    ranks = sorted(set(int(r) for r in ranks if r >= 1))
+    key = _cache_key("curve", op, x_shape, weight_shape, sorted(attrs.items()), ranks, threads)
+    cache = _load_cache()
+    if key in cache:
+        dense, times = cache[key]
+        return float(dense), {int(r): float(t) for r, t in times.items()}
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    conv_attrs = {k: v for k, v in attrs.items() if k in ("strides", "pads", "dilations", "auto_pad", "kernel_shape")}
+
+    def timed(model: onnx.ModelProto) -> float:
+        first = _time(model, x, threads, 3)
+        runs = int(min(30, max(5, MEASURE_SECONDS / max(first, 1e-6))))
+        return min(first, _time(model, x, threads, runs))
+
+    w = rng.standard_normal(weight_shape).astype(np.float32)
+    dense = timed(_layer_model(op, x_shape, [w], [conv_attrs if op == "Conv" else {}]))
+    times = {}
+    for r in ranks:
+        if op == "Conv":
+            basis = rng.standard_normal((r, *weight_shape[1:])).astype(np.float32)
+            scale = rng.standard_normal((weight_shape[0], r) + (1,) * (len(weight_shape) - 2)).astype(np.float32)
+            model = _layer_model("Conv", x_shape, [basis, scale], [conv_attrs, {}])
+        else:
+            basis = rng.standard_normal((weight_shape[0], r)).astype(np.float32)
+            model = _layer_model(
+                "MatMul", x_shape, [basis, rng.standard_normal((r, weight_shape[1])).astype(np.float32)], [{}, {}]
+            )
+        times[r] = timed(model)
+    cache[key] = [dense, {str(r): t for r, t in times.items()}]
+    _store_cache(cache)
+    return dense, times
+
+
+def model_latency(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, threads: int = 0) -> float:
+    """Fastest of several onnxruntime runs of the whole model on `feeds` (CPU, all optimisations), in seconds."""
+    sess = session(model, optimize=True, threads=threads)
+    for _ in range(3):
+        sess.run(None, feeds)
+    start = time.perf_counter()
+    sess.run(None, feeds)
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(int(min(50, max(5, 0.5 / max(first, 1e-6))))):
+        start = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return float(np.min(times))

@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune import rules
-from onnxprune.budget import TARGETS, CostModel, allocate
+from onnxprune.budget import TARGETS, CostModel, allocate, allocate_ranks, rank_choices
 from onnxprune.calibration import criteria
 from onnxprune.calibration.runner import (
     channel_statistics,
@@ -22,10 +22,10 @@ from onnxprune.calibration.runner import (
     run_batches,
     split_held_out,
 )
-from onnxprune.calibration.sensitivity import layer_sensitivity
-from onnxprune.errors import BudgetError, OnnxPruneError, PassError
+from onnxprune.calibration.sensitivity import cut_sensitivity, layer_sensitivity
+from onnxprune.errors import BudgetError, GuardError, OnnxPruneError, PassError
 from onnxprune.graph import reinfer_shapes, to_graph, to_model, validate
-from onnxprune.latency import split_rank_limit
+from onnxprune.latency import layer_latency, model_latency, split_rank_limit
 from onnxprune.passes.basis import decompose_basis, find_basis_pairs, merge_unprofitable, pair_sizes, param_breakeven
 from onnxprune.passes.cleanup import cleanup
 from onnxprune.passes.compensate import refit
@@ -33,10 +33,12 @@ from onnxprune.passes.groups import find_channel_groups
 from onnxprune.passes.remove import remove_channels
 from onnxprune.result import PassResult, Report
 from onnxprune.rules import const
+from onnxprune.testing import random_feeds
 
 log = logging.getLogger(__name__)
 
 METHODS = ("auto", "channel", "basis", "double")
+SYNTHETIC_SAMPLES = 8  # random inputs the outputs are compared on when there is no calibration data
 DOUBLE_CHANNEL_SHARE = 0.5  # --method double: the part of the request taken by channels before bases
 
 
@@ -82,7 +84,8 @@ def prune(
     threads: int = 0,
     whiten: bool | None = None,
     round_to: int = 1,
-    sensitivity: bool = False,
+    sensitivity: bool | None = None,
+    seed: int = 0,
 ) -> tuple[onnx.ModelProto, Report]:
     """Remove `remove_ratio` of the model's parameters (or MACs) and return the new model and its report.
 
@@ -113,7 +116,11 @@ def prune(
         raise OnnxPruneError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
     if method not in METHODS:
         raise OnnxPruneError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    if sensitivity and calib is None:
+    if target == "latency" and not latency_batch:
+        raise OnnxPruneError("--target latency needs --latency-batch of at least 1 (the batch the latency is timed at)")
+    if target == "latency" and method != "basis":
+        raise OnnxPruneError(f"--target latency is supported for --method basis, not {method}")
+    if sensitivity is True and calib is None:
         raise OnnxPruneError("--sensitivity needs calibration data (--calib) to measure the outputs on")
     if criterion in ("energy", *criteria.LABEL_CRITERIA) and calib is None:
         raise OnnxPruneError(f"--criterion {criterion} needs calibration data (--calib)")
@@ -126,11 +133,16 @@ def prune(
         fit_labels = labels[:n_fit] if labels is not None else _predictions(model, fit, batch_size)
     params_before, macs_before = count(model)
     total = params_before if target == "params" else macs_before
+    latency_before = None
+    if target == "latency":
+        latency_before = model_latency(model, random_feeds(model, batch=latency_batch, seed=seed), threads=threads)
+        total = latency_before
     graph = to_graph(model)
     bn_gamma = criteria.collect_bn_gamma(graph)
     report = run_passes(graph, [cleanup]).report
     stages = {"channel": ["channel"], "basis": ["basis"], "auto": ["auto"], "double": ["channel", "basis"]}[method]
     plans = 0
+    curves = None
     pairs = find_basis_pairs(graph)
     limits: dict[str, int] = {}
     for i, stage in enumerate(stages):
@@ -147,7 +159,9 @@ def prune(
             split = run_passes(graph, [partial(decompose_basis, min_channels=min_rank, covariances=covs)]).report
             pairs = pairs + split.facts.pop("pairs", [])
             report.merge(split)
-            if latency_batch:
+            if latency_batch and stage == "basis":
+                curves = _latency_curves(graph, pairs, batch=latency_batch, threads=threads)
+            elif latency_batch:
                 limits.update(_latency_limits(graph, pairs, batch=latency_batch, threads=threads))
         energy, pooled = {}, {}
         if fit is not None:
@@ -173,7 +187,17 @@ def prune(
             labels=fit_labels,
             limits=limits,
             round_to=round_to,
-            probe=partial(layer_sensitivity, template=model, data=fit, batch_size=batch_size) if sensitivity else None,
+            curves=curves,
+            probe=(
+                partial(layer_sensitivity, template=model, data=fit, batch_size=batch_size)
+                if sensitivity is True and stage != "basis"
+                else None
+            ),
+            cut_probe=(
+                partial(cut_sensitivity, template=model, data=fit, batch_size=batch_size)
+                if sensitivity is not False and fit is not None and stage == "basis"
+                else None
+            ),
         )
     report.merge(run_passes(graph, [partial(merge_unprofitable, pairs=pairs, limits=limits), cleanup]).report)
     report.facts["split_rank_limits"] = limits
@@ -192,19 +216,33 @@ def prune(
         report.merge(run_passes(graph, [refit_pass]).report)
     out = to_model(graph, model)
     validate(out)
+    if held is None:
+        feeds = random_feeds(model, batch=SYNTHETIC_SAMPLES, seed=seed)
+        drift = fidelity(model, out, feeds, batch_size=batch_size)
+        report.facts["synthetic_drift"] = {
+            "samples": SYNTHETIC_SAMPLES,
+            "cosine": min(d["cosine"] for d in drift.values()),
+            "relative_error": max(d["relative_error"] for d in drift.values()),
+        }
     if held is not None:
         n_fit = len(next(iter(fit.values())))
         truth = None if labels is None else labels[n_fit:]
         report.facts["fidelity"] = fidelity(model, out, held, labels=truth, batch_size=batch_size)
         report.facts["fidelity_samples"] = len(next(iter(held.values())))
     params_after, macs_after = count(out)
+    ratio_achieved = 1 - (params_after / params_before if target == "params" else macs_after / macs_before)
+    if latency_before is not None:
+        feeds = random_feeds(model, batch=latency_batch, seed=seed)
+        before, after = model_latency(model, feeds, threads=threads), model_latency(out, feeds, threads=threads)
+        ratio_achieved = 1 - after / before
+        report.facts["latency"] = {"batch": latency_batch, "before_s": before, "after_s": after}
     report.facts.update(
         {
             "params_before": params_before,
             "params_after": params_after,
             "macs_before": macs_before,
             "macs_after": macs_after,
-            "ratio_achieved": 1 - (params_after / params_before if target == "params" else macs_after / macs_before),
+            "ratio_achieved": ratio_achieved,
             "params_removed": 1 - params_after / params_before if params_before else 0.0,
             "macs_removed": 1 - macs_after / macs_before if macs_before else 0.0,
             "ratio_requested": remove_ratio,
@@ -220,59 +258,77 @@ def prune(
     return out, report
 
 
-MAX_DROP_STEPS = 6  # bisection steps on the ratio for --max-drop: 1/64 of the request
+MAX_DROP = 0.05  # default guard: held-out top-1 agreement may fall by at most this (cosine, for other outputs)
+GUARD_STEPS = 3  # bisection steps on the ratio when the guard fails: 1/8 of the request
 
 
-def prune_within(
-    model: onnx.ModelProto, *, remove_ratio: float, max_drop: float, **options
+def prune_guarded(
+    model: onnx.ModelProto, *, remove_ratio: float, max_drop: float = MAX_DROP, force: bool = False, **options
 ) -> tuple[onnx.ModelProto, Report]:
-    """Like `prune`, but never let held-out top-1 agreement fall under ``1 - max_drop``.
+    """`prune`, then refuse a result the held-out samples measure as broken (DESIGN §5).
 
-    Prunes at `remove_ratio`; if agreement is too low, bisects the ratio down and returns the largest one that
-    holds (the report's ``max_drop`` entry says what was asked and what was reached). Needs ``calib``.
+    With calibration data, the pruned model's held-out top-1 agreement with the original (cosine similarity for
+    outputs that are not class scores) must stay at or above ``1 - max_drop``. When it does not, the largest ratio
+    that holds is found by bisection and `GuardError` says both; with `force` the result is returned anyway (the
+    report's ``guard`` entry records the failure). Without calibration data nothing is checked here (`prune` reports
+    the drift on synthetic inputs).
+
+    Args:
+        model: The model to prune (not modified).
+        remove_ratio: Fraction of the target quantity to remove, in [0, 1).
+        max_drop: Largest allowed fall of held-out agreement, in [0, 1).
+        force: Return a result that fails the check instead of raising.
+        **options: Passed to `prune`.
+
+    Returns:
+        (pruned model, report); the report's ``guard`` fact holds the floor, the measured agreement and whether it held.
+
+    Raises:
+        OnnxPruneError: Invalid options (see `prune`).
+        GuardError: The result fails the check and `force` is off.
     """
-    if options.get("calib") is None:
-        raise OnnxPruneError("--max-drop needs calibration data (--calib) to measure agreement on")
     if not 0.0 <= max_drop < 1.0:
         raise OnnxPruneError(f"--max-drop must be in [0, 1), got {max_drop}")
-
-    def attempt(ratio: float) -> tuple[float, onnx.ModelProto, Report] | None:
-        try:
-            out, report = prune(model, remove_ratio=ratio, **options)
-        except BudgetError:
-            return None
-        return _agreement(report), out, report
-
+    out, report = prune(model, remove_ratio=remove_ratio, **options)
+    if options.get("calib") is None or "fidelity" not in report.facts:
+        return out, report
     floor = 1.0 - max_drop
-    first = attempt(remove_ratio)
-    if first is not None and first[0] >= floor:
-        first[2].facts["max_drop"] = {"max_drop": max_drop, "requested": remove_ratio, "reached": remove_ratio}
-        return first[1], first[2]
-    lo, hi, best = 0.0, remove_ratio, attempt(0.0)
-    for _ in range(MAX_DROP_STEPS):
+    measured, what = _agreement(report)
+    report.facts["guard"] = {"max_drop": max_drop, "floor": floor, "measured": measured, "measure": what}
+    report.facts["guard"]["held"] = measured >= floor
+    if measured >= floor:
+        return out, report
+    if force:
+        log.warning(
+            "held-out %s %.3f is below %.3f (--max-drop %.2f); written anyway because of --force",
+            what,
+            measured,
+            floor,
+            max_drop,
+        )
+        return out, report
+    lo, hi, best = 0.0, remove_ratio, None
+    for _ in range(GUARD_STEPS):
         mid = (lo + hi) / 2
-        tried = attempt(mid)
-        if tried is not None and tried[0] >= floor:
-            lo, best = mid, tried
+        try:
+            _, trial = prune(model, remove_ratio=mid, **options)
+        except BudgetError:
+            hi = mid
+            continue
+        value, _ = _agreement(trial)
+        if value >= floor:
+            lo, best = mid, value
         else:
             hi = mid
-    agreement, out, report = best
-    report.facts["max_drop"] = {
-        "max_drop": max_drop,
-        "requested": remove_ratio,
-        "reached": lo,
-        "agreement": agreement,
-        "agreement_at_request": None if first is None else first[0],
-    }
-    log.warning(
-        "--max-drop %.3f: stopped at ratio %.3f (top-1 agreement %.3f); %.2f would drop to %s",
-        max_drop,
-        lo,
-        agreement,
-        remove_ratio,
-        "unreachable" if first is None else f"{first[0]:.3f}",
+    holds = (
+        f"the largest ratio that holds is about {lo:.2f} ({what} {best:.3f})"
+        if best is not None
+        else ("no ratio tried holds")
     )
-    return out, report
+    raise GuardError(
+        f"at --ratio {remove_ratio:.2f} the held-out {what} with the original is {measured:.3f}, below "
+        f"{floor:.3f} (--max-drop {max_drop:.2f}); {holds}; nothing written (--force writes it anyway)"
+    )
 
 
 def _default_criterion(method: str, *, calibrated: bool) -> str:
@@ -287,10 +343,13 @@ def _default_criterion(method: str, *, calibrated: bool) -> str:
     return "cmi" if method in ("channel", "auto") else "energy"
 
 
-def _agreement(report: Report) -> float:
-    """Held-out top-1 agreement of the first classifier-like output (cosine similarity for others)."""
-    fid = next(iter(report.facts["fidelity"].values()))
-    return fid.get("top1_agreement", fid["cosine"])
+def _agreement(report: Report) -> tuple[float, str]:
+    """The worst held-out top-1 agreement over the classifier-like outputs, else the worst cosine: (value, name)."""
+    fids = list(report.facts["fidelity"].values())
+    top1 = [f["top1_agreement"] for f in fids if "top1_agreement" in f]
+    if top1:
+        return min(top1), "top-1 agreement"
+    return min(f["cosine"] for f in fids), "cosine"
 
 
 def _prune_stage(
@@ -310,7 +369,9 @@ def _prune_stage(
     labels: np.ndarray | None,
     limits: dict[str, int],
     round_to: int,
+    curves: dict | None = None,
     probe: Callable | None = None,
+    cut_probe: Callable | None = None,
 ) -> int:
     """One allocation + removal on `graph` (in place); returns the number of groups it shrank."""
     analysis = find_channel_groups(graph)
@@ -341,17 +402,61 @@ def _prune_stage(
     if probe is not None:
         weights = probe(graph, groups=[g for g in analysis.groups if g.name not in protected], scores=scores)
         report.facts.setdefault("sensitivity", {}).update(weights)
-    allocation = allocate(
-        analysis,
-        cost,
-        scores,
-        remove_ratio=remove_ratio,
-        target=target,
-        total_before=total,
-        protected=frozenset(protected),
-        round_to=round_to,
-        weights=weights,
-    )
+    if stage == "basis" and round_to <= 1:
+        choices = rank_choices(
+            analysis, cost, scores, target=target, protected=frozenset(protected), weights=weights, latencies=curves
+        )
+        if target == "latency":
+            fixed = max(0.0, total - sum(float(c.latency[0]) for c in choices))
+        else:
+            everything = cost.count()[1 if target == "flops" else 0]
+            fixed = everything - sum(float(c.cost[0]) for c in choices)
+        budget = sum(float(c.latency[0]) for c in choices) if curves and target != "latency" else None
+        allocation = allocate_ranks(
+            analysis,
+            cost,
+            choices,
+            remove_ratio=remove_ratio,
+            total_before=total,
+            fixed=fixed,
+            latency_budget=budget,
+        )
+        if cut_probe is not None and allocation.plan:
+            started = time.perf_counter()
+            by_group = {c.group: c for c in choices}
+            cuts = {g: (keep, float(by_group[g].error[len(keep)])) for g, keep in allocation.plan.items()}
+            weights = cut_probe(graph, cuts=cuts)
+            choices = rank_choices(
+                analysis, cost, scores, target=target, protected=frozenset(protected), weights=weights, latencies=curves
+            )
+            allocation = allocate_ranks(
+                analysis,
+                cost,
+                choices,
+                remove_ratio=remove_ratio,
+                total_before=total,
+                fixed=fixed,
+                latency_budget=budget,
+            )
+            report.facts["sensitivity"] = {
+                "weights": weights,
+                "probes": len(cuts),
+                "seconds": time.perf_counter() - started,
+            }
+        if allocation.latency is not None:
+            report.facts["layer_latency"] = {"before": budget, "after": allocation.latency}
+    else:
+        allocation = allocate(
+            analysis,
+            cost,
+            scores,
+            remove_ratio=remove_ratio,
+            target=target,
+            total_before=total,
+            protected=frozenset(protected),
+            round_to=round_to,
+            weights=weights,
+        )
     report.facts["reachable"] = allocation.reachable
     kinds = report.facts.setdefault("removed", {})
     for name, keep in allocation.plan.items():
@@ -417,6 +522,34 @@ def _latency_limits(graph: gs.Graph, pairs: list, *, batch: int, threads: int) -
             threads=threads,
         )
     return limits
+
+
+LATENCY_POINTS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1)  # ranks timed, as fractions of the largest useful one
+
+
+def _latency_curves(graph: gs.Graph, pairs: list, *, batch: int, threads: int) -> dict[str, tuple]:
+    """Per pair's mid tensor: measured (dense seconds, {rank: split seconds}) at `batch` (static shapes only)."""
+    nodes = {n.name: n for n in graph.nodes}
+    curves = {}
+    for pair in pairs:
+        basis = nodes.get(pair.basis)
+        x_shape = basis.inputs[0].shape if basis is not None else None
+        if x_shape is None or any(not isinstance(d, int) for d in x_shape[1:]):
+            continue
+        r, k, co = pair_sizes(graph, pair)
+        bound = max(1, min(r, param_breakeven(k, co)))
+        w = const(basis.inputs[1])
+        shape, op = ([co, *w.shape[1:]], "Conv") if basis.op == "Conv" else ([k, co], "MatMul")
+        ranks = sorted({max(1, round(bound * f)) for f in LATENCY_POINTS})
+        curves[pair.mid] = layer_latency(
+            op=op,
+            x_shape=[batch, *x_shape[1:]],
+            weight_shape=shape,
+            attrs=dict(basis.attrs),
+            ranks=ranks,
+            threads=threads,
+        )
+    return curves
 
 
 def _mid_axis(graph: gs.Graph, pair) -> int:

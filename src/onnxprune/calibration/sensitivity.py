@@ -72,3 +72,58 @@ def layer_sensitivity(
     for name, value in sorted(weights.items(), key=lambda kv: -kv[1])[:5]:
         log.info("most sensitive: %s (weight %.2f)", name, value)
     return weights
+
+
+CUT_SAMPLES = 32  # calibration samples per probe at the planned cut
+CUT_WEIGHT_RANGE = (0.2, 5.0)
+
+
+def cut_sensitivity(
+    graph: gs.Graph,
+    template: onnx.ModelProto,
+    cuts: dict[str, tuple[np.ndarray, float]],
+    data: dict[str, np.ndarray],
+    *,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """Measured weight of each layer's predicted error, at the cut the allocation actually planned (DESIGN §4).
+
+    The allocation predicts each layer's error locally (its relative output error). How much of it reaches the
+    model's outputs depends on what follows the layer. Each group in `cuts` alone is pruned to its planned kept
+    classes on a copy, the copy runs in onnxruntime on `CUT_SAMPLES` samples, and the relative change of the outputs
+    (``sum ||out - ref||^2 / sum ||ref||^2``) over the predicted local error is that layer's weight, divided by the
+    median over the layers and clipped to `CUT_WEIGHT_RANGE`. One probe per layer; `graph` is not modified.
+
+    Args:
+        graph: The graph the plan was made on (split, not yet pruned).
+        template: Model whose opsets and metadata exports of `graph` take.
+        cuts: Group name -> (kept positions of the group, predicted relative error of that layer at that cut).
+        data: Calibration samples (the first `CUT_SAMPLES` are used).
+        batch_size: Samples per onnxruntime run.
+
+    Returns:
+        Group name -> weight (1 for the median layer); layers with no predicted error are left out.
+    """
+    data = {k: v[:CUT_SAMPLES] for k, v in data.items()}
+    reference = to_model(graph, template)
+    ref = run_batches(reference, data, batch_size=batch_size)
+    energy = max(sum(float(np.sum(ref[n].astype(np.float64) ** 2)) for n in ref), 1e-30)
+    ratio = {}
+    for name, (keep, predicted) in cuts.items():
+        if predicted <= 0:
+            continue
+        probe = to_graph(reference)
+        analysis = find_channel_groups(probe)
+        if not any(g.name == name for g in analysis.groups):
+            continue
+        remove_channels(probe, plan={name: keep}, analysis=analysis)
+        out = run_batches(to_model(probe, template), data, batch_size=batch_size)
+        moved = sum(float(np.sum((out[n].astype(np.float64) - ref[n]) ** 2)) for n in ref) / energy
+        ratio[name] = moved / predicted
+    if not ratio:
+        return {}
+    median = max(float(np.median(list(ratio.values()))), 1e-30)
+    weights = {name: float(np.clip(value / median, *CUT_WEIGHT_RANGE)) for name, value in ratio.items()}
+    for name, value in sorted(weights.items(), key=lambda kv: -kv[1])[:3]:
+        log.info("most sensitive at the planned cut: %s (weight %.2f)", name, value)
+    return weights

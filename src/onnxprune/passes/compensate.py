@@ -49,6 +49,7 @@ def refit(
     kept: dict[str, np.ndarray] | None = None,
     ridge: float = 1e-4,
     batch_size: int = 64,
+    low_rank: bool = True,
 ) -> PassResult:
     """Refit, in place, every layer whose input lost channels or bases.
 
@@ -65,16 +66,35 @@ def refit(
         kept: For tensors whose channels were removed, the original positions that stay (their targets).
         ridge: Regularisation, relative to the mean diagonal of E[z z^T].
         batch_size: Samples per onnxruntime run.
+        low_rank: Refit both factors of a split pair (the best rank-r layer in the data norm) rather than its
+            scaling op alone.
     """
     report = Report()
     original_names = {t for n in original.graph.node for t in n.output}
     order = {n.name: i for i, n in enumerate(graph.nodes)}
     nodes = {n.name: n for n in graph.nodes}
+    split = {p.scaling: nodes[p.basis] for p in pairs if _still_split(p, nodes)}
     layers = {p.scaling for p in pairs if p.scaling in order}
     shrunk = set(kept or {})
     layers |= {n.name for n in graph.nodes if n.inputs and n.inputs[0].name in shrunk and _rows_of(n) is not None}
     for name in sorted(layers, key=order.get):
         node = nodes[name]
+        if name in split and low_rank:
+            if _refit_low_rank(
+                graph,
+                split[name],
+                node,
+                template,
+                original,
+                fit,
+                held,
+                original_names,
+                kept or {},
+                ridge,
+                batch_size,
+                report,
+            ):
+                continue
         rows = _rows_of(node)
         target = _target_of(node, graph, original_names, kept or {})
         if target is None or rows is None:
@@ -258,3 +278,101 @@ def _held_errors(current, original, held, source, target: Target, rows, axis, ol
             pred = z @ w.T + (0 if b is None else b) + off
             errors[i] += float(np.sum((np.clip(pred, lo, hi) - np.clip(y, lo, hi)) ** 2))
     return float(errors[0]), float(errors[1])
+
+
+MAX_LOW_RANK_INPUTS = 4608  # a basis op with wider patches (K) keeps its basis; only its scaling op is refitted
+
+
+def _still_split(pair: BasisPair, nodes: dict[str, gs.Node]) -> bool:
+    basis = nodes.get(pair.basis)
+    return (
+        basis is not None
+        and pair.scaling in nodes
+        and basis.outputs[0].name == pair.mid
+        and rules.weight_matrix(basis) is not None
+    )
+
+
+def _refit_low_rank(
+    graph, basis, scaling, template, original, fit, held, original_names, kept, ridge, batch_size, report
+) -> bool:
+    """Refit a split pair as a whole: the best rank-r layer for its compressed inputs (DESIGN §3, Compensation).
+
+    With centred input rows x (the basis op's patches on the already-compressed model) and targets y (the original
+    model's layer output, or residual sum, clipped as the activation that follows does), ``W_ls = C_yx C^-1`` with
+    ``C = E[x x^T] + ridge = L L^T``; the rank-r W minimising ``E||y - W x - b||^2`` is the truncated SVD of
+    ``W_ls L`` mapped back by ``L^-1`` (the error is ``||(W_ls - W) L||_F^2`` plus a constant), and
+    ``b = E[y] - W E[x]``. The two factors become the basis op ``V_r^T L^-1`` and the scaling op ``U_r S_r``.
+
+    Returns:
+        True when the pair was handled here (refitted, or kept after the held-out check); False to fall back to
+        refitting the scaling op alone (input too wide, or no target).
+    """
+    rows = _rows_of(basis)
+    target = _target_of(scaling, graph, original_names, kept)
+    b_w, _ = rules.affine(basis)
+    s_w, s_b = rules.affine(scaling)
+    r, k = b_w.shape
+    if rows is None or target is None or k > MAX_LOW_RANK_INPUTS or rules.weight_matrix(scaling) is None:
+        return False
+    current = to_model(graph, template)
+    axis = rules.output_channel_axis(scaling)
+    with_bias = scaling.op in rules.BIAS_INPUT
+    source = basis.inputs[0].name
+    solved = None
+    for _ in range(2 if target.clip else 1):
+        zz, yz = _accumulate(current, original, fit, source, target, rows, axis, True, batch_size, solved)
+        factors = _solve_low_rank(zz, yz, r, ridge, with_bias)
+        if factors is None:
+            break
+        new_s, new_b, new_bias = factors
+        solved = np.hstack([new_s @ new_b, (new_bias if new_bias is not None else np.zeros(len(new_s)))[:, None]])
+    if solved is None:
+        report.skip(scaling, "low-rank least-squares system is singular")
+        return True
+    old = (s_w @ b_w, s_b)
+    new = (new_s @ new_b, new_bias)
+    before, after = _held_errors(current, original, held, source, target, rows, axis, old, new, batch_size)
+    if after >= before:
+        report.skip(scaling, f"low-rank refit kept out: held-out error {after:.4g} >= {before:.4g}")
+        report.counts["refits_rejected"] += 1
+        return True
+    _write(graph, basis, new_b, None)
+    _write(graph, scaling, new_s, new_bias)
+    report.counts["refitted"] += 1
+    report.counts["refit_low_rank"] += 1
+    report.counts["refit_residual_sums"] += target.offset is not None
+    report.counts["refit_clipped_targets"] += target.clip is not None
+    report.layers[scaling.name] = {"refit_error_before": before, "refit_error_after": after, "rank": r}
+    log.debug("low-rank refit %s (rank %d): held-out layer error %.4g -> %.4g", scaling.name, r, before, after)
+    return True
+
+
+def _solve_low_rank(zz: np.ndarray, yz: np.ndarray, rank: int, ridge: float, with_bias: bool):
+    """(scaling [Co, r], basis [r, K], bias [Co] or None) from sums over rows [x, 1] of z z^T and y z^T.
+
+    Without a bias the rows are not centred (the layer must pass through the origin).
+    """
+    n = zz[-1, -1]
+    if n <= 0:
+        return None
+    k = zz.shape[0] - 1
+    sx, sy = zz[:k, k] / n, yz[:, k] / n
+    if with_bias:
+        cov = zz[:k, :k] / n - np.outer(sx, sx)
+        cross = yz[:, :k] / n - np.outer(sy, sx)
+    else:
+        cov, cross = zz[:k, :k] / n, yz[:, :k] / n
+    cov = cov + np.eye(k) * ridge * max(np.trace(cov) / k, 1e-12)
+    try:
+        low = np.linalg.cholesky(cov)
+        w_ls = np.linalg.solve(cov, cross.T).T  # [Co, K]
+        u, s, vt = np.linalg.svd(w_ls @ low, full_matrices=False)
+    except np.linalg.LinAlgError:
+        return None
+    scaling = u[:, :rank] * s[:rank]
+    basis = np.linalg.solve(low.T, vt[:rank].T).T  # V_r^T L^-1
+    bias = sy - scaling @ (basis @ sx) if with_bias else None
+    if not (np.all(np.isfinite(scaling)) and np.all(np.isfinite(basis))):
+        return None
+    return scaling, basis, bias
