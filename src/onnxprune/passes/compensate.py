@@ -49,6 +49,7 @@ def refit(
     kept: dict[str, np.ndarray] | None = None,
     ridge: float = 1e-4,
     batch_size: int = 64,
+    seed: int = 0,
 ) -> PassResult:
     """Refit, in place, every layer whose input lost channels or bases.
 
@@ -65,6 +66,7 @@ def refit(
         kept: For tensors whose channels were removed, the original positions that stay (their targets).
         ridge: Regularisation, relative to the mean diagonal of E[z z^T].
         batch_size: Samples per onnxruntime run.
+        seed: Seed of the positions sub-sampled per batch.
     """
     report = Report()
     original_names = {t for n in original.graph.node for t in n.output}
@@ -88,7 +90,9 @@ def refit(
         r = old_w.shape[1]
         solved = None
         for _ in range(2 if target.clip else 1):  # with an activation: one majorize-minimize step from the plain fit
-            zz, yz = _accumulate(current, original, fit, source, target, rows, axis, with_bias, batch_size, solved)
+            zz, yz = _accumulate(
+                current, original, fit, source, target, rows, axis, with_bias, batch_size, solved, seed=seed
+            )
             step = _solve(zz, yz, r, ridge)
             if step is None:
                 break
@@ -98,7 +102,7 @@ def refit(
             continue
         new_w, new_b = solved[:, :r], (solved[:, r] if with_bias else None)
         before, after = _held_errors(
-            current, original, held, source, target, rows, axis, (old_w, old_b), (new_w, new_b), batch_size
+            current, original, held, source, target, rows, axis, (old_w, old_b), (new_w, new_b), batch_size, seed=seed
         )
         if after >= before:
             report.skip(node, f"refit kept out: held-out error {after:.4g} >= {before:.4g}")
@@ -233,10 +237,12 @@ def _fit_target(target: Target, y: np.ndarray, off: np.ndarray, pred: np.ndarray
     return y - off
 
 
-def _accumulate(current, original, data, source, target: Target, rows, axis, with_bias, batch_size, previous=None):
+def _accumulate(
+    current, original, data, source, target: Target, rows, axis, with_bias, batch_size, previous=None, *, seed=0
+):
     """Streamed z z^T and y z^T (z with a column of ones for the bias); `previous` is the fit the targets build on."""
     zz = yz = None
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for zb, yb in _pairs_of(current, original, data, source, target, batch_size):
         z, y, off = _batch_rows(zb, yb, source, target, rows, axis, rng)
         if with_bias:
@@ -247,10 +253,10 @@ def _accumulate(current, original, data, source, target: Target, rows, axis, wit
     return zz, yz
 
 
-def _held_errors(current, original, held, source, target: Target, rows, axis, old, new, batch_size):
+def _held_errors(current, original, held, source, target: Target, rows, axis, old, new, batch_size, *, seed=0):
     """Squared error of the old and the new weights on the held-out samples, after the sum and the activation."""
     errors = np.zeros(2)
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng([seed, 1])
     lo, hi = target.clip or (-np.inf, np.inf)
     for zb, yb in _pairs_of(current, original, held, source, target, batch_size):
         z, y, off = _batch_rows(zb, yb, source, target, rows, axis, rng)
