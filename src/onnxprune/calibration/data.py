@@ -196,7 +196,8 @@ def as_samples(data: Samples | dict[str, np.ndarray], model: onnx.ModelProto | N
         The samples.
 
     Raises:
-        CalibrationError: A dict does not match the model's inputs (names, shapes, dtypes, finite values).
+        CalibrationError: A dict does not match the model's inputs (names, shapes, dtypes, finite values), or the
+            model's fixed batch is more than the samples of any one shape.
     """
     if isinstance(data, Samples):
         return data
@@ -204,7 +205,7 @@ def as_samples(data: Samples | dict[str, np.ndarray], model: onnx.ModelProto | N
         return Samples.from_arrays(data)
     inputs = model_inputs(model)
     checked = _check("calibration data", _select_inputs("calibration data", dict(data), inputs), inputs)
-    return Samples.from_arrays(checked, batch=fixed_batch(model))
+    return _fill_batches("calibration data", Samples.from_arrays(checked, batch=fixed_batch(model)))
 
 
 def load_calibration(
@@ -258,14 +259,29 @@ def load_calibration(
     if limit and limit < len(samples):
         chosen = np.sort(np.random.default_rng(seed).choice(len(samples), limit, replace=False))
         samples = samples.take(chosen)
-    if batch and batch > 1 and len(samples.whole_batches()) == 0:
-        raise CalibrationError(
-            f"{path}: the model only accepts batches of exactly {batch} (its inputs' first dim is fixed) and no "
-            f"shape has {batch} samples; give at least {batch} samples of one shape"
-        )
     if len(samples.groups) > 1:
         log.info("calibration data: %d sample shapes, streamed shape by shape", len(samples.groups))
-    return samples
+    return _fill_batches(path, samples)
+
+
+def _fill_batches(path: pathlib.Path | str, samples: Samples) -> Samples:
+    """The samples that fill whole batches of the model's fixed batch (a warning names what is left out)."""
+    whole = samples.whole_batches()
+    if samples.batch and samples.batch > 1 and len(whole) < 2 * samples.batch:
+        raise CalibrationError(
+            f"{path}: the model only accepts batches of exactly {samples.batch} (its inputs' first dim is fixed); "
+            f"{len(samples)} samples do not fill two (one to fit, one held out): give at least "
+            f"{2 * samples.batch} samples of one shape"
+        )
+    if len(whole) < len(samples):
+        log.warning(
+            "warning: the model only accepts batches of exactly %d; %d of the %d calibration samples that do not "
+            "fill a batch are left out",
+            samples.batch,
+            len(samples) - len(whole),
+            len(samples),
+        )
+    return whole
 
 
 def _load_folder(path: pathlib.Path, model: onnx.ModelProto, inputs: dict, options: ImageOptions) -> list:

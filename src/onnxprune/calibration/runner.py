@@ -41,6 +41,8 @@ def split_held_out(
     data = as_samples(data)
     n = len(data)
     held = max(1, int(round(n * fraction))) if n >= 2 else 0
+    if data.batch and data.batch > 1 and held:  # whole batches of the model's fixed batch
+        held = min(max(1, int(round(held / data.batch))) * data.batch, n)
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
     if strata is not None:  # group the shuffled samples by class (classes in random order), then sample evenly
@@ -60,7 +62,7 @@ def split_held_out(
     if data.batch and data.batch > 1 and held and (len(fit) == 0 or len(out) == 0):
         raise CalibrationError(
             f"calibration data: {n} samples cannot fill the model's fixed batch of {data.batch} in both the fit and "
-            f"the held-out part; give at least {int(np.ceil(data.batch / fraction))} samples of one shape"
+            f"the held-out part; give at least {2 * data.batch} samples of one shape"
         )
     return fit, out
 
