@@ -159,10 +159,24 @@ def test_calib_size_is_a_seeded_subset_and_labels_follow_it():
 
 
 def test_samples_take_keeps_shape_groups_and_positions():
-    s = Samples(
-        [(np.array([0, 2]), {"x": np.zeros((2, 1, 2))}), (np.array([1, 3, 4]), {"x": np.ones((3, 1, 3))})]
-    )
+    s = Samples([(np.array([0, 2]), {"x": np.zeros((2, 1, 2))}), (np.array([1, 3, 4]), {"x": np.ones((3, 1, 3))})])
     t = s.take(np.array([4, 0, 2]))
     assert [len(i) for i, _ in t.groups] == [2, 1]
     np.testing.assert_array_equal(t.index, [4, 1, 0])
     assert [b["x"].shape for b in t.batches(8)] == [(2, 1, 3), (1, 1, 2)]
+
+
+def test_only_outputs_shaped_like_class_scores_stratify():
+    from onnxprune.calibration.runner import class_scores
+
+    assert class_scores(np.zeros((4, 10), np.float32)).shape == (4, 10)
+    assert class_scores(np.zeros((4, 1, 10), np.float32)).shape == (4, 10)
+    for other in (np.zeros((4, 10, 7, 7), np.float32), np.zeros((4, 25, 37), np.float32), np.zeros((4, 1))):
+        assert class_scores(other) is None  # feature maps, a recogniser's per-step scores, one score
+    b_model = any_size()
+    features = onnx.helper.make_tensor_value_info(b_model.graph.node[2].output[0], onnx.TensorProto.FLOAT, None)
+    del b_model.graph.output[:]
+    b_model.graph.output.append(features)  # a model whose only output is a feature map
+    x = np.random.default_rng(0).standard_normal((10, 3, 8, 8)).astype(np.float32)
+    fit, held, facts = split_calibration(b_model, {"x": x}, seed=0)
+    assert facts == {} and (len(fit), len(held)) == (8, 2)
