@@ -111,14 +111,15 @@ def prune(
     the decisions (criterion ``energy`` by default) and the least-squares refit of each pruned basis pair
     (``compensate``); the other 20 %, stratified by the model's own top-1 for classifiers, measure fidelity.
     `seed` drives every random choice (the split, sub-sampled positions, the cmi sample). `labels` are in the
-    order of `calib` as given.
+    order of `calib` as given. Conv layers can be split along a whitened basis (``whiten``): the rank-r layer with
+    the least output error on that data. By default it is used only without the refit: measured on the bundled
+    example, the sequential refit alone does as well as whitening + refit, while whitening alone is far better than
+    plain SVD alone.
 
     MACs are counted at concrete input `shapes` (input name -> dims), else at the calibration data's shape, else
     at the model's fixed dims, else 224 for the symbolic H/W of an image input (``shapes.choose_shapes``); the
-    report says which (``macs_shape``, ``macs_shape_source``). Conv layers
-    can be split along a whitened basis (``whiten``): the rank-r layer with the least output error on that data.
-    By default it is used only without the refit: measured on the bundled example, the sequential refit alone
-    does as well as whitening + refit, while whitening alone is far better than plain SVD alone.
+    report says which (``macs_shape``, ``macs_shape_source``). With a symbolic dim none of those resolves, the
+    report's MACs are None and ``target="flops"`` raises OnnxPruneError.
 
     With `sensitivity` (needs ``calib``), each group's scores are weighed by how much the model's outputs move when
     that group alone is pruned (``calibration.sensitivity``).

@@ -273,6 +273,8 @@ def _fill_batches(path: pathlib.Path | str, samples: Samples) -> Samples:
             f"{len(samples)} samples do not fill two (one to fit, one held out): give at least "
             f"{2 * samples.batch} samples of one shape"
         )
+    if samples.batch:
+        log.info("the model's inputs fix the batch at %d: calibration runs at that batch", samples.batch)
     if len(whole) < len(samples):
         log.warning(
             "warning: the model only accepts batches of exactly %d; %d of the %d calibration samples that do not "
