@@ -85,7 +85,9 @@ def choose_shapes(
     shapes, sources = {}, []
     for name, (dims, _) in inputs.items():
         batch = dims[0] if dims and dims[0] is not None else 1
-        if name in given:
+        if not dims:  # a scalar input
+            shapes[name], source = [], "model"
+        elif name in given:
             shapes[name], source = given[name], "--shape"
         elif name in common:
             shapes[name], source = [batch, *common[name]], "calibration data"
