@@ -256,7 +256,7 @@ def _accumulate(
 def _held_errors(current, original, held, source, target: Target, rows, axis, old, new, batch_size, *, seed=0):
     """Squared error of the old and the new weights on the held-out samples, after the sum and the activation."""
     errors = np.zeros(2)
-    rng = np.random.default_rng([seed, 1])
+    rng = np.random.default_rng(seed + 1)
     lo, hi = target.clip or (-np.inf, np.inf)
     for zb, yb in _pairs_of(current, original, held, source, target, batch_size):
         z, y, off = _batch_rows(zb, yb, source, target, rows, axis, rng)
