@@ -19,7 +19,7 @@ import onnx
 from onnxprune import prune
 from onnxprune.bench import time_models
 from onnxprune.calibration import criteria
-from onnxprune.calibration.runner import run_batches, split_held_out
+from onnxprune.calibration.runner import run_batches, split_calibration
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples"
@@ -84,7 +84,8 @@ def main() -> None:
     )
     print("| criterion | " + " | ".join(map(str, CRITERIA_RATIOS)) + " |\n|---|" + "---|" * len(CRITERIA_RATIOS))
     results["criteria"] = {}
-    held_images, held_labels = split_held_out({"image": images})[1]["image"], labels[-100:]
+    held = split_calibration(model, {"image": images}, seed=0)[1]  # the samples prune() holds out (seed 0)
+    held_images, held_labels = images[held.index], labels[held.index]
     for criterion in criteria.names():
         cells = []
         for ratio in CRITERIA_RATIOS:

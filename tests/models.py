@@ -264,3 +264,17 @@ ZOO = [
     split_slice,
     dense_block,
 ]
+
+
+def any_size(h: int | str = "H", w: int | str = "W", *, batch: int | None = None) -> onnx.ModelProto:
+    """A classifier (10 classes) over images of any size: symbolic H and W unless given; a fixed `batch` if given."""
+    b = Builder(11)
+    x = b.cbr("x", 3, 16)
+    x = b.cbr(x, 16, 32, stride=2)
+    x = b.cbr(x, 32, 32)
+    model = b.model([("x", [3, h, w])], [b.head(x, 32, 10)])
+    if batch is not None:
+        for value in (*model.graph.input, *model.graph.output):
+            value.type.tensor_type.shape.dim[0].Clear()
+            value.type.tensor_type.shape.dim[0].dim_value = batch
+    return model

@@ -322,7 +322,9 @@ def test_calibration_from_a_folder_of_npy_files(tmp_path):
     np.save(folder / "a.npy", x[:10])
     np.save(folder / "b.npy", x[10:])
     data = load_calibration(folder, onnx.load(EXAMPLE / "digits_resnet.onnx"))
-    np.testing.assert_array_equal(data["image"], x)
+    assert len(data.groups) == 1  # one shape: the two files are one group, in the folder's order
+    np.testing.assert_array_equal(data.groups[0][1]["image"], x)
+    np.testing.assert_array_equal(data.index, np.arange(30))
 
 
 @pytest.mark.parametrize(

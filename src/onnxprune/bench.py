@@ -13,6 +13,7 @@ import onnxruntime as ort
 from onnxprune.calibration.data import model_inputs
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph import load
+from onnxprune.shapes import parse_shapes as _parse_shapes
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 OPT_LEVELS = {
@@ -45,17 +46,18 @@ class Timing:
 
 
 def parse_shapes(specs: tuple[str, ...]) -> dict[str, list[int]]:
-    """`name=1x3x224x224` -> {name: [1, 3, 224, 224]}; one OnnxPruneError line for a bad spec."""
-    shapes = {}
-    for spec in specs:
-        name, _, dims = spec.partition("=")
-        try:
-            shapes[name] = [int(d) for d in dims.lower().split("x")]
-        except ValueError as err:
-            raise OnnxPruneError(f"--shape {spec!r}: expected NAME=DxDx..., e.g. input=1x3x224x224") from err
-        if not name or any(d <= 0 for d in shapes[name]):
-            raise OnnxPruneError(f"--shape {spec!r}: expected NAME=DxDx... with positive dims")
-    return shapes
+    """`name=1x3x224x224` (or `name:1x3x224x224`) -> {name: [1, 3, 224, 224]}; one OnnxPruneError line if bad.
+
+    Args:
+        specs: One spec per input.
+
+    Returns:
+        Input name -> dims.
+
+    Raises:
+        OnnxPruneError: A malformed spec.
+    """
+    return _parse_shapes(specs)
 
 
 def _feeds(model: onnx.ModelProto, batch: int, shapes: dict[str, list[int]], rng: np.random.Generator) -> dict:

@@ -26,7 +26,8 @@ class CostModel:
     """Counts parameters and MACs of a graph for any choice of alive channel classes.
 
     A basis pair counts as what will be written: the split, or the single op it merges back into when that is
-    smaller (``merge_unprofitable``).
+    smaller (``merge_unprofitable``). MACs are counted at the graph's inferred shapes, or at `shapes` (tensor name
+    -> dims, e.g. ``shapes.concrete_shapes`` at a concrete input shape) where given.
     """
 
     def __init__(
@@ -35,6 +36,7 @@ class CostModel:
         analysis: ChannelGraph | None = None,
         pairs: list[BasisPair] = (),
         limits: dict[str, int] | None = None,
+        shapes: dict[str, list] | None = None,
     ) -> None:
         self.analysis = analysis
         self.terms: list[_Term] = []
@@ -45,7 +47,7 @@ class CostModel:
         for node in graph.nodes:
             step = analysis.steps.get(node.name) if analysis is not None else None
             slices = {ps.index: ps for ps in step.params} if step is not None else {}
-            out_shape = _shape(node.outputs[0]) if node.outputs else None
+            out_shape = _shape(node.outputs[0], shapes) if node.outputs else None
             for i, tensor in enumerate(node.inputs):
                 if not isinstance(tensor, gs.Constant) or tensor.name in seen:
                     continue
@@ -115,7 +117,9 @@ class CostModel:
         return params, macs
 
 
-def _shape(tensor: gs.Tensor) -> list | None:
+def _shape(tensor: gs.Tensor, shapes: dict[str, list] | None = None) -> list | None:
+    if shapes and tensor.name in shapes:
+        return [d if isinstance(d, int) and d >= 0 else None for d in shapes[tensor.name]]
     if tensor.shape is None:
         return None
     return [d if isinstance(d, int) and d >= 0 else None for d in tensor.shape]

@@ -19,6 +19,7 @@ from onnxprune.calibration import criteria
 from onnxprune.calibration.data import ImageOptions, load_calibration
 from onnxprune.errors import GuardError, OnnxPruneError
 from onnxprune.pipeline import MAX_DROP, METHODS, decompose, prune_guarded
+from onnxprune.shapes import format_shapes, parse_shapes
 
 log = logging.getLogger("onnxprune")
 
@@ -100,8 +101,17 @@ def cli() -> None:
     "--calib",
     type=click.Path(path_type=pathlib.Path),
     default=None,
-    help="Samples (.npy for one input, .npz keyed by input name): 80 % drive the decisions and the "
-    "least-squares refit, 20 % are held out to measure fidelity.",
+    help="Samples (.npy for one input, .npz keyed by input name, or a folder of those, of any sizes, or of "
+    "images): a seeded random 80 % drive the decisions and the least-squares refit, 20 % (stratified by the "
+    "model's top-1 for classifiers) are held out to measure fidelity.",
+)
+@click.option(
+    "--shape",
+    "shape_specs",
+    multiple=True,
+    metavar="NAME:DxD...",
+    help="Concrete input shape to count MACs at (repeatable, one per input), e.g. image:1x3x640x640. Default: the "
+    "calibration data's shape, else the model's fixed dims, else 224 for symbolic H/W of image inputs.",
 )
 @click.option("--no-compensate", is_flag=True, help="With --calib, skip the least-squares refit.")
 @click.option(
@@ -146,7 +156,9 @@ def cli() -> None:
     show_default=True,
     help="Calibration samples per onnxruntime run.",
 )
-@click.option("--calib-size", type=click.IntRange(min=1), default=None, help="Use at most N samples.")
+@click.option(
+    "--calib-size", type=click.IntRange(min=1), default=None, help="Use at most N samples (a seeded random subset)."
+)
 @click.option("--image-size", default=None, metavar="HxW", help="Images: resize to this (default: the input's size).")
 @click.option("--image-resize", type=click.Choice(["bilinear", "nearest"]), default="bilinear", show_default=True)
 @click.option("--image-scale", type=float, default=1 / 255, show_default=True, help="Images: multiply pixels by this.")
@@ -167,7 +179,13 @@ def cli() -> None:
     default=None,
     help="Write the report as JSON to this file.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for anything random.")
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed for every random choice: the --calib-size subset, the fit / held-out split, sub-sampled positions.",
+)
 @_OVERWRITE
 @_QUIET
 @click.option("-v", "--verbose", is_flag=True, help="Print every step and every blocked group.")
@@ -182,6 +200,7 @@ def prune_command(
     criterion: str | None,
     exclude: tuple[str, ...],
     calib: pathlib.Path | None,
+    shape_specs: tuple[str, ...],
     no_compensate: bool,
     sensitivity: bool | None,
     whiten: bool | None,
@@ -209,12 +228,12 @@ def prune_command(
 ) -> None:
     """Prune IN and write the smaller model to OUT."""
     _setup_logging(quiet=quiet, verbose=verbose or debug)
-    np.random.seed(seed)
     if not 0.0 <= remove_ratio < 1.0:
         raise OnnxPruneError(f"--ratio must be in [0, 1), got {remove_ratio}")
     _check_output(input_path, output_path, overwrite=overwrite)
     if report_path is not None:
         _check_output(input_path, report_path, overwrite=True)
+    shapes = parse_shapes(shape_specs)
     model = graph_io.load(input_path)
     images = ImageOptions(
         size=_dims(image_size, "--image-size") if image_size else None,
@@ -225,7 +244,9 @@ def prune_command(
         layout=image_layout,
         order=image_order,
     )
-    data = load_calibration(calib, model, limit=calib_size, image_options=images) if calib is not None else None
+    data = (
+        load_calibration(calib, model, limit=calib_size, image_options=images, seed=seed) if calib is not None else None
+    )
     truth = _load_labels(labels, data) if labels is not None else None
     log.info("pruning %s (%s, criterion %s, %s %.2f)", input_path.name, method, criterion, target, remove_ratio)
     pruned, report = prune_guarded(
@@ -248,6 +269,7 @@ def prune_command(
         threads=threads,
         round_to=round_to,
         seed=seed,
+        shapes=shapes,
     )
     graph_io.save(pruned, output_path)
     if report_path is not None:
@@ -416,7 +438,7 @@ def _load_labels(path: pathlib.Path, data: dict | None) -> np.ndarray:
         labels = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise OnnxPruneError(f"labels {path}: cannot read ({err})") from err
-    n = len(next(iter(data.values())))
+    n = data.total  # samples as loaded, before any --calib-size subset: the labels follow the file's order
     if labels.ndim != 1 or len(labels) < n:
         raise OnnxPruneError(f"labels {path}: expected a 1-D array of {n} labels, got shape {list(labels.shape)}")
     return labels[:n]
@@ -455,11 +477,19 @@ def _jsonable(value):
 def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, *, verbose: bool) -> None:
     f = report.facts
     pb, pa, mb, ma = f["params_before"], f["params_after"], f["macs_before"], f["macs_after"]
+    at = f.get("macs_shape_source", "")
+    if f.get("macs_shape"):
+        at = f"at {format_shapes(f['macs_shape'])} ({at})"
+    macs = (
+        f"  MACs    {mb:>12,} -> {ma:>12,}   removed {100 * (1 - ma / mb if mb else 0):5.1f} %   {at}"
+        if mb is not None
+        else f"  MACs    not counted: {at}"
+    )
     lines = [
         f"{input_path.name} -> {output_path}  (method {f['method']}, criterion {f['criterion']}, "
         f"target {f['target']} {f['ratio_requested']:.2f})",
         f"  params  {pb:>12,} -> {pa:>12,}   removed {100 * (1 - pa / pb if pb else 0):5.1f} %",
-        f"  MACs    {mb:>12,} -> {ma:>12,}   removed {100 * (1 - ma / mb if mb else 0):5.1f} %",
+        macs,
         f"  groups  {f['groups_pruned']} pruned ({_kinds(f)}), {len(f['blocked'])} blocked"
         + (f", {report.counts['folds_skipped']} constant folds skipped" if report.counts.get("folds_skipped") else ""),
     ]
@@ -469,7 +499,12 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
             parts.insert(0, f"top-1 agreement {100 * fid['top1_agreement']:.1f} %")
         if "accuracy_pruned" in fid:
             parts.append(f"accuracy {100 * fid['accuracy_original']:.1f} % -> {100 * fid['accuracy_pruned']:.1f} %")
-        lines.append(f"  fidelity on {f['fidelity_samples']} samples, output '{name}': " + ", ".join(parts))
+        covers = (
+            f" covering {f['fidelity_classes']} of {f['classes_predicted']} predicted classes"
+            if "fidelity_classes" in f
+            else ""
+        )
+        lines.append(f"  fidelity on {f['fidelity_samples']} samples{covers}, output '{name}': " + ", ".join(parts))
     guard = f.get("guard")
     if guard and not guard["held"]:
         lines.append(

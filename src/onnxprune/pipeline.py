@@ -15,12 +15,13 @@ import onnx_graphsurgeon as gs
 from onnxprune import rules
 from onnxprune.budget import TARGETS, CostModel, allocate, allocate_ranks, rank_choices
 from onnxprune.calibration import criteria
+from onnxprune.calibration.data import Samples, as_samples
 from onnxprune.calibration.runner import (
     channel_statistics,
     fidelity,
     patch_covariances,
-    run_batches,
-    split_held_out,
+    split_calibration,
+    stream,
 )
 from onnxprune.calibration.sensitivity import cut_sensitivity, layer_sensitivity
 from onnxprune.errors import BudgetError, GuardError, OnnxPruneError, PassError
@@ -33,6 +34,7 @@ from onnxprune.passes.groups import find_channel_groups
 from onnxprune.passes.remove import remove_channels
 from onnxprune.result import PassResult, Report
 from onnxprune.rules import const
+from onnxprune.shapes import choose_shapes, concrete_shapes, fix_input_shapes
 from onnxprune.testing import random_feeds
 
 log = logging.getLogger(__name__)
@@ -62,8 +64,19 @@ def run_passes(graph: gs.Graph, passes: Sequence[Callable[[gs.Graph], PassResult
     return PassResult(graph, modified, report)
 
 
-def count(model: onnx.ModelProto) -> tuple[int, int]:
-    """(parameters, MACs per sample) of a model as written (weights in Constant nodes or constant subgraphs count)."""
+def count(model: onnx.ModelProto, *, shapes: dict[str, list[int]] | None = None) -> tuple[int, int]:
+    """(parameters, MACs per sample) of a model as written (weights in Constant nodes or constant subgraphs count).
+
+    Args:
+        model: The model (not modified).
+        shapes: Input name -> concrete dims to count MACs at (``shapes.choose_shapes``); None: the model's own
+            inferred shapes, where a symbolic dim counts as 1.
+
+    Returns:
+        (parameters, MACs per sample).
+    """
+    if shapes:
+        model = fix_input_shapes(model, shapes)
     return CostModel(cleanup(to_graph(model), fold_bn=False).graph).count()
 
 
@@ -86,6 +99,7 @@ def prune(
     round_to: int = 1,
     sensitivity: bool | None = None,
     seed: int = 0,
+    shapes: dict[str, list[int]] | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Remove `remove_ratio` of the model's parameters (or MACs) and return the new model and its report.
 
@@ -95,19 +109,33 @@ def prune(
     a scaling op) has its bases pruned in place. Layers whose kept rank does not pay are merged back. The input
     model is not modified.
 
-    With calibration samples `calib`, 80 % drive the decisions (criterion ``energy`` by default) and the
-    least-squares refit of each pruned basis pair (``compensate``); the other 20 % measure fidelity. Conv layers
-    can be split along a whitened basis (``whiten``): the rank-r layer with the least output error on that data.
-    By default it is used only without the refit: measured on the bundled example, the sequential refit alone
-    does as well as whitening + refit, while whitening alone is far better than plain SVD alone.
+    With calibration samples `calib` (a dict of arrays, or `Samples` grouped by shape), a seeded random 80 % drive
+    the decisions (criterion ``energy`` by default) and the least-squares refit of each pruned basis pair
+    (``compensate``); the other 20 %, stratified by the model's own top-1 for classifiers, measure fidelity.
+    `seed` drives every random choice (the split, sub-sampled positions, the cmi sample). `labels` are in the
+    order of `calib` as given. Conv layers can be split along a whitened basis (``whiten``): the rank-r layer with
+    the least output error on that data. By default it is used only without the refit: measured on the bundled
+    example, the sequential refit alone does as well as whitening + refit, while whitening alone is far better than
+    plain SVD alone.
 
-    With `sensitivity` (needs ``calib``), each group's scores are weighed by how much the model's outputs move when
-    that group alone is pruned (``calibration.sensitivity``).
+    MACs are counted at concrete input `shapes` (input name -> dims), else at the calibration data's shape, else
+    at the model's fixed dims, else 224 for the symbolic H/W of an image input (``shapes.choose_shapes``); the
+    report says which (``macs_shape``, ``macs_shape_source``). With a symbolic dim none of those resolves, the
+    report's MACs are None and ``target="flops"`` raises OnnxPruneError.
 
-    With `latency_batch` > 0, a pair stays split only up to the rank at which it measured faster than the single op
-    at that batch size with `threads` threads (onnxruntime, CPU, this machine); 0 decides by parameters alone.
+    ``basis`` allocates ranks jointly (``budget.allocate_ranks``): per split layer, the dense op or a rank, chosen
+    to remove the request at the least predicted output error. With calibration data, `sensitivity` (on unless
+    False) measures how much of each layer's predicted error reaches the outputs at the planned cut and allocates
+    again (``calibration.sensitivity.cut_sensitivity``); for the channel methods, ``sensitivity=True`` weighs each
+    group by probes at 25 % and 50 % (``layer_sensitivity``).
+
+    With `latency_batch` > 0, every split layer is timed dense and split at several ranks at that batch size with
+    `threads` threads (onnxruntime, CPU, this machine, cached) and the allocation keeps the summed latency of the
+    split layers at or under that of their dense ops: the model is not made slower. ``target="latency"`` removes
+    `remove_ratio` of the measured model latency instead (the report's ``latency`` entry has the measured figures).
+    0 decides by parameters alone.
     """
-    fit, held = split_held_out(calib) if calib is not None else (None, None)
+    calib = as_samples(calib, model) if calib is not None else None
     whiten = (not compensate) if whiten is None else whiten
     criterion = criterion or _default_criterion(method, calibrated=calib is not None)
     if not 0.0 <= remove_ratio < 1.0:
@@ -126,16 +154,26 @@ def prune(
         raise OnnxPruneError(f"--criterion {criterion} needs calibration data (--calib)")
     if criterion not in criteria.names():
         raise OnnxPruneError(f"--criterion must be one of {', '.join(criteria.names())}, got {criterion!r}")
+    if labels is not None and calib is not None and (np.ndim(labels) != 1 or len(labels) < calib.total):
+        raise OnnxPruneError(
+            f"labels: expected a 1-D array of {calib.total} labels, got shape {list(np.shape(labels))}"
+        )
+    count_shapes, shape_source = choose_shapes(model, given=shapes, data=calib)
+    if count_shapes is None and target == "flops":
+        raise OnnxPruneError(f"--target flops: MACs cannot be counted: {shape_source}")
     start = time.perf_counter()
+    fit, held, split_facts = (
+        split_calibration(model, calib, seed=seed, batch_size=batch_size) if calib is not None else (None, None, {})
+    )
     fit_labels = None
     if fit is not None and criterion in criteria.LABEL_CRITERIA:  # the user's labels, else the model's own top-1
-        n_fit = len(next(iter(fit.values())))
-        fit_labels = labels[:n_fit] if labels is not None else _predictions(model, fit, batch_size)
-    params_before, macs_before = count(model)
+        fit_labels = labels[fit.index] if labels is not None else _predictions(model, fit, batch_size)
+    params_before, macs_before = count(model, shapes=count_shapes)
     total = params_before if target == "params" else macs_before
     latency_before = None
     if target == "latency":
-        latency_before = model_latency(model, random_feeds(model, batch=latency_batch, seed=seed), threads=threads)
+        feeds = _synthetic_feeds(model, count_shapes, batch=latency_batch, seed=seed)
+        latency_before = model_latency(model, feeds, threads=threads)
         total = latency_before
     graph = to_graph(model)
     bn_gamma = criteria.collect_bn_gamma(graph)
@@ -154,7 +192,7 @@ def prune(
             if fit is not None and whiten:
                 graph = reinfer_shapes(graph, model)
                 covs = patch_covariances(
-                    to_model(graph, model), fit, _whitenable(graph, min_rank), batch_size=batch_size
+                    to_model(graph, model), fit, _whitenable(graph, min_rank), batch_size=batch_size, seed=seed
                 )
             split = run_passes(graph, [partial(decompose_basis, min_channels=min_rank, covariances=covs)]).report
             pairs = pairs + split.facts.pop("pairs", [])
@@ -198,11 +236,15 @@ def prune(
                 if sensitivity is not False and fit is not None and stage == "basis"
                 else None
             ),
+            seed=seed,
+            shapes=count_shapes if target == "flops" else None,
+            template=model,
         )
     report.merge(run_passes(graph, [partial(merge_unprofitable, pairs=pairs, limits=limits), cleanup]).report)
     report.facts["split_rank_limits"] = limits
     if fit is not None and compensate:
         graph = reinfer_shapes(graph, model)
+        _warn_few_samples(graph, pairs, report.facts.get("kept") or {}, len(fit))
         refit_pass = partial(
             refit,
             template=model,
@@ -212,27 +254,32 @@ def prune(
             pairs=pairs,
             kept=report.facts.get("kept"),
             batch_size=batch_size,
+            seed=seed,
         )
         report.merge(run_passes(graph, [refit_pass]).report)
     out = to_model(graph, model)
     validate(out)
     if held is None:
-        feeds = random_feeds(model, batch=SYNTHETIC_SAMPLES, seed=seed)
+        feeds = _synthetic_feeds(model, count_shapes, batch=SYNTHETIC_SAMPLES, seed=seed)
         drift = fidelity(model, out, feeds, batch_size=batch_size)
         report.facts["synthetic_drift"] = {
             "samples": SYNTHETIC_SAMPLES,
             "cosine": min(d["cosine"] for d in drift.values()),
             "relative_error": max(d["relative_error"] for d in drift.values()),
         }
-    if held is not None:
-        n_fit = len(next(iter(fit.values())))
-        truth = None if labels is None else labels[n_fit:]
+    if held is not None and len(held):
+        truth = None if labels is None else labels[held.index]
         report.facts["fidelity"] = fidelity(model, out, held, labels=truth, batch_size=batch_size)
-        report.facts["fidelity_samples"] = len(next(iter(held.values())))
-    params_after, macs_after = count(out)
+        report.facts["fidelity_samples"] = len(held)
+        report.facts.update(split_facts)
+    params_after, macs_after = count(out, shapes=count_shapes)
+    if count_shapes is None:  # a symbolic dim nothing resolves: no true MAC count
+        macs_before = macs_after = None
+    report.facts["macs_shape"] = count_shapes
+    report.facts["macs_shape_source"] = shape_source
     ratio_achieved = 1 - (params_after / params_before if target == "params" else macs_after / macs_before)
     if latency_before is not None:
-        feeds = random_feeds(model, batch=latency_batch, seed=seed)
+        feeds = _synthetic_feeds(model, count_shapes, batch=latency_batch, seed=seed)
         before, after = model_latency(model, feeds, threads=threads), model_latency(out, feeds, threads=threads)
         ratio_achieved = 1 - after / before
         report.facts["latency"] = {"batch": latency_batch, "before_s": before, "after_s": after}
@@ -244,7 +291,7 @@ def prune(
             "macs_after": macs_after,
             "ratio_achieved": ratio_achieved,
             "params_removed": 1 - params_after / params_before if params_before else 0.0,
-            "macs_removed": 1 - macs_after / macs_before if macs_before else 0.0,
+            "macs_removed": None if macs_before is None else 1 - macs_after / macs_before if macs_before else 0.0,
             "ratio_requested": remove_ratio,
             "target": target,
             "method": method,
@@ -331,6 +378,17 @@ def prune_guarded(
     )
 
 
+def _synthetic_feeds(model: onnx.ModelProto, shapes: dict | None, *, batch: int, seed: int) -> dict[str, np.ndarray]:
+    """Normal random inputs of `batch` samples at the counting `shapes` (a fixed batch dim is kept)."""
+    feeds = random_feeds(model, batch=batch, seed=seed)
+    rng = np.random.default_rng(seed)
+    for name, dims in (shapes or {}).items():
+        if name in feeds and feeds[name].ndim == len(dims) and feeds[name].ndim > 1:
+            shape = [feeds[name].shape[0], *dims[1:]]
+            feeds[name] = rng.standard_normal(shape).astype(feeds[name].dtype)
+    return feeds
+
+
 def _default_criterion(method: str, *, calibrated: bool) -> str:
     """The criterion used when none is given.
 
@@ -372,8 +430,14 @@ def _prune_stage(
     curves: dict | None = None,
     probe: Callable | None = None,
     cut_probe: Callable | None = None,
+    seed: int = 0,
+    shapes: dict[str, list[int]] | None = None,
+    template: onnx.ModelProto | None = None,
 ) -> int:
-    """One allocation + removal on `graph` (in place); returns the number of groups it shrank."""
+    """One allocation + removal on `graph` (in place); returns the number of groups it shrank.
+
+    With input `shapes` (and the `template` to export with), MACs are counted at those concrete dims.
+    """
     analysis = find_channel_groups(graph)
     basis_groups = {
         g.name for g in analysis.groups if len(g.producers) == 1 and g.producers[0] in {p.basis for p in pairs}
@@ -396,8 +460,11 @@ def _prune_stage(
     report.facts["groups"] = len(analysis.groups)
     if remove_ratio <= 0:
         return 0
-    cost = CostModel(graph, analysis, pairs, limits)
-    scores = criteria.importance(criterion, criteria.Context(graph, analysis, bn_gamma, pairs, energy, pooled, labels))
+    concrete = concrete_shapes(to_model(graph, template), shapes) if shapes and template is not None else None
+    cost = CostModel(graph, analysis, pairs, limits, shapes=concrete)
+    scores = criteria.importance(
+        criterion, criteria.Context(graph, analysis, bn_gamma, pairs, energy, pooled, labels, seed=seed)
+    )
     weights = None
     if probe is not None:
         weights = probe(graph, groups=[g for g in analysis.groups if g.name not in protected], scores=scores)
@@ -470,10 +537,44 @@ def _prune_stage(
     return len(allocation.plan)
 
 
-def _predictions(model: onnx.ModelProto, data: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
+def _predictions(model: onnx.ModelProto, data: Samples, batch_size: int) -> np.ndarray:
     """The model's own top-1 class on `data` (first output, classes on its last axis): labels without labels."""
-    out = run_batches(model, data, batch_size=batch_size)[model.graph.output[0].name]
-    return out.reshape(len(out), -1).argmax(1)
+    name = model.graph.output[0].name
+    return np.concatenate(
+        [out[name].reshape(len(out[name]), -1).argmax(1) for out in stream(model, data, [name], batch_size=batch_size)]
+    )
+
+
+SAMPLES_PER_INPUT_WIDTH = 0.25  # fewer fit samples than this times a refitted layer's input width K: warn
+
+
+def _warn_few_samples(graph: gs.Graph, pairs: list, kept: dict, n_fit: int) -> None:
+    """One warning when the fit samples are few for the widest layer the refit solves for.
+
+    The layers are the refit's (each pair's scaling op, each matrix op whose input lost channels); a layer's input
+    width is K = Ci*kh*kw columns of its weight matrix. Spatial positions of one sample are strongly correlated, so
+    they do not count as rows: the samples themselves must be at least ``SAMPLES_PER_INPUT_WIDTH * K``.
+    """
+    scaling = {p.scaling for p in pairs}
+    widths = {}
+    for node in graph.nodes:
+        if node.name in scaling or (node.inputs and node.inputs[0].name in kept):
+            w = rules.weight_matrix(node)
+            if w is not None:
+                widths[node.name] = w.shape[1]
+    if not widths:
+        return
+    name, k = max(widths.items(), key=lambda kv: kv[1])
+    if n_fit < SAMPLES_PER_INPUT_WIDTH * k:
+        log.warning(
+            "warning: %d fit samples are few for refitting layer '%s' (input width K=%d = Ci*kh*kw; want at least "
+            "%d = K/%d samples): the refit may not hold on new data; give more --calib samples or --no-compensate",
+            n_fit,
+            name,
+            k,
+            int(np.ceil(SAMPLES_PER_INPUT_WIDTH * k)),
+            round(1 / SAMPLES_PER_INPUT_WIDTH),
+        )
 
 
 def _whitenable(graph: gs.Graph, min_rank: int) -> dict[str, tuple[str, dict]]:

@@ -28,6 +28,7 @@ class Context:
     energy: dict[str, np.ndarray] = field(default_factory=dict)  # tensor -> E[x_c^2] on calibration data
     pooled: dict[str, np.ndarray] = field(default_factory=dict)  # tensor -> [N, C] spatially averaged channels
     labels: np.ndarray | None = None  # [N] class of each calibration sample (the user's, or the model's top-1)
+    seed: int = 0  # seed of any sampling a criterion does (cmi's sample of CMI_SAMPLES)
 
 
 LABEL_CRITERIA = ("cmi", "discriminant")  # criteria that read pooled features and labels
@@ -200,7 +201,7 @@ def _cmi(context: Context) -> np.ndarray:
     """
     x = _class_features(context, "cmi")
     labels = context.labels
-    pick = np.random.default_rng(0).permutation(len(labels))[:CMI_SAMPLES]
+    pick = np.random.default_rng(context.seed).permutation(len(labels))[:CMI_SAMPLES]
     x, labels = x[pick], labels[pick]
     y = (labels[:, None] == labels[None, :]).astype(np.float64)
     y /= np.trace(y)

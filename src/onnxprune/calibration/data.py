@@ -1,19 +1,27 @@
 """Calibration data: .npy (one input), .npz (one key per input), a folder of those, or a folder of images.
 
-Everything is checked against the model's inputs (names, shapes, dtypes, finite values) before anything runs.
-Images need Pillow (``pip install onnxprune[images]``) and explicit preprocessing (`ImageOptions`).
+Everything is checked against the model's inputs (names, shapes, dtypes, finite values, the batch size the model
+accepts) before anything runs. Images need Pillow (``pip install onnxprune[images]``) and explicit preprocessing
+(`ImageOptions`).
+
+The loaded data is a `Samples`: the samples grouped by shape (a folder of pages of different sizes is normal for
+detectors and recognisers), so every batch it yields holds samples of one shape, at the batch the model accepts.
 """
 
 from __future__ import annotations
 
+import logging
 import pathlib
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
 from onnxprune.errors import CalibrationError
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
@@ -53,32 +61,238 @@ def model_inputs(model: onnx.ModelProto) -> dict[str, tuple[list, type]]:
     return found
 
 
+class Samples:
+    """Calibration samples grouped by shape; every batch they yield holds samples of one shape.
+
+    Each group is ``(index, arrays)``: the samples' positions in the data as loaded (the order of the file, or of
+    the folder's files, which is the order of ``--labels``) and name -> ``[n, ...]`` array per model input. Samples
+    are iterated group by group, in each group in its stored order; `index` lists the positions in that order, so
+    anything computed per sample (pooled features, predictions) lines up with ``labels[samples.index]``.
+
+    Attributes:
+        groups: The ``(index, arrays)`` groups, one per distinct input shape.
+        batch: The batch size the model requires (its inputs' fixed first dim), or None when it is dynamic.
+        total: How many samples the data held when loaded (before any subset); labels must cover them all.
+    """
+
+    def __init__(
+        self, groups: list[tuple[np.ndarray, dict[str, np.ndarray]]], *, batch: int | None = None, total: int = 0
+    ) -> None:
+        self.groups = [(np.asarray(i, dtype=np.int64), a) for i, a in groups if len(i)]
+        self.batch = batch
+        self.total = total or len(self)
+
+    @classmethod
+    def from_arrays(cls, data: dict[str, np.ndarray], *, batch: int | None = None) -> Samples:
+        """One group of same-shaped samples, in their order (a plain dict as the API and tests pass it).
+
+        Args:
+            data: Input name -> ``[N, ...]`` array; all arrays hold the same N.
+            batch: The model's fixed batch size, if it has one.
+
+        Returns:
+            The samples, positions 0..N-1.
+        """
+        n = len(next(iter(data.values())))
+        return cls([(np.arange(n), dict(data))], batch=batch, total=n)
+
+    def __len__(self) -> int:
+        return sum(len(i) for i, _ in self.groups)
+
+    @property
+    def index(self) -> np.ndarray:
+        """Each sample's position in the data as loaded, in iteration order."""
+        return np.concatenate([i for i, _ in self.groups]) if self.groups else np.zeros(0, dtype=np.int64)
+
+    @property
+    def shapes(self) -> list[dict[str, tuple[int, ...]]]:
+        """Per group, the shape of one sample of each input (without the batch dim)."""
+        return [{k: tuple(v.shape[1:]) for k, v in arrays.items()} for _, arrays in self.groups]
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Feeds of at most `batch_size` same-shaped samples (exactly the model's fixed batch when it has one).
+
+        Args:
+            batch_size: Samples per batch when the model's batch dim is dynamic.
+
+        Yields:
+            Input name -> array, in iteration order.
+        """
+        size = self.batch or batch_size
+        for index, arrays in self.groups:
+            for i in range(0, len(index), size):
+                yield {k: v[i : i + size] for k, v in arrays.items()}
+
+    def take(self, positions: np.ndarray) -> Samples:
+        """The samples at `positions` (iteration positions 0..len-1), in that order within each shape group.
+
+        Args:
+            positions: Positions to keep.
+
+        Returns:
+            A new `Samples` (arrays copied), same batch and total.
+        """
+        positions = np.asarray(positions, dtype=np.int64)
+        sizes = [len(i) for i, _ in self.groups]
+        offsets = np.cumsum([0, *sizes])
+        group_of = np.repeat(np.arange(len(sizes)), sizes)[positions] if len(positions) else positions
+        groups = []
+        for g in dict.fromkeys(group_of.tolist()):
+            local = positions[group_of == g] - offsets[g]
+            index, arrays = self.groups[g]
+            groups.append((index[local], {k: v[local] for k, v in arrays.items()}))
+        return Samples(groups, batch=self.batch, total=self.total)
+
+    def head(self, n: int) -> Samples:
+        """The first `n` samples in iteration order.
+
+        Args:
+            n: How many.
+
+        Returns:
+            A new `Samples`, cut to whole fixed batches when the model has one.
+        """
+        return self.take(np.arange(min(n, len(self)))).whole_batches()
+
+    def whole_batches(self) -> Samples:
+        """These samples with each shape group cut to a multiple of the model's fixed batch (self when dynamic).
+
+        Returns:
+            The samples that fill whole batches.
+        """
+        if not self.batch or self.batch == 1:
+            return self
+        kept = [(i[: len(i) // self.batch * self.batch], a) for i, a in self.groups]
+        groups = [(i, {k: v[: len(i)] for k, v in a.items()}) for i, a in kept]
+        return Samples(groups, batch=self.batch, total=self.total)
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size the model's inputs require (a fixed first dim), or None when the batch dim is dynamic.
+
+    Args:
+        model: The model whose graph inputs are read.
+
+    Returns:
+        The fixed first dim shared by the inputs that have one; None when none has.
+
+    Raises:
+        CalibrationError: Inputs fix different batch sizes.
+    """
+    fixed = {name: dims[0] for name, (dims, _) in model_inputs(model).items() if dims and dims[0] is not None}
+    if len(set(fixed.values())) > 1:
+        raise CalibrationError(f"the model's inputs fix different batch sizes {fixed}; calibration cannot feed them")
+    return next(iter(fixed.values()), None)
+
+
+def as_samples(data: Samples | dict[str, np.ndarray], model: onnx.ModelProto | None = None) -> Samples:
+    """`data` as `Samples`; a dict is checked against `model` (when given) and takes its fixed batch.
+
+    Args:
+        data: Samples, or input name -> ``[N, ...]`` array.
+        model: The model the data feeds.
+
+    Returns:
+        The samples.
+
+    Raises:
+        CalibrationError: A dict does not match the model's inputs (names, shapes, dtypes, finite values), or the
+            model's fixed batch is more than the samples of any one shape.
+    """
+    if isinstance(data, Samples):
+        return data
+    if model is None:
+        return Samples.from_arrays(data)
+    inputs = model_inputs(model)
+    checked = _check("calibration data", _select_inputs("calibration data", dict(data), inputs), inputs)
+    return _fill_batches("calibration data", Samples.from_arrays(checked, batch=fixed_batch(model)))
+
+
 def load_calibration(
     path: str | pathlib.Path,
     model: onnx.ModelProto,
     *,
     limit: int | None = None,
     image_options: ImageOptions | None = None,
-) -> dict[str, np.ndarray]:
-    """Read samples for every model input and check shape, dtype and values; one CalibrationError line on failure."""
+    seed: int = 0,
+) -> Samples:
+    """Read samples for every model input and check shape, dtype, values and the batch the model accepts.
+
+    Arrays of different sample shapes (a folder of pages of varying size) are kept apart, one group per shape;
+    each must match the model's fixed dims.
+
+    Args:
+        path: A .npy, an .npz, or a folder of those or of images.
+        model: The model the samples feed.
+        limit: Use at most this many samples, a random subset (seeded) in the data's order.
+        image_options: Preprocessing for image folders.
+        seed: Seed of the subset drawn for `limit`.
+
+    Returns:
+        The samples, grouped by shape.
+
+    Raises:
+        CalibrationError: One line naming what does not match or cannot be read.
+    """
     path = pathlib.Path(path)
     inputs = model_inputs(model)
     if path.is_dir():
-        data = _load_folder(path, model, inputs, image_options or ImageOptions())
-        return _check(path, data, inputs, limit)
-    if not path.is_file():
+        parts = _load_folder(path, model, inputs, image_options or ImageOptions())
+    elif path.is_file():
+        parts = [(path, _load_arrays(path, inputs))]
+    else:
         raise CalibrationError(f"calibration data {path}: no such file or folder")
-    return _check(path, _load_arrays(path, inputs), inputs, limit)
+    batch = fixed_batch(model)
+    groups: dict[tuple, list] = {}
+    start = 0
+    for where, data in parts:
+        data = _check(where, data, inputs)
+        n = len(next(iter(data.values())))
+        key = tuple((k, v.shape[1:]) for k, v in data.items())
+        groups.setdefault(key, []).append((np.arange(start, start + n), data))
+        start += n
+    merged = [
+        (np.concatenate([i for i, _ in g]), {k: np.concatenate([d[k] for _, d in g]) for k in g[0][1]})
+        for g in groups.values()
+    ]
+    samples = Samples(merged, batch=batch, total=start)
+    if limit and limit < len(samples):
+        chosen = np.sort(np.random.default_rng(seed).choice(len(samples), limit, replace=False))
+        samples = samples.take(chosen)
+    if len(samples.groups) > 1:
+        log.info("calibration data: %d sample shapes, streamed shape by shape", len(samples.groups))
+    return _fill_batches(path, samples)
 
 
-def _load_folder(path: pathlib.Path, model: onnx.ModelProto, inputs: dict, options: ImageOptions) -> dict:
+def _fill_batches(path: pathlib.Path | str, samples: Samples) -> Samples:
+    """The samples that fill whole batches of the model's fixed batch (a warning names what is left out)."""
+    whole = samples.whole_batches()
+    if samples.batch and samples.batch > 1 and len(whole) < 2 * samples.batch:
+        raise CalibrationError(
+            f"{path}: the model only accepts batches of exactly {samples.batch} (its inputs' first dim is fixed); "
+            f"{len(samples)} samples do not fill two (one to fit, one held out): give at least "
+            f"{2 * samples.batch} samples of one shape"
+        )
+    if samples.batch:
+        log.info("the model's inputs fix the batch at %d: calibration runs at that batch", samples.batch)
+    if len(whole) < len(samples):
+        log.warning(
+            "warning: the model only accepts batches of exactly %d; %d of the %d calibration samples that do not "
+            "fill a batch are left out",
+            samples.batch,
+            len(samples) - len(whole),
+            len(samples),
+        )
+    return whole
+
+
+def _load_folder(path: pathlib.Path, model: onnx.ModelProto, inputs: dict, options: ImageOptions) -> list:
     arrays = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz"))
     images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if arrays:
-        parts = [_load_arrays(p, inputs) for p in arrays]
-        return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+        return [(p, _load_arrays(p, inputs)) for p in arrays]
     if images:
-        return _load_images(path, images, inputs, options)
+        return [(path, _load_images(path, images, inputs, options))]
     raise CalibrationError(f"calibration folder {path}: no .npy, .npz or image files in it")
 
 
@@ -129,16 +343,21 @@ def _load_arrays(path: pathlib.Path, inputs: dict) -> dict[str, np.ndarray]:
             )
         data = {next(iter(inputs)): loaded}
     else:
-        data = {k: loaded[k] for k in loaded.files}
-        missing = set(inputs) - set(data)
-        if missing:
-            raise CalibrationError(f"{path}: no array for model input '{sorted(missing)[0]}' (keys: {sorted(data)})")
-        data = {k: data[k] for k in inputs}
+        data = _select_inputs(path, {k: loaded[k] for k in loaded.files}, inputs)
     return data
 
 
-def _check(path: pathlib.Path, data: dict[str, np.ndarray], inputs: dict, limit: int | None) -> dict:
-    sizes = {len(v) for v in data.values() if v.ndim}
+def _select_inputs(path: pathlib.Path | str, data: dict[str, np.ndarray], inputs: dict) -> dict[str, np.ndarray]:
+    missing = set(inputs) - set(data)
+    if missing:
+        raise CalibrationError(f"{path}: no array for model input '{sorted(missing)[0]}' (keys: {sorted(data)})")
+    return {k: np.asarray(data[k]) for k in inputs}
+
+
+def _check(path: pathlib.Path | str, data: dict[str, np.ndarray], inputs: dict) -> dict:
+    if any(v.ndim == 0 for v in data.values()):
+        raise CalibrationError(f"{path}: every input needs a leading sample axis; found a scalar")
+    sizes = {len(v) for v in data.values()}
     if len(sizes) != 1 or 0 in sizes:
         raise CalibrationError(f"{path}: inputs need the same, non-zero number of samples; found {sorted(sizes)}")
     for name, arr in data.items():
@@ -154,6 +373,4 @@ def _check(path: pathlib.Path, data: dict[str, np.ndarray], inputs: dict, limit:
             data[name] = arr.astype(dtype)
         if data[name].dtype.kind == "f" and not np.all(np.isfinite(data[name])):
             raise CalibrationError(f"{path}: input '{name}' holds NaN or Inf")
-    if limit:
-        data = {k: v[:limit] for k, v in data.items()}
     return data

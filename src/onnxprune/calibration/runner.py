@@ -7,16 +7,137 @@ from collections.abc import Iterator
 import numpy as np
 import onnx
 
+from onnxprune.calibration.data import Samples, as_samples
+from onnxprune.errors import CalibrationError
 from onnxprune.graph import session
 
 HELD_OUT = 0.2  # fraction of the calibration samples kept for measuring fidelity, never used for decisions
 
+Data = Samples | dict[str, np.ndarray]  # what the runners accept: grouped samples, or one array per input
 
-def split_held_out(data: dict[str, np.ndarray], fraction: float = HELD_OUT) -> tuple[dict, dict]:
-    """(fit, held-out): the last `fraction` of the samples are held out (at least one, when there are two)."""
-    n = len(next(iter(data.values())))
+
+def split_held_out(
+    data: Data, fraction: float = HELD_OUT, *, seed: int = 0, strata: np.ndarray | None = None
+) -> tuple[Samples, Samples]:
+    """(fit, held-out): a seeded random `fraction` of the samples is held out (at least one, when there are two).
+
+    Never the tail of the file: a file sorted by anything (upright crops first, flipped ones last) would give a
+    held-out set of one kind. With `strata` (one class per sample, e.g. the original model's top-1), the held-out
+    part is stratified: every class gives its share of samples (rounded up or down), so it covers as many classes
+    as its size allows. With a fixed batch in the model, both parts are cut to whole batches.
+
+    Args:
+        data: The samples.
+        fraction: Part held out.
+        seed: Seed of the shuffle.
+        strata: Per sample, in iteration order (``data.index``), its class; None: plain random sampling.
+
+    Returns:
+        The fit and held-out samples, each in a shuffled order.
+
+    Raises:
+        CalibrationError: With a fixed batch, too few samples to fill a batch in both parts.
+    """
+    data = as_samples(data)
+    n = len(data)
     held = max(1, int(round(n * fraction))) if n >= 2 else 0
-    return {k: v[: n - held] for k, v in data.items()}, {k: v[n - held :] for k, v in data.items()}
+    if data.batch and data.batch > 1 and held:  # whole batches of the model's fixed batch
+        held = min(max(1, int(round(held / data.batch))) * data.batch, n)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    if strata is not None:  # group the shuffled samples by class (classes in random order), then sample evenly
+        _, inverse = np.unique(np.asarray(strata)[order], return_inverse=True)
+        class_rank = rng.permutation(int(inverse.max()) + 1)[inverse]
+        order = order[np.argsort(class_rank, kind="stable")]
+    if held:
+        step = n / held
+        picks = np.minimum(np.floor(np.arange(held) * step + rng.uniform(0, step)).astype(np.int64), n - 1)
+    else:
+        picks = np.zeros(0, dtype=np.int64)
+    is_held = np.zeros(n, dtype=bool)
+    is_held[order[picks]] = True
+    shuffled = rng.permutation(n)
+    fit = data.take(shuffled[~is_held[shuffled]]).whole_batches()
+    out = data.take(shuffled[is_held[shuffled]]).whole_batches()
+    if data.batch and data.batch > 1 and held and (len(fit) == 0 or len(out) == 0):
+        raise CalibrationError(
+            f"calibration data: {n} samples cannot fill the model's fixed batch of {data.batch} in both the fit and "
+            f"the held-out part; give at least {2 * data.batch} samples of one shape"
+        )
+    return fit, out
+
+
+def split_calibration(
+    model: onnx.ModelProto, data: Data, *, seed: int = 0, batch_size: int = 64
+) -> tuple[Samples, Samples, dict]:
+    """The fit / held-out split of the pipeline: seeded, stratified by the model's own top-1 for classifiers.
+
+    Args:
+        model: The original model (its top-1 stratifies the split when an output looks like class scores).
+        data: The samples.
+        seed: Seed of the shuffle.
+        batch_size: Samples per onnxruntime run when the batch dim is dynamic.
+
+    Returns:
+        (fit, held-out, facts); for classifiers the facts say how many of the predicted classes the held-out
+        part covers (``fidelity_classes`` of ``classes_predicted``, output ``class_output``).
+
+    Raises:
+        CalibrationError: Too few samples for the model's fixed batch.
+    """
+    data = as_samples(data, model)
+    found = top1(model, data, batch_size=batch_size) if len(data) >= 2 else None
+    fit, held = split_held_out(data, seed=seed, strata=None if found is None else found[1])
+    if found is None:
+        return fit, held, {}
+    by_position = np.full(data.total, -1, dtype=np.int64)
+    by_position[data.index] = found[1]
+    facts = {
+        "fidelity_classes": int(len(np.unique(by_position[held.index]))),
+        "classes_predicted": int(len(np.unique(found[1]))),
+        "class_output": found[0],
+    }
+    return fit, held, facts
+
+
+def class_scores(x: np.ndarray) -> np.ndarray | None:
+    """`x` as ``[N, classes]`` when it looks like class scores (float, last axis of 2 or more, other axes 1).
+
+    Args:
+        x: One batch of an output.
+
+    Returns:
+        The ``[N, C]`` view, or None for other outputs (feature maps, sequences, boxes).
+    """
+    if x.ndim < 2 or x.dtype.kind != "f" or x.shape[-1] < 2 or int(np.prod(x.shape[1:-1])) != 1:
+        return None
+    return x.reshape(len(x), x.shape[-1])
+
+
+def top1(model: onnx.ModelProto, data: Data, *, batch_size: int = 64) -> tuple[str, np.ndarray] | None:
+    """The model's own top-1 class on each sample, from its first output that looks like class scores.
+
+    Args:
+        model: The model to run.
+        data: The samples.
+        batch_size: Samples per onnxruntime run (when the batch dim is dynamic).
+
+    Returns:
+        (output name, classes in iteration order), or None when no output looks like class scores.
+    """
+    names = [o.name for o in model.graph.output]
+    found: dict[str, list[np.ndarray]] = {k: [] for k in names}
+    for batch in stream(model, data, names, batch_size=batch_size):
+        for name in list(found):
+            scores = class_scores(batch[name])
+            if scores is None:
+                del found[name]
+            else:
+                found[name].append(scores.argmax(1))
+        if not found:
+            return None
+    name = next(iter(found), None)
+    return None if name is None else (name, np.concatenate(found[name]))
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -32,18 +153,36 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 
 def stream(
-    model: onnx.ModelProto, data: dict[str, np.ndarray], names: list[str], *, batch_size: int = 64
+    model: onnx.ModelProto, data: Data, names: list[str], *, batch_size: int = 64
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of the tensors `names` (graph outputs or intermediate), computed on `data` in onnxruntime."""
+    """Batches of the tensors `names` (graph outputs or intermediate), computed on `data` in onnxruntime.
+
+    Args:
+        model: The model to run.
+        data: The samples; each batch holds samples of one shape, at the model's fixed batch when it has one.
+        names: Tensors to return.
+        batch_size: Samples per run when the model's batch dim is dynamic.
+
+    Yields:
+        Name -> array per batch, in the samples' iteration order.
+    """
     sess = session(with_outputs(model, names), optimize=False)
-    n = len(next(iter(data.values())))
-    for i in range(0, n, batch_size):
-        outs = sess.run(names, {k: v[i : i + batch_size] for k, v in data.items()})
+    for feed in as_samples(data).batches(batch_size):
+        outs = sess.run(names, feed)
         yield dict(zip(names, outs))
 
 
-def run_batches(model: onnx.ModelProto, data: dict[str, np.ndarray], *, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """All graph outputs of `model` on `data`, run in batches and concatenated."""
+def run_batches(model: onnx.ModelProto, data: Data, *, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """All graph outputs of `model` on `data`, run in batches and concatenated (outputs of one shape only).
+
+    Args:
+        model: The model to run.
+        data: The samples.
+        batch_size: Samples per run when the model's batch dim is dynamic.
+
+    Returns:
+        Output name -> outputs of all samples, in iteration order.
+    """
     names = [o.name for o in model.graph.output]
     parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
     for batch in stream(model, data, names, batch_size=batch_size):
@@ -59,7 +198,7 @@ def channels_last(x: np.ndarray, axis: int = 1) -> np.ndarray:
 
 def channel_statistics(
     model: onnx.ModelProto,
-    data: dict[str, np.ndarray],
+    data: Data,
     axes: dict[str, int],
     *,
     pooled: bool = False,
@@ -109,7 +248,7 @@ def im2col(
 
 def patch_covariances(
     model: onnx.ModelProto,
-    data: dict[str, np.ndarray],
+    data: Data,
     convs: dict[str, tuple[str, dict]],
     *,
     batch_size: int = 32,
@@ -145,26 +284,64 @@ def patch_covariances(
 def fidelity(
     original: onnx.ModelProto,
     pruned: onnx.ModelProto,
-    data: dict[str, np.ndarray],
+    data: Data,
     *,
     labels: np.ndarray | None = None,
     batch_size: int = 64,
 ) -> dict[str, dict[str, float]]:
-    """Per output: top-1 agreement (2-D outputs), cosine similarity and relative L2 error against the original."""
-    ref, got = run_batches(original, data, batch_size=batch_size), run_batches(pruned, data, batch_size=batch_size)
+    """Per output: top-1 agreement (class-score outputs), cosine similarity and relative L2 error against the original.
+
+    Streamed batch by batch, so samples of different shapes (and outputs of different shapes) are fine.
+
+    Args:
+        original: The reference model.
+        pruned: The model measured.
+        data: The samples.
+        labels: True class per sample in iteration order, to report accuracy as well.
+        batch_size: Samples per run when the model's batch dim is dynamic.
+
+    Returns:
+        Output name -> {"cosine", "relative_error"[, "top1_agreement"[, "accuracy_original", "accuracy_pruned"]]}.
+    """
+    names = [o.name for o in original.graph.output]
+    sums = {k: dict.fromkeys(("cos", "err", "ref", "agree", "acc_o", "acc_p"), 0.0) for k in names}
+    scored = dict.fromkeys(names, True)
+    n = 0
+    batches = zip(
+        stream(original, data, names, batch_size=batch_size), stream(pruned, data, names, batch_size=batch_size)
+    )
+    for ref, got in batches:
+        m = len(ref[names[0]])
+        truth = None if labels is None else np.asarray(labels)[n : n + m]
+        for name in names:
+            want = ref[name]
+            have = got[name].astype(np.float64).reshape(len(want), -1)
+            flat = want.astype(np.float64).reshape(len(want), -1)
+            norms = np.linalg.norm(have, axis=1) * np.linalg.norm(flat, axis=1) + 1e-30
+            acc = sums[name]
+            acc["cos"] += float(np.sum(np.sum(have * flat, 1) / norms))
+            acc["err"] += float(np.sum((have - flat) ** 2))
+            acc["ref"] += float(np.sum(flat**2))
+            scores = class_scores(want)
+            scored[name] &= scores is not None
+            if scored[name]:
+                top_o, top_p = flat.argmax(1), have.argmax(1)
+                acc["agree"] += float(np.sum(top_o == top_p))
+                if truth is not None and len(truth) == m:
+                    acc["acc_o"] += float(np.sum(top_o == truth))
+                    acc["acc_p"] += float(np.sum(top_p == truth))
+        n += m
     found = {}
-    for name, want in ref.items():
-        have = got[name].astype(np.float64).reshape(len(want), -1)
-        flat = want.astype(np.float64).reshape(len(want), -1)
-        norms = np.linalg.norm(have, axis=1) * np.linalg.norm(flat, axis=1) + 1e-30
+    for name in names:
+        acc = sums[name]
         entry = {
-            "cosine": float(np.mean(np.sum(have * flat, 1) / norms)),
-            "relative_error": float(np.linalg.norm(have - flat) / (np.linalg.norm(flat) + 1e-30)),
+            "cosine": acc["cos"] / max(n, 1),
+            "relative_error": float(np.sqrt(acc["err"]) / (np.sqrt(acc["ref"]) + 1e-30)),
         }
-        if want.ndim == 2 and flat.shape[1] > 1:
-            entry["top1_agreement"] = float(np.mean(have.argmax(1) == flat.argmax(1)))
-            if labels is not None and len(labels) == len(flat):
-                entry["accuracy_original"] = float(np.mean(flat.argmax(1) == labels))
-                entry["accuracy_pruned"] = float(np.mean(have.argmax(1) == labels))
+        if scored[name] and n:
+            entry["top1_agreement"] = acc["agree"] / n
+            if labels is not None and len(labels) == n:
+                entry["accuracy_original"] = acc["acc_o"] / n
+                entry["accuracy_pruned"] = acc["acc_p"] / n
         found[name] = entry
     return found

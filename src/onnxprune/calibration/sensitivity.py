@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxprune.calibration.runner import run_batches
+from onnxprune.calibration.data import Samples, as_samples
+from onnxprune.calibration.runner import stream
 from onnxprune.graph import to_graph, to_model
 from onnxprune.passes.groups import Group, find_channel_groups
 from onnxprune.passes.remove import remove_channels
@@ -33,15 +34,15 @@ def layer_sensitivity(
     template: onnx.ModelProto,
     groups: Iterable[Group],
     scores: np.ndarray,
-    data: dict[str, np.ndarray],
+    data: Samples | dict[str, np.ndarray],
     *,
     levels: tuple[float, ...] = LEVELS,
     batch_size: int = 32,
 ) -> dict[str, float]:
     """Group name -> weight of its scores (1 = the median group's sensitivity); `graph` is not modified."""
-    data = {k: v[:SAMPLES] for k, v in data.items()}
+    data = as_samples(data).head(SAMPLES)
     reference = to_model(graph, template)
-    ref = run_batches(reference, data, batch_size=batch_size)
+    ref = _outputs(reference, data, batch_size)
     change = {}
     for group in groups:
         removable = group.removable
@@ -58,10 +59,10 @@ def layer_sensitivity(
                 break
             keep = np.flatnonzero(~np.isin(same.classes, ranked[:k]))
             remove_channels(probe, plan={group.name: keep}, analysis=analysis)
-            out = run_batches(to_model(probe, template), data, batch_size=batch_size)
+            out = _outputs(to_model(probe, template), data, batch_size)
             moved.append(
-                sum(float(np.sum((out[n] - ref[n]) ** 2)) for n in ref)
-                / max(sum(float(np.sum(ref[n] ** 2)) for n in ref), 1e-30)
+                sum(float(np.sum((o - r) ** 2)) for o, r in zip(out, ref))
+                / max(sum(float(np.sum(r**2)) for r in ref), 1e-30)
             )
         if moved:
             change[group.name] = float(np.mean(moved))
@@ -74,6 +75,16 @@ def layer_sensitivity(
     return weights
 
 
+def _outputs(model: onnx.ModelProto, data: Samples, batch_size: int) -> list[np.ndarray]:
+    """Every graph output of every batch, flattened per batch, in a fixed order (batches may differ in shape)."""
+    names = [o.name for o in model.graph.output]
+    return [
+        batch[n].astype(np.float64).ravel()
+        for batch in stream(model, data, names, batch_size=batch_size)
+        for n in names
+    ]
+
+
 CUT_SAMPLES = 32  # calibration samples per probe at the planned cut
 CUT_WEIGHT_RANGE = (0.2, 5.0)
 
@@ -82,7 +93,7 @@ def cut_sensitivity(
     graph: gs.Graph,
     template: onnx.ModelProto,
     cuts: dict[str, tuple[np.ndarray, float]],
-    data: dict[str, np.ndarray],
+    data: Samples | dict[str, np.ndarray],
     *,
     batch_size: int = 32,
 ) -> dict[str, float]:
@@ -104,10 +115,10 @@ def cut_sensitivity(
     Returns:
         Group name -> weight (1 for the median layer); layers with no predicted error are left out.
     """
-    data = {k: v[:CUT_SAMPLES] for k, v in data.items()}
+    data = as_samples(data).head(CUT_SAMPLES)
     reference = to_model(graph, template)
-    ref = run_batches(reference, data, batch_size=batch_size)
-    energy = max(sum(float(np.sum(ref[n].astype(np.float64) ** 2)) for n in ref), 1e-30)
+    ref = _outputs(reference, data, batch_size)
+    energy = max(sum(float(np.sum(r**2)) for r in ref), 1e-30)
     ratio = {}
     for name, (keep, predicted) in cuts.items():
         if predicted <= 0:
@@ -117,8 +128,8 @@ def cut_sensitivity(
         if not any(g.name == name for g in analysis.groups):
             continue
         remove_channels(probe, plan={name: keep}, analysis=analysis)
-        out = run_batches(to_model(probe, template), data, batch_size=batch_size)
-        moved = sum(float(np.sum((out[n].astype(np.float64) - ref[n]) ** 2)) for n in ref) / energy
+        out = _outputs(to_model(probe, template), data, batch_size)
+        moved = sum(float(np.sum((o - r) ** 2)) for o, r in zip(out, ref)) / energy
         ratio[name] = moved / predicted
     if not ratio:
         return {}

@@ -49,6 +49,7 @@ def refit(
     kept: dict[str, np.ndarray] | None = None,
     ridge: float = 1e-4,
     batch_size: int = 64,
+    seed: int = 0,
     low_rank: bool = True,
 ) -> PassResult:
     """Refit, in place, every layer whose input lost channels or bases.
@@ -66,6 +67,7 @@ def refit(
         kept: For tensors whose channels were removed, the original positions that stay (their targets).
         ridge: Regularisation, relative to the mean diagonal of E[z z^T].
         batch_size: Samples per onnxruntime run.
+        seed: Seed of the positions sub-sampled per batch.
         low_rank: Refit both factors of a split pair (the best rank-r layer in the data norm) rather than its
             scaling op alone.
     """
@@ -93,6 +95,7 @@ def refit(
                 ridge,
                 batch_size,
                 report,
+                seed,
             ):
                 continue
         rows = _rows_of(node)
@@ -108,7 +111,9 @@ def refit(
         r = old_w.shape[1]
         solved = None
         for _ in range(2 if target.clip else 1):  # with an activation: one majorize-minimize step from the plain fit
-            zz, yz = _accumulate(current, original, fit, source, target, rows, axis, with_bias, batch_size, solved)
+            zz, yz = _accumulate(
+                current, original, fit, source, target, rows, axis, with_bias, batch_size, solved, seed=seed
+            )
             step = _solve(zz, yz, r, ridge)
             if step is None:
                 break
@@ -118,7 +123,7 @@ def refit(
             continue
         new_w, new_b = solved[:, :r], (solved[:, r] if with_bias else None)
         before, after = _held_errors(
-            current, original, held, source, target, rows, axis, (old_w, old_b), (new_w, new_b), batch_size
+            current, original, held, source, target, rows, axis, (old_w, old_b), (new_w, new_b), batch_size, seed=seed
         )
         if after >= before:
             report.skip(node, f"refit kept out: held-out error {after:.4g} >= {before:.4g}")
@@ -253,10 +258,12 @@ def _fit_target(target: Target, y: np.ndarray, off: np.ndarray, pred: np.ndarray
     return y - off
 
 
-def _accumulate(current, original, data, source, target: Target, rows, axis, with_bias, batch_size, previous=None):
+def _accumulate(
+    current, original, data, source, target: Target, rows, axis, with_bias, batch_size, previous=None, *, seed=0
+):
     """Streamed z z^T and y z^T (z with a column of ones for the bias); `previous` is the fit the targets build on."""
     zz = yz = None
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for zb, yb in _pairs_of(current, original, data, source, target, batch_size):
         z, y, off = _batch_rows(zb, yb, source, target, rows, axis, rng)
         if with_bias:
@@ -267,10 +274,10 @@ def _accumulate(current, original, data, source, target: Target, rows, axis, wit
     return zz, yz
 
 
-def _held_errors(current, original, held, source, target: Target, rows, axis, old, new, batch_size):
+def _held_errors(current, original, held, source, target: Target, rows, axis, old, new, batch_size, *, seed=0):
     """Squared error of the old and the new weights on the held-out samples, after the sum and the activation."""
     errors = np.zeros(2)
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed + 1)
     lo, hi = target.clip or (-np.inf, np.inf)
     for zb, yb in _pairs_of(current, original, held, source, target, batch_size):
         z, y, off = _batch_rows(zb, yb, source, target, rows, axis, rng)
@@ -294,7 +301,7 @@ def _still_split(pair: BasisPair, nodes: dict[str, gs.Node]) -> bool:
 
 
 def _refit_low_rank(
-    graph, basis, scaling, template, original, fit, held, original_names, kept, ridge, batch_size, report
+    graph, basis, scaling, template, original, fit, held, original_names, kept, ridge, batch_size, report, seed
 ) -> bool:
     """Refit a split pair as a whole: the best rank-r layer for its compressed inputs (DESIGN §3, Compensation).
 
@@ -321,7 +328,7 @@ def _refit_low_rank(
     source = basis.inputs[0].name
     solved = None
     for _ in range(2 if target.clip else 1):
-        zz, yz = _accumulate(current, original, fit, source, target, rows, axis, True, batch_size, solved)
+        zz, yz = _accumulate(current, original, fit, source, target, rows, axis, True, batch_size, solved, seed=seed)
         factors = _solve_low_rank(zz, yz, r, ridge, with_bias)
         if factors is None:
             break
@@ -332,7 +339,7 @@ def _refit_low_rank(
         return True
     old = (s_w @ b_w, s_b)
     new = (new_s @ new_b, new_bias)
-    before, after = _held_errors(current, original, held, source, target, rows, axis, old, new, batch_size)
+    before, after = _held_errors(current, original, held, source, target, rows, axis, old, new, batch_size, seed=seed)
     if after >= before:
         report.skip(scaling, f"low-rank refit kept out: held-out error {after:.4g} >= {before:.4g}")
         report.counts["refits_rejected"] += 1

@@ -1,0 +1,182 @@
+"""Calibration hygiene: a seeded, stratified held-out split, samples of any size, the batch the model accepts."""
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from models import any_size, chain
+
+from onnxprune.calibration.data import Samples, load_calibration
+from onnxprune.calibration.runner import run_batches, split_calibration, split_held_out
+from onnxprune.cli import main
+from onnxprune.pipeline import prune
+
+EXAMPLE = Path(__file__).parent.parent / "examples"
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_held_out_is_a_seeded_shuffle_not_the_tail():
+    kind = np.repeat([0, 1], [80, 20])  # a file sorted by kind: upright crops first, flipped ones last
+    data = {"x": kind[:, None].astype(np.float32)}
+    fit, held = split_held_out(data, seed=0)
+    assert (len(fit), len(held)) == (80, 20)
+    assert sorted(np.concatenate([fit.index, held.index]).tolist()) == list(range(100))
+    assert 0 < kind[held.index].sum() < 20  # both kinds held out; the tail would be all of kind 1
+    np.testing.assert_array_equal(held.groups[0][1]["x"][:, 0], kind[held.index])  # arrays follow the index
+    np.testing.assert_array_equal(split_held_out(data, seed=0)[1].index, held.index)
+    assert not np.array_equal(np.sort(split_held_out(data, seed=1)[1].index), np.sort(held.index))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_stratified_held_out_takes_each_class_share(seed):
+    sizes = [47, 31, 13, 6, 3]
+    classes = np.repeat(np.arange(5), sizes)  # sorted by class, as files often are
+    data = {"x": np.arange(100, dtype=np.float32)[:, None]}
+    _, held = split_held_out(data, seed=seed, strata=classes)
+    counts = np.bincount(classes[held.index], minlength=5)
+    assert len(held) == 20
+    assert np.all(np.abs(counts - 0.2 * np.array(sizes)) < 1), counts  # each class its share, rounded up or down
+
+
+def test_split_reports_the_classes_the_held_out_part_covers():
+    model = onnx.load(EXAMPLE / "digits_resnet.onnx")
+    x = np.load(EXAMPLE / "digits_calib.npy")[:150]
+    fit, held, facts = split_calibration(model, {"image": x}, seed=0)
+    top1 = run_batches(model, {"image": x})["logits"].argmax(1)
+    assert (len(fit), len(held)) == (120, 30)
+    assert facts["class_output"] == "logits"
+    assert facts["classes_predicted"] == len(np.unique(top1))
+    assert facts["fidelity_classes"] == len(np.unique(top1[held.index])) == facts["classes_predicted"]
+
+
+def _pages(folder: Path, sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    for i, (n, h, w) in enumerate(sizes):
+        np.savez(folder / f"page{i:02d}.npz", x=rng.standard_normal((n, 3, h, w)).astype(np.float32))
+
+
+def test_samples_of_different_sizes_stream_shape_by_shape(tmp_path):
+    _pages(tmp_path / "pages", [(3, 16, 16), (2, 16, 24), (4, 16, 16), (1, 24, 8)])
+    data = load_calibration(tmp_path / "pages", any_size())
+    assert len(data) == 10 and [len(i) for i, _ in data.groups] == [7, 2, 1]
+    np.testing.assert_array_equal(data.index, [0, 1, 2, 5, 6, 7, 8, 3, 4, 9])
+    shapes = [b["x"].shape for b in data.batches(4)]
+    assert shapes == [(4, 3, 16, 16), (3, 3, 16, 16), (2, 3, 16, 24), (1, 3, 24, 8)]
+    fit, held = split_held_out(data, seed=0)
+    assert sorted(np.concatenate([fit.index, held.index]).tolist()) == list(range(10)) and len(held) == 2
+
+
+def test_a_folder_of_pages_of_different_sizes_prunes(tmp_path, capsys):
+    model, out, rep = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
+    onnx.save(any_size(), model)
+    _pages(tmp_path / "pages", [(6, 16, 16), (5, 16, 24), (6, 16, 16), (3, 24, 8)])
+    args = [model, out, "--ratio", "0.3", "--calib", tmp_path / "pages", "--latency-batch", "0", "--report", rep]
+    code, stdout, err = run(args, capsys)
+    assert code == 0, err
+    facts = json.loads(rep.read_text())
+    assert facts["fidelity_samples"] == 4 and 0 <= facts["fidelity"][facts["class_output"]]["top1_agreement"] <= 1
+    assert facts["macs_shape"] == {"x": [1, 3, 16, 16]} and facts["macs_shape_source"] == "calibration data"
+    assert "covering" in stdout and "at x:1x3x16x16 (calibration data)" in stdout
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+def test_a_model_with_a_fixed_batch_of_one_runs_at_that_batch(tmp_path, capsys):
+    model, out, rep, calib = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json", tmp_path / "c.npy"
+    onnx.save(any_size(8, 8, batch=1), model)
+    np.save(calib, np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32))
+    args = [model, out, "--ratio", "0.3", "--calib", calib, "--batch-size", "32", "--latency-batch", "0"]
+    code, _, err = run([*args, "--report", rep], capsys)
+    assert code == 0, err  # batches of 32 would end in onnxruntime's "Got invalid dimensions for input"
+    assert json.loads(rep.read_text())["fidelity_samples"] == 8
+
+
+@pytest.mark.parametrize("n", [3, 7])
+def test_data_that_cannot_fill_a_fixed_batch_is_one_line(tmp_path, capsys, n):
+    model, out, calib = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "c.npy"
+    onnx.save(any_size(8, 8, batch=4), model)
+    np.save(calib, np.random.default_rng(0).standard_normal((n, 3, 8, 8)).astype(np.float32))
+    code, _, err = run([model, out, "--ratio", "0.3", "--calib", calib], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "batches of exactly 4" in err, err
+    assert not out.exists()
+
+
+def test_a_fixed_batch_of_four_takes_whole_batches(tmp_path):
+    x = np.random.default_rng(0).standard_normal((42, 3, 8, 8)).astype(np.float32)
+    pruned, report = prune(any_size(8, 8, batch=4), remove_ratio=0.3, calib={"x": x}, latency_batch=0)
+    assert report.facts["fidelity_samples"] == 8  # 40 samples fill batches of 4; 8 of them held out
+
+
+def test_few_fit_samples_for_the_widest_refitted_layer_warn_once(caplog):
+    model = onnx.load(EXAMPLE / "digits_resnet.onnx")
+    x = np.load(EXAMPLE / "digits_calib.npy")
+    options = dict(remove_ratio=0.5, method="channel", criterion="l2", latency_batch=0)
+    with caplog.at_level(logging.WARNING):
+        prune(model, calib={"image": x[:40]}, **options)
+    warned = [r.getMessage() for r in caplog.records if "fit samples are few" in r.getMessage()]
+    assert len(warned) == 1 and "32 fit samples" in warned[0], warned
+    k = int(re.search(r"K=(\d+)", warned[0])[1])
+    assert 4 * 32 < k <= 864  # the widest refitted layer's pruned input width Ci*kh*kw (the largest is 96*3*3)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        prune(model, calib={"image": x[:300]}, **options)  # 240 fit samples >= 864 / 4
+    assert not [r for r in caplog.records if "fit samples are few" in r.getMessage()]
+
+
+def test_seed_drives_the_split_and_the_result(tmp_path, capsys):
+    model, calib = tmp_path / "m.onnx", tmp_path / "c.npy"
+    onnx.save(chain(), model)
+    np.save(calib, np.random.default_rng(0).standard_normal((60, 3, 8, 8)).astype(np.float32))
+    errors = []
+    for i, seed in enumerate((0, 0, 1)):
+        rep = tmp_path / f"r{i}.json"
+        args = [model, tmp_path / f"o{i}.onnx", "--ratio", "0.5", "--calib", calib, "--latency-batch", "0"]
+        code, _, err = run([*args, "--report", rep, "--seed", seed], capsys)
+        assert code == 0, err
+        facts = json.loads(rep.read_text())
+        errors.append(facts["fidelity"][facts["class_output"]]["relative_error"])
+    assert errors[0] == errors[1] and errors[0] != errors[2]
+
+
+def test_calib_size_is_a_seeded_subset_and_labels_follow_it():
+    model = onnx.load(EXAMPLE / "digits_resnet.onnx")
+    path = EXAMPLE / "digits_calib.npy"
+    x = np.load(path)
+    a = load_calibration(path, model, limit=50, seed=0)
+    b = load_calibration(path, model, limit=50, seed=1)
+    assert len(a) == 50 and a.total == len(x) and not np.array_equal(a.index, b.index)
+    assert a.index.max() >= 50  # not the head of the file
+    np.testing.assert_array_equal(a.groups[0][1]["image"], x[a.index])
+
+
+def test_samples_take_keeps_shape_groups_and_positions():
+    s = Samples([(np.array([0, 2]), {"x": np.zeros((2, 1, 2))}), (np.array([1, 3, 4]), {"x": np.ones((3, 1, 3))})])
+    t = s.take(np.array([4, 0, 2]))
+    assert [len(i) for i, _ in t.groups] == [2, 1]
+    np.testing.assert_array_equal(t.index, [4, 1, 0])
+    assert [b["x"].shape for b in t.batches(8)] == [(2, 1, 3), (1, 1, 2)]
+
+
+def test_only_outputs_shaped_like_class_scores_stratify():
+    from onnxprune.calibration.runner import class_scores
+
+    assert class_scores(np.zeros((4, 10), np.float32)).shape == (4, 10)
+    assert class_scores(np.zeros((4, 1, 10), np.float32)).shape == (4, 10)
+    for other in (np.zeros((4, 10, 7, 7), np.float32), np.zeros((4, 25, 37), np.float32), np.zeros((4, 1))):
+        assert class_scores(other) is None  # feature maps, a recogniser's per-step scores, one score
+    b_model = any_size()
+    features = onnx.helper.make_tensor_value_info(b_model.graph.node[2].output[0], onnx.TensorProto.FLOAT, None)
+    del b_model.graph.output[:]
+    b_model.graph.output.append(features)  # a model whose only output is a feature map
+    x = np.random.default_rng(0).standard_normal((10, 3, 8, 8)).astype(np.float32)
+    fit, held, facts = split_calibration(b_model, {"x": x}, seed=0)
+    assert facts == {} and (len(fit), len(held)) == (8, 2)
