@@ -185,6 +185,23 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path, model_file
     assert sorted(p.name for p in tmp_path.iterdir()) == listing
 
 
+def test_a_bug_inside_a_pass_is_an_internal_error_exit_3(model_file, tmp_path, capsys, monkeypatch):
+    import onnxprune.pipeline as pipeline
+
+    def remove_channels(graph, **_):  # stands for any unexpected failure inside a pass
+        raise IndexError("index 9 is out of bounds")
+
+    monkeypatch.setattr(pipeline, "remove_channels", remove_channels)
+    out = tmp_path / "o.onnx"
+    code, _, err = run([model_file, out, "--ratio", "0.3", "--method", "channel"], capsys)
+    assert code == 3, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "internal error" in lines[0] and "remove_channels" in lines[0], err
+    assert "Traceback" not in err and not out.exists()
+    code, _, err = run([model_file, out, "--ratio", "0.3", "--method", "channel", "--debug"], capsys)
+    assert code == 3 and "Traceback" in err and "IndexError" in err
+
+
 def test_existing_output_needs_overwrite(model_file, tmp_path, capsys):
     out = tmp_path / "o.onnx"
     shutil.copy(model_file, out)
