@@ -242,6 +242,13 @@ def reinfer_shapes(graph: gs.Graph, template: onnx.ModelProto) -> gs.Graph:
     return to_graph(to_model(graph, template))
 
 
+def refresh_shapes(graph: gs.Graph) -> None:
+    """Infer every intermediate shape of `graph` again, in place (after an edit that makes more of them known)."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    reset_shapes(graph)
+    _set_shapes(graph, infer_shapes(model))
+
+
 def unique_name(graph: gs.Graph, base: str) -> str:
     """A tensor/node name derived from `base` that the graph does not use yet."""
     return Namer(graph).fresh_name(base)

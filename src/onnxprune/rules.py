@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from scipy import special
 
 
 class Kind(Enum):
@@ -411,7 +412,8 @@ _UNARY: dict[str, Callable[[gs.Node, np.ndarray], np.ndarray]] = {
     "Identity": lambda n, x: x,
     "Dropout": lambda n, x: x,
     "Cast": lambda n, x: x,
-    "Gelu": lambda n, x: np.where(x == 0, 0.0, np.nan),
+    "Gelu": lambda n, x: _gelu(n, x),
+    "Erf": lambda n, x: special.erf(x),
     "Mish": lambda n, x: x * np.tanh(np.log1p(np.exp(x))),
     "Clip": lambda n, x: _clip(n, x),
 }
@@ -426,6 +428,12 @@ def clip_bounds(node: gs.Node) -> tuple[float, float] | None:
         return None
     lo, hi = (float(v) for v in _UNARY[node.op](node, np.array([-np.inf, np.inf])))
     return None if np.isnan(lo) or np.isnan(hi) else (lo, hi)
+
+
+def _gelu(node: gs.Node, x: np.ndarray) -> np.ndarray:
+    if node.attrs.get("approximate", "none") == "tanh":
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1 + special.erf(x / np.sqrt(2)))
 
 
 def _clip(node: gs.Node, x: np.ndarray) -> np.ndarray:
@@ -504,6 +512,48 @@ def _pad(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
         value = float(v) if v is not None and v.size else 0.0
     zero = flow.zero if mode != "constant" else np.where(flow.zero == value, flow.zero, np.nan)
     return Step(Kind.PASS_THROUGH, [_same(flow, zero)])
+
+
+@rule("Shape", "Size")
+def _shape_of(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    """Reads dims only, so channels pass unharmed; but a value that counts the channels changes when they go.
+
+    Cleanup already wrote every value computed from static dims as a constant (Reshape targets, Slice bounds), which
+    the rules then rewrite. A `Shape` still here is used at run time: fine where it, or every consumer (`Gather`,
+    `Slice` with constant indices), reads other dims than the channel axis; otherwise the node blocks.
+    """
+    flow = flows[0] if flows else None
+    if flow is None:
+        return Step(Kind.PASS_THROUGH, [None])
+    if node.op == "Size":
+        return "Size counts the channels and its value is used at run time (it did not fold to a constant)"
+    start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
+    read = list(range(flow.rank))[start : None if end is None else int(end)]
+    if flow.axis not in read:
+        return Step(Kind.PASS_THROUGH, [None])
+    for consumer in node.outputs[0].outputs:
+        picked = _shape_positions(consumer, len(read))
+        if picked is None or read.index(flow.axis) in picked:
+            return (
+                f"the channel count it reads reaches {consumer.op} '{consumer.name}' at run time (it did not fold to "
+                "a constant), and would change when channels go"
+            )
+    return Step(Kind.PASS_THROUGH, [None])
+
+
+def _shape_positions(node: gs.Node, n: int) -> list[int] | None:
+    """Positions of a 1-D shape value that a Gather/Slice consumer reads (None: another op, or computed indices)."""
+    if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0:
+        idx = const(node.inputs[1])
+        return None if idx is None else [int(i) % n for i in np.atleast_1d(idx)]
+    if node.op == "Slice" and "starts" not in node.attrs:
+        values = [const(node.inputs[i]) if _input(node, i) is not None else None for i in range(1, 5)]
+        if values[0] is None or values[1] is None or any(_input(node, i) is not None and values[i - 1] is None
+                                                          for i in (3, 4)):
+            return None
+        step = int(values[3][0]) if values[3] is not None else 1
+        return list(range(n))[slice(int(values[0][0]), int(min(values[1][0], 2**62)), step)]
+    return None
 
 
 @rule("Softmax", "LogSoftmax", "Hardmax")
@@ -670,10 +720,13 @@ def _split_sizes(node: gs.Node, total: int, n_out: int) -> list[int] | str:
         split = const(node.inputs[1])
         if split is None:
             return "split sizes are computed at run time"
-    if split is None:
-        if total % n_out:
+    if split is None:  # equal parts (opset 18 num_outputs: the last part may be smaller)
+        if total % n_out == 0:
+            return [total // n_out] * n_out
+        part = -(-total // n_out)
+        if "num_outputs" not in node.attrs or total - part * (n_out - 1) <= 0:
             return f"equal split of {total} channels into {n_out} is uneven"
-        return [total // n_out] * n_out
+        return [part] * (n_out - 1) + [total - part * (n_out - 1)]
     return [int(s) for s in np.atleast_1d(split)]
 
 
@@ -691,13 +744,16 @@ def _split(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
     bounds = np.cumsum([0] + sizes)
     outs = [Flow(axis, flow.rank, flow.ids[a:b], flow.zero[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
     names = [t.name for t in node.outputs]
+    opset = walk.opset
 
     def rewrite(node: gs.Node, keeps: dict[str, np.ndarray], walk: Walk) -> None:
         new = np.array([len(keeps[n]) for n in names], dtype=np.int64)
         node.attrs.pop("num_outputs", None)
-        if "split" in node.attrs:
+        if "split" in node.attrs or (opset < 13 and _input(node, 1) is None):  # sizes are an attribute before 13
             node.attrs["split"] = [int(s) for s in new]
         else:
+            while len(node.inputs) < 2:
+                node.inputs.append(gs.Variable.empty())
             _set_input(node, 1, new, walk, "split")
 
     return Step(Kind.COUPLING, outs, rewrite=rewrite)
@@ -959,3 +1015,157 @@ def output_channel_axis(node: gs.Node, rank: int | None = None) -> int:
     if node.op in ("Conv", "ConvTranspose", "Gemm"):
         return 1
     return -1 if rank is None else rank - 1
+
+
+# ------------------------------------------------------------------ shape arithmetic (Shape -> Gather -> ...)
+#
+# Exporters compute Reshape targets and Slice bounds from `Shape` (`x.view(x.size(0), -1)`, `chunk`). Where every
+# dim such a value reads is static, or the only unknown is the batch that a Reshape target copies, the value is
+# known before run time: `shape_value` evaluates it so that cleanup can write it as a constant, which the rules
+# above then track and rewrite like any other. Entries are ints, or a str naming the symbolic dim they copy.
+
+ShapeValue = np.ndarray  # 1-D or 0-D object array of int | str
+UNKNOWN = "?"
+_SHAPE_OPS: dict[str, Callable[[gs.Node, list[ShapeValue]], ShapeValue | None]] = {}
+
+
+def _shape_op(*ops: str):
+    def register(fn):
+        for op in ops:
+            _SHAPE_OPS[op] = fn
+        return fn
+
+    return register
+
+
+def shape_value(tensor: gs.Tensor, cache: dict[str, ShapeValue | None]) -> ShapeValue | None:
+    """The value of an integer tensor computed from `Shape`s and constants, or None when it is not one."""
+    if tensor.name in cache:
+        return cache[tensor.name]
+    cache[tensor.name] = None  # guards against cycles
+    value = None
+    if isinstance(tensor, gs.Constant):
+        v = np.asarray(tensor.values)
+        if v.dtype.kind in "iu" and v.size <= 64:
+            value = v.astype(object)
+    elif len(tensor.inputs) == 1:
+        node = tensor.inputs[0]
+        fn = _SHAPE_OPS.get(node.op)
+        if fn is not None and node.domain in (None, "", "ai.onnx") and len(node.outputs) == 1:
+            if node.op == "Shape":
+                args = []
+            else:
+                args = [shape_value(t, cache) if t.name else None for t in node.inputs]
+            if node.op == "Shape" or (args and args[0] is not None):
+                value = fn(node, args)
+    cache[tensor.name] = value
+    return value
+
+
+def known(value: ShapeValue | None) -> bool:
+    """True when every entry of a shape value is a concrete int."""
+    return value is not None and all(isinstance(v, (int, np.integer)) for v in value.ravel())
+
+
+@_shape_op("Shape")
+def _sv_shape(node: gs.Node, args: list) -> ShapeValue | None:
+    shape = node.inputs[0].shape
+    if shape is None:
+        return None
+    dims = [int(d) if isinstance(d, (int, np.integer)) and d >= 0 else (d if isinstance(d, str) and d else UNKNOWN)
+            for d in shape]
+    start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
+    dims = dims[start:] if end is None else dims[start : int(end)]
+    return np.array(dims, dtype=object)
+
+
+@_shape_op("Size")
+def _sv_size(node: gs.Node, args: list) -> ShapeValue | None:
+    shape = node.inputs[0].shape
+    if shape is None or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+        return None
+    return np.array(int(np.prod(shape, dtype=np.int64)), dtype=object)
+
+
+def _int_arg(args: list, i: int) -> np.ndarray | None:
+    v = args[i] if i < len(args) else None
+    return np.asarray(v.astype(np.int64)) if known(v) else None
+
+
+@_shape_op("Gather")
+def _sv_gather(node: gs.Node, args: list) -> ShapeValue | None:
+    data, idx = args[0], _int_arg(args, 1)
+    if idx is None or data.ndim != 1 or int(node.attrs.get("axis", 0)) != 0:
+        return None
+    return np.asarray(data[idx % len(data)], dtype=object) if len(data) else None
+
+
+@_shape_op("Unsqueeze", "Squeeze")
+def _sv_unsqueeze(node: gs.Node, args: list) -> ShapeValue | None:
+    axes = node.attrs.get("axes")
+    if axes is None:
+        axes = _int_arg(args, 1)
+    data = args[0]
+    if node.op == "Unsqueeze":
+        if axes is None:
+            return None
+        return np.expand_dims(data, tuple(int(a) for a in np.atleast_1d(axes)))
+    return np.squeeze(data, None if axes is None else tuple(int(a) for a in np.atleast_1d(axes)))
+
+
+@_shape_op("Concat")
+def _sv_concat(node: gs.Node, args: list) -> ShapeValue | None:
+    if any(a is None or a.ndim != 1 for a in args) or int(node.attrs.get("axis", 0)) not in (0, -1):
+        return None
+    return np.concatenate(args)
+
+
+@_shape_op("Slice")
+def _sv_slice(node: gs.Node, args: list) -> ShapeValue | None:
+    data = args[0]
+    if data.ndim != 1:
+        return None
+    if "starts" in node.attrs:
+        starts, ends, steps = node.attrs["starts"], node.attrs["ends"], [1]
+    else:
+        starts, ends, steps = _int_arg(args, 1), _int_arg(args, 2), _int_arg(args, 4)
+        if starts is None or ends is None or (len(args) > 4 and node.inputs[4].name and steps is None):
+            return None
+        steps = [1] if steps is None else steps
+    return data[slice(int(starts[0]), int(min(ends[0], 2**62)), int(steps[0]))]
+
+
+@_shape_op("Cast", "Identity")
+def _sv_identity(node: gs.Node, args: list) -> ShapeValue | None:
+    to = node.attrs.get("to")
+    return args[0] if to is None or to in (6, 7) else None  # int32, int64
+
+
+_ARITH = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lambda a, b: a * b, "Div": lambda a, b: a // b}
+
+
+@_shape_op(*_ARITH)
+def _sv_arith(node: gs.Node, args: list) -> ShapeValue | None:
+    if len(args) != 2 or args[1] is None:
+        return None
+    a, b = np.broadcast_arrays(args[0], args[1])
+    fn = _ARITH[node.op]
+    out = [
+        fn(int(x), int(y)) if isinstance(x, (int, np.integer)) and isinstance(y, (int, np.integer)) and
+        (node.op != "Div" or (y != 0 and x >= 0 and y > 0)) else UNKNOWN
+        for x, y in zip(a.ravel(), b.ravel())
+    ]
+    return np.array(out, dtype=object).reshape(a.shape)
+
+
+def batch_copy_target(node: gs.Node, value: ShapeValue | None) -> np.ndarray | None:
+    """A Reshape target whose only unknown entry is the batch it copies from its input, as a constant (0 there)."""
+    if node.op != "Reshape" or value is None or value.ndim != 1 or not len(value) or node.attrs.get("allowzero", 0):
+        return None
+    shape = node.inputs[0].shape
+    if shape is None or not len(shape) or not isinstance(shape[0], str) or value[0] != shape[0]:
+        return None
+    rest = value[1:]
+    if not known(rest) or any(int(v) == 0 for v in rest):
+        return None
+    return np.array([0, *[int(v) for v in rest]], dtype=np.int64)
