@@ -248,6 +248,70 @@ def dense_block() -> onnx.ModelProto:
     return b.model([("x", [3, 8, 8])], [b.head(b.relu(t), 8)])
 
 
+def _i64(b: Builder, values, base: str = "s") -> str:
+    return b.const(np.array(values, np.int64), base)
+
+
+def split_neck(opset: int = 18) -> onnx.ModelProto:
+    """Detector neck (C2f): Conv -> channel Split without sizes -> bottleneck on one half -> Concat of three -> Conv;
+    SPPF: Conv -> three max-pools -> Concat -> Conv. Opset 18 uses num_outputs, older opsets an equal split."""
+    b = Builder(30)
+    x = b.relu(b.conv("x", 3, 16, 1))
+    attrs = {"num_outputs": 2} if opset >= 18 else {}
+    a, c = b.node("Split", [x], n_out=2, axis=1, **attrs)
+    m = b.node("Add", [c, b.relu(b.conv(b.relu(b.conv(c, 8, 8)), 8, 8))])
+    y = b.relu(b.conv(b.node("Concat", [a, c, m], axis=1), 24, 16, 1))
+    s = b.relu(b.conv(y, 16, 8, 1))
+    p1 = b.node("MaxPool", [s], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    p2 = b.node("MaxPool", [p1], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    z = b.relu(b.conv(b.node("Concat", [s, p1, p2], axis=1), 24, 12, 1))
+    return b.model([("x", [3, 8, 8])], [b.head(z, 12)], opset=opset)
+
+
+def split_neck_opset13() -> onnx.ModelProto:
+    return split_neck(13)
+
+
+def chunk_neck() -> onnx.ModelProto:
+    """The same neck written with `chunk`: Shape -> Gather -> Div -> Slice bounds computed at run time."""
+    b = Builder(31)
+    x = b.relu(b.conv("x", 3, 16, 1))
+    half = b.node("Div", [b.node("Gather", [b.node("Shape", [x]), b.const(np.array(1, np.int64), "i")], axis=0),
+                          b.const(np.array(2, np.int64), "two")])
+    half = b.node("Unsqueeze", [half, _i64(b, [0])])
+    a = b.node("Slice", [x, _i64(b, [0]), half, _i64(b, [1])])
+    c = b.node("Slice", [x, half, b.node("Mul", [half, _i64(b, [2])]), _i64(b, [1])])
+    m = b.node("Add", [c, b.relu(b.conv(c, 8, 8))])
+    y = b.relu(b.conv(b.node("Concat", [a, c, m], axis=1), 24, 12, 1))
+    return b.model([("x", [3, 8, 8])], [b.head(y, 12)], opset=13)
+
+
+def view_size0() -> onnx.ModelProto:
+    """`x.view(x.size(0), -1)` -> Linear: the Reshape target is computed from Shape."""
+    b = Builder(32)
+    x = b.relu(b.conv(b.relu(b.conv("x", 3, 8)), 8, 12, stride=2))
+    batch = b.node("Unsqueeze", [b.node("Gather", [b.node("Shape", [x]), b.const(np.array(0, np.int64), "i")],
+                                        axis=0), _i64(b, [0])])
+    flat = b.node("Reshape", [x, b.node("Concat", [batch, _i64(b, [-1])], axis=0)])
+    h = b.relu(b.gemm(flat, 12 * 16, 10))
+    return b.model([("x", [3, 8, 8])], [b.gemm(h, 10, 4)], opset=13)
+
+
+def spatial_gate() -> onnx.ModelProto:
+    """Spatial attention: features [N,C,H,W] times sigmoid(Conv -> 1 channel) [N,1,H,W]; SiLU and GELU (Erf) after."""
+    b = Builder(33)
+    x = b.relu(b.conv("x", 3, 12))
+    g = b.node("Sigmoid", [b.conv(x, 12, 1, 3)])
+    y = b.node("Mul", [x, g])
+    y = b.conv(y, 12, 10, 1)
+    y = b.node("Mul", [y, b.node("Sigmoid", [y])])  # SiLU
+    y = b.conv(y, 10, 8, 3)
+    half = b.node("Mul", [y, b.const(np.array(0.5, np.float32), "h")])
+    erf = b.node("Erf", [b.node("Div", [y, b.const(np.array(np.sqrt(2), np.float32), "r")])])
+    y = b.node("Mul", [half, b.node("Add", [erf, b.const(np.array(1.0, np.float32), "one")])])  # GELU
+    return b.model([("x", [3, 8, 8])], [b.head(y, 8)])
+
+
 ZOO = [
     chain,
     basic_residual,
@@ -263,4 +327,9 @@ ZOO = [
     sigmoid_consumers,
     split_slice,
     dense_block,
+    split_neck,
+    split_neck_opset13,
+    chunk_neck,
+    view_size0,
+    spatial_gate,
 ]

@@ -98,6 +98,9 @@ class Walk(Protocol):
     def unify(self, a: np.ndarray, b: np.ndarray) -> None:
         """Channels at the same positions of `a` and `b` must be removed together."""
 
+    def block(self, ids: np.ndarray, reason: str) -> None:
+        """Channels `ids` cannot be removed, for `reason` (which names the node)."""
+
     def shape(self, tensor: gs.Tensor) -> list[int | None] | None:
         """The tensor's inferred shape (None where a dim is unknown), or None without a rank."""
 
@@ -634,7 +637,7 @@ def _binary(node: gs.Node, flows: list[Flow | None], walk: Walk, op: Callable[..
     if out_shape is None:
         return "output rank is unknown (shape inference failed)"
     rank = len(out_shape)
-    first = tracked[0][1]
+    first = max((f for _, f in tracked), key=lambda f: len(f.ids))  # the widest: a 1-channel gate broadcasts over it
     axis = first.at_rank(rank)
     n = len(first.ids)
     zeros: list[np.ndarray] = []
@@ -643,8 +646,13 @@ def _binary(node: gs.Node, flows: list[Flow | None], walk: Walk, op: Callable[..
     for i, tensor in enumerate(node.inputs):
         flow = flows[i]
         if flow is not None:
-            if flow.at_rank(rank) != axis or len(flow.ids) != n:
-                return "adds tensors whose channels do not line up"
+            if flow.at_rank(rank) != axis or len(flow.ids) not in (n, 1):
+                where = f"axis {flow.at_rank(rank)} vs {axis}" if flow.at_rank(rank) != axis else f"{len(flow.ids)} vs {n}"
+                return f"{node.op} of tensors whose channels do not line up ({where})"
+            if len(flow.ids) == 1 and n > 1:  # [N,1,H,W] gate over [N,C,H,W]: per channel for the C side
+                walk.block(flow.ids, f"{node.op} '{node.name}' broadcasts this single channel over {n} channels")
+                zeros.append(np.full(n, np.nan))
+                continue
             if flow is not first:
                 walk.unify(first.ids, flow.ids)
                 kind = Kind.COUPLING
@@ -678,6 +686,8 @@ def _binary(node: gs.Node, flows: list[Flow | None], walk: Walk, op: Callable[..
             zero = op(zero, z)
         if node.op == "Mean":
             zero = zero / len(zeros)
+        if node.op == "Mul":  # 0 times anything, even a value known only at run time
+            zero = np.where(np.any([z == 0 for z in zeros], axis=0), 0.0, zero)
     return Step(kind, [Flow(axis, rank, first.ids, np.asarray(zero, dtype=np.float64))], params)
 
 
