@@ -288,3 +288,23 @@ def test_run_time_channel_count_blocks(make, reason):
     model = b.model([("x", [3, 8, 8])], [b.node("GlobalAveragePool", [b.conv(y, C, 5, 1)])])
     analysis = find_channel_groups(to_graph(model))
     assert reason in next(iter(analysis.groups[0].blocked.values()))
+
+
+def test_unknown_shape_blocks_with_a_reason_not_silently():
+    """A producer whose output shape inference cannot resolve still forms a group: blocked, and it says why."""
+    from onnx import TensorProto, helper
+
+    b = Builder(7)
+    x = b.relu(b.conv("x", 3, C))
+    b.nodes.append(helper.make_node("Opaque", [x], ["opaque"], name="opaque", domain="custom.ops"))
+    y = b.conv("opaque", C, 6, 1)
+    graph = helper.make_graph(
+        b.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)], b.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom.ops", 1)])
+    analysis = find_channel_groups(to_graph(model))
+    reasons = {g.name: next(iter(g.blocked.values()), "") for g in analysis.groups}
+    first, last = analysis.groups[0].name, y.rsplit("_", 1)[0]
+    assert "custom-domain op custom.ops::Opaque" in reasons[first]
+    assert reasons[last] == f"Conv '{last}': output shape is unknown (shape inference could not resolve it)"

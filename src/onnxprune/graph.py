@@ -156,6 +156,9 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
     """Import a model into onnx-graphsurgeon with inferred shapes; unnamed nodes get unique names."""
     model = _strip_initializer_inputs(model)
+    if model.ir_version < 4:  # IR 3 wants every initializer listed as an input: shape inference needs IR >= 4 now
+        model = onnx.ModelProto.FromString(model.SerializeToString()) if not oversized(model) else model
+        model.ir_version = 4
     for domain in model.opset_import:
         if domain.domain in ("", "ai.onnx") and domain.version < 7:
             raise UnsupportedModelError(f"opset {domain.version} is too old; convert the model to opset 9 or newer")

@@ -193,9 +193,11 @@ def _producer(
     data = flows[0] if flows else None
     out_shape = walk.shape(node.outputs[0])
     rank = len(out_shape) if out_shape is not None else None
-    if rank is None:
-        return "output rank is unknown (shape inference failed)"
     n_out = weight.shape[out_axis]
+    if rank is None:  # its channels still form a group: a blocked one, with the reason, never silently untracked
+        why = "output shape is unknown (shape inference could not resolve it)"
+        walk.block(walk.new_ids(node, n_out), f"{node.op} '{node.name}': {why}")
+        return why
     axes: list[tuple[int, str]] = [(out_axis, node.outputs[0].name)]
     folding = None
     if data is not None:

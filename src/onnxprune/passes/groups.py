@@ -169,7 +169,7 @@ def _finish(
     order = {name: k for k, name in enumerate(steps)}
     by_key: dict[tuple[str, ...], list[int]] = {}
     for c in range(n):
-        producers = sorted({walker.owner[i][0] for i in members[c] if walker.owner[i][0]}, key=order.get)
+        producers = sorted({walker.owner[i][0] for i in members[c] if walker.owner[i][0]}, key=lambda p: order.get(p, -1))
         if producers:
             by_key.setdefault(tuple(producers), []).append(c)
     groups = [
