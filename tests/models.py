@@ -312,6 +312,19 @@ def spatial_gate() -> onnx.ModelProto:
     return b.model([("x", [3, 8, 8])], [b.head(y, 8)])
 
 
+def gemm_bias2d() -> onnx.ModelProto:
+    """Flatten -> Gemm(transB=0) with bias [1, N] -> Relu -> Gemm(alpha 0.5, beta 2) with a one-element bias [1]
+    (a removed channel then carries 2 * b through the Relu into the last Gemm) -> Relu -> Gemm."""
+    b = Builder(34)
+    x = b.node("Flatten", [b.relu(b.conv("x", 3, 4, stride=2))], axis=1)
+    r = b.rng
+    h = b.node("Gemm", [x, b.const(r.standard_normal((64, 16)) / 8), b.const(r.standard_normal((1, 16)) * 0.1, "b")])
+    h = b.node("Gemm", [b.relu(h), b.const(r.standard_normal((16, 12)) / 4), b.const(np.array([0.3]), "b")],
+               alpha=0.5, beta=2.0)
+    y = b.node("Gemm", [b.relu(h), b.const(r.standard_normal((5, 12)) / 4), b.const(np.zeros(5) + 0.1, "b")], transB=1)
+    return b.model([("x", [3, 8, 8])], [y], opset=13)
+
+
 ZOO = [
     chain,
     basic_residual,
@@ -332,4 +345,5 @@ ZOO = [
     chunk_neck,
     view_size0,
     spatial_gate,
+    gemm_bias2d,
 ]

@@ -212,7 +212,28 @@ def _producer(
         params.append(ParamSlice(bias_index, ((-1, node.outputs[0].name),)))
     out_axis_t = output_channel_axis(node, rank)
     ids = walk.new_ids(node, n_out)
-    return Step(Kind.PRODUCER, [Flow(out_axis_t, rank, ids, np.zeros(n_out))], params, fold=folding)
+    return Step(Kind.PRODUCER, [Flow(out_axis_t, rank, ids, _masked_output(node, bias_index, n_out))], params,
+                fold=folding)
+
+
+def _masked_output(node: gs.Node, bias_index: int | None, n_out: int) -> np.ndarray:
+    """What a removed output channel holds: 0, or beta * b where one bias value broadcasts over every channel."""
+    bias = const(node.inputs[bias_index]) if bias_index is not None and _input(node, bias_index) is not None else None
+    if bias is None or bias.shape[-1:] == (n_out,):
+        return np.zeros(n_out)
+    if bias.size == 1:
+        return np.full(n_out, float(bias.ravel()[0]) * float(node.attrs.get("beta", 1.0)))
+    return np.full(n_out, np.nan)
+
+
+def _gemm_bias_error(node: gs.Node, n_out: int) -> str | None:
+    """Why a Gemm's bias C is not one value per output channel (None when it is, or broadcasts one value)."""
+    bias = const(node.inputs[2]) if _input(node, 2) is not None else None
+    if bias is None:
+        return None if _input(node, 2) is None else "Gemm bias is computed in the graph"
+    if bias.size == 1 or (bias.ndim <= 2 and bias.shape[-1] == n_out and bias.size == n_out):
+        return None
+    return f"Gemm bias of shape {list(bias.shape)} varies over the rows, not only the output channels"
 
 
 def _add_to_bias(node: gs.Node, delta: np.ndarray, walk: Walk, *, scale: float = 1.0) -> None:
@@ -324,6 +345,8 @@ def _gemm(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
     if node.attrs.get("transA", 0):
         return "Gemm with transA=1 is not supported"
     trans_b = int(node.attrs.get("transB", 0))
+    if why := _gemm_bias_error(node, w.shape[0 if trans_b else 1]):
+        return why
     return _producer(
         node,
         flows,
@@ -985,7 +1008,10 @@ def weight_matrix(node: gs.Node) -> np.ndarray | None:
         return w.reshape(w.shape[0], -1) if w.ndim >= 3 and int(node.attrs.get("group", 1)) == 1 else None
     if w.ndim != 2 or node.attrs.get("transA", 0):
         return None
-    return w if node.op == "Gemm" and node.attrs.get("transB", 0) else w.T
+    matrix = w if node.op == "Gemm" and node.attrs.get("transB", 0) else w.T
+    if node.op == "Gemm" and _gemm_bias_error(node, matrix.shape[0]):
+        return None  # a bias that varies over rows is no y = W x + b
+    return matrix
 
 
 def weight_from_matrix(node: gs.Node, matrix: np.ndarray) -> tuple[np.ndarray, dict]:
@@ -1006,7 +1032,7 @@ def affine(node: gs.Node) -> tuple[np.ndarray, np.ndarray | None]:
     bias = const(node.inputs[index]).astype(np.float64) if present else None
     if node.op == "Gemm":
         alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
-        return alpha * w, None if bias is None else beta * np.broadcast_to(bias, (w.shape[0],))
+        return alpha * w, None if bias is None else beta * np.broadcast_to(bias.reshape(-1), (w.shape[0],))
     return w, bias
 
 
