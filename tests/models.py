@@ -325,6 +325,21 @@ def gemm_bias2d() -> onnx.ModelProto:
     return b.model([("x", [3, 8, 8])], [y], opset=13)
 
 
+def shared_head() -> onnx.ModelProto:
+    """A detection head whose two Convs each reuse one weight tensor at two pyramid levels."""
+    b = Builder(35)
+    p3 = b.relu(b.conv("x", 3, 8))
+    p4 = b.relu(b.conv(p3, 8, 8, stride=2))
+    w1, b1 = b.const(b.rng.standard_normal((12, 8, 3, 3)) / 8), b.const(b.rng.standard_normal(12) * 0.1, "b")
+    w2, b2 = b.const(b.rng.standard_normal((6, 12, 1, 1)) / 4), b.const(b.rng.standard_normal(6) * 0.1, "b")
+    levels = []
+    for p in (p3, p4):
+        h = b.relu(b.node("Conv", [p, w1, b1], kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+        levels.append(b.node("GlobalAveragePool", [b.node("Conv", [h, w2, b2], kernel_shape=[1, 1])]))
+    y = b.node("Flatten", [b.node("Concat", levels, axis=1)], axis=1)
+    return b.model([("x", [3, 8, 8])], [b.gemm(y, 12, 4)])
+
+
 ZOO = [
     chain,
     basic_residual,
@@ -346,4 +361,5 @@ ZOO = [
     view_size0,
     spatial_gate,
     gemm_bias2d,
+    shared_head,
 ]

@@ -42,11 +42,15 @@ class CostModel:
         self.pairs: list[tuple[int, int, _Term, str, int, int | None]] = []
         where: dict[tuple[str, int], int] = {}
         seen: set[str] = set()
+        term_of: dict[str, int] = {}
         for node in graph.nodes:
             step = analysis.steps.get(node.name) if analysis is not None else None
             slices = {ps.index: ps for ps in step.params} if step is not None else {}
             out_shape = _shape(node.outputs[0]) if node.outputs else None
             for i, tensor in enumerate(node.inputs):
+                if isinstance(tensor, gs.Constant) and tensor.name in term_of and rules.WEIGHT_INPUT.get(node.op) == i:
+                    self.terms[term_of[tensor.name]].macs_per_elem += rules.macs_per_weight(node, out_shape)
+                    continue  # a shared weight: stored once, multiplied at every use
                 if not isinstance(tensor, gs.Constant) or tensor.name in seen:
                     continue
                 values = tensor.values
@@ -59,7 +63,7 @@ class CostModel:
                     full = len(analysis.flows[name].ids)
                     if values.ndim and values.shape[axis] == full:
                         axes.append((full, name))
-                where[(node.name, i)] = len(self.terms)
+                where[(node.name, i)] = term_of[tensor.name] = len(self.terms)
                 self.terms.append(_Term(int(values.size), macs, axes))
         for pair in pairs:
             b, sc = where.get((pair.basis, 1)), where.get((pair.scaling, 1))

@@ -979,8 +979,11 @@ def macs_per_weight(node: gs.Node, out_shape: list | None) -> int:
     dims = [1 if d is None else int(d) for d in out_shape]
     if node.op == "Conv":
         return int(np.prod(dims[2:], dtype=np.int64))
-    if node.op == "ConvTranspose":
-        return int(np.prod(dims[2:], dtype=np.int64))
+    if node.op == "ConvTranspose":  # each weight multiplies every input position once (not every output one)
+        x = node.inputs[0].shape
+        if x is None or len(x) != len(dims):
+            return 0
+        return int(np.prod([d if isinstance(d, int) and d >= 0 else 1 for d in x[2:]], dtype=np.int64))
     if node.op == "Gemm":
         return 1
     if node.op == "MatMul" and len(dims) >= 2:

@@ -81,6 +81,7 @@ def mask_channels(model: onnx.ModelProto, plan: dict[str, np.ndarray]) -> onnx.M
     analysis = find_channel_groups(graph)
     alive = analysis.alive(plan)
     nodes = {n.name: n for n in graph.nodes}
+    masked: dict[str, list[gs.Constant]] = {}  # a shared weight masked alike for every use stays one tensor
     for name, step in analysis.steps.items():
         if step.kind is not Kind.PRODUCER:
             continue
@@ -105,5 +106,11 @@ def mask_channels(model: onnx.ModelProto, plan: dict[str, np.ndarray]) -> onnx.M
                 index = [slice(None)] * values.ndim
                 index[axis] = np.flatnonzero(~alive[analysis.classes(tensor)])
                 values[tuple(index)] = 0
-            node.inputs[ps.index] = gs.Constant(node.inputs[ps.index].name + "/masked", values)
+            original = node.inputs[ps.index].name
+            done = masked.setdefault(original, [])
+            same = next((c for c in done if np.array_equal(c.values, values)), None)
+            if same is None:
+                same = gs.Constant(f"{original}/masked{len(done) or ''}", values)
+                done.append(same)
+            node.inputs[ps.index] = same
     return to_model(graph, model)
