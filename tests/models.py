@@ -340,6 +340,30 @@ def shared_head() -> onnx.ModelProto:
     return b.model([("x", [3, 8, 8])], [b.gemm(y, 12, 4)])
 
 
+def features_to_channels() -> onnx.ModelProto:
+    """DCGAN-style: Linear -> view(-1, C, h, w) -> ConvTranspose(k4, s2) -> Relu -> ConvTranspose(k3, p1) -> Conv."""
+    b = Builder(36)
+    z = b.relu(b.gemm(b.node("Flatten", [b.node("GlobalAveragePool", [b.conv("x", 3, 6)])], axis=1), 6, 8 * 2 * 2))
+    x = b.node("Reshape", [z, _i64(b, [-1, 8, 2, 2])])
+    w1 = b.const(b.rng.standard_normal((8, 6, 4, 4)) / 8)
+    x = b.relu(b.node("ConvTranspose", [x, w1, b.const(b.rng.standard_normal(6) * 0.1, "b")], strides=[2, 2],
+                      pads=[1, 1, 1, 1]))
+    w2 = b.const(b.rng.standard_normal((6, 5, 3, 3)) / 6)
+    x = b.relu(b.node("ConvTranspose", [x, w2], pads=[1, 1, 1, 1]))
+    return b.model([("x", [3, 8, 8])], [b.conv(x, 5, 2, 1)])
+
+
+def nhwc_flatten() -> onnx.ModelProto:
+    """Converter layouts: Conv -> Transpose to NHWC -> Reshape [N, H*W*C] -> Gemm -> Reshape [N, h, w, C] ->
+    Transpose back -> Conv (the Flatten block mapping in both directions, channels innermost)."""
+    b = Builder(37)
+    x = b.relu(b.conv("x", 3, 6, stride=2))
+    flat = b.node("Reshape", [b.node("Transpose", [x], perm=[0, 2, 3, 1]), _i64(b, [0, -1])])
+    h = b.relu(b.gemm(flat, 4 * 4 * 6, 2 * 2 * 5))
+    y = b.node("Transpose", [b.node("Reshape", [h, _i64(b, [-1, 2, 2, 5])]), ], perm=[0, 3, 1, 2])
+    return b.model([("x", [3, 8, 8])], [b.head(b.relu(b.conv(y, 5, 4, 1)), 4)])
+
+
 ZOO = [
     chain,
     basic_residual,
@@ -362,4 +386,6 @@ ZOO = [
     spatial_gate,
     gemm_bias2d,
     shared_head,
+    features_to_channels,
+    nhwc_flatten,
 ]

@@ -903,48 +903,85 @@ def _reshape(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
     flow = flows[0]
     if flow is None:
         return Step(Kind.PASS_THROUGH, [None])
-    in_shape, out_shape = walk.shape(node.inputs[0]), walk.shape(node.outputs[0])
+    in_shape = walk.shape(node.inputs[0])
     target = const(node.inputs[1])
-    if in_shape is None or out_shape is None or any(d is None for d in in_shape[1:]):
+    if in_shape is None or walk.shape(node.outputs[0]) is None or any(d is None for d in in_shape[1:]):
         return "Reshape of a tensor whose shape is not known"
     if target is None:
         return "Reshape target is computed at run time, so it cannot be rewritten"
-    rest_in = [int(d) for d in in_shape[1:]]
-    n = len(flow.ids)
     resolved = _resolve_target(list(target), in_shape)
     if resolved is None:
         return "Reshape target does not resolve"
-    lead_in = int(np.prod(rest_in[: flow.axis - 1], dtype=np.int64)) if flow.axis >= 1 else None
-    if lead_in is None:
+    if flow.axis < 1:
         return "Reshape moves the batch axis"
-    # the output axis j whose leading product equals the input's leading product
-    for j in range(1, len(resolved)):
-        if int(np.prod(resolved[1:j], dtype=np.int64)) != lead_in:
-            continue
-        size = resolved[j]
-        if size == n:
-            out = _same(flow, axis=j, rank=len(resolved))
-        else:
-            stop, inner = flow.axis + 1, 1
-            while stop < len(in_shape) and n * inner < size:
-                inner *= int(in_shape[stop])
-                stop += 1
-            if n * inner != size:
-                continue
-            out = _merge(flow, in_shape, flow.axis, stop, out_axis=j, rank=len(resolved))
-        break
-    else:
+    found = _reshape_merge(flow, in_shape, resolved) or _reshape_split(node, flow, in_shape, resolved, walk)
+    if found is None:
         return "Reshape splits the channel axis"
-    per = len(out.ids) // n if n else 1
-    src = node.inputs[0].name
+    pos, out = found
+    name = node.outputs[0].name
 
     def rewrite(node: gs.Node, keeps: dict[str, np.ndarray], walk: Walk) -> None:
         t = const(node.inputs[1]).copy()
-        if t[j] > 0:
-            t[j] = len(keeps[src]) * per
+        if t[pos] > 0:
+            t[pos] = len(keeps[name])
             _set_input(node, 1, t, walk, "shape")
 
     return Step(Kind.COUPLING, [out], rewrite=rewrite)
+
+
+def _prod(dims) -> int:
+    return int(np.prod([int(d) for d in dims], dtype=np.int64))
+
+
+def _reshape_merge(flow: Flow, in_shape: list, resolved: list[int]) -> tuple[int, Flow] | None:
+    """The channel axis kept whole, or merged with neighbours into one output axis (Flatten's block mapping; NHWC
+    flatten too, where H and W come before C): (output axis, flow)."""
+    a = flow.axis
+    for j in range(1, len(resolved)):
+        lead_out, size = _prod(resolved[1:j]), resolved[j]
+        for start in range(1, a + 1):  # input dims start..stop-1 (start <= a < stop) become output dim j
+            if _prod(in_shape[1:start]) != lead_out:
+                continue
+            stop, merged = a + 1, _prod(in_shape[start : a + 1])
+            while stop < len(in_shape) and merged < size:
+                merged *= int(in_shape[stop])
+                stop += 1
+            if merged != size:
+                continue
+            if start == a and stop == a + 1:
+                return j, _same(flow, axis=j, rank=len(resolved))
+            return j, _merge(flow, in_shape, start, stop, out_axis=j, rank=len(resolved))
+    return None
+
+
+def _reshape_split(
+    node: gs.Node, flow: Flow, in_shape: list, resolved: list[int], walk: Walk
+) -> tuple[int, Flow] | None:
+    """Features on the last axis split into several output dims, one of them the channels (Linear -> view(-1, C, h,
+    w); the NHWC un-flatten before a Transpose): each channel is the block of features that lands on it, coupled."""
+    a = flow.axis
+    if a != flow.rank - 1:
+        return None
+    lead_in, n = _prod(in_shape[1:a]), len(flow.ids)
+    for j in range(1, len(resolved)):
+        if _prod(resolved[1:j]) != lead_in:
+            continue
+        stop = next((e for e in range(j + 2, len(resolved) + 1) if _prod(resolved[j:e]) == n), None)
+        if stop is None:
+            continue
+        consumers = node.outputs[0].outputs
+        to_front = [c for c in consumers if c.op == "Transpose" and list(c.attrs.get("perm", []))[1:2] == [stop - 1]]
+        k = stop - 1 if to_front and len(to_front) == len(consumers) else (1 if j <= 1 < stop else stop - 1)
+        inner, size = _prod(resolved[k + 1 : stop]), resolved[k]
+        channel = (np.arange(n) // inner) % size
+        ids, zero = np.empty(size, dtype=np.int64), np.empty(size)
+        for c in range(size):
+            members = flow.ids[channel == c]
+            walk.unify(np.repeat(members[:1], len(members)), members)
+            values = flow.zero[channel == c]
+            ids[c], zero[c] = members[0], values[0] if np.all(values == values[0]) else np.nan
+        return k, Flow(k, len(resolved), ids, zero)
+    return None
 
 
 def _resolve_target(target: list[int], in_shape: list) -> list[int] | None:
