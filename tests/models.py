@@ -364,6 +364,19 @@ def nhwc_flatten() -> onnx.ModelProto:
     return b.model([("x", [3, 8, 8])], [b.head(b.relu(b.conv(y, 5, 4, 1)), 4)])
 
 
+def option_a_shortcut(opset: int = 13) -> onnx.ModelProto:
+    """CIFAR ResNet shortcut "option A": strided Slice of the input + a constant Pad over channels, added to the
+    downsampling branch (the padded channels are known zeros; the rest is tracked)."""
+    b = Builder(38)
+    x = b.relu(b.conv("x", 3, 8))
+    x = b.relu(b.node("Add", [x, b.conv(b.relu(b.conv(x, 8, 8)), 8, 8)]))
+    main = b.conv(b.relu(b.conv(x, 8, 16, stride=2)), 16, 16)
+    sub = b.node("Slice", [x, _i64(b, [0, 0]), _i64(b, [2**62, 2**62]), _i64(b, [2, 3]), _i64(b, [2, 2])])
+    short = b.node("Pad", [sub, _i64(b, [0, 4, 0, 0, 0, 4, 0, 0], "p")], mode="constant")
+    y = b.relu(b.node("Add", [main, short]))
+    return b.model([("x", [3, 8, 8])], [b.head(y, 16)], opset=opset)
+
+
 ZOO = [
     chain,
     basic_residual,
@@ -388,4 +401,5 @@ ZOO = [
     shared_head,
     features_to_channels,
     nhwc_flatten,
+    option_a_shortcut,
 ]

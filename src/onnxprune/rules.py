@@ -530,16 +530,26 @@ def _pad(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
         pads = const(node.inputs[1]) if _input(node, 1) is not None else None
     if pads is None or _input(node, 3) is not None:
         return "Pad amounts or axes are computed at run time"
-    pads = list(np.asarray(pads).ravel())
-    if pads[flow.axis] != 0 or pads[flow.axis + flow.rank] != 0:
-        return "pads the channel axis"
+    pads = [int(p) for p in np.asarray(pads).ravel()]
     mode = node.attrs.get("mode", "constant")
     value = node.attrs.get("value", 0.0)
     if _input(node, 2) is not None:
         v = const(node.inputs[2])
-        value = float(v) if v is not None and v.size else 0.0
-    zero = flow.zero if mode != "constant" else np.where(flow.zero == value, flow.zero, np.nan)
-    return Step(Kind.PASS_THROUGH, [_same(flow, zero)])
+        if v is None:
+            return "Pad value is computed at run time"
+        value = float(v) if v.size else 0.0
+    before, after = pads[flow.axis], pads[flow.axis + flow.rank]
+    spatial = any(p != 0 for i, p in enumerate(pads) if i % flow.rank != flow.axis)
+    zero = flow.zero if mode != "constant" or not spatial else np.where(flow.zero == value, flow.zero, np.nan)
+    if before == 0 and after == 0:
+        return Step(Kind.PASS_THROUGH, [_same(flow, zero)])
+    if mode != "constant" or before < 0 or after < 0:
+        return f"pads the channel axis ({mode} mode)" if mode != "constant" else "crops the channel axis"
+    # ResNet option-A shortcut: constant channels before and after; the tensor's own channels are tracked through
+    why = f"Pad '{node.name}' fills these channels with the constant {value:g}"
+    ids = np.concatenate([walk.source_ids(before, why), flow.ids, walk.source_ids(after, why)])
+    zero = np.concatenate([np.full(before, value), zero, np.full(after, value)])
+    return Step(Kind.COUPLING, [Flow(flow.axis, flow.rank, ids, zero)])
 
 
 @rule("Shape", "Size")
