@@ -276,8 +276,13 @@ def chunk_neck() -> onnx.ModelProto:
     """The same neck written with `chunk`: Shape -> Gather -> Div -> Slice bounds computed at run time."""
     b = Builder(31)
     x = b.relu(b.conv("x", 3, 16, 1))
-    half = b.node("Div", [b.node("Gather", [b.node("Shape", [x]), b.const(np.array(1, np.int64), "i")], axis=0),
-                          b.const(np.array(2, np.int64), "two")])
+    half = b.node(
+        "Div",
+        [
+            b.node("Gather", [b.node("Shape", [x]), b.const(np.array(1, np.int64), "i")], axis=0),
+            b.const(np.array(2, np.int64), "two"),
+        ],
+    )
     half = b.node("Unsqueeze", [half, _i64(b, [0])])
     a = b.node("Slice", [x, _i64(b, [0]), half, _i64(b, [1])])
     c = b.node("Slice", [x, half, b.node("Mul", [half, _i64(b, [2])]), _i64(b, [1])])
@@ -290,8 +295,10 @@ def view_size0() -> onnx.ModelProto:
     """`x.view(x.size(0), -1)` -> Linear: the Reshape target is computed from Shape."""
     b = Builder(32)
     x = b.relu(b.conv(b.relu(b.conv("x", 3, 8)), 8, 12, stride=2))
-    batch = b.node("Unsqueeze", [b.node("Gather", [b.node("Shape", [x]), b.const(np.array(0, np.int64), "i")],
-                                        axis=0), _i64(b, [0])])
+    batch = b.node(
+        "Unsqueeze",
+        [b.node("Gather", [b.node("Shape", [x]), b.const(np.array(0, np.int64), "i")], axis=0), _i64(b, [0])],
+    )
     flat = b.node("Reshape", [x, b.node("Concat", [batch, _i64(b, [-1])], axis=0)])
     h = b.relu(b.gemm(flat, 12 * 16, 10))
     return b.model([("x", [3, 8, 8])], [b.gemm(h, 10, 4)], opset=13)
@@ -319,8 +326,12 @@ def gemm_bias2d() -> onnx.ModelProto:
     x = b.node("Flatten", [b.relu(b.conv("x", 3, 4, stride=2))], axis=1)
     r = b.rng
     h = b.node("Gemm", [x, b.const(r.standard_normal((64, 16)) / 8), b.const(r.standard_normal((1, 16)) * 0.1, "b")])
-    h = b.node("Gemm", [b.relu(h), b.const(r.standard_normal((16, 12)) / 4), b.const(np.array([0.3]), "b")],
-               alpha=0.5, beta=2.0)
+    h = b.node(
+        "Gemm",
+        [b.relu(h), b.const(r.standard_normal((16, 12)) / 4), b.const(np.array([0.3]), "b")],
+        alpha=0.5,
+        beta=2.0,
+    )
     y = b.node("Gemm", [b.relu(h), b.const(r.standard_normal((5, 12)) / 4), b.const(np.zeros(5) + 0.1, "b")], transB=1)
     return b.model([("x", [3, 8, 8])], [y], opset=13)
 
@@ -346,8 +357,11 @@ def features_to_channels() -> onnx.ModelProto:
     z = b.relu(b.gemm(b.node("Flatten", [b.node("GlobalAveragePool", [b.conv("x", 3, 6)])], axis=1), 6, 8 * 2 * 2))
     x = b.node("Reshape", [z, _i64(b, [-1, 8, 2, 2])])
     w1 = b.const(b.rng.standard_normal((8, 6, 4, 4)) / 8)
-    x = b.relu(b.node("ConvTranspose", [x, w1, b.const(b.rng.standard_normal(6) * 0.1, "b")], strides=[2, 2],
-                      pads=[1, 1, 1, 1]))
+    x = b.relu(
+        b.node(
+            "ConvTranspose", [x, w1, b.const(b.rng.standard_normal(6) * 0.1, "b")], strides=[2, 2], pads=[1, 1, 1, 1]
+        )
+    )
     w2 = b.const(b.rng.standard_normal((6, 5, 3, 3)) / 6)
     x = b.relu(b.node("ConvTranspose", [x, w2], pads=[1, 1, 1, 1]))
     return b.model([("x", [3, 8, 8])], [b.conv(x, 5, 2, 1)])
@@ -360,7 +374,13 @@ def nhwc_flatten() -> onnx.ModelProto:
     x = b.relu(b.conv("x", 3, 6, stride=2))
     flat = b.node("Reshape", [b.node("Transpose", [x], perm=[0, 2, 3, 1]), _i64(b, [0, -1])])
     h = b.relu(b.gemm(flat, 4 * 4 * 6, 2 * 2 * 5))
-    y = b.node("Transpose", [b.node("Reshape", [h, _i64(b, [-1, 2, 2, 5])]), ], perm=[0, 3, 1, 2])
+    y = b.node(
+        "Transpose",
+        [
+            b.node("Reshape", [h, _i64(b, [-1, 2, 2, 5])]),
+        ],
+        perm=[0, 3, 1, 2],
+    )
     return b.model([("x", [3, 8, 8])], [b.head(b.relu(b.conv(y, 5, 4, 1)), 4)])
 
 

@@ -358,3 +358,46 @@ def test_bad_calibration_folders_are_one_line(tmp_path, capsys, make, expected):
     )
     assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("method", ["channel", "basis"])
+def test_refusals_never_suggest_the_method_just_used(method, tmp_path, capsys):
+    shuffle = tmp_path / "shuffle.onnx"
+    onnx.save(channel_shuffle(), shuffle)
+    code, _, err = run([shuffle, tmp_path / "o.onnx", "--ratio", "0.9", "--method", method], capsys)
+    _one_line_exit_2(code, err)
+    assert "cannot be reached" in err and f"--method {method}" not in err and "lower --ratio" in err
+
+
+def _facts(requested, achieved, planned, **extra):
+    from onnxprune.result import Report
+
+    report = Report()
+    report.facts.update(ratio_requested=requested, ratio_achieved=achieved, ratio_planned=planned, target="params")
+    report.facts.update(extra)
+    return report
+
+
+def test_ratio_within_one_point_or_why_or_refused():
+    from onnxprune import BudgetError
+    from onnxprune.pipeline import _check_ratio
+
+    within = _facts(0.5, 0.509, 0.509)
+    _check_ratio(within, method="channel", latency_batch=0, round_to=1)
+    assert "ratio_note" not in within.facts
+    coarse = _facts(0.5, 0.517, 0.517)
+    _check_ratio(coarse, method="channel", latency_batch=0, round_to=1)
+    assert coarse.facts["ratio_note"] == (
+        "--ratio 0.50: reached 0.517 of the params (1.7 points over): no set of whole channels lands closer here "
+        "(coarse groups)"
+    )
+    far = _facts(0.5, 0.737, 0.737, split_rank_limits={"a_basis": 2})
+    with pytest.raises(BudgetError, match=r"reached 0\.737 .*23\.7 points over.*measured faster.*nothing written") as e:
+        _check_ratio(far, method="basis", latency_batch=1, round_to=1)
+    assert "--method basis" not in str(e.value) and "--latency-batch 0" in str(e.value)
+    rounded = _facts(0.5, 0.56, 0.56)
+    _check_ratio(rounded, method="channel", latency_batch=0, round_to=8)
+    assert "--round-to 8" in rounded.facts["ratio_note"]
+    grown = _facts(0.0, -0.2, None)
+    with pytest.raises(BudgetError, match="20.0 points under"):
+        _check_ratio(grown, method="basis", latency_batch=0, round_to=1)

@@ -160,7 +160,6 @@ def test_remove_equals_mask_through(op):
         ("Softmax", {"axis": 1}, "Softmax normalises over the channel axis"),
         ("ReduceMean", {"axes": [1]}, "ReduceMean reduces over the channel axis"),
         ("Einsum", {"equation": "nchw->nchw"}, "no channel rule for op 'Einsum'"),
-
     ],
 )
 def test_blockers(op, attrs, reason):
@@ -299,8 +298,11 @@ def test_unknown_shape_blocks_with_a_reason_not_silently():
     b.nodes.append(helper.make_node("Opaque", [x], ["opaque"], name="opaque", domain="custom.ops"))
     y = b.conv("opaque", C, 6, 1)
     graph = helper.make_graph(
-        b.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)], b.inits,
+        b.nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)],
+        b.inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom.ops", 1)])
     analysis = find_channel_groups(to_graph(model))

@@ -470,6 +470,8 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
             f"  stopped at ratio {m['reached']:.3f} of the requested {m['requested']:.2f}: further removal "
             f"drops held-out top-1 agreement below {1 - m['max_drop']:.3f} (--max-drop {m['max_drop']})"
         )
+    if "ratio_note" in f:  # more than 1 point from the request: why, in one line
+        lines.append(f"  ratio   {f['ratio_note']}")
     lines.append(f"  time    {f['seconds']:.1f} s")
     if verbose:
         lines += [f"  blocked {name}: {why}" for name, why in f["blocked"].items()]

@@ -157,7 +157,7 @@ def prune(
             energy, pooled = channel_statistics(
                 to_model(graph, model), fit, axes, pooled=criterion in criteria.LABEL_CRITERIA, batch_size=batch_size
             )
-        plans += _prune_stage(
+        plans += _hinted(method, latency_batch, _prune_stage)(
             graph,
             report,
             stage=stage,
@@ -217,7 +217,70 @@ def prune(
     )
     report.facts.setdefault("blocked", {})
     report.facts.pop("kept", None)
+    _check_ratio(report, method=method, latency_batch=latency_batch, round_to=round_to)
     return out, report
+
+
+RATIO_TOLERANCE = 0.01  # the achieved ratio lands within 1 point of the request...
+RATIO_FAR = 0.03  # ...or the report says why; beyond 3 points nothing is written (BudgetError, exit 2)
+
+
+def _alternatives(method: str, latency_batch: int) -> str:
+    """What else to try after a refusal: never the method just used."""
+    options = ["lower --ratio"]
+    options += [f"--method {m}" for m in ("channel", "basis") if m != method]
+    if latency_batch and method != "channel":
+        options.append("--latency-batch 0")
+    return ", ".join(options[:-1]) + f" or {options[-1]}" if len(options) > 1 else options[0]
+
+
+def _hinted(method: str, latency_batch: int, fn: Callable) -> Callable:
+    """`fn`, whose BudgetError ends with suggestions that fit this run (not the method it already uses)."""
+
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BudgetError as err:
+            head = str(err).split("; lower --ratio")[0]
+            raise BudgetError(f"{head}; {_alternatives(method, latency_batch)}") from err
+
+    return call
+
+
+def _check_ratio(report: Report, *, method: str, latency_batch: int, round_to: int) -> None:
+    """Within 1 point of the request, or say why in one line; far from it, refuse (nothing is written).
+
+    With --round-to the overshoot of one rounding step is documented, so it is only noted.
+    """
+    facts = report.facts
+    requested, achieved = facts["ratio_requested"], facts["ratio_achieved"]
+    off = achieved - requested
+    if abs(off) <= RATIO_TOLERANCE:
+        return
+    planned = facts.get("ratio_planned")
+    if (
+        planned is not None
+        and abs(planned - requested) > RATIO_TOLERANCE
+        and any(facts.get("split_rank_limits", {}).values())
+    ):
+        why = "a split layer pays only below the rank measured faster than one op, so layers go in whole steps"
+    elif planned is not None and abs(planned - requested) > RATIO_TOLERANCE:
+        unit = "channels" if method == "channel" else "channels or bases"
+        why = f"no set of whole {unit} lands closer here (coarse groups)"
+    elif planned is not None:
+        why = f"the plan counted {planned:.3f}, but merging split layers back and measured latency limits changed it"
+    else:
+        why = "nothing could be removed" if achieved <= 0 else "the allocation did not land closer"
+    if round_to > 1 and off > 0:
+        why = f"--round-to {round_to} rounds channel counts and ranks up to its multiples"
+    line = (
+        f"--ratio {requested:.2f}: reached {achieved:.3f} of the {facts['target']} "
+        f"({100 * abs(off):.1f} points {'over' if off > 0 else 'under'}): {why}"
+    )
+    if abs(off) > RATIO_FAR and not (round_to > 1 and off > 0):
+        raise BudgetError(f"{line}; nothing written; {_alternatives(method, latency_batch)}")
+    facts["ratio_note"] = line  # printed in the summary and written to the JSON report
+    log.debug("%s", line)
 
 
 MAX_DROP_STEPS = 6  # bisection steps on the ratio for --max-drop: 1/64 of the request
@@ -353,6 +416,7 @@ def _prune_stage(
         weights=weights,
     )
     report.facts["reachable"] = allocation.reachable
+    report.facts["ratio_planned"] = allocation.achieved
     kinds = report.facts.setdefault("removed", {})
     for name, keep in allocation.plan.items():
         group = next(g for g in analysis.groups if g.name == name)

@@ -212,8 +212,9 @@ def _producer(
         params.append(ParamSlice(bias_index, ((-1, node.outputs[0].name),)))
     out_axis_t = output_channel_axis(node, rank)
     ids = walk.new_ids(node, n_out)
-    return Step(Kind.PRODUCER, [Flow(out_axis_t, rank, ids, _masked_output(node, bias_index, n_out))], params,
-                fold=folding)
+    return Step(
+        Kind.PRODUCER, [Flow(out_axis_t, rank, ids, _masked_output(node, bias_index, n_out))], params, fold=folding
+    )
 
 
 def _masked_output(node: gs.Node, bias_index: int | None, n_out: int) -> np.ndarray:
@@ -586,8 +587,11 @@ def _shape_positions(node: gs.Node, n: int) -> list[int] | None:
         return None if idx is None else [int(i) % n for i in np.atleast_1d(idx)]
     if node.op == "Slice" and "starts" not in node.attrs:
         values = [const(node.inputs[i]) if _input(node, i) is not None else None for i in range(1, 5)]
-        if values[0] is None or values[1] is None or any(_input(node, i) is not None and values[i - 1] is None
-                                                          for i in (3, 4)):
+        if (
+            values[0] is None
+            or values[1] is None
+            or any(_input(node, i) is not None and values[i - 1] is None for i in (3, 4))
+        ):
             return None
         step = int(values[3][0]) if values[3] is not None else 1
         return list(range(n))[slice(int(values[0][0]), int(min(values[1][0], 2**62)), step)]
@@ -682,7 +686,9 @@ def _binary(node: gs.Node, flows: list[Flow | None], walk: Walk, op: Callable[..
         flow = flows[i]
         if flow is not None:
             if flow.at_rank(rank) != axis or len(flow.ids) not in (n, 1):
-                where = f"axis {flow.at_rank(rank)} vs {axis}" if flow.at_rank(rank) != axis else f"{len(flow.ids)} vs {n}"
+                where = (
+                    f"axis {flow.at_rank(rank)} vs {axis}" if flow.at_rank(rank) != axis else f"{len(flow.ids)} vs {n}"
+                )
                 return f"{node.op} of tensors whose channels do not line up ({where})"
             if len(flow.ids) == 1 and n > 1:  # [N,1,H,W] gate over [N,C,H,W]: per channel for the C side
                 walk.block(flow.ids, f"{node.op} '{node.name}' broadcasts this single channel over {n} channels")
@@ -944,8 +950,10 @@ def _prod(dims) -> int:
 
 
 def _reshape_merge(flow: Flow, in_shape: list, resolved: list[int]) -> tuple[int, Flow] | None:
-    """The channel axis kept whole, or merged with neighbours into one output axis (Flatten's block mapping; NHWC
-    flatten too, where H and W come before C): (output axis, flow)."""
+    """The channel axis kept whole, or merged with its neighbours into one output axis: (output axis, flow).
+
+    Flatten's block mapping, and the NHWC flatten too, where H and W come before C.
+    """
     a = flow.axis
     for j in range(1, len(resolved)):
         lead_out, size = _prod(resolved[1:j]), resolved[j]
@@ -967,8 +975,11 @@ def _reshape_merge(flow: Flow, in_shape: list, resolved: list[int]) -> tuple[int
 def _reshape_split(
     node: gs.Node, flow: Flow, in_shape: list, resolved: list[int], walk: Walk
 ) -> tuple[int, Flow] | None:
-    """Features on the last axis split into several output dims, one of them the channels (Linear -> view(-1, C, h,
-    w); the NHWC un-flatten before a Transpose): each channel is the block of features that lands on it, coupled."""
+    """Features on the last axis split into several output dims, one of them the channels: (output axis, flow).
+
+    Linear -> view(-1, C, h, w), or the NHWC un-flatten before a Transpose: each channel is the block of features
+    that lands on it, coupled.
+    """
     a = flow.axis
     if a != flow.rank - 1:
         return None
@@ -1160,8 +1171,10 @@ def _sv_shape(node: gs.Node, args: list) -> ShapeValue | None:
     shape = node.inputs[0].shape
     if shape is None:
         return None
-    dims = [int(d) if isinstance(d, (int, np.integer)) and d >= 0 else (d if isinstance(d, str) and d else UNKNOWN)
-            for d in shape]
+    dims = [
+        int(d) if isinstance(d, (int, np.integer)) and d >= 0 else (d if isinstance(d, str) and d else UNKNOWN)
+        for d in shape
+    ]
     start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
     dims = dims[start:] if end is None else dims[start : int(end)]
     return np.array(dims, dtype=object)
@@ -1239,8 +1252,11 @@ def _sv_arith(node: gs.Node, args: list) -> ShapeValue | None:
     a, b = np.broadcast_arrays(args[0], args[1])
     fn = _ARITH[node.op]
     out = [
-        fn(int(x), int(y)) if isinstance(x, (int, np.integer)) and isinstance(y, (int, np.integer)) and
-        (node.op != "Div" or (y != 0 and x >= 0 and y > 0)) else UNKNOWN
+        fn(int(x), int(y))
+        if isinstance(x, (int, np.integer))
+        and isinstance(y, (int, np.integer))
+        and (node.op != "Div" or (y != 0 and x >= 0 and y > 0))
+        else UNKNOWN
         for x, y in zip(a.ravel(), b.ravel())
     ]
     return np.array(out, dtype=object).reshape(a.shape)

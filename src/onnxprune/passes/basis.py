@@ -64,7 +64,9 @@ def decompose_basis(
             report.skip(node, f"{node.op} without a constant weight that can be split (grouped, or computed)")
             continue
         if len(node.inputs[1].outputs) > 1:  # split per use, it would be stored once per use
-            report.skip(node, f"weight '{node.inputs[1].name}' is shared by {len(node.inputs[1].outputs)} nodes: left whole")
+            report.skip(
+                node, f"weight '{node.inputs[1].name}' is shared by {len(node.inputs[1].outputs)} nodes: left whole"
+            )
             continue
         if min(matrix.shape) < min_channels:
             report.skip(node, f"rank {min(matrix.shape)} < {min_channels}")

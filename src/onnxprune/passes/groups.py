@@ -154,9 +154,7 @@ def find_channel_groups(graph: gs.Graph) -> ChannelGraph:
     return _finish(walker, steps, flows, blockers)
 
 
-def _couple_shared_constants(
-    graph: gs.Graph, steps: dict[str, Step], flows: dict[str, Flow], walker: _Walker
-) -> None:
+def _couple_shared_constants(graph: gs.Graph, steps: dict[str, Step], flows: dict[str, Flow], walker: _Walker) -> None:
     """A constant several nodes read is sliced once and stays shared: a channel goes from every use or from none.
 
     The tensors that select along each axis of it are coupled across its uses; where one use cannot slice it (its
@@ -175,9 +173,7 @@ def _couple_shared_constants(
         for node, i in readers:
             step = steps.get(node.name)
             found = [ps for ps in step.params if ps.index == i] if step is not None else []
-            axes_per_use.append(
-                {axis % ndim: t for ps in found for axis, t in ps.axes if t in flows}
-            )
+            axes_per_use.append({axis % ndim: t for ps in found for axis, t in ps.axes if t in flows})
         sliced = [a for a in axes_per_use if a]
         if not sliced:
             continue
@@ -215,7 +211,9 @@ def _finish(
     order = {name: k for k, name in enumerate(steps)}
     by_key: dict[tuple[str, ...], list[int]] = {}
     for c in range(n):
-        producers = sorted({walker.owner[i][0] for i in members[c] if walker.owner[i][0]}, key=lambda p: order.get(p, -1))
+        producers = sorted(
+            {walker.owner[i][0] for i in members[c] if walker.owner[i][0]}, key=lambda p: order.get(p, -1)
+        )
         if producers:
             by_key.setdefault(tuple(producers), []).append(c)
     groups = [

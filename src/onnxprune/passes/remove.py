@@ -53,7 +53,9 @@ def remove_channels(
             if sliced is not values:
                 original = node.inputs[ps.index].name
                 done = shared.setdefault(original, [])
-                same = next((c for c in done if c.values.shape == sliced.shape and np.array_equal(c.values, sliced)), None)
+                same = next(
+                    (c for c in done if c.values.shape == sliced.shape and np.array_equal(c.values, sliced)), None
+                )
                 if same is None:
                     base = f"{node.name}/{original.rsplit('/', 1)[-1]}"
                     same = gs.Constant(namer.fresh_name(base), np.ascontiguousarray(sliced))
