@@ -397,6 +397,46 @@ def option_a_shortcut(opset: int = 13) -> onnx.ModelProto:
     return b.model([("x", [3, 8, 8])], [b.head(y, 16)], opset=opset)
 
 
+def _layer_norm(b: Builder, x: str, c: int) -> str:
+    scale, shift = b.const(b.rng.uniform(0.5, 1.5, c), "ln"), b.const(b.rng.standard_normal(c) * 0.1, "ln")
+    return b.node("LayerNormalization", [x, scale, shift], axis=-1, epsilon=1e-5)
+
+
+def _gelu_erf(b: Builder, x: str) -> str:
+    erf = b.node("Erf", [b.node("Div", [x, b.const(np.array(np.sqrt(2), np.float32), "r")])])
+    half = b.node("Mul", [x, b.const(np.array(0.5, np.float32), "h")])
+    return b.node("Mul", [half, b.node("Add", [erf, b.const(np.array(1.0, np.float32), "one")])])
+
+
+def _linear(b: Builder, x: str, k: int, n: int) -> str:
+    w = b.const(b.rng.standard_normal((k, n)) / np.sqrt(k))
+    return b.node("Add", [b.node("MatMul", [x, w]), b.const(b.rng.standard_normal(n) * 0.1, "b")])
+
+
+def token_block() -> onnx.ModelProto:
+    """ViT-style: patch Conv -> tokens [N, L, C] -> LayerNorm -> MLP (GELU as Erf) -> residual -> LayerNorm -> mean
+    over tokens -> Gemm. LayerNorm over the channels: scale/bias slice, statistics change (reported as not exact)."""
+    b = Builder(39)
+    x = b.conv("x", 3, 16, 4, stride=4, pad=0)
+    t = b.node("Transpose", [b.node("Reshape", [x, _i64(b, [0, 16, -1])])], perm=[0, 2, 1])
+    h = _linear(b, _gelu_erf(b, _linear(b, _layer_norm(b, t, 16), 16, 24)), 24, 16)
+    t = b.node("Add", [t, h])
+    y = b.node("ReduceMean", [_layer_norm(b, t, 16)], axes=[1], keepdims=0)
+    return b.model([("x", [3, 8, 8])], [b.gemm(y, 16, 4)])
+
+
+def convnext_like() -> onnx.ModelProto:
+    """ConvNeXt block: depthwise 7x7 -> permute to NHWC -> LayerNorm over C -> Linear -> GELU (Erf) -> Linear ->
+    layer scale -> permute back -> residual."""
+    b = Builder(40)
+    x = b.conv("x", 3, 12, 1)
+    h = b.node("Transpose", [b.conv(x, 12, 12, 7, group=12)], perm=[0, 2, 3, 1])
+    h = _linear(b, _gelu_erf(b, _linear(b, _layer_norm(b, h, 12), 12, 24)), 24, 12)
+    h = b.node("Mul", [h, b.const(b.rng.uniform(0.1, 1.0, 12), "gamma")])
+    y = b.node("Add", [x, b.node("Transpose", [h], perm=[0, 3, 1, 2])])
+    return b.model([("x", [3, 8, 8])], [b.head(y, 12)])
+
+
 ZOO = [
     chain,
     basic_residual,
@@ -422,4 +462,6 @@ ZOO = [
     features_to_channels,
     nhwc_flatten,
     option_a_shortcut,
+    token_block,
+    convnext_like,
 ]

@@ -455,7 +455,12 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
         f"  params  {pb:>12,} -> {pa:>12,}   removed {100 * (1 - pa / pb if pb else 0):5.1f} %",
         f"  MACs    {mb:>12,} -> {ma:>12,}   removed {100 * (1 - ma / mb if mb else 0):5.1f} %",
         f"  groups  {f['groups_pruned']} pruned ({_kinds(f)}), {len(f['blocked'])} blocked"
-        + (f", {report.counts['folds_skipped']} constant folds skipped" if report.counts.get("folds_skipped") else ""),
+        + (f", {report.counts['folds_skipped']} constant folds skipped" if report.counts.get("folds_skipped") else "")
+        + (
+            f", {report.counts['approximate']} normalisations not exact (statistics over the kept channels)"
+            if report.counts.get("approximate")
+            else ""
+        ),
     ]
     for name, fid in f.get("fidelity", {}).items():
         parts = [f"cosine {fid['cosine']:.4f}", f"rel. error {fid['relative_error']:.4f}"]

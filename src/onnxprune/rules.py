@@ -82,6 +82,7 @@ class Step:
     params: list[ParamSlice] = field(default_factory=list)
     rewrite: Rewrite | None = None
     fold: Fold | None = None
+    approximate: str = ""  # why removing channels here is not the same as masking them (empty: it is)
 
 
 class Walk(Protocol):
@@ -416,6 +417,33 @@ def _instance_norm(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step 
     name = node.inputs[0].name
     zero = const(node.inputs[2]).astype(np.float64)
     return Step(Kind.PER_CHANNEL, [_same(flow, zero)], [ParamSlice(i, ((0, name),)) for i in (1, 2)])
+
+
+@rule("LayerNormalization")
+def _layer_norm(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    """Normalising over the channel axis alone: scale and bias slice with the channels.
+
+    The mean and variance are then taken over the kept channels only, so the result is not the masked model's (the
+    report says so; the refit after it, with --calib, absorbs the change).
+    """
+    flow = flows[0]
+    if flow is None:
+        return Step(Kind.PER_CHANNEL, [None] * len(node.outputs))
+    if any(f is not None for f in flows[1:]):
+        return "channels reach the scale or bias input"
+    axis = int(node.attrs.get("axis", -1)) % flow.rank
+    if axis != flow.axis or axis != flow.rank - 1:
+        return f"normalises over axes {axis}..{flow.rank - 1}, which mix the channels (axis {flow.axis}) with others"
+    if any(_input(node, i) is not None and const(node.inputs[i]) is None for i in (1, 2)):
+        return "LayerNormalization scale or bias is computed in the graph"
+    if any(t.outputs for t in node.outputs[1:]):
+        return "its mean / inverse deviation outputs are used"
+    name = node.inputs[0].name
+    params = [ParamSlice(i, ((-1, name),)) for i in (1, 2) if _input(node, i) is not None]
+    why = "mean and variance are now over the kept channels only (not equal to masking; --calib refits after it)"
+    return Step(
+        Kind.PER_CHANNEL, [_same(flow, _unknown(flow.zero))] + [None] * (len(node.outputs) - 1), params, approximate=why
+    )
 
 
 @rule("PRelu")

@@ -63,6 +63,9 @@ def remove_channels(
                 node.inputs[ps.index] = same
         if step.rewrite is not None:
             step.rewrite(node, keeps, namer)
+        if step.approximate:
+            report.skip(node, f"not exact: {step.approximate}")
+            report.counts["approximate"] += 1
         report.layers[node.name] = {"op": node.op, "before": before, "after": _weight_shape(node)}
         report.counts["nodes_changed"] += 1
     report.counts["channels_removed"] += int((~alive).sum())
