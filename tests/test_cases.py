@@ -133,8 +133,6 @@ def test_prune_half(name, method):
 
 # what basis cannot reach at 0.5 by parameters, and why
 REFUSED = {
-    ("convtranspose.onnx", "basis"): "cannot be reached",  # ConvTranspose is not split (see the report)
-    ("dcgan_view.onnx", "basis"): "cannot be reached",
     ("shared_weights.onnx", "basis"): "cannot be reached",  # a shared weight is left whole
 }
 

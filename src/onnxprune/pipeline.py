@@ -465,6 +465,8 @@ def _latency_limits(graph: gs.Graph, pairs: list, *, batch: int, threads: int) -
         x_shape = basis.inputs[0].shape
         if x_shape is None or any(not isinstance(d, int) for d in x_shape[1:]):
             continue
+        if basis.op not in ("Conv", "Gemm", "MatMul"):  # no latency probe for it (ConvTranspose): by parameters
+            continue
         r, k, co = pair_sizes(graph, pair)
         bound = min(r, param_breakeven(k, co))
         w = const(basis.inputs[1])

@@ -1103,6 +1103,45 @@ def weight_matrix(node: gs.Node) -> np.ndarray | None:
     return matrix
 
 
+SPLIT_OPS = (*MATRIX_OPS, "ConvTranspose")  # ops a basis split applies to (ConvTranspose: split only, no refit)
+
+
+def basis_matrix(node: gs.Node) -> np.ndarray | None:
+    """The weight of a splittable op as an [out, in] matrix: `weight_matrix`, or that of a ConvTranspose.
+
+    A ConvTranspose (group 1) with W[Ci, Co, k...] is the matrix [Co, Ci * k...]: output channel co gets the sum over
+    ci and taps of W[ci, co] x[ci].
+    """
+    if node.op != "ConvTranspose":
+        return weight_matrix(node)
+    w = const(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None or w.ndim < 3 or int(node.attrs.get("group", 1)) != 1:
+        return None
+    return np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)
+
+
+def basis_layer(node: gs.Node, rows: np.ndarray) -> tuple[str, dict, np.ndarray]:
+    """(op, attributes, weight) of the basis op that applies `rows` [r, in] (in `node`'s input layout) to its input."""
+    r = len(rows)
+    w = const(node.inputs[1])
+    if node.op == "Conv":
+        return "Conv", {**node.attrs, "group": 1}, rows.reshape((r,) + w.shape[1:])
+    if node.op == "ConvTranspose":  # [Ci, r, k...]: a ConvTranspose to r channels, same strides, pads, taps
+        return "ConvTranspose", dict(node.attrs), np.moveaxis(rows.reshape((r, w.shape[0]) + w.shape[2:]), 0, 1)
+    return "MatMul", {}, rows.T
+
+
+def merged_layer(basis: gs.Node, scaling: gs.Node, product: np.ndarray) -> tuple[str, dict, np.ndarray]:
+    """(op, attributes, weight) of the one op equal to a basis op followed by its scaling op (`product` [out, in])."""
+    bw = const(basis.inputs[1])
+    if basis.op == "Conv":
+        return "Conv", dict(basis.attrs), product.reshape((len(product),) + bw.shape[1:])
+    if basis.op == "ConvTranspose":
+        shape = (len(product), bw.shape[0]) + bw.shape[2:]
+        return "ConvTranspose", dict(basis.attrs), np.moveaxis(product.reshape(shape), 0, 1)
+    return scaling.op, dict(scaling.attrs), product.T
+
+
 def weight_from_matrix(node: gs.Node, matrix: np.ndarray) -> tuple[np.ndarray, dict]:
     """Inverse of `weight_matrix` for `node`'s layout: (weight, attributes to set so that alpha = beta = 1)."""
     if node.op == "Conv":  # [out, in * kernel] -> [out, in, *kernel], the kernel of the weight it replaces
