@@ -437,6 +437,20 @@ def convnext_like() -> onnx.ModelProto:
     return b.model([("x", [3, 8, 8])], [b.head(y, 12)])
 
 
+def ir3_inputs() -> onnx.ModelProto:
+    """What old exporters wrote: IR 3, opset 8, every initializer also listed as a graph input (BN unfolded)."""
+    b = Builder(41)
+    x = b.cbr(b.cbr("x", 3, 8), 8, 12)
+    model = b.model([("x", [3, 8, 8])], [b.head(x, 12)], opset=9)
+    model.opset_import[0].version = 8
+    model.ir_version = 3
+    model.graph.input.extend(
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in model.graph.initializer
+    )
+    onnx.checker.check_model(model)
+    return model
+
+
 ZOO = [
     chain,
     basic_residual,
@@ -464,4 +478,5 @@ ZOO = [
     option_a_shortcut,
     token_block,
     convnext_like,
+    ir3_inputs,
 ]
