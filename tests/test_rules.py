@@ -310,3 +310,37 @@ def test_unknown_shape_blocks_with_a_reason_not_silently():
     first, last = analysis.groups[0].name, y.rsplit("_", 1)[0]
     assert "custom-domain op custom.ops::Opaque" in reasons[first]
     assert reasons[last] == f"Conv '{last}': output shape is unknown (shape inference could not resolve it)"
+
+
+@pytest.mark.parametrize("op", ["Mul", "Add", "Sum"])
+def test_broadcast_gate(op):
+    """[N,C,H,W] with a [N,1,H,W] gate (spatial attention): per channel for the C side, the gate's channel blocked."""
+    b = Builder(8)
+    x = b.relu(b.conv("x", 3, C))
+    gate = b.node("Sigmoid", [b.conv(x, C, 1, 3)])
+    if op == "Sum":  # the gate first, and a per-channel constant that slices with the C side
+        y = b.node("Sum", [gate, x, b.const(np.linspace(0.5, 1.5, C).reshape(C, 1, 1), "k")])
+    else:
+        y = b.node(op, [x, gate])
+    model = b.model([("x", [3, 8, 8])], [b.node("GlobalAveragePool", [b.conv(y, C, 5, 1)])])
+    analysis = find_channel_groups(to_graph(model))
+    groups = {g.name: g for g in analysis.groups}
+    gate_group = next(g for g in analysis.groups if len(g.classes) == 1)
+    assert f"{op} '" in gate_group.blocked[gate_group.classes[0]] and "broadcasts this single channel" in next(
+        iter(gate_group.blocked.values())
+    )
+    plan = every_other_channel(analysis)
+    assert analysis.groups[0].name in plan and len(groups) == 3
+    pruned, _ = apply_pass(model, remove_channels, plan=plan)
+    for batch in (1, 3):
+        feeds = random_feeds(model, batch=batch, seed=batch)
+        assert_outputs_close(ort_run(pruned, feeds), ort_run(mask_channels(model, plan), feeds), rtol=1e-4, atol=1e-5)
+
+
+def test_mismatched_channels_name_the_op():
+    b = Builder(9)
+    x, z = b.conv("x", 3, C), b.node("Transpose", [b.conv("x", 3, C)], perm=[0, 2, 3, 1])  # [N, 8, 8, 8] both
+    model = b.model([("x", [3, 8, 8])], [b.node("GlobalAveragePool", [b.node("Mul", [x, z])])])
+    analysis = find_channel_groups(to_graph(model))
+    reason = next(iter(analysis.groups[0].blocked.values()))
+    assert "Mul 'mul" in reason and "Mul of tensors whose channels do not line up (axis 3 vs 1)" in reason

@@ -704,7 +704,8 @@ def _binary(node: gs.Node, flows: list[Flow | None], walk: Walk, op: Callable[..
     if out_shape is None:
         return "output rank is unknown (shape inference failed)"
     rank = len(out_shape)
-    first = max((f for _, f in tracked), key=lambda f: len(f.ids))  # the widest: a 1-channel gate broadcasts over it
+    first_index, first = max(tracked, key=lambda t: len(t[1].ids))  # the widest: a 1-channel gate broadcasts over it
+    first_name = node.inputs[first_index].name
     axis = first.at_rank(rank)
     n = len(first.ids)
     zeros: list[np.ndarray] = []
@@ -745,7 +746,7 @@ def _binary(node: gs.Node, flows: list[Flow | None], walk: Walk, op: Callable[..
             continue
         if size != n:
             return f"constant '{tensor.name}' has {size} entries on the channel axis, the tensor carries {n}"
-        params.append(ParamSlice(i, ((a, first_input_name(node, flows)),)))
+        params.append(ParamSlice(i, ((a, first_name),)))
         kind = Kind.PER_CHANNEL if kind is Kind.PASS_THROUGH else kind
         per = np.moveaxis(value.astype(np.float64), a, 0).reshape(n, -1)
         zeros.append(per[:, 0] if np.all(per == per[:, :1]) else np.full(n, np.nan))
