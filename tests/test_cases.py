@@ -133,7 +133,7 @@ def test_prune_half(name, method):
 
 # what basis cannot reach at 0.5 by parameters, and why
 REFUSED = {
-    ("shared_weights.onnx", "basis"): "cannot be reached",  # a shared weight is left whole
+    ("shared_weights.onnx", "basis"): "4 layers whose weight is shared by several nodes were left whole, not split",
 }
 
 

@@ -213,7 +213,10 @@ TOLERANCE = 0.01  # how far above the request the achieved ratio may land
 def _land_closer(
     order: np.ndarray, k: int, alive: np.ndarray, ratio: float, wanted: float, left, total: int, *, tries: int = 256
 ) -> tuple[float, np.ndarray]:
-    """The k-th class overshot: swap it for one of the next-ranked classes that lands within the tolerance."""
+    """The k-th class overshot: swap it for one of the next-ranked classes that lands within the tolerance.
+
+    Failing that, fill up from the next-ranked classes, skipping each that would overshoot (a greedy knapsack fill).
+    """
     base = alive.copy()
     base[order[k - 1]] = True
     for c in order[k : k + tries].tolist():
@@ -222,6 +225,15 @@ def _land_closer(
         r = 1.0 - left(trial) / total
         if wanted - 1e-9 <= r <= wanted + TOLERANCE:
             return r, trial
+    current = base.copy()
+    for c in order[k : k + tries].tolist():
+        trial = current.copy()
+        trial[c] = False
+        r = 1.0 - left(trial) / total
+        if r <= wanted + TOLERANCE:
+            current = trial
+            if r >= wanted - 1e-9:
+                return r, current
     return ratio, alive
 
 

@@ -242,6 +242,10 @@ def _hinted(method: str, latency_batch: int, fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except BudgetError as err:
             head = str(err).split("; lower --ratio")[0]
+            report = args[1] if len(args) > 1 else kwargs.get("report")
+            whole = report.counts.get("shared_left_whole", 0) if report is not None else 0
+            if whole:
+                head += f"; {whole} layers whose weight is shared by several nodes were left whole, not split"
             raise BudgetError(f"{head}; {_alternatives(method, latency_batch)}") from err
 
     return call

@@ -67,6 +67,7 @@ def decompose_basis(
             report.skip(
                 node, f"weight '{node.inputs[1].name}' is shared by {len(node.inputs[1].outputs)} nodes: left whole"
             )
+            report.counts["shared_left_whole"] += 1
             continue
         if min(matrix.shape) < min_channels:
             report.skip(node, f"rank {min(matrix.shape)} < {min_channels}")
