@@ -215,7 +215,8 @@ def _land_closer(
 ) -> tuple[float, np.ndarray]:
     """The k-th class overshot: swap it for one of the next-ranked classes that lands within the tolerance.
 
-    Failing that, fill up from the next-ranked classes, skipping each that would overshoot (a greedy knapsack fill).
+    Failing that, fill up from the next-ranked classes, skipping each that would overshoot (a greedy knapsack fill),
+    and keep that fill if it ends within the tolerance below the request.
     """
     base = alive.copy()
     base[order[k - 1]] = True
@@ -234,6 +235,9 @@ def _land_closer(
             current = trial
             if r >= wanted - 1e-9:
                 return r, current
+    r = 1.0 - left(current) / total
+    if r >= wanted - TOLERANCE:  # just under the request, but within the tolerance: closer than the overshoot
+        return r, current
     return ratio, alive
 
 
