@@ -401,3 +401,11 @@ def test_ratio_within_one_point_or_why_or_refused():
     grown = _facts(0.0, -0.2, None)
     with pytest.raises(BudgetError, match="20.0 points under"):
         _check_ratio(grown, method="basis", latency_batch=0, round_to=1)
+
+
+def test_ratio_reached_by_folding_alone_is_noted_not_refused():
+    from onnxprune.pipeline import _check_ratio
+
+    report = _facts(0.0, 0.075, 0.075, ratio_free=0.075)
+    _check_ratio(report, method="channel", latency_batch=0, round_to=1)
+    assert "folding BatchNorm and constants alone removes 0.075" in report.facts["ratio_note"]

@@ -129,6 +129,8 @@ def prune(
     graph = to_graph(model)
     bn_gamma = criteria.collect_bn_gamma(graph)
     report = run_passes(graph, [cleanup]).report
+    cleaned = CostModel(graph).count()[0 if target == "params" else 1]
+    report.facts["ratio_free"] = 1 - cleaned / total if total else 0.0  # what folding BN and constants alone removes
     stages = {"channel": ["channel"], "basis": ["basis"], "auto": ["auto"], "double": ["channel", "basis"]}[method]
     plans = 0
     pairs = find_basis_pairs(graph)
@@ -261,7 +263,13 @@ def _check_ratio(report: Report, *, method: str, latency_batch: int, round_to: i
     off = achieved - requested
     if abs(off) <= RATIO_TOLERANCE:
         return
-    planned = facts.get("ratio_planned")
+    planned, free = facts.get("ratio_planned"), facts.get("ratio_free")
+    if off > 0 and free is not None and free >= requested - RATIO_TOLERANCE:
+        facts["ratio_note"] = (
+            f"--ratio {requested:.2f}: reached {achieved:.3f} of the {facts['target']}: folding BatchNorm and "
+            f"constants alone removes {free:.3f}"
+        )
+        return
     if (
         planned is not None
         and abs(planned - requested) > RATIO_TOLERANCE
