@@ -248,6 +248,209 @@ def dense_block() -> onnx.ModelProto:
     return b.model([("x", [3, 8, 8])], [b.head(b.relu(t), 8)])
 
 
+def _i64(b: Builder, values, base: str = "s") -> str:
+    return b.const(np.array(values, np.int64), base)
+
+
+def split_neck(opset: int = 18) -> onnx.ModelProto:
+    """Detector neck (C2f): Conv -> channel Split without sizes -> bottleneck on one half -> Concat of three -> Conv;
+    SPPF: Conv -> three max-pools -> Concat -> Conv. Opset 18 uses num_outputs, older opsets an equal split."""
+    b = Builder(30)
+    x = b.relu(b.conv("x", 3, 16, 1))
+    attrs = {"num_outputs": 2} if opset >= 18 else {}
+    a, c = b.node("Split", [x], n_out=2, axis=1, **attrs)
+    m = b.node("Add", [c, b.relu(b.conv(b.relu(b.conv(c, 8, 8)), 8, 8))])
+    y = b.relu(b.conv(b.node("Concat", [a, c, m], axis=1), 24, 16, 1))
+    s = b.relu(b.conv(y, 16, 8, 1))
+    p1 = b.node("MaxPool", [s], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    p2 = b.node("MaxPool", [p1], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    z = b.relu(b.conv(b.node("Concat", [s, p1, p2], axis=1), 24, 12, 1))
+    return b.model([("x", [3, 8, 8])], [b.head(z, 12)], opset=opset)
+
+
+def split_neck_opset13() -> onnx.ModelProto:
+    return split_neck(13)
+
+
+def chunk_neck() -> onnx.ModelProto:
+    """The same neck written with `chunk`: Shape -> Gather -> Div -> Slice bounds computed at run time."""
+    b = Builder(31)
+    x = b.relu(b.conv("x", 3, 16, 1))
+    half = b.node(
+        "Div",
+        [
+            b.node("Gather", [b.node("Shape", [x]), b.const(np.array(1, np.int64), "i")], axis=0),
+            b.const(np.array(2, np.int64), "two"),
+        ],
+    )
+    half = b.node("Unsqueeze", [half, _i64(b, [0])])
+    a = b.node("Slice", [x, _i64(b, [0]), half, _i64(b, [1])])
+    c = b.node("Slice", [x, half, b.node("Mul", [half, _i64(b, [2])]), _i64(b, [1])])
+    m = b.node("Add", [c, b.relu(b.conv(c, 8, 8))])
+    y = b.relu(b.conv(b.node("Concat", [a, c, m], axis=1), 24, 12, 1))
+    return b.model([("x", [3, 8, 8])], [b.head(y, 12)], opset=13)
+
+
+def view_size0() -> onnx.ModelProto:
+    """`x.view(x.size(0), -1)` -> Linear: the Reshape target is computed from Shape."""
+    b = Builder(32)
+    x = b.relu(b.conv(b.relu(b.conv("x", 3, 8)), 8, 12, stride=2))
+    batch = b.node(
+        "Unsqueeze",
+        [b.node("Gather", [b.node("Shape", [x]), b.const(np.array(0, np.int64), "i")], axis=0), _i64(b, [0])],
+    )
+    flat = b.node("Reshape", [x, b.node("Concat", [batch, _i64(b, [-1])], axis=0)])
+    h = b.relu(b.gemm(flat, 12 * 16, 10))
+    return b.model([("x", [3, 8, 8])], [b.gemm(h, 10, 4)], opset=13)
+
+
+def spatial_gate() -> onnx.ModelProto:
+    """Spatial attention: features [N,C,H,W] times sigmoid(Conv -> 1 channel) [N,1,H,W]; SiLU and GELU (Erf) after."""
+    b = Builder(33)
+    x = b.relu(b.conv("x", 3, 12))
+    g = b.node("Sigmoid", [b.conv(x, 12, 1, 3)])
+    y = b.node("Mul", [x, g])
+    y = b.conv(y, 12, 10, 1)
+    y = b.node("Mul", [y, b.node("Sigmoid", [y])])  # SiLU
+    y = b.conv(y, 10, 8, 3)
+    half = b.node("Mul", [y, b.const(np.array(0.5, np.float32), "h")])
+    erf = b.node("Erf", [b.node("Div", [y, b.const(np.array(np.sqrt(2), np.float32), "r")])])
+    y = b.node("Mul", [half, b.node("Add", [erf, b.const(np.array(1.0, np.float32), "one")])])  # GELU
+    return b.model([("x", [3, 8, 8])], [b.head(y, 8)])
+
+
+def gemm_bias2d() -> onnx.ModelProto:
+    """Flatten -> Gemm(transB=0) with bias [1, N] -> Relu -> Gemm(alpha 0.5, beta 2) with a one-element bias [1]
+    (a removed channel then carries 2 * b through the Relu into the last Gemm) -> Relu -> Gemm."""
+    b = Builder(34)
+    x = b.node("Flatten", [b.relu(b.conv("x", 3, 4, stride=2))], axis=1)
+    r = b.rng
+    h = b.node("Gemm", [x, b.const(r.standard_normal((64, 16)) / 8), b.const(r.standard_normal((1, 16)) * 0.1, "b")])
+    h = b.node(
+        "Gemm",
+        [b.relu(h), b.const(r.standard_normal((16, 12)) / 4), b.const(np.array([0.3]), "b")],
+        alpha=0.5,
+        beta=2.0,
+    )
+    y = b.node("Gemm", [b.relu(h), b.const(r.standard_normal((5, 12)) / 4), b.const(np.zeros(5) + 0.1, "b")], transB=1)
+    return b.model([("x", [3, 8, 8])], [y], opset=13)
+
+
+def shared_head() -> onnx.ModelProto:
+    """A detection head whose two Convs each reuse one weight tensor at two pyramid levels."""
+    b = Builder(35)
+    p3 = b.relu(b.conv("x", 3, 8))
+    p4 = b.relu(b.conv(p3, 8, 8, stride=2))
+    w1, b1 = b.const(b.rng.standard_normal((12, 8, 3, 3)) / 8), b.const(b.rng.standard_normal(12) * 0.1, "b")
+    w2, b2 = b.const(b.rng.standard_normal((6, 12, 1, 1)) / 4), b.const(b.rng.standard_normal(6) * 0.1, "b")
+    levels = []
+    for p in (p3, p4):
+        h = b.relu(b.node("Conv", [p, w1, b1], kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+        levels.append(b.node("GlobalAveragePool", [b.node("Conv", [h, w2, b2], kernel_shape=[1, 1])]))
+    y = b.node("Flatten", [b.node("Concat", levels, axis=1)], axis=1)
+    return b.model([("x", [3, 8, 8])], [b.gemm(y, 12, 4)])
+
+
+def features_to_channels() -> onnx.ModelProto:
+    """DCGAN-style: Linear -> view(-1, C, h, w) -> ConvTranspose(k4, s2) -> Relu -> ConvTranspose(k3, p1) -> Conv."""
+    b = Builder(36)
+    z = b.relu(b.gemm(b.node("Flatten", [b.node("GlobalAveragePool", [b.conv("x", 3, 6)])], axis=1), 6, 8 * 2 * 2))
+    x = b.node("Reshape", [z, _i64(b, [-1, 8, 2, 2])])
+    w1 = b.const(b.rng.standard_normal((8, 6, 4, 4)) / 8)
+    x = b.relu(
+        b.node(
+            "ConvTranspose", [x, w1, b.const(b.rng.standard_normal(6) * 0.1, "b")], strides=[2, 2], pads=[1, 1, 1, 1]
+        )
+    )
+    w2 = b.const(b.rng.standard_normal((6, 5, 3, 3)) / 6)
+    x = b.relu(b.node("ConvTranspose", [x, w2], pads=[1, 1, 1, 1]))
+    return b.model([("x", [3, 8, 8])], [b.conv(x, 5, 2, 1)])
+
+
+def nhwc_flatten() -> onnx.ModelProto:
+    """Converter layouts: Conv -> Transpose to NHWC -> Reshape [N, H*W*C] -> Gemm -> Reshape [N, h, w, C] ->
+    Transpose back -> Conv (the Flatten block mapping in both directions, channels innermost)."""
+    b = Builder(37)
+    x = b.relu(b.conv("x", 3, 6, stride=2))
+    flat = b.node("Reshape", [b.node("Transpose", [x], perm=[0, 2, 3, 1]), _i64(b, [0, -1])])
+    h = b.relu(b.gemm(flat, 4 * 4 * 6, 2 * 2 * 5))
+    y = b.node(
+        "Transpose",
+        [
+            b.node("Reshape", [h, _i64(b, [-1, 2, 2, 5])]),
+        ],
+        perm=[0, 3, 1, 2],
+    )
+    return b.model([("x", [3, 8, 8])], [b.head(b.relu(b.conv(y, 5, 4, 1)), 4)])
+
+
+def option_a_shortcut(opset: int = 13) -> onnx.ModelProto:
+    """CIFAR ResNet shortcut "option A": strided Slice of the input + a constant Pad over channels, added to the
+    downsampling branch (the padded channels are known zeros; the rest is tracked)."""
+    b = Builder(38)
+    x = b.relu(b.conv("x", 3, 8))
+    x = b.relu(b.node("Add", [x, b.conv(b.relu(b.conv(x, 8, 8)), 8, 8)]))
+    main = b.conv(b.relu(b.conv(x, 8, 16, stride=2)), 16, 16)
+    sub = b.node("Slice", [x, _i64(b, [0, 0]), _i64(b, [2**62, 2**62]), _i64(b, [2, 3]), _i64(b, [2, 2])])
+    short = b.node("Pad", [sub, _i64(b, [0, 4, 0, 0, 0, 4, 0, 0], "p")], mode="constant")
+    y = b.relu(b.node("Add", [main, short]))
+    return b.model([("x", [3, 8, 8])], [b.head(y, 16)], opset=opset)
+
+
+def _layer_norm(b: Builder, x: str, c: int) -> str:
+    scale, shift = b.const(b.rng.uniform(0.5, 1.5, c), "ln"), b.const(b.rng.standard_normal(c) * 0.1, "ln")
+    return b.node("LayerNormalization", [x, scale, shift], axis=-1, epsilon=1e-5)
+
+
+def _gelu_erf(b: Builder, x: str) -> str:
+    erf = b.node("Erf", [b.node("Div", [x, b.const(np.array(np.sqrt(2), np.float32), "r")])])
+    half = b.node("Mul", [x, b.const(np.array(0.5, np.float32), "h")])
+    return b.node("Mul", [half, b.node("Add", [erf, b.const(np.array(1.0, np.float32), "one")])])
+
+
+def _linear(b: Builder, x: str, k: int, n: int) -> str:
+    w = b.const(b.rng.standard_normal((k, n)) / np.sqrt(k))
+    return b.node("Add", [b.node("MatMul", [x, w]), b.const(b.rng.standard_normal(n) * 0.1, "b")])
+
+
+def token_block() -> onnx.ModelProto:
+    """ViT-style: patch Conv -> tokens [N, L, C] -> LayerNorm -> MLP (GELU as Erf) -> residual -> LayerNorm -> mean
+    over tokens -> Gemm. LayerNorm over the channels: scale/bias slice, statistics change (reported as not exact)."""
+    b = Builder(39)
+    x = b.conv("x", 3, 16, 4, stride=4, pad=0)
+    t = b.node("Transpose", [b.node("Reshape", [x, _i64(b, [0, 16, -1])])], perm=[0, 2, 1])
+    h = _linear(b, _gelu_erf(b, _linear(b, _layer_norm(b, t, 16), 16, 24)), 24, 16)
+    t = b.node("Add", [t, h])
+    y = b.node("ReduceMean", [_layer_norm(b, t, 16)], axes=[1], keepdims=0)
+    return b.model([("x", [3, 8, 8])], [b.gemm(y, 16, 4)])
+
+
+def convnext_like() -> onnx.ModelProto:
+    """ConvNeXt block: depthwise 7x7 -> permute to NHWC -> LayerNorm over C -> Linear -> GELU (Erf) -> Linear ->
+    layer scale -> permute back -> residual."""
+    b = Builder(40)
+    x = b.conv("x", 3, 12, 1)
+    h = b.node("Transpose", [b.conv(x, 12, 12, 7, group=12)], perm=[0, 2, 3, 1])
+    h = _linear(b, _gelu_erf(b, _linear(b, _layer_norm(b, h, 12), 12, 24)), 24, 12)
+    h = b.node("Mul", [h, b.const(b.rng.uniform(0.1, 1.0, 12), "gamma")])
+    y = b.node("Add", [x, b.node("Transpose", [h], perm=[0, 3, 1, 2])])
+    return b.model([("x", [3, 8, 8])], [b.head(y, 12)])
+
+
+def ir3_inputs() -> onnx.ModelProto:
+    """What old exporters wrote: IR 3, opset 8, every initializer also listed as a graph input (BN unfolded)."""
+    b = Builder(41)
+    x = b.cbr(b.cbr("x", 3, 8), 8, 12)
+    model = b.model([("x", [3, 8, 8])], [b.head(x, 12)], opset=9)
+    model.opset_import[0].version = 8
+    model.ir_version = 3
+    model.graph.input.extend(
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in model.graph.initializer
+    )
+    onnx.checker.check_model(model)
+    return model
+
+
 ZOO = [
     chain,
     basic_residual,
@@ -263,6 +466,19 @@ ZOO = [
     sigmoid_consumers,
     split_slice,
     dense_block,
+    split_neck,
+    split_neck_opset13,
+    chunk_neck,
+    view_size0,
+    spatial_gate,
+    gemm_bias2d,
+    shared_head,
+    features_to_channels,
+    nhwc_flatten,
+    option_a_shortcut,
+    token_block,
+    convnext_like,
+    ir3_inputs,
 ]
 
 

@@ -172,3 +172,41 @@ def test_round_to_keeps_multiples(method):
     for t in pruned.graph.initializer:
         if len(t.dims) == 4 and tuple(t.dims) not in before:
             assert all(d % 8 == 0 for d in t.dims[:2] if d > 1), f"{t.name}: {list(t.dims)}"
+
+
+def test_conv_transpose_split_prune_and_merge_back():
+    """ConvTranspose W[Ci, Co, k, k] splits as the matrix [Co, Ci*k*k]: a ConvTranspose to r channels (same strides,
+    pads) and a 1x1 Conv. Full rank is exact, pruning bases is removal on the edge between, merging back is exact."""
+    from models import features_to_channels
+
+    from onnxprune.testing import every_other_channel
+
+    model = apply_pass(features_to_channels(), cleanup)[0]
+    split, report = apply_pass(model, decompose_basis, min_channels=2)
+    ops = {n.name: n.op_type for n in split.graph.node}
+    pairs = find_basis_pairs(to_graph(split))
+    transposed = [p for p in pairs if ops[p.basis] == "ConvTranspose"]
+    assert len(transposed) == 2 and all(ops[p.scaling] == "Conv" for p in transposed)
+    feeds = random_feeds(model, batch=3, seed=3)
+    _relative_close(ort_run(split, feeds), ort_run(model, feeds), 1e-4)
+    analysis = find_channel_groups(to_graph(split))
+    plan = {k: v for k, v in every_other_channel(analysis).items() if k in {p.basis for p in transposed}}
+    assert len(plan) == 2
+    pruned, _ = apply_pass(split, remove_channels, plan=plan)
+    assert_outputs_close(ort_run(pruned, feeds), ort_run(mask_channels(split, plan), feeds), rtol=1e-4, atol=1e-5)
+    merged, report = apply_pass(pruned, merge_unprofitable, pairs=pairs, limits={p.basis: 0 for p in pairs})
+    assert report.counts["merged_back"] == len(pairs)
+    assert not any("_basis" in n.name for n in merged.graph.node)
+    _relative_close(ort_run(merged, feeds), ort_run(pruned, feeds), 1e-4)
+
+
+def test_conv_transpose_macs_are_weights_times_input_positions():
+    from onnxprune.pipeline import count
+
+    b = Builder(3)
+    w = b.const(np.ones((4, 6, 4, 4), np.float32))
+    y = b.node("ConvTranspose", ["x", w], strides=[2, 2], pads=[1, 1, 1, 1])
+    model = b.model([("x", [4, 5, 5])], [y])
+    params, macs = count(model)
+    assert params == 4 * 6 * 16
+    assert macs == 4 * 6 * 16 * 5 * 5  # each input position meets every weight once; not the 10x10 output positions

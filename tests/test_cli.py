@@ -185,6 +185,23 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path, model_file
     assert sorted(p.name for p in tmp_path.iterdir()) == listing
 
 
+def test_a_bug_inside_a_pass_is_an_internal_error_exit_3(model_file, tmp_path, capsys, monkeypatch):
+    import onnxprune.pipeline as pipeline
+
+    def remove_channels(graph, **_):  # stands for any unexpected failure inside a pass
+        raise IndexError("index 9 is out of bounds")
+
+    monkeypatch.setattr(pipeline, "remove_channels", remove_channels)
+    out = tmp_path / "o.onnx"
+    code, _, err = run([model_file, out, "--ratio", "0.3", "--method", "channel"], capsys)
+    assert code == 3, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "internal error" in lines[0] and "remove_channels" in lines[0], err
+    assert "Traceback" not in err and not out.exists()
+    code, _, err = run([model_file, out, "--ratio", "0.3", "--method", "channel", "--debug"], capsys)
+    assert code == 3 and "Traceback" in err and "IndexError" in err
+
+
 def test_existing_output_needs_overwrite(model_file, tmp_path, capsys):
     out = tmp_path / "o.onnx"
     shutil.copy(model_file, out)
@@ -367,3 +384,54 @@ def test_without_calibration_the_summary_says_fidelity_is_unverified(tmp_path, c
     code, stdout, err = run([EXAMPLE / "digits_resnet.onnx", out, "--ratio", "0.3", "--latency-batch", "0"], capsys)
     assert code == 0, err
     assert "fidelity on real data is unverified" in stdout and "random inputs" in stdout
+
+
+@pytest.mark.parametrize("method", ["channel", "basis"])
+def test_refusals_never_suggest_the_method_just_used(method, tmp_path, capsys):
+    shuffle = tmp_path / "shuffle.onnx"
+    onnx.save(channel_shuffle(), shuffle)
+    code, _, err = run([shuffle, tmp_path / "o.onnx", "--ratio", "0.9", "--method", method], capsys)
+    _one_line_exit_2(code, err)
+    assert "cannot be reached" in err and f"--method {method}" not in err and "lower --ratio" in err
+
+
+def _facts(requested, achieved, planned, **extra):
+    from onnxprune.result import Report
+
+    report = Report()
+    report.facts.update(ratio_requested=requested, ratio_achieved=achieved, ratio_planned=planned, target="params")
+    report.facts.update(extra)
+    return report
+
+
+def test_ratio_within_one_point_or_why_or_refused():
+    from onnxprune import BudgetError
+    from onnxprune.pipeline import _check_ratio
+
+    within = _facts(0.5, 0.509, 0.509)
+    _check_ratio(within, method="channel", latency_batch=0, round_to=1)
+    assert "ratio_note" not in within.facts
+    coarse = _facts(0.5, 0.517, 0.517)
+    _check_ratio(coarse, method="channel", latency_batch=0, round_to=1)
+    assert coarse.facts["ratio_note"] == (
+        "--ratio 0.50: reached 0.517 of the params (1.7 points over): no set of whole channels lands closer here "
+        "(coarse groups)"
+    )
+    far = _facts(0.5, 0.737, 0.737, split_rank_limits={"a_basis": 2})
+    with pytest.raises(BudgetError, match=r"reached 0\.737 .*23\.7 points over.*measured faster.*nothing written") as e:
+        _check_ratio(far, method="basis", latency_batch=1, round_to=1)
+    assert "--method basis" not in str(e.value) and "--latency-batch 0" in str(e.value)
+    rounded = _facts(0.5, 0.56, 0.56)
+    _check_ratio(rounded, method="channel", latency_batch=0, round_to=8)
+    assert "--round-to 8" in rounded.facts["ratio_note"]
+    grown = _facts(0.0, -0.2, None)
+    with pytest.raises(BudgetError, match="20.0 points under"):
+        _check_ratio(grown, method="basis", latency_batch=0, round_to=1)
+
+
+def test_ratio_reached_by_folding_alone_is_noted_not_refused():
+    from onnxprune.pipeline import _check_ratio
+
+    report = _facts(0.0, 0.075, 0.075, ratio_free=0.075)
+    _check_ratio(report, method="channel", latency_batch=0, round_to=1)
+    assert "folding BatchNorm and constants alone removes 0.075" in report.facts["ratio_note"]

@@ -250,7 +250,7 @@ def test_loop_and_scan_bodies_reading_a_tensor_block_it(op):
     model = b.model([("x", [3, 8, 8])], [out])
     groups = _groups(model).groups
     assert f"{op} has subgraphs" in next(iter(groups[0].blocked.values()))
-    pruned, report = prune(model, remove_ratio=0.1, method="channel")
+    pruned, report = prune(model, remove_ratio=0.16, method="channel")  # one channel of the last cbr: 16.2 %
     assert [n for n in pruned.graph.node if n.op_type == op]
     assert ort_run(pruned, random_feeds(model, batch=2))[out].shape == (2, 5)
 

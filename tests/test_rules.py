@@ -51,6 +51,7 @@ RULE_CASES = {
     "Identity": _unary("Identity"),
     "Dropout": _unary("Dropout"),
     "Gelu": _unary("Gelu"),
+    "Erf": _unary("Erf"),
     "Mish": _unary("Mish"),
     "Cast": _unary("Cast", to=1),
     "Clip": lambda b, x: b.node("Clip", [x, b.const(np.float32(-0.5), "lo"), b.const(np.float32(0.7), "hi")]),
@@ -100,11 +101,16 @@ RULE_CASES = {
         ],
     ),
     "Unsqueeze": None,  # covered with Squeeze
+    "Shape": lambda b, x: b.node(  # x * batch size: the Shape only reads the batch
+        "Mul", [x, b.node("Cast", [b.node("Gather", [b.node("Shape", [x]), b.const(np.array(0), "i")], axis=0)], to=1)]
+    ),
+    "Size": None,  # blocks unless folded: test_blockers
     "Flatten": None,
     "Reshape": None,
     "Gemm": None,
     "MatMul": None,  # covered by the zoo's heads (test_remove)
     "LRN": None,  # always blocks: test_lrn_blocks
+    "LayerNormalization": None,  # over the channels of tokens: token_block and convnext_like in the zoo (test_remove)
 }
 
 
@@ -154,7 +160,7 @@ def test_remove_equals_mask_through(op):
         ("LRN", {"size": 3}, "LRN normalises across neighbouring channels"),
         ("Softmax", {"axis": 1}, "Softmax normalises over the channel axis"),
         ("ReduceMean", {"axes": [1]}, "ReduceMean reduces over the channel axis"),
-        ("Erf", {}, "no channel rule for op 'Erf'"),
+        ("Einsum", {"equation": "nchw->nchw"}, "no channel rule for op 'Einsum'"),
     ],
 )
 def test_blockers(op, attrs, reason):
@@ -182,3 +188,160 @@ def test_clip_bounds_of_relu_and_clip():
     assert clip_bounds(gs.Node("Clip", attrs={"min": -1.0, "max": 1.0}, inputs=[x], outputs=[y])) == (-1.0, 1.0)
     assert clip_bounds(gs.Node("Clip", inputs=[x, computed], outputs=[y])) is None  # bound known only at run time
     assert clip_bounds(gs.Node("Sigmoid", inputs=[x], outputs=[y])) is None
+
+
+@pytest.mark.parametrize(
+    "opset, parts, attrs",
+    [(11, 2, {}), (13, 2, {}), (18, 2, {"num_outputs": 2}), (18, 3, {"num_outputs": 3})],  # 8 into 3: 3, 3, 2
+    ids=["opset11-equal", "opset13-equal", "opset18-num_outputs", "opset18-uneven"],
+)
+def test_split_without_sizes(opset, parts, attrs):
+    b = Builder(5)
+    x = b.relu(b.conv("x", 3, C))
+    halves = b.node("Split", [x], n_out=parts, axis=1, **attrs)
+    y = b.node("Concat", [b.relu(h) for h in halves[::-1]], axis=1)
+    model = b.model([("x", [3, 8, 8])], [b.node("GlobalAveragePool", [b.conv(y, C, 5, 1)])], opset=opset)
+    analysis = find_channel_groups(to_graph(model))
+    plan = every_other_channel(analysis)
+    assert analysis.groups[0].name in plan, analysis.blockers
+    pruned, report = apply_pass(model, remove_channels, plan=plan)
+    assert report.counts["channels_removed"] > 0
+    for batch in (1, 3):
+        feeds = random_feeds(model, batch=batch, seed=batch)
+        assert_outputs_close(ort_run(pruned, feeds), ort_run(mask_channels(model, plan), feeds), rtol=1e-4, atol=1e-5)
+
+
+def _shifted(act):
+    """producer -> per-channel shift (a removed channel is then a non-zero constant) -> activation."""
+
+    def build(b, x):
+        shift = b.const(np.linspace(-1.5, 1.5, C).reshape(C, 1, 1).astype(np.float32), "shift")
+        return act(b, b.node("Add", [x, shift]))
+
+    return build
+
+
+ACTIVATIONS = {
+    "Sigmoid": _unary("Sigmoid"),
+    "HardSigmoid": _unary("HardSigmoid", alpha=0.3, beta=0.4),
+    "HardSwish": _unary("HardSwish"),
+    "Tanh": _unary("Tanh"),
+    "Softplus": _unary("Softplus"),
+    "Mish": _unary("Mish"),
+    "Erf": _unary("Erf"),
+    "Gelu": _unary("Gelu"),
+    "Gelu-tanh": _unary("Gelu", approximate="tanh"),
+    "Elu": _unary("Elu"),
+    "SiLU": lambda b, x: b.node("Mul", [x, b.node("Sigmoid", [x])]),
+    "GELU-as-Erf": lambda b, x: b.node(
+        "Mul",
+        [
+            b.node("Mul", [x, b.const(np.array(0.5, np.float32), "half")]),
+            b.node(
+                "Add",
+                [
+                    b.node("Erf", [b.node("Div", [x, b.const(np.array(np.sqrt(2), np.float32), "r2")])]),
+                    b.const(np.array(1.0, np.float32), "one"),
+                ],
+            ),
+        ],
+    ),
+    "HardSwish-as-Mul": lambda b, x: b.node("Mul", [x, b.node("HardSigmoid", [x], alpha=1 / 6, beta=0.5)]),
+}
+
+
+@pytest.mark.parametrize("consumer_k", [1, 3], ids=["1x1-folds", "3x3-padded-masks-input"])
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_activation_constant_of_a_removed_channel(name, consumer_k):
+    """The constant act(shift) a removed channel carries: folded by a 1x1 consumer, masked at a padded 3x3 one."""
+    b = Builder(6)
+    x = b.conv("x", 3, C)
+    y = _shifted(ACTIVATIONS[name])(b, x)
+    out = b.node("GlobalAveragePool", [b.conv(y, C, 5, consumer_k)])
+    model = b.model([("x", [3, 8, 8])], [out], opset=20 if "Gelu" in name else 18)
+    analysis = find_channel_groups(to_graph(model))
+    plan = every_other_channel(analysis)
+    assert analysis.groups[0].name in plan, analysis.blockers
+    pruned, report = apply_pass(model, remove_channels, plan=plan)
+    assert report.counts["biases_folded" if consumer_k == 1 else "folds_skipped"] == 1
+    for batch in (1, 3):
+        feeds = random_feeds(model, batch=batch, seed=batch)
+        assert_outputs_close(ort_run(pruned, feeds), ort_run(mask_channels(model, plan), feeds), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda b, x: b.node("Size", [x]), "Size counts the channels and its value is used at run time"),
+        (
+            lambda b, x: b.node("Gather", [b.node("Shape", [x]), b.const(np.array(1), "i")], axis=0),
+            "the channel count it reads reaches Gather",
+        ),
+    ],
+    ids=["Size", "Shape-channel-count"],
+)
+def test_run_time_channel_count_blocks(make, reason):
+    """x * f(channel count): removal would change the factor, so the producer is blocked, with the reason."""
+    b = Builder(4)
+    x = b.relu(b.conv("x", 3, C))
+    y = b.node("Mul", [x, b.node("Cast", [make(b, x)], to=1)])
+    model = b.model([("x", [3, 8, 8])], [b.node("GlobalAveragePool", [b.conv(y, C, 5, 1)])])
+    analysis = find_channel_groups(to_graph(model))
+    assert reason in next(iter(analysis.groups[0].blocked.values()))
+
+
+def test_unknown_shape_blocks_with_a_reason_not_silently():
+    """A producer whose output shape inference cannot resolve still forms a group: blocked, and it says why."""
+    from onnx import TensorProto, helper
+
+    b = Builder(7)
+    x = b.relu(b.conv("x", 3, C))
+    b.nodes.append(helper.make_node("Opaque", [x], ["opaque"], name="opaque", domain="custom.ops"))
+    y = b.conv("opaque", C, 6, 1)
+    graph = helper.make_graph(
+        b.nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)],
+        b.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom.ops", 1)])
+    analysis = find_channel_groups(to_graph(model))
+    reasons = {g.name: next(iter(g.blocked.values()), "") for g in analysis.groups}
+    first, last = analysis.groups[0].name, y.rsplit("_", 1)[0]
+    assert "custom-domain op custom.ops::Opaque" in reasons[first]
+    assert reasons[last] == f"Conv '{last}': output shape is unknown (shape inference could not resolve it)"
+
+
+@pytest.mark.parametrize("op", ["Mul", "Add", "Sum"])
+def test_broadcast_gate(op):
+    """[N,C,H,W] with a [N,1,H,W] gate (spatial attention): per channel for the C side, the gate's channel blocked."""
+    b = Builder(8)
+    x = b.relu(b.conv("x", 3, C))
+    gate = b.node("Sigmoid", [b.conv(x, C, 1, 3)])
+    if op == "Sum":  # the gate first, and a per-channel constant that slices with the C side
+        y = b.node("Sum", [gate, x, b.const(np.linspace(0.5, 1.5, C).reshape(C, 1, 1), "k")])
+    else:
+        y = b.node(op, [x, gate])
+    model = b.model([("x", [3, 8, 8])], [b.node("GlobalAveragePool", [b.conv(y, C, 5, 1)])])
+    analysis = find_channel_groups(to_graph(model))
+    groups = {g.name: g for g in analysis.groups}
+    gate_group = next(g for g in analysis.groups if len(g.classes) == 1)
+    assert f"{op} '" in gate_group.blocked[gate_group.classes[0]] and "broadcasts this single channel" in next(
+        iter(gate_group.blocked.values())
+    )
+    plan = every_other_channel(analysis)
+    assert analysis.groups[0].name in plan and len(groups) == 3
+    pruned, _ = apply_pass(model, remove_channels, plan=plan)
+    for batch in (1, 3):
+        feeds = random_feeds(model, batch=batch, seed=batch)
+        assert_outputs_close(ort_run(pruned, feeds), ort_run(mask_channels(model, plan), feeds), rtol=1e-4, atol=1e-5)
+
+
+def test_mismatched_channels_name_the_op():
+    b = Builder(9)
+    x, z = b.conv("x", 3, C), b.node("Transpose", [b.conv("x", 3, C)], perm=[0, 2, 3, 1])  # [N, 8, 8, 8] both
+    model = b.model([("x", [3, 8, 8])], [b.node("GlobalAveragePool", [b.node("Mul", [x, z])])])
+    analysis = find_channel_groups(to_graph(model))
+    reason = next(iter(analysis.groups[0].blocked.values()))
+    assert "Mul 'mul" in reason and "Mul of tensors whose channels do not line up (axis 3 vs 1)" in reason

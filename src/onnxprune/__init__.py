@@ -6,6 +6,7 @@ from onnxprune.errors import (
     InvalidModelError,
     OnnxPruneError,
     PassError,
+    PruneBug,
     UnsupportedModelError,
 )
 from onnxprune.pipeline import decompose, prune
@@ -18,6 +19,7 @@ __all__ = [
     "OnnxPruneError",
     "PassError",
     "PassResult",
+    "PruneBug",
     "Report",
     "UnsupportedModelError",
     "decompose",

@@ -44,11 +44,15 @@ class CostModel:
         self.pairs: list[tuple[int, int, _Term, str, int, int | None]] = []
         where: dict[tuple[str, int], int] = {}
         seen: set[str] = set()
+        term_of: dict[str, int] = {}
         for node in graph.nodes:
             step = analysis.steps.get(node.name) if analysis is not None else None
             slices = {ps.index: ps for ps in step.params} if step is not None else {}
             out_shape = _shape(node.outputs[0], shapes) if node.outputs else None
             for i, tensor in enumerate(node.inputs):
+                if isinstance(tensor, gs.Constant) and tensor.name in term_of and rules.WEIGHT_INPUT.get(node.op) == i:
+                    self.terms[term_of[tensor.name]].macs_per_elem += rules.macs_per_weight(node, out_shape)
+                    continue  # a shared weight: stored once, multiplied at every use
                 if not isinstance(tensor, gs.Constant) or tensor.name in seen:
                     continue
                 values = tensor.values
@@ -61,7 +65,7 @@ class CostModel:
                     full = len(analysis.flows[name].ids)
                     if values.ndim and values.shape[axis] == full:
                         axes.append((full, name))
-                where[(node.name, i)] = len(self.terms)
+                where[(node.name, i)] = term_of[tensor.name] = len(self.terms)
                 self.terms.append(_Term(int(values.size), macs, axes))
         for pair in pairs:
             b, sc = where.get((pair.basis, 1)), where.get((pair.scaling, 1))
@@ -214,7 +218,11 @@ TOLERANCE = 0.01  # how far above the request the achieved ratio may land
 def _land_closer(
     order: np.ndarray, k: int, alive: np.ndarray, ratio: float, wanted: float, left, total: int, *, tries: int = 256
 ) -> tuple[float, np.ndarray]:
-    """The k-th class overshot: swap it for one of the next-ranked classes that lands within the tolerance."""
+    """The k-th class overshot: swap it for one of the next-ranked classes that lands within the tolerance.
+
+    Failing that, fill up from the next-ranked classes, skipping each that would overshoot (a greedy knapsack fill),
+    and keep that fill if it ends within the tolerance below the request.
+    """
     base = alive.copy()
     base[order[k - 1]] = True
     for c in order[k : k + tries].tolist():
@@ -223,6 +231,18 @@ def _land_closer(
         r = 1.0 - left(trial) / total
         if wanted - 1e-9 <= r <= wanted + TOLERANCE:
             return r, trial
+    current = base.copy()
+    for c in order[k : k + tries].tolist():
+        trial = current.copy()
+        trial[c] = False
+        r = 1.0 - left(trial) / total
+        if r <= wanted + TOLERANCE:
+            current = trial
+            if r >= wanted - 1e-9:
+                return r, current
+    r = 1.0 - left(current) / total
+    if r >= wanted - TOLERANCE:  # just under the request, but within the tolerance: closer than the overshoot
+        return r, current
     return ratio, alive
 
 

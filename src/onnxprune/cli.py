@@ -491,7 +491,12 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
         f"  params  {pb:>12,} -> {pa:>12,}   removed {100 * (1 - pa / pb if pb else 0):5.1f} %",
         macs,
         f"  groups  {f['groups_pruned']} pruned ({_kinds(f)}), {len(f['blocked'])} blocked"
-        + (f", {report.counts['folds_skipped']} constant folds skipped" if report.counts.get("folds_skipped") else ""),
+        + (f", {report.counts['folds_skipped']} constant folds skipped" if report.counts.get("folds_skipped") else "")
+        + (
+            f", {report.counts['approximate']} normalisations not exact (statistics over the kept channels)"
+            if report.counts.get("approximate")
+            else ""
+        ),
     ]
     for name, fid in f.get("fidelity", {}).items():
         parts = [f"cosine {fid['cosine']:.4f}", f"rel. error {fid['relative_error']:.4f}"]
@@ -517,6 +522,8 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
             f"  WARNING no --calib: fidelity on real data is unverified; on {d['samples']} random inputs the outputs "
             f"drift by rel. error {d['relative_error']:.3f} (cosine {d['cosine']:.3f})"
         )
+    if "ratio_note" in f:  # more than 1 point from the request: why, in one line
+        lines.append(f"  ratio   {f['ratio_note']}")
     lines.append(f"  time    {f['seconds']:.1f} s")
     if verbose:
         lines += [f"  blocked {name}: {why}" for name, why in f["blocked"].items()]

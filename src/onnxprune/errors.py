@@ -23,8 +23,12 @@ class BudgetError(OnnxPruneError):
     """The requested removal cannot be reached (everything that could go is gone or blocked)."""
 
 
-class PassError(OnnxPruneError):
-    """A pass failed; the message names the pass and the ones that ran before it."""
+class PruneBug(Exception):
+    """A bug in onnxprune, not a problem with the input: the CLI says "internal error" and exits 3."""
+
+
+class PassError(PruneBug):
+    """A pass failed unexpectedly (a bug); the message names the pass and the ones that ran before it."""
 
 
 class GuardError(Exception):

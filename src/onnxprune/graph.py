@@ -156,6 +156,9 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
     """Import a model into onnx-graphsurgeon with inferred shapes; unnamed nodes get unique names."""
     model = _strip_initializer_inputs(model)
+    if model.ir_version < 4:  # IR 3 wants every initializer listed as an input: shape inference needs IR >= 4 now
+        model = onnx.ModelProto.FromString(model.SerializeToString()) if not oversized(model) else model
+        model.ir_version = 4
     for domain in model.opset_import:
         if domain.domain in ("", "ai.onnx") and domain.version < 7:
             raise UnsupportedModelError(f"opset {domain.version} is too old; convert the model to opset 9 or newer")
@@ -240,6 +243,13 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
 def reinfer_shapes(graph: gs.Graph, template: onnx.ModelProto) -> gs.Graph:
     """A fresh import of `graph` with every shape inferred again (after a pass that reset them)."""
     return to_graph(to_model(graph, template))
+
+
+def refresh_shapes(graph: gs.Graph) -> None:
+    """Infer every intermediate shape of `graph` again, in place (after an edit that makes more of them known)."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    reset_shapes(graph)
+    _set_shapes(graph, infer_shapes(model))
 
 
 def unique_name(graph: gs.Graph, base: str) -> str:

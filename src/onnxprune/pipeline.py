@@ -178,6 +178,8 @@ def prune(
     graph = to_graph(model)
     bn_gamma = criteria.collect_bn_gamma(graph)
     report = run_passes(graph, [cleanup]).report
+    cleaned = CostModel(graph).count()[0 if target == "params" else 1]
+    report.facts["ratio_free"] = 1 - cleaned / total if total else 0.0  # what folding BN and constants alone removes
     stages = {"channel": ["channel"], "basis": ["basis"], "auto": ["auto"], "double": ["channel", "basis"]}[method]
     plans = 0
     curves = None
@@ -209,7 +211,7 @@ def prune(
             energy, pooled = channel_statistics(
                 to_model(graph, model), fit, axes, pooled=criterion in criteria.LABEL_CRITERIA, batch_size=batch_size
             )
-        plans += _prune_stage(
+        plans += _hinted(method, latency_batch, _prune_stage)(
             graph,
             report,
             stage=stage,
@@ -302,11 +304,85 @@ def prune(
     )
     report.facts.setdefault("blocked", {})
     report.facts.pop("kept", None)
+    _check_ratio(report, method=method, latency_batch=latency_batch, round_to=round_to)
     return out, report
 
 
 MAX_DROP = 0.05  # default guard: held-out top-1 agreement may fall by at most this (cosine, for other outputs)
 GUARD_STEPS = 3  # bisection steps on the ratio when the guard fails: 1/8 of the request
+RATIO_TOLERANCE = 0.01  # the achieved ratio lands within 1 point of the request...
+RATIO_FAR = 0.03  # ...or the report says why; beyond 3 points nothing is written (BudgetError, exit 2)
+
+
+def _alternatives(method: str, latency_batch: int) -> str:
+    """What else to try after a refusal: never the method just used."""
+    options = ["lower --ratio"]
+    options += [f"--method {m}" for m in ("channel", "basis") if m != method]
+    if latency_batch and method != "channel":
+        options.append("--latency-batch 0")
+    return ", ".join(options[:-1]) + f" or {options[-1]}" if len(options) > 1 else options[0]
+
+
+def _hinted(method: str, latency_batch: int, fn: Callable) -> Callable:
+    """`fn`, whose BudgetError ends with suggestions that fit this run (not the method it already uses)."""
+
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BudgetError as err:
+            head = str(err).split("; lower --ratio")[0]
+            report = args[1] if len(args) > 1 else kwargs.get("report")
+            whole = report.counts.get("shared_left_whole", 0) if report is not None else 0
+            if whole:
+                head += f"; {whole} layers whose weight is shared by several nodes were left whole, not split"
+            raise BudgetError(f"{head}; {_alternatives(method, latency_batch)}") from err
+
+    return call
+
+
+def _check_ratio(report: Report, *, method: str, latency_batch: int, round_to: int) -> None:
+    """Within 1 point of the request, or say why in one line; far from it, refuse (nothing is written).
+
+    With --round-to the overshoot of one rounding step is documented, so it is only noted.
+    """
+    facts = report.facts
+    requested, achieved = facts["ratio_requested"], facts["ratio_achieved"]
+    off = achieved - requested
+    if abs(off) <= RATIO_TOLERANCE:
+        return
+    planned, free = facts.get("ratio_planned"), facts.get("ratio_free")
+    if off > 0 and free is not None and free >= requested - RATIO_TOLERANCE:
+        facts["ratio_note"] = (
+            f"--ratio {requested:.2f}: reached {achieved:.3f} of the {facts['target']}: folding BatchNorm and "
+            f"constants alone removes {free:.3f}"
+        )
+        return
+    if (
+        planned is not None
+        and abs(planned - requested) > RATIO_TOLERANCE
+        and any(facts.get("split_rank_limits", {}).values())
+    ):
+        why = "a split layer pays only below the rank measured faster than one op, so layers go in whole steps"
+    elif planned is not None and abs(planned - requested) > RATIO_TOLERANCE:
+        unit = "channels" if method == "channel" else "channels or bases"
+        why = f"no set of whole {unit} lands closer here (coarse groups)"
+    elif planned is not None:
+        why = f"the plan counted {planned:.3f}, but merging split layers back and measured latency limits changed it"
+    else:
+        why = "nothing could be removed" if achieved <= 0 else "the allocation did not land closer"
+    if round_to > 1 and off > 0:
+        why = f"--round-to {round_to} rounds channel counts and ranks up to its multiples"
+    line = (
+        f"--ratio {requested:.2f}: reached {achieved:.3f} of the {facts['target']} "
+        f"({100 * abs(off):.1f} points {'over' if off > 0 else 'under'}): {why}"
+    )
+    if facts["target"] == "latency":  # a measured figure: the prediction is what was planned, the rest is noise
+        why = f"the allocation planned {planned or 0.0:.3f} from per-layer timings; the model measured {achieved:.3f}"
+        line = f"--ratio {requested:.2f} of the latency: {why}"
+    elif abs(off) > RATIO_FAR and not (round_to > 1 and off > 0):
+        raise BudgetError(f"{line}; nothing written; {_alternatives(method, latency_batch)}")
+    facts["ratio_note"] = line  # printed in the summary and written to the JSON report
+    log.debug("%s", line)
 
 
 def prune_guarded(
@@ -525,6 +601,7 @@ def _prune_stage(
             weights=weights,
         )
     report.facts["reachable"] = allocation.reachable
+    report.facts["ratio_planned"] = allocation.achieved
     kinds = report.facts.setdefault("removed", {})
     for name, keep in allocation.plan.items():
         group = next(g for g in analysis.groups if g.name == name)
@@ -606,6 +683,8 @@ def _latency_limits(graph: gs.Graph, pairs: list, *, batch: int, threads: int) -
         basis = nodes[pair.basis]
         x_shape = basis.inputs[0].shape
         if x_shape is None or any(not isinstance(d, int) for d in x_shape[1:]):
+            continue
+        if basis.op not in ("Conv", "Gemm", "MatMul"):  # no latency probe for it (ConvTranspose): by parameters
             continue
         r, k, co = pair_sizes(graph, pair)
         bound = min(r, param_breakeven(k, co))

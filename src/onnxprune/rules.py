@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from scipy import special
 
 
 class Kind(Enum):
@@ -81,6 +82,7 @@ class Step:
     params: list[ParamSlice] = field(default_factory=list)
     rewrite: Rewrite | None = None
     fold: Fold | None = None
+    approximate: str = ""  # why removing channels here is not the same as masking them (empty: it is)
 
 
 class Walk(Protocol):
@@ -96,6 +98,9 @@ class Walk(Protocol):
 
     def unify(self, a: np.ndarray, b: np.ndarray) -> None:
         """Channels at the same positions of `a` and `b` must be removed together."""
+
+    def block(self, ids: np.ndarray, reason: str) -> None:
+        """Channels `ids` cannot be removed, for `reason` (which names the node)."""
 
     def shape(self, tensor: gs.Tensor) -> list[int | None] | None:
         """The tensor's inferred shape (None where a dim is unknown), or None without a rank."""
@@ -189,9 +194,11 @@ def _producer(
     data = flows[0] if flows else None
     out_shape = walk.shape(node.outputs[0])
     rank = len(out_shape) if out_shape is not None else None
-    if rank is None:
-        return "output rank is unknown (shape inference failed)"
     n_out = weight.shape[out_axis]
+    if rank is None:  # its channels still form a group: a blocked one, with the reason, never silently untracked
+        why = "output shape is unknown (shape inference could not resolve it)"
+        walk.block(walk.new_ids(node, n_out), f"{node.op} '{node.name}': {why}")
+        return why
     axes: list[tuple[int, str]] = [(out_axis, node.outputs[0].name)]
     folding = None
     if data is not None:
@@ -206,7 +213,29 @@ def _producer(
         params.append(ParamSlice(bias_index, ((-1, node.outputs[0].name),)))
     out_axis_t = output_channel_axis(node, rank)
     ids = walk.new_ids(node, n_out)
-    return Step(Kind.PRODUCER, [Flow(out_axis_t, rank, ids, np.zeros(n_out))], params, fold=folding)
+    return Step(
+        Kind.PRODUCER, [Flow(out_axis_t, rank, ids, _masked_output(node, bias_index, n_out))], params, fold=folding
+    )
+
+
+def _masked_output(node: gs.Node, bias_index: int | None, n_out: int) -> np.ndarray:
+    """What a removed output channel holds: 0, or beta * b where one bias value broadcasts over every channel."""
+    bias = const(node.inputs[bias_index]) if bias_index is not None and _input(node, bias_index) is not None else None
+    if bias is None or bias.shape[-1:] == (n_out,):
+        return np.zeros(n_out)
+    if bias.size == 1:
+        return np.full(n_out, float(bias.ravel()[0]) * float(node.attrs.get("beta", 1.0)))
+    return np.full(n_out, np.nan)
+
+
+def _gemm_bias_error(node: gs.Node, n_out: int) -> str | None:
+    """Why a Gemm's bias C is not one value per output channel (None when it is, or broadcasts one value)."""
+    bias = const(node.inputs[2]) if _input(node, 2) is not None else None
+    if bias is None:
+        return None if _input(node, 2) is None else "Gemm bias is computed in the graph"
+    if bias.size == 1 or (bias.ndim <= 2 and bias.shape[-1] == n_out and bias.size == n_out):
+        return None
+    return f"Gemm bias of shape {list(bias.shape)} varies over the rows, not only the output channels"
 
 
 def _add_to_bias(node: gs.Node, delta: np.ndarray, walk: Walk, *, scale: float = 1.0) -> None:
@@ -318,6 +347,8 @@ def _gemm(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
     if node.attrs.get("transA", 0):
         return "Gemm with transA=1 is not supported"
     trans_b = int(node.attrs.get("transB", 0))
+    if why := _gemm_bias_error(node, w.shape[0 if trans_b else 1]):
+        return why
     return _producer(
         node,
         flows,
@@ -388,6 +419,33 @@ def _instance_norm(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step 
     return Step(Kind.PER_CHANNEL, [_same(flow, zero)], [ParamSlice(i, ((0, name),)) for i in (1, 2)])
 
 
+@rule("LayerNormalization")
+def _layer_norm(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    """Normalising over the channel axis alone: scale and bias slice with the channels.
+
+    The mean and variance are then taken over the kept channels only, so the result is not the masked model's (the
+    report says so; the refit after it, with --calib, absorbs the change).
+    """
+    flow = flows[0]
+    if flow is None:
+        return Step(Kind.PER_CHANNEL, [None] * len(node.outputs))
+    if any(f is not None for f in flows[1:]):
+        return "channels reach the scale or bias input"
+    axis = int(node.attrs.get("axis", -1)) % flow.rank
+    if axis != flow.axis or axis != flow.rank - 1:
+        return f"normalises over axes {axis}..{flow.rank - 1}, which mix the channels (axis {flow.axis}) with others"
+    if any(_input(node, i) is not None and const(node.inputs[i]) is None for i in (1, 2)):
+        return "LayerNormalization scale or bias is computed in the graph"
+    if any(t.outputs for t in node.outputs[1:]):
+        return "its mean / inverse deviation outputs are used"
+    name = node.inputs[0].name
+    params = [ParamSlice(i, ((-1, name),)) for i in (1, 2) if _input(node, i) is not None]
+    why = "mean and variance are now over the kept channels only (not equal to masking; --calib refits after it)"
+    return Step(
+        Kind.PER_CHANNEL, [_same(flow, _unknown(flow.zero))] + [None] * (len(node.outputs) - 1), params, approximate=why
+    )
+
+
 @rule("PRelu")
 def _prelu(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
     return _binary(node, flows, walk, lambda x, s: np.where(x < 0, x * s, x))
@@ -411,7 +469,8 @@ _UNARY: dict[str, Callable[[gs.Node, np.ndarray], np.ndarray]] = {
     "Identity": lambda n, x: x,
     "Dropout": lambda n, x: x,
     "Cast": lambda n, x: x,
-    "Gelu": lambda n, x: np.where(x == 0, 0.0, np.nan),
+    "Gelu": lambda n, x: _gelu(n, x),
+    "Erf": lambda n, x: special.erf(x),
     "Mish": lambda n, x: x * np.tanh(np.log1p(np.exp(x))),
     "Clip": lambda n, x: _clip(n, x),
 }
@@ -426,6 +485,12 @@ def clip_bounds(node: gs.Node) -> tuple[float, float] | None:
         return None
     lo, hi = (float(v) for v in _UNARY[node.op](node, np.array([-np.inf, np.inf])))
     return None if np.isnan(lo) or np.isnan(hi) else (lo, hi)
+
+
+def _gelu(node: gs.Node, x: np.ndarray) -> np.ndarray:
+    if node.attrs.get("approximate", "none") == "tanh":
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1 + special.erf(x / np.sqrt(2)))
 
 
 def _clip(node: gs.Node, x: np.ndarray) -> np.ndarray:
@@ -494,16 +559,71 @@ def _pad(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
         pads = const(node.inputs[1]) if _input(node, 1) is not None else None
     if pads is None or _input(node, 3) is not None:
         return "Pad amounts or axes are computed at run time"
-    pads = list(np.asarray(pads).ravel())
-    if pads[flow.axis] != 0 or pads[flow.axis + flow.rank] != 0:
-        return "pads the channel axis"
+    pads = [int(p) for p in np.asarray(pads).ravel()]
     mode = node.attrs.get("mode", "constant")
     value = node.attrs.get("value", 0.0)
     if _input(node, 2) is not None:
         v = const(node.inputs[2])
-        value = float(v) if v is not None and v.size else 0.0
-    zero = flow.zero if mode != "constant" else np.where(flow.zero == value, flow.zero, np.nan)
-    return Step(Kind.PASS_THROUGH, [_same(flow, zero)])
+        if v is None:
+            return "Pad value is computed at run time"
+        value = float(v) if v.size else 0.0
+    before, after = pads[flow.axis], pads[flow.axis + flow.rank]
+    spatial = any(p != 0 for i, p in enumerate(pads) if i % flow.rank != flow.axis)
+    zero = flow.zero if mode != "constant" or not spatial else np.where(flow.zero == value, flow.zero, np.nan)
+    if before == 0 and after == 0:
+        return Step(Kind.PASS_THROUGH, [_same(flow, zero)])
+    if mode != "constant" or before < 0 or after < 0:
+        return f"pads the channel axis ({mode} mode)" if mode != "constant" else "crops the channel axis"
+    # ResNet option-A shortcut: constant channels before and after; the tensor's own channels are tracked through
+    why = f"Pad '{node.name}' fills these channels with the constant {value:g}"
+    ids = np.concatenate([walk.source_ids(before, why), flow.ids, walk.source_ids(after, why)])
+    zero = np.concatenate([np.full(before, value), zero, np.full(after, value)])
+    return Step(Kind.COUPLING, [Flow(flow.axis, flow.rank, ids, zero)])
+
+
+@rule("Shape", "Size")
+def _shape_of(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    """Reads dims only, so channels pass unharmed; but a value that counts the channels changes when they go.
+
+    Cleanup already wrote every value computed from static dims as a constant (Reshape targets, Slice bounds), which
+    the rules then rewrite. A `Shape` still here is used at run time: fine where it, or every consumer (`Gather`,
+    `Slice` with constant indices), reads other dims than the channel axis; otherwise the node blocks.
+    """
+    flow = flows[0] if flows else None
+    if flow is None:
+        return Step(Kind.PASS_THROUGH, [None])
+    if node.op == "Size":
+        return "Size counts the channels and its value is used at run time (it did not fold to a constant)"
+    start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
+    read = list(range(flow.rank))[start : None if end is None else int(end)]
+    if flow.axis not in read:
+        return Step(Kind.PASS_THROUGH, [None])
+    for consumer in node.outputs[0].outputs:
+        picked = _shape_positions(consumer, len(read))
+        if picked is None or read.index(flow.axis) in picked:
+            return (
+                f"the channel count it reads reaches {consumer.op} '{consumer.name}' at run time (it did not fold to "
+                "a constant), and would change when channels go"
+            )
+    return Step(Kind.PASS_THROUGH, [None])
+
+
+def _shape_positions(node: gs.Node, n: int) -> list[int] | None:
+    """Positions of a 1-D shape value that a Gather/Slice consumer reads (None: another op, or computed indices)."""
+    if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0:
+        idx = const(node.inputs[1])
+        return None if idx is None else [int(i) % n for i in np.atleast_1d(idx)]
+    if node.op == "Slice" and "starts" not in node.attrs:
+        values = [const(node.inputs[i]) if _input(node, i) is not None else None for i in range(1, 5)]
+        if (
+            values[0] is None
+            or values[1] is None
+            or any(_input(node, i) is not None and values[i - 1] is None for i in (3, 4))
+        ):
+            return None
+        step = int(values[3][0]) if values[3] is not None else 1
+        return list(range(n))[slice(int(values[0][0]), int(min(values[1][0], 2**62)), step)]
+    return None
 
 
 @rule("Softmax", "LogSoftmax", "Hardmax")
@@ -584,7 +704,8 @@ def _binary(node: gs.Node, flows: list[Flow | None], walk: Walk, op: Callable[..
     if out_shape is None:
         return "output rank is unknown (shape inference failed)"
     rank = len(out_shape)
-    first = tracked[0][1]
+    first_index, first = max(tracked, key=lambda t: len(t[1].ids))  # the widest: a 1-channel gate broadcasts over it
+    first_name = node.inputs[first_index].name
     axis = first.at_rank(rank)
     n = len(first.ids)
     zeros: list[np.ndarray] = []
@@ -593,8 +714,15 @@ def _binary(node: gs.Node, flows: list[Flow | None], walk: Walk, op: Callable[..
     for i, tensor in enumerate(node.inputs):
         flow = flows[i]
         if flow is not None:
-            if flow.at_rank(rank) != axis or len(flow.ids) != n:
-                return "adds tensors whose channels do not line up"
+            if flow.at_rank(rank) != axis or len(flow.ids) not in (n, 1):
+                where = (
+                    f"axis {flow.at_rank(rank)} vs {axis}" if flow.at_rank(rank) != axis else f"{len(flow.ids)} vs {n}"
+                )
+                return f"{node.op} of tensors whose channels do not line up ({where})"
+            if len(flow.ids) == 1 and n > 1:  # [N,1,H,W] gate over [N,C,H,W]: per channel for the C side
+                walk.block(flow.ids, f"{node.op} '{node.name}' broadcasts this single channel over {n} channels")
+                zeros.append(np.full(n, np.nan))
+                continue
             if flow is not first:
                 walk.unify(first.ids, flow.ids)
                 kind = Kind.COUPLING
@@ -618,7 +746,7 @@ def _binary(node: gs.Node, flows: list[Flow | None], walk: Walk, op: Callable[..
             continue
         if size != n:
             return f"constant '{tensor.name}' has {size} entries on the channel axis, the tensor carries {n}"
-        params.append(ParamSlice(i, ((a, first_input_name(node, flows)),)))
+        params.append(ParamSlice(i, ((a, first_name),)))
         kind = Kind.PER_CHANNEL if kind is Kind.PASS_THROUGH else kind
         per = np.moveaxis(value.astype(np.float64), a, 0).reshape(n, -1)
         zeros.append(per[:, 0] if np.all(per == per[:, :1]) else np.full(n, np.nan))
@@ -628,6 +756,8 @@ def _binary(node: gs.Node, flows: list[Flow | None], walk: Walk, op: Callable[..
             zero = op(zero, z)
         if node.op == "Mean":
             zero = zero / len(zeros)
+        if node.op == "Mul":  # 0 times anything, even a value known only at run time
+            zero = np.where(np.any([z == 0 for z in zeros], axis=0), 0.0, zero)
     return Step(kind, [Flow(axis, rank, first.ids, np.asarray(zero, dtype=np.float64))], params)
 
 
@@ -670,10 +800,13 @@ def _split_sizes(node: gs.Node, total: int, n_out: int) -> list[int] | str:
         split = const(node.inputs[1])
         if split is None:
             return "split sizes are computed at run time"
-    if split is None:
-        if total % n_out:
+    if split is None:  # equal parts (opset 18 num_outputs: the last part may be smaller)
+        if total % n_out == 0:
+            return [total // n_out] * n_out
+        part = -(-total // n_out)
+        if "num_outputs" not in node.attrs or total - part * (n_out - 1) <= 0:
             return f"equal split of {total} channels into {n_out} is uneven"
-        return [total // n_out] * n_out
+        return [part] * (n_out - 1) + [total - part * (n_out - 1)]
     return [int(s) for s in np.atleast_1d(split)]
 
 
@@ -691,13 +824,16 @@ def _split(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
     bounds = np.cumsum([0] + sizes)
     outs = [Flow(axis, flow.rank, flow.ids[a:b], flow.zero[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
     names = [t.name for t in node.outputs]
+    opset = walk.opset
 
     def rewrite(node: gs.Node, keeps: dict[str, np.ndarray], walk: Walk) -> None:
         new = np.array([len(keeps[n]) for n in names], dtype=np.int64)
         node.attrs.pop("num_outputs", None)
-        if "split" in node.attrs:
+        if "split" in node.attrs or (opset < 13 and _input(node, 1) is None):  # sizes are an attribute before 13
             node.attrs["split"] = [int(s) for s in new]
         else:
+            while len(node.inputs) < 2:
+                node.inputs.append(gs.Variable.empty())
             _set_input(node, 1, new, walk, "split")
 
     return Step(Kind.COUPLING, outs, rewrite=rewrite)
@@ -812,48 +948,90 @@ def _reshape(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
     flow = flows[0]
     if flow is None:
         return Step(Kind.PASS_THROUGH, [None])
-    in_shape, out_shape = walk.shape(node.inputs[0]), walk.shape(node.outputs[0])
+    in_shape = walk.shape(node.inputs[0])
     target = const(node.inputs[1])
-    if in_shape is None or out_shape is None or any(d is None for d in in_shape[1:]):
+    if in_shape is None or walk.shape(node.outputs[0]) is None or any(d is None for d in in_shape[1:]):
         return "Reshape of a tensor whose shape is not known"
     if target is None:
         return "Reshape target is computed at run time, so it cannot be rewritten"
-    rest_in = [int(d) for d in in_shape[1:]]
-    n = len(flow.ids)
     resolved = _resolve_target(list(target), in_shape)
     if resolved is None:
         return "Reshape target does not resolve"
-    lead_in = int(np.prod(rest_in[: flow.axis - 1], dtype=np.int64)) if flow.axis >= 1 else None
-    if lead_in is None:
+    if flow.axis < 1:
         return "Reshape moves the batch axis"
-    # the output axis j whose leading product equals the input's leading product
-    for j in range(1, len(resolved)):
-        if int(np.prod(resolved[1:j], dtype=np.int64)) != lead_in:
-            continue
-        size = resolved[j]
-        if size == n:
-            out = _same(flow, axis=j, rank=len(resolved))
-        else:
-            stop, inner = flow.axis + 1, 1
-            while stop < len(in_shape) and n * inner < size:
-                inner *= int(in_shape[stop])
-                stop += 1
-            if n * inner != size:
-                continue
-            out = _merge(flow, in_shape, flow.axis, stop, out_axis=j, rank=len(resolved))
-        break
-    else:
+    found = _reshape_merge(flow, in_shape, resolved) or _reshape_split(node, flow, in_shape, resolved, walk)
+    if found is None:
         return "Reshape splits the channel axis"
-    per = len(out.ids) // n if n else 1
-    src = node.inputs[0].name
+    pos, out = found
+    name = node.outputs[0].name
 
     def rewrite(node: gs.Node, keeps: dict[str, np.ndarray], walk: Walk) -> None:
         t = const(node.inputs[1]).copy()
-        if t[j] > 0:
-            t[j] = len(keeps[src]) * per
+        if t[pos] > 0:
+            t[pos] = len(keeps[name])
             _set_input(node, 1, t, walk, "shape")
 
     return Step(Kind.COUPLING, [out], rewrite=rewrite)
+
+
+def _prod(dims) -> int:
+    return int(np.prod([int(d) for d in dims], dtype=np.int64))
+
+
+def _reshape_merge(flow: Flow, in_shape: list, resolved: list[int]) -> tuple[int, Flow] | None:
+    """The channel axis kept whole, or merged with its neighbours into one output axis: (output axis, flow).
+
+    Flatten's block mapping, and the NHWC flatten too, where H and W come before C.
+    """
+    a = flow.axis
+    for j in range(1, len(resolved)):
+        lead_out, size = _prod(resolved[1:j]), resolved[j]
+        for start in range(1, a + 1):  # input dims start..stop-1 (start <= a < stop) become output dim j
+            if _prod(in_shape[1:start]) != lead_out:
+                continue
+            stop, merged = a + 1, _prod(in_shape[start : a + 1])
+            while stop < len(in_shape) and merged < size:
+                merged *= int(in_shape[stop])
+                stop += 1
+            if merged != size:
+                continue
+            if start == a and stop == a + 1:
+                return j, _same(flow, axis=j, rank=len(resolved))
+            return j, _merge(flow, in_shape, start, stop, out_axis=j, rank=len(resolved))
+    return None
+
+
+def _reshape_split(
+    node: gs.Node, flow: Flow, in_shape: list, resolved: list[int], walk: Walk
+) -> tuple[int, Flow] | None:
+    """Features on the last axis split into several output dims, one of them the channels: (output axis, flow).
+
+    Linear -> view(-1, C, h, w), or the NHWC un-flatten before a Transpose: each channel is the block of features
+    that lands on it, coupled.
+    """
+    a = flow.axis
+    if a != flow.rank - 1:
+        return None
+    lead_in, n = _prod(in_shape[1:a]), len(flow.ids)
+    for j in range(1, len(resolved)):
+        if _prod(resolved[1:j]) != lead_in:
+            continue
+        stop = next((e for e in range(j + 2, len(resolved) + 1) if _prod(resolved[j:e]) == n), None)
+        if stop is None:
+            continue
+        consumers = node.outputs[0].outputs
+        to_front = [c for c in consumers if c.op == "Transpose" and list(c.attrs.get("perm", []))[1:2] == [stop - 1]]
+        k = stop - 1 if to_front and len(to_front) == len(consumers) else (1 if j <= 1 < stop else stop - 1)
+        inner, size = _prod(resolved[k + 1 : stop]), resolved[k]
+        channel = (np.arange(n) // inner) % size
+        ids, zero = np.empty(size, dtype=np.int64), np.empty(size)
+        for c in range(size):
+            members = flow.ids[channel == c]
+            walk.unify(np.repeat(members[:1], len(members)), members)
+            values = flow.zero[channel == c]
+            ids[c], zero[c] = members[0], values[0] if np.all(values == values[0]) else np.nan
+        return k, Flow(k, len(resolved), ids, zero)
+    return None
 
 
 def _resolve_target(target: list[int], in_shape: list) -> list[int] | None:
@@ -888,8 +1066,11 @@ def macs_per_weight(node: gs.Node, out_shape: list | None) -> int:
     dims = [1 if d is None else int(d) for d in out_shape]
     if node.op == "Conv":
         return int(np.prod(dims[2:], dtype=np.int64))
-    if node.op == "ConvTranspose":
-        return int(np.prod(dims[2:], dtype=np.int64))
+    if node.op == "ConvTranspose":  # each weight multiplies every input position once (not every output one)
+        x = node.inputs[0].shape
+        if x is None or len(x) != len(dims):
+            return 0
+        return int(np.prod([d if isinstance(d, int) and d >= 0 else 1 for d in x[2:]], dtype=np.int64))
     if node.op == "Gemm":
         return 1
     if node.op == "MatMul" and len(dims) >= 2:
@@ -917,7 +1098,49 @@ def weight_matrix(node: gs.Node) -> np.ndarray | None:
         return w.reshape(w.shape[0], -1) if w.ndim >= 3 and int(node.attrs.get("group", 1)) == 1 else None
     if w.ndim != 2 or node.attrs.get("transA", 0):
         return None
-    return w if node.op == "Gemm" and node.attrs.get("transB", 0) else w.T
+    matrix = w if node.op == "Gemm" and node.attrs.get("transB", 0) else w.T
+    if node.op == "Gemm" and _gemm_bias_error(node, matrix.shape[0]):
+        return None  # a bias that varies over rows is no y = W x + b
+    return matrix
+
+
+SPLIT_OPS = (*MATRIX_OPS, "ConvTranspose")  # ops a basis split applies to (ConvTranspose: split only, no refit)
+
+
+def basis_matrix(node: gs.Node) -> np.ndarray | None:
+    """The weight of a splittable op as an [out, in] matrix: `weight_matrix`, or that of a ConvTranspose.
+
+    A ConvTranspose (group 1) with W[Ci, Co, k...] is the matrix [Co, Ci * k...]: output channel co gets the sum over
+    ci and taps of W[ci, co] x[ci].
+    """
+    if node.op != "ConvTranspose":
+        return weight_matrix(node)
+    w = const(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None or w.ndim < 3 or int(node.attrs.get("group", 1)) != 1:
+        return None
+    return np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)
+
+
+def basis_layer(node: gs.Node, rows: np.ndarray) -> tuple[str, dict, np.ndarray]:
+    """(op, attributes, weight) of the basis op that applies `rows` [r, in] (in `node`'s input layout) to its input."""
+    r = len(rows)
+    w = const(node.inputs[1])
+    if node.op == "Conv":
+        return "Conv", {**node.attrs, "group": 1}, rows.reshape((r,) + w.shape[1:])
+    if node.op == "ConvTranspose":  # [Ci, r, k...]: a ConvTranspose to r channels, same strides, pads, taps
+        return "ConvTranspose", dict(node.attrs), np.moveaxis(rows.reshape((r, w.shape[0]) + w.shape[2:]), 0, 1)
+    return "MatMul", {}, rows.T
+
+
+def merged_layer(basis: gs.Node, scaling: gs.Node, product: np.ndarray) -> tuple[str, dict, np.ndarray]:
+    """(op, attributes, weight) of the one op equal to a basis op followed by its scaling op (`product` [out, in])."""
+    bw = const(basis.inputs[1])
+    if basis.op == "Conv":
+        return "Conv", dict(basis.attrs), product.reshape((len(product),) + bw.shape[1:])
+    if basis.op == "ConvTranspose":
+        shape = (len(product), bw.shape[0]) + bw.shape[2:]
+        return "ConvTranspose", dict(basis.attrs), np.moveaxis(product.reshape(shape), 0, 1)
+    return scaling.op, dict(scaling.attrs), product.T
 
 
 def weight_from_matrix(node: gs.Node, matrix: np.ndarray) -> tuple[np.ndarray, dict]:
@@ -938,7 +1161,7 @@ def affine(node: gs.Node) -> tuple[np.ndarray, np.ndarray | None]:
     bias = const(node.inputs[index]).astype(np.float64) if present else None
     if node.op == "Gemm":
         alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
-        return alpha * w, None if bias is None else beta * np.broadcast_to(bias, (w.shape[0],))
+        return alpha * w, None if bias is None else beta * np.broadcast_to(bias.reshape(-1), (w.shape[0],))
     return w, bias
 
 
@@ -959,3 +1182,162 @@ def output_channel_axis(node: gs.Node, rank: int | None = None) -> int:
     if node.op in ("Conv", "ConvTranspose", "Gemm"):
         return 1
     return -1 if rank is None else rank - 1
+
+
+# ------------------------------------------------------------------ shape arithmetic (Shape -> Gather -> ...)
+#
+# Exporters compute Reshape targets and Slice bounds from `Shape` (`x.view(x.size(0), -1)`, `chunk`). Where every
+# dim such a value reads is static, or the only unknown is the batch that a Reshape target copies, the value is
+# known before run time: `shape_value` evaluates it so that cleanup can write it as a constant, which the rules
+# above then track and rewrite like any other. Entries are ints, or a str naming the symbolic dim they copy.
+
+ShapeValue = np.ndarray  # 1-D or 0-D object array of int | str
+UNKNOWN = "?"
+_SHAPE_OPS: dict[str, Callable[[gs.Node, list[ShapeValue]], ShapeValue | None]] = {}
+
+
+def _shape_op(*ops: str):
+    def register(fn):
+        for op in ops:
+            _SHAPE_OPS[op] = fn
+        return fn
+
+    return register
+
+
+def shape_value(tensor: gs.Tensor, cache: dict[str, ShapeValue | None]) -> ShapeValue | None:
+    """The value of an integer tensor computed from `Shape`s and constants, or None when it is not one."""
+    if tensor.name in cache:
+        return cache[tensor.name]
+    cache[tensor.name] = None  # guards against cycles
+    value = None
+    if isinstance(tensor, gs.Constant):
+        v = np.asarray(tensor.values)
+        if v.dtype.kind in "iu" and v.size <= 64:
+            value = v.astype(object)
+    elif len(tensor.inputs) == 1:
+        node = tensor.inputs[0]
+        fn = _SHAPE_OPS.get(node.op)
+        if fn is not None and node.domain in (None, "", "ai.onnx") and len(node.outputs) == 1:
+            if node.op == "Shape":
+                args = []
+            else:
+                args = [shape_value(t, cache) if t.name else None for t in node.inputs]
+            if node.op == "Shape" or (args and args[0] is not None):
+                value = fn(node, args)
+    cache[tensor.name] = value
+    return value
+
+
+def known(value: ShapeValue | None) -> bool:
+    """True when every entry of a shape value is a concrete int."""
+    return value is not None and all(isinstance(v, (int, np.integer)) for v in value.ravel())
+
+
+@_shape_op("Shape")
+def _sv_shape(node: gs.Node, args: list) -> ShapeValue | None:
+    shape = node.inputs[0].shape
+    if shape is None:
+        return None
+    dims = [
+        int(d) if isinstance(d, (int, np.integer)) and d >= 0 else (d if isinstance(d, str) and d else UNKNOWN)
+        for d in shape
+    ]
+    start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
+    dims = dims[start:] if end is None else dims[start : int(end)]
+    return np.array(dims, dtype=object)
+
+
+@_shape_op("Size")
+def _sv_size(node: gs.Node, args: list) -> ShapeValue | None:
+    shape = node.inputs[0].shape
+    if shape is None or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+        return None
+    return np.array(int(np.prod(shape, dtype=np.int64)), dtype=object)
+
+
+def _int_arg(args: list, i: int) -> np.ndarray | None:
+    v = args[i] if i < len(args) else None
+    return np.asarray(v.astype(np.int64)) if known(v) else None
+
+
+@_shape_op("Gather")
+def _sv_gather(node: gs.Node, args: list) -> ShapeValue | None:
+    data, idx = args[0], _int_arg(args, 1)
+    if idx is None or data.ndim != 1 or int(node.attrs.get("axis", 0)) != 0:
+        return None
+    return np.asarray(data[idx % len(data)], dtype=object) if len(data) else None
+
+
+@_shape_op("Unsqueeze", "Squeeze")
+def _sv_unsqueeze(node: gs.Node, args: list) -> ShapeValue | None:
+    axes = node.attrs.get("axes")
+    if axes is None:
+        axes = _int_arg(args, 1)
+    data = args[0]
+    if node.op == "Unsqueeze":
+        if axes is None:
+            return None
+        return np.expand_dims(data, tuple(int(a) for a in np.atleast_1d(axes)))
+    return np.squeeze(data, None if axes is None else tuple(int(a) for a in np.atleast_1d(axes)))
+
+
+@_shape_op("Concat")
+def _sv_concat(node: gs.Node, args: list) -> ShapeValue | None:
+    if any(a is None or a.ndim != 1 for a in args) or int(node.attrs.get("axis", 0)) not in (0, -1):
+        return None
+    return np.concatenate(args)
+
+
+@_shape_op("Slice")
+def _sv_slice(node: gs.Node, args: list) -> ShapeValue | None:
+    data = args[0]
+    if data.ndim != 1:
+        return None
+    if "starts" in node.attrs:
+        starts, ends, steps = node.attrs["starts"], node.attrs["ends"], [1]
+    else:
+        starts, ends, steps = _int_arg(args, 1), _int_arg(args, 2), _int_arg(args, 4)
+        if starts is None or ends is None or (len(args) > 4 and node.inputs[4].name and steps is None):
+            return None
+        steps = [1] if steps is None else steps
+    return data[slice(int(starts[0]), int(min(ends[0], 2**62)), int(steps[0]))]
+
+
+@_shape_op("Cast", "Identity")
+def _sv_identity(node: gs.Node, args: list) -> ShapeValue | None:
+    to = node.attrs.get("to")
+    return args[0] if to is None or to in (6, 7) else None  # int32, int64
+
+
+_ARITH = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lambda a, b: a * b, "Div": lambda a, b: a // b}
+
+
+@_shape_op(*_ARITH)
+def _sv_arith(node: gs.Node, args: list) -> ShapeValue | None:
+    if len(args) != 2 or args[1] is None:
+        return None
+    a, b = np.broadcast_arrays(args[0], args[1])
+    fn = _ARITH[node.op]
+    out = [
+        fn(int(x), int(y))
+        if isinstance(x, (int, np.integer))
+        and isinstance(y, (int, np.integer))
+        and (node.op != "Div" or (y != 0 and x >= 0 and y > 0))
+        else UNKNOWN
+        for x, y in zip(a.ravel(), b.ravel())
+    ]
+    return np.array(out, dtype=object).reshape(a.shape)
+
+
+def batch_copy_target(node: gs.Node, value: ShapeValue | None) -> np.ndarray | None:
+    """A Reshape target whose only unknown entry is the batch it copies from its input, as a constant (0 there)."""
+    if node.op != "Reshape" or value is None or value.ndim != 1 or not len(value) or node.attrs.get("allowzero", 0):
+        return None
+    shape = node.inputs[0].shape
+    if shape is None or not len(shape) or not isinstance(shape[0], str) or value[0] != shape[0]:
+        return None
+    rest = value[1:]
+    if not known(rest) or any(int(v) == 0 for v in rest):
+        return None
+    return np.array([0, *[int(v) for v in rest]], dtype=np.int64)

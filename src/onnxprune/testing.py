@@ -81,6 +81,7 @@ def mask_channels(model: onnx.ModelProto, plan: dict[str, np.ndarray]) -> onnx.M
     analysis = find_channel_groups(graph)
     alive = analysis.alive(plan)
     nodes = {n.name: n for n in graph.nodes}
+    masked: dict[str, list[gs.Constant]] = {}  # a shared weight masked alike for every use stays one tensor
     for name, step in analysis.steps.items():
         if step.kind is not Kind.PRODUCER:
             continue
@@ -105,5 +106,55 @@ def mask_channels(model: onnx.ModelProto, plan: dict[str, np.ndarray]) -> onnx.M
                 index = [slice(None)] * values.ndim
                 index[axis] = np.flatnonzero(~alive[analysis.classes(tensor)])
                 values[tuple(index)] = 0
-            node.inputs[ps.index] = gs.Constant(node.inputs[ps.index].name + "/masked", values)
+            original = node.inputs[ps.index].name
+            done = masked.setdefault(original, [])
+            same = next((c for c in done if np.array_equal(c.values, values)), None)
+            if same is None:
+                same = gs.Constant(f"{original}/masked{len(done) or ''}", values)
+                done.append(same)
+            node.inputs[ps.index] = same
+    for name, step in analysis.steps.items():  # normalisations that removal changes: statistics over kept channels
+        node = nodes[name]
+        if step.approximate and node.inputs[0].name in analysis.flows:
+            kept = alive[analysis.classes(node.inputs[0].name)]
+            if not kept.all():
+                _kept_statistics_layer_norm(graph, node, kept)
+    graph.cleanup().toposort()
     return to_model(graph, model)
+
+
+def _kept_statistics_layer_norm(graph: gs.Graph, node: gs.Node, kept: np.ndarray) -> None:
+    """Replace a LayerNormalization over the channel axis by its value once the removed channels are gone.
+
+    Mean and variance over the kept channels only, and 0 at the removed ones.
+    """
+    x, y = node.inputs[0], node.outputs[0]
+    dtype = const(node.inputs[1]).dtype
+    m = kept.astype(dtype)
+    scale = const(node.inputs[1]) * m
+    bias = (const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else np.zeros_like(scale)) * m
+    c = {
+        key: gs.Constant(f"{node.name}/kept/{key}", value)
+        for key, value in {
+            "m": m,
+            "scale": scale,
+            "bias": bias,
+            "k": np.array(m.sum(), dtype),
+            "eps": np.array(node.attrs.get("epsilon", 1e-5), dtype),
+            "axes": np.array([-1], np.int64),
+        }.items()
+    }
+    node.outputs.clear()
+
+    def op(kind, *inputs, **attrs):
+        name = f"{node.name}/kept/{kind}_{len(graph.nodes)}"
+        return graph.layer(op=kind, inputs=list(inputs), outputs=[name], attrs=attrs)[0]
+
+    mean = op("Div", op("ReduceSum", op("Mul", x, c["m"]), c["axes"], keepdims=1), c["k"])
+    d = op("Mul", op("Sub", x, mean), c["m"])
+    var = op("Div", op("ReduceSum", op("Mul", d, d), c["axes"], keepdims=1), c["k"])
+    out = op("Add", op("Mul", op("Div", d, op("Sqrt", op("Add", var, c["eps"]))), c["scale"]), c["bias"])
+    last = out.inputs[0]
+    last.outputs.clear()
+    last.outputs.append(y)
+    node.inputs.clear()

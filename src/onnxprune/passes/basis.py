@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.graph import unique_name
 from onnxprune.result import PassResult, Report
-from onnxprune.rules import MATRIX_OPS, const, weight_matrix
+from onnxprune.rules import SPLIT_OPS, basis_layer, basis_matrix, const, merged_layer, weight_matrix
 
 ORTHONORMAL_TOLERANCE = 1e-3
 
@@ -53,15 +53,21 @@ def decompose_basis(
     report = Report()
     made: list[BasisPair] = []
     paired = {n for p in find_basis_pairs(graph) for n in (p.basis, p.scaling)}
-    for node in [n for n in graph.nodes if n.op in MATRIX_OPS]:
+    for node in [n for n in graph.nodes if n.op in SPLIT_OPS]:
         if names is not None and node.name not in names:
             continue
         if node.name in paired:
             report.skip(node, "already a basis/scaling pair")
             continue
-        matrix = weight_matrix(node)
+        matrix = basis_matrix(node)
         if matrix is None:
             report.skip(node, f"{node.op} without a constant weight that can be split (grouped, or computed)")
+            continue
+        if len(node.inputs[1].outputs) > 1:  # split per use, it would be stored once per use
+            report.skip(
+                node, f"weight '{node.inputs[1].name}' is shared by {len(node.inputs[1].outputs)} nodes: left whole"
+            )
+            report.counts["shared_left_whole"] += 1
             continue
         if min(matrix.shape) < min_channels:
             report.skip(node, f"rank {min(matrix.shape)} < {min_channels}")
@@ -98,17 +104,17 @@ def _split(graph: gs.Graph, node: gs.Node, matrix: np.ndarray, cov: np.ndarray |
     base = node.name
     shape = None
     if y.shape is not None:  # the scaling op keeps the layout: mid is y with r channels
-        shape = list(y.shape[:1]) + [r] + list(y.shape[2:]) if node.op == "Conv" else list(y.shape[:-1]) + [r]
+        shape = list(y.shape[:1]) + [r] + list(y.shape[2:]) if w.ndim > 2 else list(y.shape[:-1]) + [r]
     mid = gs.Variable(unique_name(graph, f"{base}_basis_out"), dtype=y.dtype, shape=shape)
     basis_name, scaling_name = unique_name(graph, f"{base}_basis"), unique_name(graph, f"{base}_scaling")
     rest = list(node.inputs[2:])
-    if node.op == "Conv":
-        basis_w = vt.reshape((r,) + w.shape[1:])
-        scaling_w = scaling.reshape((w.shape[0], r) + (1,) * (w.ndim - 2))
+    if w.ndim > 2:  # Conv, ConvTranspose: the basis op in the layer's own kind, a 1x1 Conv to scale
+        op, attrs, basis_w = basis_layer(node, vt)
+        scaling_w = scaling.reshape((len(scaling), r) + (1,) * (w.ndim - 2))
         first = gs.Node(
-            "Conv",
+            op,
             basis_name,
-            attrs={**node.attrs, "group": 1},
+            attrs=attrs,
             inputs=[x, gs.Constant(f"{basis_name}/weight", basis_w.astype(dtype))],
             outputs=[mid],
         )
@@ -136,18 +142,18 @@ def find_basis_pairs(graph: gs.Graph) -> list[BasisPair]:
     """Basis ops (orthonormal filters, no bias) that feed only a 1x1 scaling op: split layers, ours or re-exported."""
     pairs = []
     for node in graph.nodes:
-        if node.op not in MATRIX_OPS or len(node.outputs) != 1:
+        if node.op not in SPLIT_OPS or len(node.outputs) != 1:
             continue
         mid = node.outputs[0]
         if len(mid.outputs) != 1 or mid in graph.outputs:
             continue
         nxt = mid.outputs[0]
-        if nxt.op not in MATRIX_OPS or nxt.inputs[0] is not mid or not _is_scaling(nxt):
+        if nxt.op not in SPLIT_OPS or nxt.inputs[0] is not mid or not _is_scaling(nxt):
             continue
-        if node.op == "Conv" and (nxt.op != "Conv"):
+        if node.op in ("Conv", "ConvTranspose") and (nxt.op != "Conv"):
             continue
         has_bias = len(node.inputs) > 2 and node.inputs[2].name and np.any(const(node.inputs[2]) != 0)
-        basis = weight_matrix(node)
+        basis = basis_matrix(node)
         if basis is None or has_bias or node.op == "Gemm" and nxt.op != "Gemm":
             continue
         rows = basis.astype(np.float64)  # [r, K]
@@ -172,7 +178,7 @@ def _is_scaling(node: gs.Node) -> bool:
 def pair_sizes(graph: gs.Graph, pair: BasisPair) -> tuple[int, int, int]:
     """(rank r, in size K, out size Co) of a pair as it is now."""
     nodes = {n.name: n for n in graph.nodes}
-    basis = weight_matrix(nodes[pair.basis])
+    basis = basis_matrix(nodes[pair.basis])
     scaling = weight_matrix(nodes[pair.scaling])
     return basis.shape[0], basis.shape[1], scaling.shape[0]
 
@@ -210,14 +216,10 @@ def merge_unprofitable(
 
 
 def _merge(graph: gs.Graph, basis: gs.Node, scaling: gs.Node) -> None:
-    bw, sw = const(basis.inputs[1]), const(scaling.inputs[1])
-    dtype = bw.dtype
+    dtype = const(basis.inputs[1]).dtype
     name = basis.name[: -len("_basis")] if basis.name.endswith("_basis") else basis.name
-    if basis.op == "Conv":
-        product = sw.reshape(sw.shape[0], -1).astype(np.float64) @ bw.reshape(bw.shape[0], -1).astype(np.float64)
-        op, attrs, weight = "Conv", dict(basis.attrs), product.reshape((sw.shape[0],) + bw.shape[1:])
-    else:
-        op, attrs, weight = scaling.op, dict(scaling.attrs), bw.astype(np.float64) @ sw.astype(np.float64)
+    product = weight_matrix(scaling).astype(np.float64) @ basis_matrix(basis).astype(np.float64)  # [out, in]
+    op, attrs, weight = merged_layer(basis, scaling, product)
     weight_in = gs.Constant(unique_name(graph, f"{name}/weight"), weight.astype(dtype))
     merged = gs.Node(
         op,

@@ -8,7 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune import rules
-from onnxprune.graph import unique_name
+from onnxprune.graph import refresh_shapes, unique_name
 from onnxprune.result import PassResult, Report
 from onnxprune.rules import const
 
@@ -25,6 +25,8 @@ def cleanup(graph: gs.Graph, *, fold_bn: bool = True) -> PassResult:
     report = Report()
     signature = _signature(graph)
     _fold_constants(graph)
+    if _fold_shape_values(graph):
+        report.counts["shape_values_folded"] += 1
     if fold_bn:
         for node in [n for n in graph.nodes if n.op == "BatchNormalization"]:
             if _fold_batch_norm(graph, node):
@@ -50,6 +52,44 @@ def _fold_constants(graph: gs.Graph) -> None:
     if any(all(isinstance(t, gs.Constant) or not t.name for t in n.inputs) and n.inputs for n in graph.nodes):
         graph.fold_constants(error_ok=True, fold_shapes=True)
         graph.cleanup()
+
+
+MAX_SHAPE_ROUNDS = 4  # a folded target lets shape inference resolve the next one; real chains need one or two
+
+
+def _fold_shape_values(graph: gs.Graph) -> bool:
+    """Write values computed from `Shape` of static dims (Reshape targets, Slice bounds) as constants.
+
+    A Reshape target whose only unknown entry copies its input's batch becomes a constant with 0 there. Shapes are
+    inferred again after each round, so values behind a resolved Reshape fold in the next.
+    """
+    folded = False
+    for _ in range(MAX_SHAPE_ROUNDS):
+        cache: dict = {}
+        changed = False
+        for node in graph.nodes:
+            for i, tensor in enumerate(node.inputs):
+                if not isinstance(tensor, gs.Variable) or not tensor.name or len(tensor.inputs) != 1:
+                    continue
+                value = rules.shape_value(tensor, cache)
+                if value is None:
+                    continue
+                dtype = np.dtype(tensor.dtype) if tensor.dtype is not None else np.dtype(np.int64)
+                dtype = dtype if dtype.kind in "iu" else np.dtype(np.int64)
+                if rules.known(value):
+                    array = value.astype(dtype)
+                elif i == 1 and (target := rules.batch_copy_target(node, value)) is not None:
+                    array = target
+                else:
+                    continue
+                node.inputs[i] = gs.Constant(unique_name(graph, f"{tensor.name}/folded"), np.asarray(array))
+                changed = True
+        if not changed:
+            break
+        folded = True
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        refresh_shapes(graph)
+    return folded
 
 
 def _fold_batch_norm(graph: gs.Graph, bn: gs.Node) -> bool:

@@ -147,10 +147,52 @@ def find_channel_groups(graph: gs.Graph) -> ChannelGraph:
         for tensor, flow in zip(node.outputs, result.outputs):
             if flow is not None:
                 flows[tensor.name] = flow
+    _couple_shared_constants(graph, steps, flows, walker)
     for out in graph.outputs:
         if out.name in flows:
             walker.block(flows[out.name].ids, f"reaches graph output '{out.name}'")
     return _finish(walker, steps, flows, blockers)
+
+
+def _couple_shared_constants(graph: gs.Graph, steps: dict[str, Step], flows: dict[str, Flow], walker: _Walker) -> None:
+    """A constant several nodes read is sliced once and stays shared: a channel goes from every use or from none.
+
+    The tensors that select along each axis of it are coupled across its uses; where one use cannot slice it (its
+    node blocks, or reads it whole), the channels of the others along that constant are blocked.
+    """
+    uses: dict[str, list[tuple[gs.Node, int]]] = {}
+    for node in graph.nodes:
+        for i, tensor in enumerate(node.inputs):
+            if isinstance(tensor, gs.Constant) and tensor.values.ndim > 0 and tensor.values.size > 1:
+                uses.setdefault(tensor.name, []).append((node, i))
+    for name, readers in uses.items():
+        if len(readers) < 2:
+            continue
+        ndim = readers[0][0].inputs[readers[0][1]].values.ndim
+        axes_per_use = []
+        for node, i in readers:
+            step = steps.get(node.name)
+            found = [ps for ps in step.params if ps.index == i] if step is not None else []
+            axes_per_use.append({axis % ndim: t for ps in found for axis, t in ps.axes if t in flows})
+        sliced = [a for a in axes_per_use if a]
+        if not sliced:
+            continue
+        axes = set().union(*sliced)
+        for axis in axes:
+            tensors = [a.get(axis) for a in axes_per_use]
+            present = [t for t in tensors if t is not None]
+            if len(present) < len(tensors):
+                missing = next(node.name for (node, _), t in zip(readers, tensors) if t is None)
+                reason = f"weight '{name}' is shared with '{missing}', which cannot slice it along axis {axis}"
+                for t in present:
+                    walker.block(flows[t].ids, reason)
+                continue
+            if len({len(flows[t].ids) for t in present}) > 1:
+                for t in present:
+                    walker.block(flows[t].ids, f"weight '{name}' is shared by uses whose channels do not line up")
+                continue
+            for t in present[1:]:
+                walker.unify(flows[present[0]].ids, flows[t].ids)
 
 
 def _finish(
@@ -169,7 +211,9 @@ def _finish(
     order = {name: k for k, name in enumerate(steps)}
     by_key: dict[tuple[str, ...], list[int]] = {}
     for c in range(n):
-        producers = sorted({walker.owner[i][0] for i in members[c] if walker.owner[i][0]}, key=order.get)
+        producers = sorted(
+            {walker.owner[i][0] for i in members[c] if walker.owner[i][0]}, key=lambda p: order.get(p, -1)
+        )
         if producers:
             by_key.setdefault(tuple(producers), []).append(c)
     groups = [

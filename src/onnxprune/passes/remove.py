@@ -32,6 +32,7 @@ def remove_channels(
     if empty:
         raise ValueError(f"plan removes every channel of tensor '{empty[0]}'")
     namer = Namer(graph)
+    shared: dict[str, list[gs.Constant]] = {}  # original constant -> its sliced versions: a shared weight stays shared
     for node in graph.nodes:
         step = analysis.steps.get(node.name)
         touched = {t.name for t in node.inputs} | {t.name for t in node.outputs}
@@ -50,10 +51,21 @@ def remove_channels(
                 if tensor in shrunk and values.ndim and values.shape[axis] == full:
                     sliced = np.take(sliced, keeps[tensor], axis=axis)
             if sliced is not values:
-                base = f"{node.name}/{node.inputs[ps.index].name.rsplit('/', 1)[-1]}"
-                node.inputs[ps.index] = gs.Constant(namer.fresh_name(base), np.ascontiguousarray(sliced))
+                original = node.inputs[ps.index].name
+                done = shared.setdefault(original, [])
+                same = next(
+                    (c for c in done if c.values.shape == sliced.shape and np.array_equal(c.values, sliced)), None
+                )
+                if same is None:
+                    base = f"{node.name}/{original.rsplit('/', 1)[-1]}"
+                    same = gs.Constant(namer.fresh_name(base), np.ascontiguousarray(sliced))
+                    done.append(same)
+                node.inputs[ps.index] = same
         if step.rewrite is not None:
             step.rewrite(node, keeps, namer)
+        if step.approximate:
+            report.skip(node, f"not exact: {step.approximate}")
+            report.counts["approximate"] += 1
         report.layers[node.name] = {"op": node.op, "before": before, "after": _weight_shape(node)}
         report.counts["nodes_changed"] += 1
     report.counts["channels_removed"] += int((~alive).sum())
