@@ -139,7 +139,7 @@ def test_seed_drives_the_split_and_the_result(tmp_path, capsys):
     errors = []
     for i, seed in enumerate((0, 0, 1)):
         rep = tmp_path / f"r{i}.json"
-        args = [model, tmp_path / f"o{i}.onnx", "--ratio", "0.5", "--calib", calib, "--latency-batch", "0"]
+        args = [model, tmp_path / f"o{i}.onnx", "--ratio", "0.5", "--calib", calib, "--latency-batch", "0", "--force"]
         code, _, err = run([*args, "--report", rep, "--seed", seed], capsys)
         assert code == 0, err
         facts = json.loads(rep.read_text())

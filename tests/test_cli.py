@@ -279,21 +279,24 @@ def test_bench_errors_are_one_line(model_file, args, expected, capsys):
     assert len(err.strip().splitlines()) == 1 and expected in err
 
 
-def test_default_keeps_only_layers_measured_faster_split(tmp_path, capsys, monkeypatch):
+def test_default_keeps_the_split_layers_no_slower_than_their_dense_ops(tmp_path, capsys, monkeypatch):
+    """The default times every split layer at batch 1 and the allocation keeps their summed latency at or under
+    that of the dense ops (here a split is faster than its dense op only below half of the timed ranks)."""
     from onnxprune import pipeline
 
     seen = []
 
-    def fake_limit(*, max_rank, **kwargs):
-        seen.append(kwargs["x_shape"][0])
-        return max_rank // 2
+    def fake_latency(*, x_shape, ranks, **kwargs):
+        seen.append(x_shape[0])
+        return 1.0, {r: 2.0 * r / max(ranks) for r in ranks}
 
-    monkeypatch.setattr(pipeline, "split_rank_limit", fake_limit)
+    monkeypatch.setattr(pipeline, "layer_latency", fake_latency)
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
     code, _, err = run([EXAMPLE / "digits_resnet.onnx", out, "--ratio", "0.5", "--report", rep], capsys)
     assert code == 0, err
     assert seen and set(seen) == {1}  # measured at the default --latency-batch 1
-    assert len(json.loads(rep.read_text())["split_rank_limits"]) == len(seen)
+    timed = json.loads(rep.read_text())["layer_latency"]
+    assert 0 < timed["before"] <= len(seen) and timed["after"] <= timed["before"] + 1e-9
 
 
 def test_calibration_from_a_folder_of_images(tmp_path, capsys):

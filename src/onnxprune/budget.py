@@ -191,8 +191,9 @@ def allocate(
     if remove_ratio > reachable + 0.01:
         raise BudgetError(
             f"--ratio {remove_ratio:.2f} cannot be reached: at most {reachable:.3f} of the {target} can be removed "
-            f"({sum(bool(g.blocked) for g in analysis.groups)} groups are blocked, and split layers stay split only "
-            f"where that is smaller and measured faster); lower --ratio, or try --method channel or --latency-batch 0"
+            f"({_plural(sum(bool(g.blocked) for g in analysis.groups), 'group')} blocked"
+            + (", and split layers stay split only where that is smaller and measured faster" if cost.pairs else "")
+            + "); lower --ratio"
         )
     lo, hi = 0, len(order)
     while lo < hi:
@@ -213,6 +214,7 @@ def allocate(
 
 
 TOLERANCE = 0.01  # how far above the request the achieved ratio may land
+FAR = 0.03  # further than this from the request, nothing is written
 
 
 def _land_closer(
@@ -355,7 +357,7 @@ def rank_choices(
             or group.blocked
             or len(classes) != rank
             or not np.array_equal(np.sort(group.classes), classes)
-            or (target == "latency" and mid not in (latencies or {}))
+            or (latencies is not None and mid not in latencies)  # not timed: kept dense when latency counts
         ):
             continue
         bt, st = cost.terms[b], cost.terms[sc]
@@ -453,8 +455,9 @@ def allocate_ranks(
     if remove_ratio > reachable + TOLERANCE:
         raise BudgetError(
             f"--ratio {remove_ratio:.2f} cannot be reached: at most {reachable:.3f} can be removed by keeping fewer "
-            f"bases in the {len(choices)} layers whose split is smaller than the layer "
-            f"({sum(bool(g.blocked) for g in analysis.groups)} groups blocked); lower --ratio"
+            f"bases in the {_plural(len(choices), 'layer')} whose split is smaller than the layer (and, when latency "
+            f"is measured, timed: ConvTranspose is not, and stays dense; "
+            f"{_plural(sum(bool(g.blocked) for g in analysis.groups), 'group')} blocked); lower --ratio"
         )
     picks = meet_cost(0.0) or cheapest
     if latency_budget is not None and totals(picks)[1] > latency_budget:
@@ -486,6 +489,8 @@ def allocate_ranks(
     picks = _fill_slack(
         choices, picks, wanted - used, (latency_budget - seconds) if latency_budget is not None else np.inf
     )
+    if total_before and (wanted - totals(picks)[0]) / total_before > TOLERANCE:
+        picks = _exchange(choices, picks, totals, wanted, total_before, latency_budget)
     alive = np.ones(analysis.n_classes, dtype=bool)
     for c, o in zip(choices, picks):
         if o > 0:
@@ -498,7 +503,74 @@ def allocate_ranks(
         if len(keep) < len(group.classes):
             plan[c.group] = keep.astype(np.int64)
     achieved = 1.0 - totals(picks)[0] / total_before if total_before else 0.0
+    if latency_budget is not None and achieved > remove_ratio + FAR:
+        raise BudgetError(
+            f"--ratio {remove_ratio:.2f}: the model stays no slower than the original only when {achieved:.3f} is "
+            f"removed (split layers cost an extra kernel each, so the ones kept split must be cut deep); "
+            f"--ratio {achieved:.2f} would be met"
+        )
     return Allocation(plan, alive, achieved, reachable, totals(picks)[1] if latency_budget is not None else None)
+
+
+EXCHANGE_OPTIONS = 16  # options tried per layer when the plan overshoots the request
+
+
+def _exchange(choices: list[RankChoice], picks: list[int], totals, wanted: float, total_before: float, seconds):
+    """Land within a point of the request when the plan removes more (coarse layers: dense and split far apart).
+
+    For each layer, try giving it more (a higher rank or the dense op) and taking the difference back from the others
+    at the least error per unit of cost; keep the trial within the tolerance with the least predicted error (or, if
+    none is, the one closest to the request). The latency budget `seconds` (None: none) holds for every trial.
+    """
+
+    def error(p: list[int]) -> float:
+        return sum(float(c.error[o]) for c, o in zip(choices, p))
+
+    def over(p: list[int]) -> float:
+        return (wanted - totals(p)[0]) / total_before
+
+    best, best_key = picks, (over(picks) > TOLERANCE, over(picks) if over(picks) > TOLERANCE else error(picks))
+    for i, c in enumerate(choices):
+        if picks[i] == 0:
+            continue
+        higher = list(range(picks[i] + 1, c.max_rank + 1))
+        step = max(1, len(higher) // EXCHANGE_OPTIONS)
+        for new in [0, *higher[::step]]:
+            trial = list(picks)
+            trial[i] = new
+            trial = _reduce(choices, trial, totals, wanted, keep=i)
+            if trial is None or over(trial) < 0:
+                continue
+            if seconds is not None and totals(trial)[1] > seconds:
+                continue
+            key = (over(trial) > TOLERANCE, over(trial) if over(trial) > TOLERANCE else error(trial))
+            if key < best_key:
+                best, best_key = trial, key
+    return best
+
+
+def _reduce(choices: list[RankChoice], picks: list[int], totals, wanted: float, *, keep: int) -> list[int] | None:
+    """Cut the other layers (not `keep`) at the least error per unit of cost until the total is at most `wanted`."""
+    picks = list(picks)
+    while totals(picks)[0] > wanted:
+        best, best_rate = None, np.inf
+        for j, (c, o) in enumerate(zip(choices, picks)):
+            if j == keep:
+                continue
+            new = o - 1 if o > 1 else (c.max_rank if o == 0 else None)
+            if new is None or c.cost[new] >= c.cost[o]:
+                continue
+            rate = (c.error[new] - c.error[o]) / (c.cost[o] - c.cost[new])
+            if rate < best_rate:
+                best, best_rate = (j, new), rate
+        if best is None:
+            return None
+        picks[best[0]] = best[1]
+    return picks
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _fill_slack(choices: list[RankChoice], picks: list[int], slack: float, seconds: float) -> list[int]:

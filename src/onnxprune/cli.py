@@ -248,7 +248,9 @@ def prune_command(
         load_calibration(calib, model, limit=calib_size, image_options=images, seed=seed) if calib is not None else None
     )
     truth = _load_labels(labels, data) if labels is not None else None
-    log.info("pruning %s (%s, criterion %s, %s %.2f)", input_path.name, method, criterion, target, remove_ratio)
+    log.info(
+        "pruning %s (%s, criterion %s, %s %.2f)", input_path.name, method, criterion or "default", target, remove_ratio
+    )
     pruned, report = prune_guarded(
         model,
         max_drop=max_drop,

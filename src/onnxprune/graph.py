@@ -329,6 +329,8 @@ def session(model: onnx.ModelProto | str, *, optimize: bool = False, threads: in
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
+    if not optimize:  # calibration runs alternate with numpy/LAPACK work: idle threads must not spin against it
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     data = model if isinstance(model, str) else model.SerializeToString()
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 

@@ -314,9 +314,9 @@ RATIO_TOLERANCE = 0.01  # the achieved ratio lands within 1 point of the request
 RATIO_FAR = 0.03  # ...or the report says why; beyond 3 points nothing is written (BudgetError, exit 2)
 
 
-def _alternatives(method: str, latency_batch: int) -> str:
+def _alternatives(method: str, latency_batch: int, *, lower: bool = True) -> str:
     """What else to try after a refusal: never the method just used."""
-    options = ["lower --ratio"]
+    options = ["lower --ratio"] if lower else []
     options += [f"--method {m}" for m in ("channel", "basis") if m != method]
     if latency_batch and method != "channel":
         options.append("--latency-batch 0")
@@ -335,7 +335,8 @@ def _hinted(method: str, latency_batch: int, fn: Callable) -> Callable:
             whole = report.counts.get("shared_left_whole", 0) if report is not None else 0
             if whole:
                 head += f"; {whole} layers whose weight is shared by several nodes were left whole, not split"
-            raise BudgetError(f"{head}; {_alternatives(method, latency_batch)}") from err
+            lower = "would be met" not in head  # the request was too low for the latency constraint, not too high
+            raise BudgetError(f"{head}; {_alternatives(method, latency_batch, lower=lower)}") from err
 
     return call
 
@@ -370,6 +371,11 @@ def _check_ratio(report: Report, *, method: str, latency_batch: int, round_to: i
         why = f"the plan counted {planned:.3f}, but merging split layers back and measured latency limits changed it"
     else:
         why = "nothing could be removed" if achieved <= 0 else "the allocation did not land closer"
+    if off > 0 and facts.get("layer_latency"):
+        why = (
+            "the layers kept split must be cut this deep for the model to stay no slower than the original "
+            "(--latency-batch 0 decides by parameters alone)"
+        )
     if round_to > 1 and off > 0:
         why = f"--round-to {round_to} rounds channel counts and ranks up to its multiples"
     line = (
@@ -718,6 +724,8 @@ def _latency_curves(graph: gs.Graph, pairs: list, *, batch: int, threads: int) -
             continue
         r, k, co = pair_sizes(graph, pair)
         bound = max(1, min(r, param_breakeven(k, co)))
+        if basis.op not in ("Conv", "MatMul"):  # no timing model (ConvTranspose): such a layer stays dense
+            continue
         w = const(basis.inputs[1])
         shape, op = ([co, *w.shape[1:]], "Conv") if basis.op == "Conv" else ([k, co], "MatMul")
         ranks = sorted({max(1, round(bound * f)) for f in LATENCY_POINTS})
