@@ -22,7 +22,7 @@ onnxprune runs as the CLI (`-v --report`) in a child process: exit code, the one
 time and peak RSS (os.wait4) are recorded, and the blocked groups it prints. Peers on the same models and metric,
 matched to the same parameter target by bisection: plain truncated SVD of every Conv/Gemm/MatMul (one rank fraction
 for all layers, data-free), onnxsim's structured Wanda pruning (after onnxsim.simplify, which folds BatchNorm;
-calibration on the first 64 calibration samples). Torch-Pruning needs the PyTorch module, which these packages do
+calibration on the first 32 calibration samples). Torch-Pruning needs the PyTorch module, which these packages do
 not ship: its rows say so. Writes <out>/realworld.json, realworld.md and realworld.png.
 """
 
@@ -448,24 +448,31 @@ SUBJECTS = {
 # ---------------------------------------------------------------- onnxprune (the CLI, in a child process)
 
 
-def run_cli(args: list[str], env: dict | None = None) -> dict:
+def run_cli(args: list[str], env: dict | None = None, timeout: float | None = None) -> dict:
     """Run `python -m onnxprune ARGS`: exit code, stdout/stderr, wall seconds, peak RSS (MB) of that child.
 
     Peak RSS comes from GNU time (/usr/bin/time) where there is one: the rusage of a child forked from this process
-    would count this process's own pages from before the exec.
+    would count this process's own pages from before the exec. A run past `timeout` seconds is killed (its process
+    group, started here) and reported with exit None.
     """
+    import resource
+    import signal
+
     gnu_time = pathlib.Path("/usr/bin/time")
     with tempfile.TemporaryDirectory() as tmp, open(f"{tmp}/out", "w+") as out, open(f"{tmp}/err", "w+") as err:
         command = [sys.executable, "-m", "onnxprune", *args]
         if gnu_time.exists():
             command = [str(gnu_time), "-o", f"{tmp}/rss", "-f", "%M", *command]
         start = time.perf_counter()
-        proc = subprocess.Popen(command, stdout=out, stderr=err, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.Popen(command, stdout=out, stderr=err, env=env, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = None
         wall = time.perf_counter() - start
-        code = os.waitstatus_to_exitcode(status)
-        proc.returncode = code
-        peak = usage.ru_maxrss / 1024
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # fallback: the largest child so far
         try:
             peak = int(pathlib.Path(f"{tmp}/rss").read_text().split()[-1]) / 1024
         except (OSError, ValueError, IndexError):
@@ -473,6 +480,8 @@ def run_cli(args: list[str], env: dict | None = None) -> dict:
         out.seek(0)
         err.seek(0)
         stderr = "\n".join(ln for ln in err.read().splitlines() if not ln.startswith("Command exited with non-zero"))
+        if code is None:
+            stderr += f"\nonnxprune: killed by the benchmark after {timeout:.0f} s (--timeout)"
         return {"exit": code, "stdout": out.read(), "stderr": stderr, "wall_s": wall, "peak_rss_mb": peak}
 
 
@@ -508,9 +517,13 @@ def one_line(result: dict) -> str:
 def bisect(make: Callable[[float], tuple[object, float]], target: float, lo=0.0, hi=0.98, steps=12):
     """Knob in [lo, hi] (removal grows with it) for removal within TOLERANCE of target; the closest found wins.
 
-    The same search as benchmarks.peers.bisect (that module needs torch; this one must not).
+    The same search as benchmarks.peers.bisect (that module needs torch; this one must not), except that the knob's
+    end is tried first, so a target the peer cannot reach costs one step instead of twelve.
     """
-    best = None
+    result, removed = make(hi)  # the most the knob can remove: when that is short of the target, stop there
+    best = (result, removed, hi)
+    if removed < target - TOLERANCE:
+        return best
     for _ in range(steps):
         mid = (lo + hi) / 2
         result, removed = make(mid)
@@ -522,13 +535,14 @@ def bisect(make: Callable[[float], tuple[object, float]], target: float, lo=0.0,
     return best
 
 
-def plain_svd_onnx(model: onnx.ModelProto, cut: float) -> onnx.ModelProto:
+def plain_svd_onnx(model: onnx.ModelProto, cut: float, cache: dict | None = None) -> onnx.ModelProto:
     """Every group-1 Conv and every Gemm/MatMul with a constant 2-D weight replaced by its truncated SVD.
 
     Rank r = round(full rank × (1 − cut)), the same fraction everywhere (data-free), and only where the two factors
     hold fewer parameters than the layer: Conv → Conv(r filters, same geometry, no bias) → 1×1 Conv(bias);
-    Gemm/MatMul → MatMul(r) → Gemm/MatMul(bias).
+    Gemm/MatMul → MatMul(r) → Gemm/MatMul(bias). `cache` keeps each layer's SVD between calls (the bisection).
     """
+    cache = {} if cache is None else cache
     from onnx import helper, numpy_helper
 
     m = onnx.ModelProto()
@@ -562,7 +576,9 @@ def plain_svd_onnx(model: onnx.ModelProto, cut: float) -> onnx.ModelProto:
         if rank * (co + ci) >= co * ci:
             nodes.append(node)
             continue
-        u, s, vt = np.linalg.svd(mat, full_matrices=False)
+        if w.name not in cache:
+            cache[w.name] = np.linalg.svd(mat, full_matrices=False)
+        u, s, vt = cache[w.name]
         first, second = (u[:, :rank] * s[:rank]).astype(np.float32), vt[:rank].astype(np.float32)  # mat ≈ first·second
         mid = f"{node.output[0]}__svd"
         wa, wb = f"{w.name}__svd_a", f"{w.name}__svd_b"
@@ -607,9 +623,10 @@ def plain_svd_onnx(model: onnx.ModelProto, cut: float) -> onnx.ModelProto:
 
 def peer_svd(model: onnx.ModelProto, calib: np.ndarray, target: float, input_name: str) -> tuple[onnx.ModelProto, dict]:
     before = count(model)[0]
+    cache: dict = {}
 
     def make(cut: float):
-        out = plain_svd_onnx(model, cut)
+        out = plain_svd_onnx(model, cut, cache)
         return out, 1 - count(out)[0] / before
 
     pruned, _, knob = bisect(make, target)
@@ -625,7 +642,7 @@ def peer_onnxsim(model: onnx.ModelProto, calib: np.ndarray, target: float, input
     simple, ok = onnxsim.simplify(model)
     if not ok:
         raise RuntimeError("onnxsim.simplify could not verify its output")
-    batches = [{input_name: calib[i : i + 1]} for i in range(min(64, len(calib)))]
+    batches = [{input_name: calib[i : i + 1]} for i in range(min(ONNXSIM_SAMPLES, len(calib)))]
 
     def make(sparsity: float):
         out = pruning.apply_structured_wanda_pruning(
@@ -637,6 +654,7 @@ def peer_onnxsim(model: onnx.ModelProto, calib: np.ndarray, target: float, input
     return pruned, {"knob": "sparsity", "value": knob}
 
 
+ONNXSIM_SAMPLES = 32  # onnxsim re-runs its calibration at every bisection step
 PEERS = {"svd": peer_svd, "onnxsim-wanda": peer_onnxsim}
 NOT_RUNNABLE = {
     "torch-pruning": "not applicable: the package ships only the ONNX file, Torch-Pruning needs the PyTorch module",
@@ -651,7 +669,7 @@ class Config:
     name: str
     ratios: tuple[float, ...]
     n_eval: dict[str, int]
-    n_calib: int
+    n_calib: dict[str, int]
     variants: tuple[tuple[str, tuple[str, ...], bool], ...]  # (name, CLI flags, calibrated)
 
 
@@ -662,8 +680,22 @@ VARIANTS = (
     ("channel +calib", ("--method", "channel"), True),
 )
 CONFIGS = {
-    "full": Config("full", (0.3, 0.5, 0.7), {"orientation": 200, "recogniser": 300, "detector": 80}, 256, VARIANTS),
-    "quick": Config("quick", (0.3,), {"orientation": 16, "recogniser": 40, "detector": 10}, 64, VARIANTS),
+    # the detector's calibration: every onnxprune --calib run on common_det.onnx (416×416, 3.2 G MACs) streams the
+    # samples through the network several times; with 64 samples one run passed 10 min on 2 shared cores
+    "full": Config(
+        "full",
+        (0.3, 0.5, 0.7),
+        {"orientation": 200, "recogniser": 300, "detector": 80},
+        {"orientation": 256, "recogniser": 256, "detector": 32},
+        VARIANTS,
+    ),
+    "quick": Config(
+        "quick",
+        (0.3,),
+        {"orientation": 16, "recogniser": 40, "detector": 10},
+        {"orientation": 32, "recogniser": 32, "detector": 8},
+        VARIANTS,
+    ),
 }
 EVAL_SEED, CALIB_SEED = 1, 2  # disjoint renders
 
@@ -687,7 +719,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_subject(subject: Subject, cfg: Config, work: pathlib.Path, peers: list[str], log=print) -> dict:
+def bench_subject(
+    subject: Subject, cfg: Config, work: pathlib.Path, peers: list[str], timeout: float, log=print
+) -> dict:
+    began = time.perf_counter()
     original_path = subject.path()
     original = onnx.load(original_path)
     input_name = original.graph.input[0].name
@@ -698,7 +733,7 @@ def bench_subject(subject: Subject, cfg: Config, work: pathlib.Path, peers: list
     reference = subject.predict(None, images)
     eval_s = time.perf_counter() - start
     base = subject.metrics(reference, reference, truth)
-    calib = subject.preprocess([x for x, _ in subject.render_calib(cfg.n_calib, CALIB_SEED)])
+    calib = subject.preprocess([x for x, _ in subject.render_calib(cfg.n_calib[subject.name], CALIB_SEED)])
     calib_path = CACHE / "realworld" / f"{subject.name}_calib_{len(calib)}.npy"
     calib_path.parent.mkdir(parents=True, exist_ok=True)
     np.save(calib_path, calib)
@@ -736,7 +771,7 @@ def bench_subject(subject: Subject, cfg: Config, work: pathlib.Path, peers: list
             args += ["--report", str(report), *flags]
             if calibrated:
                 args += ["--calib", str(calib_path)] + (["--batch-size", "1"] if subject.fixed_batch else [])
-            res = run_cli(args, env)
+            res = run_cli(args, env, timeout)
             row = {
                 "tool": "onnxprune",
                 "variant": variant,
@@ -757,7 +792,7 @@ def bench_subject(subject: Subject, cfg: Config, work: pathlib.Path, peers: list
                     row["fidelity"] = {k: facts[k] for k in ("fidelity", "held_out") if k in facts} or None
                 evaluate(row, out)
             else:
-                row["error"] = f"exit {res['exit']}: {row['message']}"
+                row["error"] = (f"exit {res['exit']}: " if res["exit"] is not None else "") + row["message"]
             rows.append(row)
             show(row)
         for peer in peers:
@@ -792,13 +827,13 @@ def bench_subject(subject: Subject, cfg: Config, work: pathlib.Path, peers: list
     probes = []
     if subject.fixed_batch:  # what a user meets first: --calib with the default --batch-size on a batch-1 model
         args = ["prune", str(original_path), str(work / "probe.onnx"), "--ratio", str(cfg.ratios[0]), "--overwrite"]
-        res = run_cli(args + ["--calib", str(calib_path)], env)
+        res = run_cli(args + ["--calib", str(calib_path)], env, timeout)
         probes.append(
             {"flags": f"--ratio {cfg.ratios[0]} --calib CALIB.npy", "exit": res["exit"], "message": one_line(res)}
         )
         log(f"  probe: --calib without --batch-size 1: exit {res['exit']}: {probes[-1]['message'][:150]}")
     blocked = sorted({b for r in rows if r["tool"] == "onnxprune" for b in r.get("blocked", [])})
-    refusals = sorted({r["message"] for r in rows if r["tool"] == "onnxprune" and r.get("exit")})
+    refusals = sorted({r["message"] for r in rows if r["tool"] == "onnxprune" and r.get("exit") != 0})
     return {
         "model": subject.name,
         "file": original_path.name,
@@ -813,6 +848,7 @@ def bench_subject(subject: Subject, cfg: Config, work: pathlib.Path, peers: list
         "blocked": blocked,
         "refusals": refusals,
         "probes": probes,
+        "seconds": time.perf_counter() - began,
         "rows": rows,
     }
 
@@ -856,7 +892,7 @@ METRIC_COLUMNS = {
 def markdown(summary: dict) -> str:
     lines = [
         f"{summary['machine']}; src/ at {summary['src_commit']}; configuration `{summary['config']}`; "
-        f"whole run {summary['seconds'] / 60:.1f} min.",
+        f"{sum(m['seconds'] for m in summary['models']) / 60:.1f} min for these models.",
         "",
         "Packages: " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()),
         "",
@@ -949,6 +985,19 @@ def plot(summary: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def write_json(summary: dict, out: pathlib.Path, append: bool) -> dict:
+    """<out>/realworld.json; with `append`, the models of the file's other runs (read now) are kept beside these."""
+    path = out / "realworld.json"
+    if append and path.exists():
+        earlier = json.loads(path.read_text())
+        mine = {m["model"] for m in summary["models"]}
+        merged = [m for m in earlier.get("models", []) if m["model"] not in mine] + summary["models"]
+        order = list(SUBJECTS)
+        summary = {**summary, "models": sorted(merged, key=lambda m: order.index(m["model"]))}
+    path.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_const", const="quick", dest="config", default="full")
@@ -956,6 +1005,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ratios", default="", help="comma-separated, instead of the configuration's")
     parser.add_argument("--peers", default="svd,onnxsim-wanda,torch-pruning")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="default benchmarks/results (quick: .../quick)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds one onnxprune run may take (1800)")
+    parser.add_argument("--append", action="store_true", help="keep the other models already in <out>/realworld.json")
+    parser.add_argument("--render", action="store_true", help="only re-write the table and plot from realworld.json")
     parser.add_argument("--keep", type=pathlib.Path, default=None, help="keep the pruned models in this folder")
     args = parser.parse_args(argv)
     cfg = CONFIGS[args.config]
@@ -964,6 +1016,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or HERE / "results" / ("" if cfg.name == "full" else cfg.name)
     out.mkdir(parents=True, exist_ok=True)
     peers = [p for p in args.peers.split(",") if p]
+    if args.render:
+        summary = json.loads((out / "realworld.json").read_text())
+        return render(summary, out)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
     summary = {
         "config": cfg.name,
@@ -987,9 +1042,13 @@ def main(argv: list[str] | None = None) -> dict:
                 summary["skipped"][name] = f"{subject.package} is not installed ({err}): pip install '.[realworld]'"
                 print(f"\n## {name}: skipped, {summary['skipped'][name]}")
                 continue
-            summary["models"].append(bench_subject(subject, cfg, work, peers))
+            summary["models"].append(bench_subject(subject, cfg, work, peers, args.timeout))
             summary["seconds"] = time.perf_counter() - start
-            (out / "realworld.json").write_text(json.dumps(summary, indent=1))  # after each model
+            write_json(summary, out, args.append)  # after each model
+    return render(write_json(summary, out, args.append), out)
+
+
+def render(summary: dict, out: pathlib.Path) -> dict:
     table = markdown(summary)
     (out / "realworld.md").write_text(table + "\n")
     if summary["models"]:
