@@ -506,9 +506,31 @@ def verbose_findings(stdout: str) -> dict:
 
 
 def one_line(result: dict) -> str:
+    """The one-line message of a run that did not succeed ("" when it exited 0)."""
+    if result["exit"] == 0:
+        return ""
     lines = [ln for ln in (result["stderr"] + "\n" + result["stdout"]).splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("onnxprune:")]
     return (errors or lines or [""])[-1].strip()
+
+
+def constructs(path: pathlib.Path, env: dict, work: pathlib.Path, ratio: float = 0.05) -> list[dict]:
+    """What onnxprune -v says about the model's graph at a small ratio (data-free, decisions by parameters alone):
+    the blocked groups with their reasons and the notes, for each method. At the benchmark's ratios a refusal comes
+    before the report, so its -v output lists no groups."""
+    found = []
+    for method in ("basis", "channel"):
+        args = ["prune", str(path), str(work / "constructs.onnx"), "--ratio", str(ratio), "--method", method, "-v"]
+        res = run_cli(args + ["--latency-batch", "0", "--overwrite"], env, 600)
+        found.append(
+            {
+                "flags": " ".join(args[3:]) + " --latency-batch 0",
+                "exit": res["exit"],
+                "message": one_line(res),
+                **verbose_findings(res["stdout"]),
+            }
+        )
+    return found
 
 
 # ---------------------------------------------------------------- peers on the ONNX graph
@@ -832,6 +854,7 @@ def bench_subject(
             {"flags": f"--ratio {cfg.ratios[0]} --calib CALIB.npy", "exit": res["exit"], "message": one_line(res)}
         )
         log(f"  probe: --calib without --batch-size 1: exit {res['exit']}: {probes[-1]['message'][:150]}")
+    probes += constructs(original_path, env, work)
     blocked = sorted({b for r in rows if r["tool"] == "onnxprune" for b in r.get("blocked", [])})
     refusals = sorted({r["message"] for r in rows if r["tool"] == "onnxprune" and r.get("exit") != 0})
     return {
@@ -939,6 +962,12 @@ def markdown(summary: dict) -> str:
             lines += ["", "Refusals (the one-line message of every run that exited non-zero):", ""]
             lines += [f"* {m}" for m in res["refusals"]]
         for probe in res.get("probes", []):
+            if "blocked" in probe:  # the constructs probe
+                lines += ["", f"`onnxprune {probe['flags']}`: exit {probe['exit']}"]
+                lines += [f"* blocked {b}" for b in probe["blocked"]] + [f"* note {n}" for n in probe["note"]]
+                if probe["exit"]:
+                    lines.append(f"* `{probe['message']}`")
+                continue
             lines += [
                 "",
                 f"The input's batch dimension is fixed at 1; `{probe['flags']}` without `--batch-size 1`: "
@@ -1008,6 +1037,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one onnxprune run may take (1800)")
     parser.add_argument("--append", action="store_true", help="keep the other models already in <out>/realworld.json")
     parser.add_argument("--render", action="store_true", help="only re-write the table and plot from realworld.json")
+    parser.add_argument("--constructs", action="store_true", help="only (re)run the -v probe into realworld.json")
     parser.add_argument("--keep", type=pathlib.Path, default=None, help="keep the pruned models in this folder")
     args = parser.parse_args(argv)
     cfg = CONFIGS[args.config]
@@ -1016,8 +1046,14 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or HERE / "results" / ("" if cfg.name == "full" else cfg.name)
     out.mkdir(parents=True, exist_ok=True)
     peers = [p for p in args.peers.split(",") if p]
-    if args.render:
+    if args.render or args.constructs:
         summary = json.loads((out / "realworld.json").read_text())
+        if args.constructs:  # add the constructs probe to the models of an earlier run (its code postdates them)
+            with tempfile.TemporaryDirectory() as tmp:
+                for res in summary["models"]:
+                    res["probes"] = [p for p in res.get("probes", []) if "blocked" not in p]
+                    res["probes"] += constructs(SUBJECTS[res["model"]].path(), cli_env(), pathlib.Path(tmp))
+            (out / "realworld.json").write_text(json.dumps(summary, indent=1))
         return render(summary, out)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
     summary = {
