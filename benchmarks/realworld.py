@@ -1051,8 +1051,11 @@ def main(argv: list[str] | None = None) -> dict:
         if args.constructs:  # add the constructs probe to the models of an earlier run (its code postdates them)
             with tempfile.TemporaryDirectory() as tmp:
                 for res in summary["models"]:
-                    res["probes"] = [p for p in res.get("probes", []) if "blocked" not in p]
-                    res["probes"] += constructs(SUBJECTS[res["model"]].path(), cli_env(), pathlib.Path(tmp))
+                    if any("blocked" in p for p in res.get("probes", [])):
+                        continue  # measured in its own run
+                    res["probes"] = res.get("probes", []) + constructs(
+                        SUBJECTS[res["model"]].path(), cli_env(), pathlib.Path(tmp)
+                    )
             (out / "realworld.json").write_text(json.dumps(summary, indent=1))
         return render(summary, out)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
