@@ -912,12 +912,57 @@ METRIC_COLUMNS = {
 }
 
 
+def short_table(summary: dict) -> str:
+    """One line per model and tool/variant: the primary metric at each ratio (params removed), or why there is none."""
+    ratios = summary["ratios"]
+    lines = [
+        "| model (metric) | tool / variant | " + " | ".join(str(r) for r in ratios) + " |",
+        "|---|---|" + "---|" * len(ratios),
+    ]
+    for res in summary["models"]:
+        key = res["primary"]
+        variants = list(dict.fromkeys((r["tool"], r["variant"]) for r in res["rows"]))
+        for tool, variant in variants:
+            cells = []
+            for ratio in ratios:
+                row = next(
+                    (r for r in res["rows"] if (r["tool"], r["variant"], r["ratio"]) == (tool, variant, ratio)), None
+                )
+                if row is None:
+                    cells.append("")
+                elif key in row:
+                    off = "" if row.get("matched", True) or tool == "onnxprune" else ", off target"
+                    cells.append(f"{100 * row[key]:.1f} % ({100 * row['params_removed']:.0f} %{off})")
+                elif "error" in row:
+                    err = row["error"]
+                    cells.append(
+                        "n/a"
+                        if err.startswith("not applicable")
+                        else "timed out"
+                        if "killed by the benchmark" in err
+                        else "refused (exit 2)"
+                        if err.startswith("exit 2")
+                        else "crashed (exit 3)"
+                        if err.startswith("exit 3")
+                        else err[:40]
+                    )
+                else:
+                    cells.append(row.get("eval_error", "")[:40])
+            name = variant if tool == "onnxprune" else f"{variant} (peer)"
+            lines.append(f"| {res['model']} ({key.replace('_', ' ')}) | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(summary: dict) -> str:
     lines = [
         f"{summary['machine']}; src/ at {summary['src_commit']}; configuration `{summary['config']}`; "
         f"{sum(m['seconds'] for m in summary['models']) / 60:.1f} min for these models.",
         "",
         "Packages: " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()),
+        "",
+        "Task metric against the original model's own answers (parameters removed):",
+        "",
+        short_table(summary),
         "",
     ]
     for res in summary["models"]:
