@@ -1037,15 +1037,20 @@ def plot(summary: dict, path: pathlib.Path) -> None:
             if key in r:
                 label = r["variant"] if r["tool"] == "onnxprune" else r["variant"] + " (peer)"
                 series.setdefault(label, []).append((r["params_removed"], r[key]))
-        for label, pts in sorted(series.items()):
+        for i, (label, pts) in enumerate(sorted(series.items())):
             peer = label.endswith("(peer)")
             ax.plot(
                 *zip(*sorted(pts)),
-                marker="s" if peer else "o",
+                marker="s" if peer else "o^vD"[i % 4],
+                markersize=5 if peer else 10 - 1.5 * (i % 4),  # equal values stay visible one above the other
                 ls="--" if peer else "-",
                 lw=1 if peer else 2,
+                alpha=0.85,
                 label=label,
             )
+        missing = sorted({r["variant"] for r in res["rows"] if r["tool"] == "onnxprune"} - set(series))
+        if missing:
+            ax.text(0.02, 0.02, "onnxprune wrote no model: " + ", ".join(missing), transform=ax.transAxes, fontsize=7)
         ax.set(
             xlabel="parameters removed",
             ylabel=key.replace("_", " "),
