@@ -472,7 +472,8 @@ def run_cli(args: list[str], env: dict | None = None, timeout: float | None = No
             proc.wait()
             code = None
         wall = time.perf_counter() - start
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # fallback: the largest child so far
+        # fallback: the largest child so far; a killed run has no measurement of its own
+        peak = None if code is None else resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         try:
             peak = int(pathlib.Path(f"{tmp}/rss").read_text().split()[-1]) / 1024
         except (OSError, ValueError, IndexError):
@@ -960,6 +961,7 @@ def markdown(summary: dict) -> str:
         "",
         "Packages: " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()),
         "",
+        *([summary["note"], ""] if summary.get("note") else []),
         "Task metric against the original model's own answers (parameters removed):",
         "",
         short_table(summary),
@@ -988,7 +990,8 @@ def markdown(summary: dict) -> str:
                 lines.append(
                     f"| {r['tool']} | {r['variant']} | {r['ratio']} | {r.get('exit', '')} | {r['error'][:160]} |"
                     + " |" * len(cols)
-                    + (f" {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} |" if "wall_s" in r else " | |")
+                    + (f" {r['wall_s']:.1f} |" if "wall_s" in r else " |")
+                    + (f" {r['peak_rss_mb']:.0f} |" if r.get("peak_rss_mb") is not None else " |")
                 )
                 continue
             off = "" if r["tool"] == "onnxprune" or r.get("matched", True) else " (off target)"
