@@ -291,6 +291,7 @@ def test_default_keeps_the_split_layers_no_slower_than_their_dense_ops(tmp_path,
         return 1.0, {r: 2.0 * r / max(ranks) for r in ranks}
 
     monkeypatch.setattr(pipeline, "layer_latency", fake_latency)
+    monkeypatch.setattr(pipeline, "compare_latency", lambda first, second, feeds, **kw: (1.0, 1.5))  # "slower"
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
     code, _, err = run([EXAMPLE / "digits_resnet.onnx", out, "--ratio", "0.5", "--report", rep], capsys)
     assert code == 0, err

@@ -74,10 +74,22 @@ def test_prune_with_measured_latency_keeps_the_split_layers_no_slower_and_hits_t
     monkeypatch.setattr(
         pipeline, "layer_latency", lambda *, ranks, **kw: (1.0, {r: 4.0 * r / (3.0 * max(ranks)) for r in ranks})
     )
+    # the plan chosen by error alone measures slower as a whole model: the allocation falls back to the budget
+    monkeypatch.setattr(pipeline, "compare_latency", lambda first, second, feeds, **kw: (1.0, 1.5))
     pruned, report = prune(onnx.load(EXAMPLE), remove_ratio=0.5, latency_batch=1)
+    assert set(report.facts["speed_check"]) == {1, 32}
     timed = report.facts["layer_latency"]
     assert timed["before"] == 16 and timed["after"] <= timed["before"]
     ranks = [n for n in pruned.graph.node if n.name.endswith("_basis")]
     assert ranks, "some layers stay split"
     assert abs(report.facts["params_removed"] - 0.5) <= 0.01
     onnx.checker.check_model(pruned, full_check=True)
+
+
+def test_a_plan_that_measures_no_slower_is_kept_without_the_latency_budget(monkeypatch):
+    monkeypatch.setattr(pipeline, "layer_latency", lambda *, ranks, **kw: (1.0, {r: 10.0 for r in ranks}))
+    monkeypatch.setattr(pipeline, "compare_latency", lambda first, second, feeds, **kw: (1.0, 0.9))
+    pruned, report = prune(onnx.load(EXAMPLE), remove_ratio=0.5, latency_batch=1)
+    assert report.facts["speed_check"] == {1: (1.0, 0.9), 32: (1.0, 0.9)}
+    assert "layer_latency" not in report.facts  # every split is "slower" per layer, yet the model is not
+    assert abs(report.facts["params_removed"] - 0.5) <= 0.01

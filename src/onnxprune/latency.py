@@ -233,3 +233,26 @@ def model_latency(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, threa
         sess.run(None, feeds)
         times.append(time.perf_counter() - start)
     return float(np.min(times))
+
+
+def compare_latency(
+    first: onnx.ModelProto, second: onnx.ModelProto, feeds: dict[str, np.ndarray], *, threads: int = 0
+) -> tuple[float, float]:
+    """Median seconds of two models on the same `feeds`, runs interleaved so machine drift hits both alike.
+
+    CPU, all graph optimisations, `threads` intra-op threads; as many rounds as fit in about a second (5 to 50).
+    """
+    sessions = [session(m, optimize=True, threads=threads) for m in (first, second)]
+    for sess in sessions:
+        for _ in range(3):
+            sess.run(None, feeds)
+    start = time.perf_counter()
+    sessions[0].run(None, feeds)
+    rounds = int(min(50, max(5, 0.5 / max(time.perf_counter() - start, 1e-6))))
+    times: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for i, sess in enumerate(sessions):
+            begin = time.perf_counter()
+            sess.run(None, feeds)
+            times[i].append(time.perf_counter() - begin)
+    return float(np.median(times[0])), float(np.median(times[1]))

@@ -26,7 +26,7 @@ from onnxprune.calibration.runner import (
 from onnxprune.calibration.sensitivity import cut_sensitivity, layer_sensitivity
 from onnxprune.errors import BudgetError, GuardError, OnnxPruneError, PassError
 from onnxprune.graph import reinfer_shapes, to_graph, to_model, validate
-from onnxprune.latency import layer_latency, model_latency, split_rank_limit
+from onnxprune.latency import compare_latency, layer_latency, model_latency, split_rank_limit
 from onnxprune.passes.basis import decompose_basis, find_basis_pairs, merge_unprofitable, pair_sizes, param_breakeven
 from onnxprune.passes.cleanup import cleanup
 from onnxprune.passes.compensate import refit
@@ -236,6 +236,16 @@ def prune(
             cut_probe=(
                 partial(cut_sensitivity, template=model, data=fit, batch_size=batch_size)
                 if sensitivity is not False and fit is not None and stage == "basis"
+                else None
+            ),
+            speed_check=(
+                partial(
+                    _speed_check,
+                    template=model,
+                    feeds=[_synthetic_feeds(model, count_shapes, batch=b, seed=seed) for b in {latency_batch, 32}],
+                    threads=threads,
+                )
+                if latency_batch and stage == "basis" and target != "latency"
                 else None
             ),
             seed=seed,
@@ -460,6 +470,26 @@ def prune_guarded(
     )
 
 
+SPEED_MARGIN = 0.02  # a plan whose model measures this much slower than the original falls back to the latency budget
+
+
+def _speed_check(graph: gs.Graph, plan: dict, pairs: list, *, template, feeds: list, threads: int) -> dict:
+    """Measured (original, planned) median seconds per batch size: the plan applied to a copy, merged back as written.
+
+    The weights are not yet refitted, which changes no shape and so no latency.
+    """
+    probe = to_graph(to_model(graph, template))
+    remove_channels(probe, plan=plan, analysis=find_channel_groups(probe))
+    merge_unprofitable(probe, pairs=pairs)
+    cleanup(probe, fold_bn=False)
+    planned = to_model(probe, template)
+    found = {}
+    for batch_feeds in feeds:
+        batch = int(next(iter(batch_feeds.values())).shape[0])
+        found[batch] = compare_latency(template, planned, batch_feeds, threads=threads)
+    return found
+
+
 def _synthetic_feeds(model: onnx.ModelProto, shapes: dict | None, *, batch: int, seed: int) -> dict[str, np.ndarray]:
     """Normal random inputs of `batch` samples at the counting `shapes` (a fixed batch dim is kept)."""
     feeds = random_feeds(model, batch=batch, seed=seed)
@@ -512,6 +542,7 @@ def _prune_stage(
     curves: dict | None = None,
     probe: Callable | None = None,
     cut_probe: Callable | None = None,
+    speed_check: Callable | None = None,
     seed: int = 0,
     shapes: dict[str, list[int]] | None = None,
     template: onnx.ModelProto | None = None,
@@ -561,6 +592,8 @@ def _prune_stage(
             everything = cost.count()[1 if target == "flops" else 0]
             fixed = everything - sum(float(c.cost[0]) for c in choices)
         budget = sum(float(c.latency[0]) for c in choices) if curves and target != "latency" else None
+        # first by error alone; the whole model's measured speed decides below whether the per-layer budget is needed
+        first_budget = None if speed_check is not None else budget
         allocation = allocate_ranks(
             analysis,
             cost,
@@ -568,7 +601,7 @@ def _prune_stage(
             remove_ratio=remove_ratio,
             total_before=total,
             fixed=fixed,
-            latency_budget=budget,
+            latency_budget=first_budget,
         )
         if cut_probe is not None and allocation.plan:
             started = time.perf_counter()
@@ -585,13 +618,26 @@ def _prune_stage(
                 remove_ratio=remove_ratio,
                 total_before=total,
                 fixed=fixed,
-                latency_budget=budget,
+                latency_budget=first_budget,
             )
             report.facts["sensitivity"] = {
                 "weights": weights,
                 "probes": len(cuts),
                 "seconds": time.perf_counter() - started,
             }
+        if speed_check is not None and budget is not None:
+            slower = speed_check(graph, allocation.plan, pairs)
+            report.facts["speed_check"] = slower
+            if any(after > before * (1 + SPEED_MARGIN) for before, after in slower.values()):
+                allocation = allocate_ranks(
+                    analysis,
+                    cost,
+                    choices,
+                    remove_ratio=remove_ratio,
+                    total_before=total,
+                    fixed=fixed,
+                    latency_budget=budget,
+                )
         if allocation.latency is not None:
             report.facts["layer_latency"] = {"before": budget, "after": allocation.latency}
     else:
