@@ -583,43 +583,39 @@ def _prune_stage(
         weights = probe(graph, groups=[g for g in analysis.groups if g.name not in protected], scores=scores)
         report.facts.setdefault("sensitivity", {}).update(weights)
     if stage == "basis" and round_to <= 1:
-        choices = rank_choices(
-            analysis, cost, scores, target=target, protected=frozenset(protected), weights=weights, latencies=curves
-        )
-        if target == "latency":
-            fixed = max(0.0, total - sum(float(c.latency[0]) for c in choices))
-        else:
-            everything = cost.count()[1 if target == "flops" else 0]
-            fixed = everything - sum(float(c.cost[0]) for c in choices)
-        budget = sum(float(c.latency[0]) for c in choices) if curves and target != "latency" else None
-        # first by error alone; the whole model's measured speed decides below whether the per-layer budget is needed
-        first_budget = None if speed_check is not None else budget
-        allocation = allocate_ranks(
-            analysis,
-            cost,
-            choices,
-            remove_ratio=remove_ratio,
-            total_before=total,
-            fixed=fixed,
-            latency_budget=first_budget,
-        )
-        if cut_probe is not None and allocation.plan:
-            started = time.perf_counter()
-            by_group = {c.group: c for c in choices}
-            cuts = {g: (keep, float(by_group[g].error[len(keep)])) for g, keep in allocation.plan.items()}
-            weights = cut_probe(graph, cuts=cuts)
-            choices = rank_choices(
+
+        def options(weights: dict | None) -> list:
+            return rank_choices(
                 analysis, cost, scores, target=target, protected=frozenset(protected), weights=weights, latencies=curves
             )
-            allocation = allocate_ranks(
+
+        def plan(choices: list, seconds: float | None):
+            return allocate_ranks(
                 analysis,
                 cost,
                 choices,
                 remove_ratio=remove_ratio,
                 total_before=total,
                 fixed=fixed,
-                latency_budget=first_budget,
+                latency_budget=seconds,
             )
+
+        choices = options(weights)
+        if target == "latency":
+            fixed = max(0.0, total - sum(float(c.latency[0]) for c in choices))
+        else:
+            fixed = cost.count()[1 if target == "flops" else 0] - sum(float(c.cost[0]) for c in choices)
+        budget = sum(float(c.latency[0]) for c in choices) if curves and target != "latency" else None
+        # first by error alone; the whole model's measured speed decides below whether the per-layer budget is needed
+        first_budget = None if speed_check is not None else budget
+        allocation = plan(choices, first_budget)
+        if cut_probe is not None and allocation.plan:
+            started = time.perf_counter()
+            by_group = {c.group: c for c in choices}
+            cuts = {g: (keep, float(by_group[g].error[len(keep)])) for g, keep in allocation.plan.items()}
+            weights = cut_probe(graph, cuts=cuts)
+            choices = options(weights)
+            allocation = plan(choices, first_budget)
             report.facts["sensitivity"] = {
                 "weights": weights,
                 "probes": len(cuts),
@@ -629,15 +625,7 @@ def _prune_stage(
             slower = speed_check(graph, allocation.plan, pairs)
             report.facts["speed_check"] = slower
             if any(after > before * (1 + SPEED_MARGIN) for before, after in slower.values()):
-                allocation = allocate_ranks(
-                    analysis,
-                    cost,
-                    choices,
-                    remove_ratio=remove_ratio,
-                    total_before=total,
-                    fixed=fixed,
-                    latency_budget=budget,
-                )
+                allocation = plan(choices, budget)
         if allocation.latency is not None:
             report.facts["layer_latency"] = {"before": budget, "after": allocation.latency}
     else:
@@ -727,29 +715,35 @@ def _whitenable(graph: gs.Graph, min_rank: int) -> dict[str, tuple[str, dict]]:
     return found
 
 
+def _timing_spec(graph: gs.Graph, nodes: dict, pair) -> tuple[str, list, list, int] | None:
+    """(op, input shape without batch, dense weight shape, largest rank worth splitting) of a pair to time.
+
+    None without static shapes, or for a basis op with no timing model (ConvTranspose: such a layer stays dense).
+    """
+    basis = nodes.get(pair.basis)
+    x_shape = basis.inputs[0].shape if basis is not None else None
+    if x_shape is None or any(not isinstance(d, int) for d in x_shape[1:]) or basis.op not in ("Conv", "MatMul"):
+        return None
+    r, k, co = pair_sizes(graph, pair)
+    w = const(basis.inputs[1])
+    shape, op = ([co, *w.shape[1:]], "Conv") if basis.op == "Conv" else ([k, co], "MatMul")
+    return op, list(x_shape[1:]), shape, min(r, param_breakeven(k, co))
+
+
 def _latency_limits(graph: gs.Graph, pairs: list, *, batch: int, threads: int) -> dict[str, int]:
     """Per pair, the largest kept rank that still measures faster split than merged (static shapes only)."""
     nodes = {n.name: n for n in graph.nodes}
     limits = {}
     for pair in pairs:
-        basis = nodes[pair.basis]
-        x_shape = basis.inputs[0].shape
-        if x_shape is None or any(not isinstance(d, int) for d in x_shape[1:]):
+        spec = _timing_spec(graph, nodes, pair)
+        if spec is None:
             continue
-        if basis.op not in ("Conv", "Gemm", "MatMul"):  # no latency probe for it (ConvTranspose): by parameters
-            continue
-        r, k, co = pair_sizes(graph, pair)
-        bound = min(r, param_breakeven(k, co))
-        w = const(basis.inputs[1])
-        if basis.op == "Conv":
-            shape, op = [co, *w.shape[1:]], "Conv"
-        else:
-            shape, op = [k, co], "MatMul"
+        op, x_shape, shape, bound = spec
         limits[pair.basis] = split_rank_limit(
             op=op,
-            x_shape=[batch, *x_shape[1:]],
+            x_shape=[batch, *x_shape],
             weight_shape=shape,
-            attrs=dict(basis.attrs),
+            attrs=dict(nodes[pair.basis].attrs),
             max_rank=bound,
             threads=threads,
         )
@@ -764,23 +758,16 @@ def _latency_curves(graph: gs.Graph, pairs: list, *, batch: int, threads: int) -
     nodes = {n.name: n for n in graph.nodes}
     curves = {}
     for pair in pairs:
-        basis = nodes.get(pair.basis)
-        x_shape = basis.inputs[0].shape if basis is not None else None
-        if x_shape is None or any(not isinstance(d, int) for d in x_shape[1:]):
+        spec = _timing_spec(graph, nodes, pair)
+        if spec is None:
             continue
-        r, k, co = pair_sizes(graph, pair)
-        bound = max(1, min(r, param_breakeven(k, co)))
-        if basis.op not in ("Conv", "MatMul"):  # no timing model (ConvTranspose): such a layer stays dense
-            continue
-        w = const(basis.inputs[1])
-        shape, op = ([co, *w.shape[1:]], "Conv") if basis.op == "Conv" else ([k, co], "MatMul")
-        ranks = sorted({max(1, round(bound * f)) for f in LATENCY_POINTS})
+        op, x_shape, shape, bound = spec
         curves[pair.mid] = layer_latency(
             op=op,
-            x_shape=[batch, *x_shape[1:]],
+            x_shape=[batch, *x_shape],
             weight_shape=shape,
-            attrs=dict(basis.attrs),
-            ranks=ranks,
+            attrs=dict(nodes[pair.basis].attrs),
+            ranks=sorted({max(1, round(max(bound, 1) * f)) for f in LATENCY_POINTS}),
             threads=threads,
         )
     return curves
