@@ -127,10 +127,11 @@ def top1(model: onnx.ModelProto, data: Data, *, batch_size: int = 64) -> tuple[s
     """
     names = [o.name for o in model.graph.output]
     found: dict[str, list[np.ndarray]] = {k: [] for k in names}
-    for batch in stream(model, data, names, batch_size=batch_size):
+    sizes = (len(next(iter(feed.values()))) for feed in as_samples(data).batches(batch_size))
+    for batch, n in zip(stream(model, data, names, batch_size=batch_size), sizes):
         for name in list(found):
             scores = class_scores(batch[name])
-            if scores is None:
+            if scores is None or len(scores) != n:  # e.g. a time-major sequence [T, N, C]: not one class a sample
                 del found[name]
             else:
                 found[name].append(scores.argmax(1))
