@@ -180,3 +180,22 @@ def test_only_outputs_shaped_like_class_scores_stratify():
     x = np.random.default_rng(0).standard_normal((10, 3, 8, 8)).astype(np.float32)
     fit, held, facts = split_calibration(b_model, {"x": x}, seed=0)
     assert facts == {} and (len(fit), len(held)) == (8, 2)
+
+
+def test_a_time_major_sequence_output_does_not_stratify_the_split():
+    """Recognisers output [T, N, C] (time first): one row per time step, not per sample, so not class scores."""
+    from onnx import TensorProto, helper
+
+    from onnxprune.calibration.runner import split_calibration, top1
+
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["x"], ["y"], perm=[1, 0, 2])],
+        "seq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, "N", 7])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = {"x": np.random.default_rng(0).standard_normal((12, 5, 7)).astype(np.float32)}
+    assert top1(model, data, batch_size=1) is None  # with N = 1 the output is [5, 1, 7]: five rows, one sample
+    fit, held, facts = split_calibration(model, data, seed=0, batch_size=1)
+    assert len(fit) + len(held) == 12 and facts == {}
