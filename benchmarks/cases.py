@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from benchmarks.peers import bisect, onnxsim_wanda
 from onnxprune.bench import time_models
 from onnxprune.pipeline import count
 
@@ -55,19 +56,6 @@ def run_cli(args: list[str]) -> dict:
     }
 
 
-def _bisect(make, target: float, hi: float = 0.99, steps: int = 12):
-    lo, best = 0.0, None
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        model, reached = make(mid)
-        if best is None or abs(reached - target) < abs(best[1] - target):
-            best = (model, reached, mid)
-        if abs(reached - target) <= 0.01:
-            break
-        lo, hi = (mid, hi) if reached < target else (lo, mid)
-    return best
-
-
 def plain_svd(model: onnx.ModelProto, target: float) -> tuple[onnx.ModelProto, float]:
     """Every Conv (group 1) / Gemm / MatMul with a constant weight split at one rank fraction, data-free."""
     from onnxprune.graph import to_graph, to_model
@@ -87,24 +75,7 @@ def plain_svd(model: onnx.ModelProto, target: float) -> tuple[onnx.ModelProto, f
         out = to_model(graph, model)
         return out, 1 - count(out)[0] / before
 
-    pruned, reached, _ = _bisect(make, target)
-    return pruned, reached
-
-
-def onnxsim_wanda(model: onnx.ModelProto, calib: np.ndarray, target: float) -> tuple[onnx.ModelProto, float]:
-    from onnxsim import pruning
-
-    name = model.graph.input[0].name
-    before = count(model)[0]
-    batches = [{name: calib[i : i + 64]} for i in range(0, len(calib), 64)]
-
-    def make(sparsity: float):
-        out = pruning.apply_structured_wanda_pruning(
-            model, calibration_data=batches, sparsity=sparsity, global_sparsity=True
-        )
-        return out, 1 - count(out)[0] / before
-
-    pruned, reached, _ = _bisect(make, target)
+    pruned, reached, _ = bisect(make, target, hi=0.99)
     return pruned, reached
 
 
@@ -159,12 +130,12 @@ def main(argv: list[str] | None = None) -> None:
                 }
             )
             for name, make in (
-                ("peer: onnxsim structured Wanda", lambda r: onnxsim_wanda(model, calib, r)),
-                ("peer: plain SVD, one rank fraction", lambda r: plain_svd(model, r)),
+                ("peer: onnxsim structured Wanda", lambda r: onnxsim_wanda(model, calib, r)[0]),
+                ("peer: plain SVD, one rank fraction", lambda r: plain_svd(model, r)[0]),
             ):
                 start = time.perf_counter()
                 try:
-                    pruned, _ = make(ratio)
+                    pruned = make(ratio)
                 except Exception as err:  # a peer that cannot run gets a row saying why
                     rows.append({"row": name, "ratio": ratio, "error": f"{type(err).__name__}: {err}"})
                     continue

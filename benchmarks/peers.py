@@ -150,7 +150,8 @@ def onnxsim_wanda(model: onnx.ModelProto, calib: np.ndarray, target: float) -> t
     from onnxsim import pruning
 
     before = count(model)[0]
-    batches = [{"image": calib[i : i + 64]} for i in range(0, len(calib), 64)]
+    name = model.graph.input[0].name
+    batches = [{name: calib[i : i + 64]} for i in range(0, len(calib), 64)]
 
     def make(sparsity: float):
         out = pruning.apply_structured_wanda_pruning(
