@@ -64,3 +64,63 @@ def test_sensitivity_moves_the_removals_to_the_quiet_branch():
 def test_sensitivity_needs_calibration():
     with pytest.raises(OnnxPruneError, match="--sensitivity needs calibration data"):
         prune(_loud_and_quiet(), remove_ratio=0.3, sensitivity=True)
+
+
+def _split_example():
+    import onnx
+
+    from onnxprune.passes.basis import decompose_basis, find_basis_pairs
+
+    model = onnx.load("examples/digits_resnet.onnx")
+    graph = to_graph(model)
+    decompose_basis(graph, min_channels=4)
+    graph = to_graph(to_model(graph, model))
+    bases = {p.basis for p in find_basis_pairs(graph)}
+    groups = [g for g in find_channel_groups(graph).groups if len(g.producers) == 1 and g.producers[0] in bases]
+    return model, graph, groups
+
+
+def _removal_change(graph, model, name, keep, data):
+    """The old probe, by removal: the group cut on a copy, the relative change of the outputs."""
+    from onnxprune.passes.remove import remove_channels
+    from onnxprune.testing import ort_run
+
+    ref = ort_run(to_model(graph, model), data)
+    probe = to_graph(to_model(graph, model))
+    remove_channels(probe, plan={name: keep}, analysis=find_channel_groups(probe))
+    out = ort_run(to_model(probe, model), data)
+    moved = sum(float(np.sum((out[k].astype(np.float64) - r) ** 2)) for k, r in ref.items())
+    return moved / sum(float(np.sum(r.astype(np.float64) ** 2)) for r in ref.values())
+
+
+def test_cut_probes_by_mask_equal_probes_by_removal():
+    """One session with a mask per layer measures what removing the planned bases on a copy measures."""
+    from onnxprune.calibration.sensitivity import CUT_WEIGHT_RANGE, cut_sensitivity
+
+    model, graph, groups = _split_example()
+    data = {"image": np.load("examples/digits_calib.npy")[:16]}
+    rng = np.random.default_rng(0)
+    cuts = {}
+    for g in groups[:6]:
+        keep = np.sort(rng.choice(len(g.classes), max(1, len(g.classes) // 3), replace=False))
+        cuts[g.name] = (keep, 0.01 * (1 + rng.random()))
+    facts = {}
+    weights = cut_sensitivity(graph, model, cuts, data, budget_s=1e9, facts=facts)
+    ratio = {n: _removal_change(graph, model, n, keep, data) / predicted for n, (keep, predicted) in cuts.items()}
+    median = np.median(list(ratio.values()))
+    expected = {n: float(np.clip(r / median, *CUT_WEIGHT_RANGE)) for n, r in ratio.items()}
+    assert facts == {"samples": 16, "probes": 6}
+    assert weights.keys() == expected.keys()
+    for name in weights:
+        assert weights[name] == pytest.approx(expected[name], rel=1e-4), name
+
+
+def test_cut_probes_take_fewer_samples_past_the_time_budget():
+    from onnxprune.calibration.sensitivity import CUT_MIN_SAMPLES, cut_sensitivity
+
+    model, graph, groups = _split_example()
+    data = {"image": np.load("examples/digits_calib.npy")[:32]}
+    cuts = {g.name: (np.arange(len(g.classes) // 2), 0.01) for g in groups[:4]}
+    facts = {}
+    weights = cut_sensitivity(graph, model, cuts, data, budget_s=0.0, facts=facts)
+    assert facts["samples"] == CUT_MIN_SAMPLES and len(weights) == 4

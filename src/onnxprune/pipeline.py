@@ -32,6 +32,7 @@ from onnxprune.passes.cleanup import cleanup
 from onnxprune.passes.compensate import refit
 from onnxprune.passes.groups import find_channel_groups
 from onnxprune.passes.remove import remove_channels
+from onnxprune.progress import steps
 from onnxprune.result import PassResult, Report
 from onnxprune.rules import const
 from onnxprune.shapes import choose_shapes, concrete_shapes, fix_input_shapes
@@ -644,12 +645,14 @@ def _prune_stage(
             started = time.perf_counter()
             by_group = {c.group: c for c in choices}
             cuts = {g: (keep, float(by_group[g].error[len(keep)])) for g, keep in allocation.plan.items()}
-            weights = cut_probe(graph, cuts=cuts)
+            measured: dict = {}
+            weights = cut_probe(graph, cuts=cuts, facts=measured)
             choices = options(weights)
             allocation = plan(choices, first_budget)
             report.facts["sensitivity"] = {
                 "weights": weights,
-                "probes": len(cuts),
+                "probes": measured.get("probes", 0),
+                "samples": measured.get("samples", 0),
                 "seconds": time.perf_counter() - started,
             }
         if speed_check is not None and budget is not None:
@@ -791,7 +794,7 @@ def _latency_curves(graph: gs.Graph, pairs: list, *, batch: int, threads: int) -
     """Per pair's mid tensor: measured (dense seconds, {rank: split seconds}) at `batch` (static shapes only)."""
     nodes = {n.name: n for n in graph.nodes}
     curves = {}
-    for pair in pairs:
+    for pair in steps(pairs, "layer latency"):
         spec = _timing_spec(graph, nodes, pair)
         if spec is None:
             continue

@@ -10,6 +10,7 @@ import onnx
 from onnxprune.calibration.data import Samples, as_samples
 from onnxprune.errors import CalibrationError
 from onnxprune.graph import session
+from onnxprune.progress import steps
 
 HELD_OUT = 0.2  # fraction of the calibration samples kept for measuring fidelity, never used for decisions
 
@@ -128,7 +129,7 @@ def top1(model: onnx.ModelProto, data: Data, *, batch_size: int = 64) -> tuple[s
     names = [o.name for o in model.graph.output]
     found: dict[str, list[np.ndarray]] = {k: [] for k in names}
     sizes = (len(next(iter(feed.values()))) for feed in as_samples(data).batches(batch_size))
-    for batch, n in zip(stream(model, data, names, batch_size=batch_size), sizes):
+    for batch, n in zip(stream(model, data, names, batch_size=batch_size, label="original model's top-1"), sizes):
         for name in list(found):
             scores = class_scores(batch[name])
             if scores is None or len(scores) != n:  # e.g. a time-major sequence [T, N, C]: not one class a sample
@@ -154,7 +155,7 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 
 def stream(
-    model: onnx.ModelProto, data: Data, names: list[str], *, batch_size: int = 64
+    model: onnx.ModelProto, data: Data, names: list[str], *, batch_size: int = 64, label: str | None = None
 ) -> Iterator[dict[str, np.ndarray]]:
     """Batches of the tensors `names` (graph outputs or intermediate), computed on `data` in onnxruntime.
 
@@ -163,12 +164,16 @@ def stream(
         data: The samples; each batch holds samples of one shape, at the model's fixed batch when it has one.
         names: Tensors to return.
         batch_size: Samples per run when the model's batch dim is dynamic.
+        label: Show progress under this name (``progress.steps``).
 
     Yields:
         Name -> array per batch, in the samples' iteration order.
     """
     sess = session(with_outputs(model, names), optimize=False)
-    for feed in as_samples(data).batches(batch_size):
+    feeds = as_samples(data).batches(batch_size)
+    if label is not None:
+        feeds = steps(list(feeds), label)
+    for feed in feeds:
         outs = sess.run(names, feed)
         yield dict(zip(names, outs))
 
@@ -214,7 +219,7 @@ def channel_statistics(
     sums = {k: 0.0 for k in names}
     counts = dict.fromkeys(names, 0)
     features: dict[str, list[np.ndarray]] = {k: [] for k in names}
-    for batch in stream(model, data, names, batch_size=batch_size):
+    for batch in stream(model, data, names, batch_size=batch_size, label="calibration statistics"):
         for name in names:
             x = batch[name]
             rows = channels_last(x, axes[name])
@@ -226,7 +231,16 @@ def channel_statistics(
     return energy, ({k: np.concatenate(v) for k, v in features.items()} if pooled else {})
 
 
-MAX_POSITIONS = 4096  # patch rows kept per batch for covariances: memory depends on the batch, not the data set
+ROWS_PER_SAMPLE = 128  # patch rows kept per sample for second moments: memory follows the batch, not the data set
+
+
+def row_budget(samples: int) -> int:
+    """Patch rows kept from a batch of `samples` samples (4096 for a batch of 32, 128 for a fixed batch of 1).
+
+    A budget per batch would make a model with a fixed batch of 1 accumulate 32 times the rows of a dynamic one, and
+    the K x K second moments of a wide layer cost rows x K^2.
+    """
+    return ROWS_PER_SAMPLE * max(int(samples), 1)
 
 
 def im2col(
@@ -257,7 +271,7 @@ def patch_covariances(
 ) -> dict[str, np.ndarray]:
     """E[p p^T] of each Conv's input patches (node name -> (input tensor, attrs with kernel_shape, strides...)).
 
-    Streamed: per batch at most MAX_POSITIONS patch rows are sampled, so memory depends on the batch size and the
+    Streamed: per batch at most `row_budget` patch rows are sampled, so memory depends on the batch size and the
     layers, not on the number of samples.
     """
     rng = np.random.default_rng(seed)
@@ -275,8 +289,8 @@ def patch_covariances(
                 pads=attrs.get("pads", [0] * 2 * rank),
                 dilations=attrs.get("dilations", [1] * rank),
             )
-            if len(patches) > MAX_POSITIONS:
-                patches = patches[rng.choice(len(patches), MAX_POSITIONS, replace=False)]
+            if len(patches) > row_budget(len(x)):
+                patches = patches[rng.choice(len(patches), row_budget(len(x)), replace=False)]
             sums[name] = sums.get(name, 0) + patches.T @ patches
             counts[name] += len(patches)
     return {k: sums[k] / max(counts[k], 1) for k in sums}
@@ -309,7 +323,8 @@ def fidelity(
     scored = dict.fromkeys(names, True)
     n = 0
     batches = zip(
-        stream(original, data, names, batch_size=batch_size), stream(pruned, data, names, batch_size=batch_size)
+        stream(original, data, names, batch_size=batch_size),
+        stream(pruned, data, names, batch_size=batch_size, label="held-out fidelity"),
     )
     for ref, got in batches:
         m = len(ref[names[0]])

@@ -5,8 +5,11 @@ are the regressors).
 
 Sequential, in topological order: layer L is fitted on the inputs z that the already-compressed layers before it
 produce, against the original model's output y of the same layer, so errors do not pile up through depth:
-``S, b = argmin E||S z + b - y||^2 + lambda ||S||^2``, from streamed sums of z z^T and y z^T (memory does not grow
-with the number of samples). A refit that makes the layer's error on the held-out samples worse is not kept.
+``S, b = argmin E||S z + b - y||^2 + lambda ||S||^2``, from sums of z z^T and y z^T over sub-sampled patch rows. The
+inputs come from a `Frontier` per model and sample set: every node runs once per sample, when a later layer first
+needs its output, so a layer refitted before that runs with its new weights (memory: the live activations times
+the samples, up to `frontier.CACHE_BYTES`). A refit that makes the layer's error on the held-out samples worse is
+not kept.
 
 Two refinements of the target y (``Target``):
 * residual sum: a layer whose only consumer is a two-input Add is fitted so that the *sum* matches the original's,
@@ -29,9 +32,11 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune import rules
-from onnxprune.calibration.runner import MAX_POSITIONS, channels_last, im2col, stream
-from onnxprune.graph import to_model, unique_name
+from onnxprune.calibration.frontier import Frontier
+from onnxprune.calibration.runner import channels_last, im2col, row_budget
+from onnxprune.graph import to_graph, unique_name
 from onnxprune.passes.basis import BasisPair
+from onnxprune.progress import steps
 from onnxprune.result import PassResult, Report
 from onnxprune.rules import const
 
@@ -79,41 +84,35 @@ def refit(
     layers = {p.scaling for p in pairs if p.scaling in order}
     shrunk = set(kept or {})
     layers |= {n.name for n in graph.nodes if n.inputs and n.inputs[0].name in shrunk and _rows_of(n) is not None}
-    for name in sorted(layers, key=order.get):
+    ordered = sorted(layers, key=order.get)
+    reference = to_graph(original)
+    runs = Runs(
+        current_fit=Frontier(graph, template, fit, batch_size=batch_size),
+        original_fit=Frontier(reference, original, fit, batch_size=batch_size),
+        current_held=Frontier(graph, template, held, batch_size=batch_size),
+        original_held=Frontier(reference, original, held, batch_size=batch_size),
+    )
+    for i, name in enumerate(steps(ordered, "refit")):
         node = nodes[name]
+        later = {id(nodes[n]) for n in ordered[i:]}
+        first = split.get(name, node)
         if name in split and low_rank:
-            if _refit_low_rank(
-                graph,
-                split[name],
-                node,
-                template,
-                original,
-                fit,
-                held,
-                original_names,
-                kept or {},
-                ridge,
-                batch_size,
-                report,
-                seed,
-            ):
+            if _refit_low_rank(graph, split[name], node, runs, original_names, kept or {}, later, ridge, report, seed):
                 continue
         rows = _rows_of(node)
-        target = _target_of(node, graph, original_names, kept or {})
+        target = _target_of(node, graph, original_names, kept or {}, later - {id(first), id(node)})
         if target is None or rows is None:
             report.skip(node, "no matching tensor in the original model to fit to, or an input layout not handled")
             continue
-        current = to_model(graph, template)
         old_w, old_b = rules.affine(node)
         axis = rules.output_channel_axis(node)
         with_bias = node.op in rules.BIAS_INPUT
         source = node.inputs[0].name
         r = old_w.shape[1]
-        solved = None
+        batches = runs.fit(source, target)
+        solved = zz = None
         for _ in range(2 if target.clip else 1):  # with an activation: one majorize-minimize step from the plain fit
-            zz, yz = _accumulate(
-                current, original, fit, source, target, rows, axis, with_bias, batch_size, solved, seed=seed
-            )
+            zz, yz = _accumulate(batches, source, target, rows, axis, with_bias, solved, zz, seed=seed)
             step = _solve(zz, yz, r, ridge)
             if step is None:
                 break
@@ -123,7 +122,7 @@ def refit(
             continue
         new_w, new_b = solved[:, :r], (solved[:, r] if with_bias else None)
         before, after = _held_errors(
-            current, original, held, source, target, rows, axis, (old_w, old_b), (new_w, new_b), batch_size, seed=seed
+            runs.held(source, target), source, target, rows, axis, (old_w, old_b), (new_w, new_b), seed=seed
         )
         if after >= before:
             report.skip(node, f"refit kept out: held-out error {after:.4g} >= {before:.4g}")
@@ -135,6 +134,7 @@ def refit(
         report.counts["refit_clipped_targets"] += target.clip is not None
         report.layers[name] = {"refit_error_before": before, "refit_error_after": after}
         log.debug("refit %s: held-out layer error %.4g -> %.4g", name, before, after)
+    report.counts["refit_segments"] += runs.segments
     return PassResult(graph, modified=bool(report.counts.get("refitted")), report=report)
 
 
@@ -197,8 +197,20 @@ class Target:
     select: np.ndarray | None = None
 
 
-def _target_of(node: gs.Node, graph: gs.Graph, original_names: set[str], kept: dict[str, np.ndarray]) -> Target | None:
-    """The fit target of `node`: its own output, or the residual sum it feeds; with the activation that follows."""
+def _target_of(
+    node: gs.Node,
+    graph: gs.Graph,
+    original_names: set[str],
+    kept: dict[str, np.ndarray],
+    pending: set[int] = frozenset(),
+) -> Target | None:
+    """The fit target of `node`: its own output, or the residual sum it feeds; with the activation that follows.
+
+    The sum is the target only when its other branch depends on no layer in `pending` (ids of the layers refitted
+    later): a branch is computed once, with the weights it has when it runs (``Frontier``). Of two layers that meet
+    at one Add (a residual block's last layer and its projection shortcut), the first fits its own output and the
+    second the sum.
+    """
     out = node.outputs[0]
     if out.name not in original_names:
         return None
@@ -212,10 +224,26 @@ def _target_of(node: gs.Node, graph: gs.Graph, original_names: set[str], kept: d
             and other.shape is not None
             and list(other.shape) == list(out.shape or [])
             and add.outputs[0].name in original_names
+            and not (pending and _depends_on(other, pending))
         ):
             fitted, offset = add.outputs[0], other.name
     clip = None if fitted in graph.outputs else _clip_bounds(fitted)
     return Target(fitted.name, offset, clip, kept.get(fitted.name))
+
+
+def _depends_on(tensor: gs.Tensor, nodes: set[int]) -> bool:
+    """Whether any node whose id is in `nodes` is an ancestor of `tensor`."""
+    stack, seen = [tensor], set()
+    while stack:
+        t = stack.pop()
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        for producer in t.inputs:
+            if id(producer) in nodes:
+                return True
+            stack.extend(producer.inputs)
+    return False
 
 
 def _clip_bounds(tensor: gs.Variable) -> tuple[float, float] | None:
@@ -223,13 +251,32 @@ def _clip_bounds(tensor: gs.Variable) -> tuple[float, float] | None:
     return rules.clip_bounds(tensor.outputs[0]) if len(tensor.outputs) == 1 else None
 
 
-def _pairs_of(current, original, data, source: str, target: Target, batch_size: int):
+@dataclasses.dataclass(frozen=True)
+class Runs:
+    """The four frontiers a sequential refit reads: the current and the original model on the fit and held samples."""
+
+    current_fit: Frontier
+    original_fit: Frontier
+    current_held: Frontier
+    original_held: Frontier
+
+    def fit(self, source: str, target: Target) -> list[tuple[dict, dict]]:
+        """Per fit batch: (the current model's input `source` and offset, the original model's target)."""
+        return _pairs(self.current_fit, self.original_fit, source, target)
+
+    def held(self, source: str, target: Target) -> list[tuple[dict, dict]]:
+        """The same on the held-out samples."""
+        return _pairs(self.current_held, self.original_held, source, target)
+
+    @property
+    def segments(self) -> int:
+        """How many onnxruntime models the four frontiers built so far."""
+        return sum(f.runs for f in (self.current_fit, self.original_fit, self.current_held, self.original_held))
+
+
+def _pairs(current: Frontier, original: Frontier, source: str, target: Target) -> list[tuple[dict, dict]]:
     ours = [source, *([target.offset] if target.offset else [])]
-    return zip(
-        stream(current, data, ours, batch_size=batch_size),
-        stream(original, data, [target.name], batch_size=batch_size),
-        strict=True,
-    )
+    return list(zip(current.get(ours), original.get([target.name]), strict=True))
 
 
 def _batch_rows(zb, yb, source: str, target: Target, rows, axis: int, rng):
@@ -241,8 +288,9 @@ def _batch_rows(zb, yb, source: str, target: Target, rows, axis: int, rng):
     y = channels_last(yb[target.name], axis)
     y = y if target.select is None else y[:, target.select]
     off = channels_last(zb[target.offset], axis) if target.offset else np.zeros((len(y), 1))
-    if len(z) > MAX_POSITIONS:
-        pick = rng.choice(len(z), MAX_POSITIONS, replace=False)
+    limit = row_budget(len(zb[source]))
+    if len(z) > limit:
+        pick = rng.choice(len(z), limit, replace=False)
         z, y, off = z[pick], y[pick], off[pick]
     return z, y, off
 
@@ -258,28 +306,32 @@ def _fit_target(target: Target, y: np.ndarray, off: np.ndarray, pred: np.ndarray
     return y - off
 
 
-def _accumulate(
-    current, original, data, source, target: Target, rows, axis, with_bias, batch_size, previous=None, *, seed=0
-):
-    """Streamed z z^T and y z^T (z with a column of ones for the bias); `previous` is the fit the targets build on."""
-    zz = yz = None
+def _accumulate(batches, source, target: Target, rows, axis, with_bias, previous=None, zz=None, *, seed=0):
+    """Sums over `batches` of z z^T and y z^T (z with a column of ones for the bias).
+
+    `previous` is the fit the targets build on; `zz`, when given, is the z z^T of an earlier call on the same
+    batches (same seed, same rows), returned as is: only the targets change between majorize-minimize steps.
+    """
+    known = zz is not None
+    yz = None
     rng = np.random.default_rng(seed)
-    for zb, yb in _pairs_of(current, original, data, source, target, batch_size):
+    for zb, yb in batches:
         z, y, off = _batch_rows(zb, yb, source, target, rows, axis, rng)
         if with_bias:
             z = np.hstack([z, np.ones((len(z), 1))])
         y = _fit_target(target, y, off, None if previous is None else z @ previous.T + off)
-        zz = z.T @ z if zz is None else zz + z.T @ z
+        if not known:
+            zz = z.T @ z if zz is None else zz + z.T @ z
         yz = y.T @ z if yz is None else yz + y.T @ z
     return zz, yz
 
 
-def _held_errors(current, original, held, source, target: Target, rows, axis, old, new, batch_size, *, seed=0):
-    """Squared error of the old and the new weights on the held-out samples, after the sum and the activation."""
+def _held_errors(batches, source, target: Target, rows, axis, old, new, *, seed=0):
+    """Squared error of the old and the new weights on the held-out `batches`, after the sum and the activation."""
     errors = np.zeros(2)
     rng = np.random.default_rng(seed + 1)
     lo, hi = target.clip or (-np.inf, np.inf)
-    for zb, yb in _pairs_of(current, original, held, source, target, batch_size):
+    for zb, yb in batches:
         z, y, off = _batch_rows(zb, yb, source, target, rows, axis, rng)
         for i, (w, b) in enumerate((old, new)):
             pred = z @ w.T + (0 if b is None else b) + off
@@ -300,9 +352,7 @@ def _still_split(pair: BasisPair, nodes: dict[str, gs.Node]) -> bool:
     )
 
 
-def _refit_low_rank(
-    graph, basis, scaling, template, original, fit, held, original_names, kept, ridge, batch_size, report, seed
-) -> bool:
+def _refit_low_rank(graph, basis, scaling, runs, original_names, kept, pending, ridge, report, seed) -> bool:
     """Refit a split pair as a whole: the best rank-r layer for its compressed inputs (DESIGN §3, Compensation).
 
     With centred input rows x (the basis op's patches on the already-compressed model) and targets y (the original
@@ -316,19 +366,19 @@ def _refit_low_rank(
         refitting the scaling op alone (input too wide, or no target).
     """
     rows = _rows_of(basis)
-    target = _target_of(scaling, graph, original_names, kept)
+    target = _target_of(scaling, graph, original_names, kept, pending - {id(basis), id(scaling)})
     b_w, _ = rules.affine(basis)
     s_w, s_b = rules.affine(scaling)
     r, k = b_w.shape
     if rows is None or target is None or k > MAX_LOW_RANK_INPUTS or rules.weight_matrix(scaling) is None:
         return False
-    current = to_model(graph, template)
     axis = rules.output_channel_axis(scaling)
     with_bias = scaling.op in rules.BIAS_INPUT
     source = basis.inputs[0].name
-    solved = None
+    batches = runs.fit(source, target)
+    solved = zz = None
     for _ in range(2 if target.clip else 1):
-        zz, yz = _accumulate(current, original, fit, source, target, rows, axis, True, batch_size, solved, seed=seed)
+        zz, yz = _accumulate(batches, source, target, rows, axis, True, solved, zz, seed=seed)
         factors = _solve_low_rank(zz, yz, r, ridge, with_bias)
         if factors is None:
             break
@@ -339,7 +389,7 @@ def _refit_low_rank(
         return True
     old = (s_w @ b_w, s_b)
     new = (new_s @ new_b, new_bias)
-    before, after = _held_errors(current, original, held, source, target, rows, axis, old, new, batch_size, seed=seed)
+    before, after = _held_errors(runs.held(source, target), source, target, rows, axis, old, new, seed=seed)
     if after >= before:
         report.skip(scaling, f"low-rank refit kept out: held-out error {after:.4g} >= {before:.4g}")
         report.counts["refits_rejected"] += 1

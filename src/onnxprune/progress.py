@@ -1,0 +1,52 @@
+"""Progress of the long steps of a prune: a bar on an interactive terminal, the step's time in the log.
+
+Every step that can take more than a few seconds (calibration passes, sensitivity probes, latency measurements,
+the sequential refit) iterates through `steps`. On a terminal with progress lines on (the CLI's default; ``-q`` turns
+them off) click draws a bar on stderr; the step's wall time is logged at INFO when it ends (``-v`` shows it when
+stderr is not a terminal).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+import click
+
+log = logging.getLogger("onnxprune.progress")
+
+T = TypeVar("T")
+SHOW_AFTER_S = 1.0  # steps shorter than this leave no line in the log
+
+
+def steps(items: Iterable[T], label: str, *, total: int | None = None) -> Iterator[T]:
+    """`items`, one at a time, with a progress bar labelled `label` while they are worked on.
+
+    Args:
+        items: What the step iterates over.
+        label: What the step does, as the user reads it ("refit", "sensitivity probes"...).
+        total: How many items (default ``len(items)`` when it has one).
+
+    Yields:
+        The items, unchanged.
+    """
+    if total is None:
+        total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
+    started = time.perf_counter()
+    show = _interactive()
+    if show:
+        with click.progressbar(items, length=total, label=label, file=sys.stderr, show_pos=True) as bar:
+            yield from bar
+    else:
+        yield from items
+    seconds = time.perf_counter() - started
+    if seconds >= SHOW_AFTER_S:
+        log.info("%s: %s in %.1f s", label, f"{total} done" if total is not None else "done", seconds)
+
+
+def _interactive() -> bool:
+    root = logging.getLogger("onnxprune")
+    return sys.stderr.isatty() and root.getEffectiveLevel() <= logging.INFO
