@@ -30,6 +30,7 @@ import logging
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from scipy import linalg
 
 from onnxprune import rules
 from onnxprune.calibration.frontier import Frontier
@@ -306,23 +307,43 @@ def _fit_target(target: Target, y: np.ndarray, off: np.ndarray, pred: np.ndarray
     return y - off
 
 
+GEMM_ROWS = 8192  # rows gathered across batches before one z^T z product (a fixed batch of 1 gives 128 per batch)
+
+
 def _accumulate(batches, source, target: Target, rows, axis, with_bias, previous=None, zz=None, *, seed=0):
     """Sums over `batches` of z z^T and y z^T (z with a column of ones for the bias).
 
     `previous` is the fit the targets build on; `zz`, when given, is the z z^T of an earlier call on the same
     batches (same seed, same rows), returned as is: only the targets change between majorize-minimize steps.
+    Rows are gathered into blocks of `GEMM_ROWS` first: a K x K product per small batch is bound by memory traffic.
     """
     known = zz is not None
     yz = None
     rng = np.random.default_rng(seed)
+    zs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+
+    def flush() -> None:
+        nonlocal zz, yz
+        z, y = np.vstack(zs), np.vstack(ys)
+        zs.clear()
+        ys.clear()
+        if not known:
+            part = z.T @ z
+            zz = part if zz is None else np.add(zz, part, out=zz)
+        part = y.T @ z
+        yz = part if yz is None else np.add(yz, part, out=yz)
+
     for zb, yb in batches:
         z, y, off = _batch_rows(zb, yb, source, target, rows, axis, rng)
         if with_bias:
             z = np.hstack([z, np.ones((len(z), 1))])
-        y = _fit_target(target, y, off, None if previous is None else z @ previous.T + off)
-        if not known:
-            zz = z.T @ z if zz is None else zz + z.T @ z
-        yz = y.T @ z if yz is None else yz + y.T @ z
+        zs.append(z)
+        ys.append(_fit_target(target, y, off, None if previous is None else z @ previous.T + off))
+        if sum(len(b) for b in zs) >= GEMM_ROWS:
+            flush()
+    if zs:
+        flush()
     return zz, yz
 
 
@@ -423,12 +444,12 @@ def _solve_low_rank(zz: np.ndarray, yz: np.ndarray, rank: int, ridge: float, wit
     cov = cov + np.eye(k) * ridge * max(np.trace(cov) / k, 1e-12)
     try:
         low = np.linalg.cholesky(cov)
-        w_ls = np.linalg.solve(cov, cross.T).T  # [Co, K]
+        w_ls = linalg.cho_solve((low, True), cross.T, check_finite=False).T  # [Co, K], from the same factor
         u, s, vt = np.linalg.svd(w_ls @ low, full_matrices=False)
-    except np.linalg.LinAlgError:
+    except np.linalg.LinAlgError:  # scipy.linalg raises the same class
         return None
     scaling = u[:, :rank] * s[:rank]
-    basis = np.linalg.solve(low.T, vt[:rank].T).T  # V_r^T L^-1
+    basis = linalg.solve_triangular(low, vt[:rank].T, trans="T", lower=True, check_finite=False).T  # V_r^T L^-1
     bias = sy - scaling @ (basis @ sx) if with_bias else None
     if not (np.all(np.isfinite(scaling)) and np.all(np.isfinite(basis))):
         return None
