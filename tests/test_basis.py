@@ -210,3 +210,25 @@ def test_conv_transpose_macs_are_weights_times_input_positions():
     params, macs = count(model)
     assert params == 4 * 6 * 16
     assert macs == 4 * 6 * 16 * 5 * 5  # each input position meets every weight once; not the 10x10 output positions
+
+
+@pytest.mark.parametrize("shape", [(2100, 2000), (2000, 2100)], ids=["tall", "wide"])
+def test_thin_svd_of_a_large_matrix_through_its_gram_matrix(shape):
+    """The Gram path (matrices past GRAM_SVD_MIN_SIZE) gives what the dense SVD gives: spectrum, exact product,
+    orthonormal factors; a matrix with a near-null direction goes to the dense SVD instead."""
+    from onnxprune.passes.basis import GRAM_SVD_MIN_SIZE, thin_svd
+
+    assert shape[0] * shape[1] >= GRAM_SVD_MIN_SIZE
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(shape) * np.logspace(0, -3, shape[1])  # a decaying spectrum, as trained layers have
+    u, s, vt = thin_svd(w)
+    r = min(shape)
+    assert u.shape == (shape[0], r) and s.shape == (r,) and vt.shape == (r, shape[1])
+    np.testing.assert_allclose(s, np.linalg.svd(w, compute_uv=False), rtol=1e-8, atol=1e-12 * s[0])
+    np.testing.assert_allclose((u * s) @ vt, w, atol=1e-10 * np.abs(w).max())
+    np.testing.assert_allclose(vt @ vt.T, np.eye(r), atol=1e-6)
+    np.testing.assert_allclose(u.T @ u, np.eye(r), atol=1e-8)
+    w[:, 0] = w[:, 1]  # rank deficient: the Gram path would lose orthonormality, the dense SVD is used
+    u, s, vt = thin_svd(w)
+    np.testing.assert_allclose(vt @ vt.T, np.eye(r), atol=1e-8)
+    np.testing.assert_allclose((u * s) @ vt, w, atol=1e-10 * np.abs(w).max())

@@ -510,7 +510,7 @@ def _speed_check(graph: gs.Graph, plan: dict, pairs: list, *, template, feeds: l
 
     The weights are not yet refitted, which changes no shape and so no latency.
     """
-    probe = to_graph(to_model(graph, template))
+    probe = graph.copy()  # nodes and tensors copied, weight arrays shared: the passes below never write into them
     remove_channels(probe, plan=plan, analysis=find_channel_groups(probe))
     merge_unprofitable(probe, pairs=pairs)
     cleanup(probe, fold_bn=False)

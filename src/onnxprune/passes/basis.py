@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from scipy import linalg
 
 from onnxprune.graph import unique_name
 from onnxprune.result import PassResult, Report
@@ -87,12 +88,38 @@ WHITEN_DAMPING = 1e-6  # relative diagonal loading, so a rank-deficient covarian
 def _factor(matrix: np.ndarray, cov: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """(scaling [out, r], basis rows [r, in]) with scaling @ basis == matrix: plain or whitened SVD."""
     if cov is None:
-        u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+        u, s, vt = thin_svd(matrix)
         return u * s, vt
     k = len(cov)
     low = np.linalg.cholesky(cov + np.eye(k) * WHITEN_DAMPING * max(np.trace(cov) / k, 1e-12))
-    u, s, vt = np.linalg.svd(matrix @ low, full_matrices=False)
+    u, s, vt = thin_svd(matrix @ low)
     return u * s, np.linalg.solve(low.T, vt.T).T
+
+
+GRAM_SVD_MIN_SIZE = 1 << 22  # matrices with at least this many entries go through the Gram matrix...
+GRAM_SVD_RTOL = 1e-5  # ...unless their smallest singular value is below this fraction of the largest
+
+
+def thin_svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``U, s, V^T`` of an [m, n] matrix (s descending, r = min(m, n)), as ``np.linalg.svd(full_matrices=False)``.
+
+    Large matrices (the fully connected layers of VGG and AlexNet, 4096 x 25088) go through the eigendecomposition
+    of their smaller Gram matrix A A^T (scipy.linalg.eigh), then ``V^T = S^-1 U^T A``: a quarter of the time of a
+    dense SVD on 2 cores (measured, 4096 x 25088: 17 s against 80 s). The Gram matrix squares the condition number,
+    so the rows of V^T are orthonormal to about ``eps (s_max / s_min)^2``; when s_min is under `GRAM_SVD_RTOL`
+    s_max the dense SVD is used instead.
+    """
+    m, n = matrix.shape
+    if m * n < GRAM_SVD_MIN_SIZE:
+        return np.linalg.svd(matrix, full_matrices=False)
+    a = matrix if m <= n else matrix.T  # [p, q], p <= q
+    lam, u = linalg.eigh(a @ a.T, driver="evd", check_finite=False)
+    lam, u = lam[::-1], u[:, ::-1]
+    s = np.sqrt(np.clip(lam, 0.0, None))
+    if s[0] <= 0 or s[-1] < GRAM_SVD_RTOL * s[0]:
+        return np.linalg.svd(matrix, full_matrices=False)
+    vt = (u.T @ a) / s[:, None]
+    return (u, s, vt) if m <= n else (vt.T, s, u.T)
 
 
 def _split(graph: gs.Graph, node: gs.Node, matrix: np.ndarray, cov: np.ndarray | None) -> BasisPair:
