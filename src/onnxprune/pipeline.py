@@ -23,7 +23,7 @@ from onnxprune.calibration.runner import (
     split_calibration,
     stream,
 )
-from onnxprune.calibration.sensitivity import cut_sensitivity, layer_sensitivity
+from onnxprune.calibration.sensitivity import CutProbe, layer_sensitivity
 from onnxprune.errors import BudgetError, GuardError, OnnxPruneError, PassError
 from onnxprune.graph import reinfer_shapes, to_graph, to_model, validate
 from onnxprune.latency import compare_latency, layer_latency, model_latency, split_rank_limit
@@ -99,6 +99,7 @@ def prune(
     whiten: bool | None = None,
     round_to: int = 1,
     sensitivity: bool | None = None,
+    sensitivity_rounds: int = 2,
     seed: int = 0,
     shapes: dict[str, list[int]] | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
@@ -127,7 +128,8 @@ def prune(
     ``basis`` allocates ranks jointly (``budget.allocate_ranks``): per split layer, the dense op or a rank, chosen
     to remove the request at the least predicted output error. With calibration data, `sensitivity` (on unless
     False) measures how much of each layer's predicted error reaches the outputs at the planned cut and allocates
-    again (``calibration.sensitivity.cut_sensitivity``); for the channel methods, ``sensitivity=True`` weighs each
+    again, twice (``calibration.sensitivity.CutProbe``), and keeps of the plans made the one whose whole cut moves
+    the outputs least (measured); for the channel methods, ``sensitivity=True`` weighs each
     group by probes at 25 % and 50 % (``layer_sensitivity``).
 
     With `latency_batch` > 0, every split layer is timed dense and split at several ranks at that batch size with
@@ -235,7 +237,7 @@ def prune(
                 else None
             ),
             cut_probe=(
-                partial(cut_sensitivity, template=model, data=fit, batch_size=batch_size)
+                partial(CutProbe, template=model, data=fit, batch_size=batch_size)
                 if sensitivity is not False and fit is not None and stage == "basis"
                 else None
             ),
@@ -252,6 +254,7 @@ def prune(
             seed=seed,
             shapes=count_shapes if target == "flops" else None,
             template=model,
+            rounds=sensitivity_rounds,
         )
     report.merge(run_passes(graph, [partial(merge_unprofitable, pairs=pairs, limits=limits), cleanup]).report)
     report.facts["split_rank_limits"] = limits
@@ -438,6 +441,20 @@ def prune_guarded(
     report.facts["guard"]["held"] = measured >= floor
     if measured >= floor:
         return out, report
+    retry_rounds = options.get("method", "basis") == "basis" and options.get("sensitivity") is not False
+    if retry_rounds and options.get("sensitivity_rounds", 2) > 1:
+        # the allocation at a deep cut is sensitive to how it was weighed: one round of measured weights is the
+        # other candidate (digits ResNet-20 at 0.9: 66 % with two rounds, 98 % with one; at 0.8 99 % against 85 %)
+        retry, retried = prune(model, remove_ratio=remove_ratio, **{**options, "sensitivity_rounds": 1})
+        value, _ = _agreement(retried)
+        log.info("held-out %s %.3f; with one sensitivity round %.3f", what, measured, value)
+        if value > measured:
+            out, report, measured = retry, retried, value
+            report.facts["guard"] = {"max_drop": max_drop, "floor": floor, "measured": measured, "measure": what}
+            report.facts["guard"]["held"] = measured >= floor
+            report.facts["guard"]["sensitivity_rounds"] = 1
+            if measured >= floor:
+                return out, report
     if force:
         log.warning(
             "held-out %s %.3f is below %.3f (--max-drop %.2f); written anyway because of --force",
@@ -578,6 +595,7 @@ def _prune_stage(
     seed: int = 0,
     shapes: dict[str, list[int]] | None = None,
     template: onnx.ModelProto | None = None,
+    rounds: int = 2,
 ) -> int:
     """One allocation + removal on `graph` (in place); returns the number of groups it shrank.
 
@@ -643,16 +661,30 @@ def _prune_stage(
         allocation = plan(choices, first_budget)
         if cut_probe is not None and allocation.plan:
             started = time.perf_counter()
-            by_group = {c.group: c for c in choices}
-            cuts = {g: (keep, float(by_group[g].error[len(keep)])) for g, keep in allocation.plan.items()}
-            measured: dict = {}
-            weights = cut_probe(graph, cuts=cuts, facts=measured)
-            choices = options(weights)
-            allocation = plan(choices, first_budget)
+            probe = cut_probe(graph, groups=[c.group for c in choices], passes=rounds * (len(choices) + 1))
+            weights, candidates = {}, [allocation]
+            for _ in range(rounds):  # measure at the planned cut, allocate again; the cut moves, again
+                by_group = {c.group: c for c in choices}
+                cuts = {  # the unweighted predicted error of each planned cut
+                    g: (keep, float(by_group[g].error[len(keep)]) / weights.get(g, 1.0))
+                    for g, keep in allocation.plan.items()
+                }
+                found = probe.weights(cuts)
+                # damped: a layer measured again gets the geometric mean of its weights (one cut's measure is noisy)
+                weights = {**weights, **{g: float(np.sqrt(weights.get(g, w) * w)) for g, w in found.items()}}
+                choices = options(weights)
+                allocation = plan(choices, first_budget)
+                candidates.append(allocation)
+            # predictions decided the candidates; the measured output change of each whole cut decides between them
+            changes = [probe.change(a.plan) for a in candidates]
+            allocation = candidates[int(np.argmin(changes))]
             report.facts["sensitivity"] = {
                 "weights": weights,
-                "probes": measured.get("probes", 0),
-                "samples": measured.get("samples", 0),
+                "probes": probe.probes,
+                "samples": probe.samples,
+                "rounds": rounds,
+                "candidate_changes": changes,
+                "chosen": int(np.argmin(changes)),
                 "seconds": time.perf_counter() - started,
             }
         if speed_check is not None and budget is not None:

@@ -94,6 +94,118 @@ CUT_BUDGET_S = 20.0  # probes x samples are cut to about this many seconds (meas
 CUT_WEIGHT_RANGE = (0.2, 5.0)
 
 
+class CutProbe:
+    """The split graph's outputs with some of its basis groups cut, measured in one onnxruntime session (DESIGN §4).
+
+    Each probed group's producer output gets a ``Mul`` by a mask fed as an input; a cut is a mask with zeros at the
+    removed channels. Zeroing a basis op's output channel is exactly removing it (its only consumer is the scaling
+    op), so every probe equals pruning a copy, without copying, re-analysing or exporting anything per probe.
+    Probes use the first `CUT_SAMPLES` samples, fewer (at least `CUT_MIN_SAMPLES`) when `passes` passes would take
+    longer than `budget_s` at the speed the reference pass measured. `graph` is not modified.
+
+    Args:
+        graph: The graph the plans are made on (split, not yet pruned).
+        template: Model whose opsets and metadata exports of `graph` take.
+        groups: Names of the groups that cuts may touch (others, and groups without one producer, stay whole).
+        data: Calibration samples.
+        batch_size: Samples per onnxruntime run.
+        passes: How many probes are expected, for the time budget.
+        budget_s: Seconds the expected probes may take, about.
+    """
+
+    def __init__(
+        self,
+        graph: gs.Graph,
+        template: onnx.ModelProto,
+        groups: list[str],
+        data: Samples | dict[str, np.ndarray],
+        *,
+        batch_size: int = 32,
+        passes: int = 1,
+        budget_s: float = CUT_BUDGET_S,
+    ) -> None:
+        self.analysis = find_channel_groups(graph)
+        probe, self.masks = _masked_copy(graph, self.analysis, groups)
+        self.batch_size = batch_size
+        self.probes = 0
+        if not self.masks:
+            return
+        model = to_model(probe, template)
+        self.sess = session(model, optimize=False)
+        self.names = [o.name for o in model.graph.output]
+        self.ones = {m: np.ones(shape, np.float32) for m, (_, _, shape) in self.masks.items()}
+        self.data = as_samples(data).head(CUT_SAMPLES)
+        started = time.perf_counter()
+        self.ref = self._outputs(self.ones)
+        per_pass = time.perf_counter() - started
+        if per_pass * passes > budget_s and len(self.data) > CUT_MIN_SAMPLES:
+            n = max(CUT_MIN_SAMPLES, int(len(self.data) * budget_s / (per_pass * passes)))
+            if n < len(self.data):
+                self.data = self.data.head(n)
+                self.ref = self._outputs(self.ones)
+        self.energy = max(sum(float(np.sum(r**2)) for r in self.ref), 1e-30)
+
+    @property
+    def samples(self) -> int:
+        """Samples each probe runs on."""
+        return len(self.data) if self.masks else 0
+
+    def change(self, plan: dict[str, np.ndarray]) -> float:
+        """Relative change of the outputs, ``sum ||out - ref||^2 / sum ||ref||^2``, with every group of `plan` cut.
+
+        Args:
+            plan: Group name -> kept positions of its classes (groups without a mask stay whole).
+
+        Returns:
+            The relative squared change (0 when nothing is cut).
+        """
+        feeds = dict(self.ones)
+        by_group = {group: mask for mask, (group, _, _) in self.masks.items()}
+        for group, keep in plan.items():
+            if group not in by_group:
+                continue
+            mask = by_group[group]
+            _, tensor, shape = self.masks[mask]
+            kept = self.analysis.keep(tensor, self.analysis.alive({group: keep}))
+            cut = np.zeros(shape, np.float32)
+            cut.reshape(-1)[kept] = 1.0
+            feeds[mask] = cut
+        self.probes += 1
+        out = self._outputs(feeds)
+        return sum(float(np.sum((o - r) ** 2)) for o, r in zip(out, self.ref, strict=True)) / self.energy
+
+    def weights(self, cuts: dict[str, tuple[np.ndarray, float]]) -> dict[str, float]:
+        """Measured weight of each layer's predicted error, at the cut the allocation planned.
+
+        Each layer in `cuts` alone is cut to its planned kept classes; its measured `change` over its predicted
+        local error, divided by the median over the layers and clipped to `CUT_WEIGHT_RANGE`, is its weight.
+
+        Args:
+            cuts: Group name -> (kept positions of the group, predicted relative error of that layer at that cut).
+
+        Returns:
+            Group name -> weight (1 for the median layer); layers with no predicted error or no mask are left out.
+        """
+        masked = {group for group, _, _ in self.masks.values()}
+        todo = [(g, keep, predicted) for g, (keep, predicted) in cuts.items() if predicted > 0 and g in masked]
+        ratio = {g: self.change({g: keep}) / predicted for g, keep, predicted in steps(todo, "sensitivity probes")}
+        if not ratio:
+            return {}
+        median = max(float(np.median(list(ratio.values()))), 1e-30)
+        weights = {name: float(np.clip(value / median, *CUT_WEIGHT_RANGE)) for name, value in ratio.items()}
+        for name, value in sorted(weights.items(), key=lambda kv: -kv[1])[:3]:
+            log.info("most sensitive at the planned cut: %s (weight %.2f)", name, value)
+        return weights
+
+    def _outputs(self, masks: dict) -> list[np.ndarray]:
+        """Every output of every batch, flattened per batch, with the mask inputs fed."""
+        return [
+            out.astype(np.float64).ravel()
+            for feed in self.data.batches(self.batch_size)
+            for out in self.sess.run(self.names, {**feed, **masks})
+        ]
+
+
 def cut_sensitivity(
     graph: gs.Graph,
     template: onnx.ModelProto,
@@ -104,18 +216,7 @@ def cut_sensitivity(
     budget_s: float = CUT_BUDGET_S,
     facts: dict | None = None,
 ) -> dict[str, float]:
-    """Measured weight of each layer's predicted error, at the cut the allocation actually planned (DESIGN §4).
-
-    The allocation predicts each layer's error locally (its relative output error). How much of it reaches the
-    model's outputs depends on what follows the layer. Each layer in `cuts` alone is cut to its planned kept
-    channels and the relative change of the outputs (``sum ||out - ref||^2 / sum ||ref||^2``) over the predicted
-    local error is that layer's weight, divided by the median over the layers and clipped to `CUT_WEIGHT_RANGE`.
-
-    The cut is a mask: each probed layer's output gets a ``Mul`` by a mask fed as an input, so one onnxruntime
-    session serves every probe (ones everywhere but the probed layer's removed channels). Zeroing a basis op's
-    output channel is exactly removing it (its only consumer is the scaling op). Probes use the first
-    `CUT_SAMPLES` samples, fewer (at least `CUT_MIN_SAMPLES`) when probes x samples would take longer than
-    `budget_s` at the speed the reference pass measured. `graph` is not modified.
+    """`CutProbe.weights` for `cuts` on a probe built for them alone (see `CutProbe`).
 
     Args:
         graph: The graph the plan was made on (split, not yet pruned).
@@ -127,65 +228,36 @@ def cut_sensitivity(
         facts: When given, receives ``samples`` (per probe) and ``probes``.
 
     Returns:
-        Group name -> weight (1 for the median layer); layers with no predicted error, or whose group does not
-        have one producer, are left out.
+        Group name -> weight (1 for the median layer).
     """
-    probe, masks = _masked_copy(graph, cuts)
-    if not masks:
-        return {}
-    model = to_model(probe, template)
-    sess = session(model, optimize=False)
-    names = [o.name for o in model.graph.output if o.name not in masks]
-    ones = {m: np.ones(shape, np.float32) for m, (_, shape, _) in masks.items()}
-    data = as_samples(data).head(CUT_SAMPLES)
-    started = time.perf_counter()
-    ref = _masked_outputs(sess, names, data, batch_size, ones)
-    per_pass = time.perf_counter() - started
-    if per_pass * len(masks) > budget_s and len(data) > CUT_MIN_SAMPLES:
-        n = max(CUT_MIN_SAMPLES, int(len(data) * budget_s / (per_pass * len(masks))))
-        if n < len(data):
-            data = data.head(n)
-            ref = _masked_outputs(sess, names, data, batch_size, ones)
-    energy = max(sum(float(np.sum(r**2)) for r in ref), 1e-30)
-    ratio = {}
-    for mask, (group, shape, keep) in steps(list(masks.items()), "sensitivity probes"):
-        cut = np.zeros(shape, np.float32)
-        cut.reshape(-1)[keep] = 1.0
-        out = _masked_outputs(sess, names, data, batch_size, {**ones, mask: cut})
-        moved = sum(float(np.sum((o - r) ** 2)) for o, r in zip(out, ref, strict=True)) / energy
-        ratio[group] = moved / cuts[group][1]
+    probe = CutProbe(graph, template, list(cuts), data, batch_size=batch_size, passes=len(cuts), budget_s=budget_s)
+    weights = probe.weights(cuts)
     if facts is not None:
-        facts.update({"samples": len(data), "probes": len(masks)})
-    median = max(float(np.median(list(ratio.values()))), 1e-30)
-    weights = {name: float(np.clip(value / median, *CUT_WEIGHT_RANGE)) for name, value in ratio.items()}
-    for name, value in sorted(weights.items(), key=lambda kv: -kv[1])[:3]:
-        log.info("most sensitive at the planned cut: %s (weight %.2f)", name, value)
+        facts.update({"samples": probe.samples, "probes": probe.probes})
     return weights
 
 
 def _masked_copy(
-    graph: gs.Graph, cuts: dict[str, tuple[np.ndarray, float]]
-) -> tuple[gs.Graph, dict[str, tuple[str, list[int], np.ndarray]]]:
-    """A copy of `graph` whose probed producers' outputs are multiplied by mask inputs.
+    graph: gs.Graph, analysis, groups: list[str]
+) -> tuple[gs.Graph, dict[str, tuple[str, str, list[int]]]]:
+    """A copy of `graph` whose probed groups' producer outputs are multiplied by mask inputs.
 
     Returns:
-        (the copy, mask input name -> (group name, mask shape, channel positions that stay)).
+        (the copy, mask input name -> (group name, masked tensor, mask shape)).
     """
-    analysis = find_channel_groups(graph)
     by_name = {g.name: g for g in analysis.groups}
     probe = graph.copy()
     nodes = {n.name: n for n in probe.nodes}
     namer = Namer(probe)
     masks = {}
-    for name, (keep, predicted) in cuts.items():
+    for name in groups:
         group = by_name.get(name)
-        if predicted <= 0 or group is None or len(group.producers) != 1 or group.producers[0] not in nodes:
+        if group is None or len(group.producers) != 1 or group.producers[0] not in nodes:
             continue
         node = nodes[group.producers[0]]
         out = node.outputs[0]
         if out.name not in analysis.flows or out in probe.outputs or out.shape is None or out.dtype != np.float32:
             continue
-        kept = analysis.keep(out.name, analysis.alive({name: keep}))
         rank, axis = len(out.shape), rules.output_channel_axis(node, len(out.shape))
         shape = [1] * rank
         shape[axis] = len(analysis.flows[out.name].ids)
@@ -197,15 +269,6 @@ def _masked_copy(
                     consumer.inputs[i] = masked
         probe.nodes.append(gs.Node("Mul", namer.fresh_name(f"{node.name}/cut"), inputs=[out, mask], outputs=[masked]))
         probe.inputs.append(mask)
-        masks[mask.name] = (name, shape, kept)
+        masks[mask.name] = (name, out.name, shape)
     probe.toposort()
     return probe, masks
-
-
-def _masked_outputs(sess, names: list[str], data: Samples, batch_size: int, masks: dict) -> list[np.ndarray]:
-    """Every output in `names` of every batch, flattened per batch, with the mask inputs fed."""
-    return [
-        out.astype(np.float64).ravel()
-        for feed in data.batches(batch_size)
-        for out in sess.run(names, {**feed, **masks})
-    ]
