@@ -35,7 +35,6 @@ def decompose_basis(
     graph: gs.Graph,
     *,
     min_channels: int = 8,
-    names: set[str] | None = None,
     covariances: dict[str, np.ndarray] | None = None,
 ) -> PassResult:
     """Split each eligible Conv/Gemm/MatMul, in place, into a basis op and a BasisScalingConv at full rank.
@@ -48,15 +47,12 @@ def decompose_basis(
     Args:
         graph: Topologically sorted graph; edited in place.
         min_channels: Layers whose rank min(out, in) is smaller are skipped (and reported).
-        names: Only split these nodes (all eligible ones when None).
         covariances: Input-patch covariances E[p p^T] by Conv node name, for a data-aware basis.
     """
     report = Report()
     made: list[BasisPair] = []
     paired = {n for p in find_basis_pairs(graph) for n in (p.basis, p.scaling)}
     for node in [n for n in graph.nodes if n.op in SPLIT_OPS]:
-        if names is not None and node.name not in names:
-            continue
         if node.name in paired:
             report.skip(node, "already a basis/scaling pair")
             continue
