@@ -439,3 +439,16 @@ def test_ratio_reached_by_folding_alone_is_noted_not_refused():
     report = _facts(0.0, 0.075, 0.075, ratio_free=0.075)
     _check_ratio(report, method="channel", latency_batch=0, round_to=1)
     assert "folding BatchNorm and constants alone removes 0.075" in report.facts["ratio_note"]
+
+
+@pytest.mark.parametrize("calibrated, expected", [(False, "criterion l2"), (True, "criterion cmi")])
+def test_first_log_line_names_the_criterion_used(calibrated, expected, model_file, tmp_path, capsys):
+    args = [model_file, tmp_path / "o.onnx", "--ratio", "0", "--method", "channel", "--latency-batch", "0", "-v"]
+    if calibrated:
+        calib = tmp_path / "calib.npy"
+        np.save(calib, np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32))
+        args += ["--calib", calib]
+    code, _, err = run(args, capsys)
+    assert code == 0, err
+    first = next(line for line in err.splitlines() if line.startswith("pruning "))
+    assert expected in first and "default" not in first and "None" not in first, first

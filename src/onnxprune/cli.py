@@ -18,7 +18,7 @@ from onnxprune.budget import TARGETS
 from onnxprune.calibration import criteria
 from onnxprune.calibration.data import ImageOptions, load_calibration
 from onnxprune.errors import GuardError, OnnxPruneError
-from onnxprune.pipeline import MAX_DROP, METHODS, decompose, prune_guarded
+from onnxprune.pipeline import MAX_DROP, METHODS, decompose, default_criterion, prune_guarded
 from onnxprune.shapes import format_shapes, parse_shapes
 
 log = logging.getLogger("onnxprune")
@@ -248,9 +248,8 @@ def prune_command(
         load_calibration(calib, model, limit=calib_size, image_options=images, seed=seed) if calib is not None else None
     )
     truth = _load_labels(labels, data) if labels is not None else None
-    log.info(
-        "pruning %s (%s, criterion %s, %s %.2f)", input_path.name, method, criterion or "default", target, remove_ratio
-    )
+    criterion = criterion or default_criterion(method, calibrated=data is not None)
+    log.info("pruning %s (%s, criterion %s, %s %.2f)", input_path.name, method, criterion, target, remove_ratio)
     pruned, report = prune_guarded(
         model,
         max_drop=max_drop,

@@ -138,7 +138,7 @@ def prune(
     """
     calib = as_samples(calib, model) if calib is not None else None
     whiten = (not compensate) if whiten is None else whiten
-    criterion = criterion or _default_criterion(method, calibrated=calib is not None)
+    criterion = criterion or default_criterion(method, calibrated=calib is not None)
     if not 0.0 <= remove_ratio < 1.0:
         raise OnnxPruneError(f"--ratio must be in [0, 1), got {remove_ratio}")
     if target not in TARGETS:
@@ -533,7 +533,7 @@ def _synthetic_feeds(model: onnx.ModelProto, shapes: dict | None, *, batch: int,
     return feeds
 
 
-def _default_criterion(method: str, *, calibrated: bool) -> str:
+def default_criterion(method: str, *, calibrated: bool) -> str:
     """The criterion used when none is given.
 
     With calibration data: cmi for --method channel and auto (measured on the suite's ResNet-20 at 0.7: channel 96.7 %
