@@ -149,6 +149,10 @@ def _bad(tmp_path, model_file):
         "calib shape": ([model_file, out, "--ratio", "0.5", "--calib", wrong], "has shape [4, 3, 9, 9]"),
         "calib nan": ([model_file, out, "--ratio", "0.5", "--calib", nan], "NaN"),
         "unreachable": ([shuffle, out, "--ratio", "0.9"], "cannot be reached"),
+        "exclude matches nothing": (
+            [model_file, out, "--ratio", "0.3", "--exclude", "conv*", "--exclude", "stem/*"],
+            "--exclude 'stem/*' matches no node",
+        ),
     }
 
 
@@ -167,6 +171,7 @@ CASES = [
     "calib shape",
     "calib nan",
     "unreachable",
+    "exclude matches nothing",
 ]
 
 
@@ -452,3 +457,13 @@ def test_first_log_line_names_the_criterion_used(calibrated, expected, model_fil
     assert code == 0, err
     first = next(line for line in err.splitlines() if line.startswith("pruning "))
     assert expected in first and "default" not in first and "None" not in first, first
+
+
+def test_exclude_protects_matching_nodes_and_refuses_a_pattern_that_matches_none():
+    from onnxprune import OnnxPruneError, prune
+
+    model = chain()
+    _, report = prune(model, remove_ratio=0.3, method="channel", exclude=["conv1?"])
+    assert "excluded by --exclude" in report.facts["blocked"].values()
+    with pytest.raises(OnnxPruneError, match=r"--exclude 'Conv1\?' matches no node of the model"):
+        prune(model, remove_ratio=0.3, method="channel", exclude=["conv1?", "Conv1?"])

@@ -95,7 +95,8 @@ def cli() -> None:
     "--exclude",
     multiple=True,
     metavar="PATTERN",
-    help="Never prune the output channels of nodes whose name matches (fnmatch; repeatable).",
+    help="Never prune the output channels of nodes whose name matches (fnmatch; repeatable). A pattern that "
+    "matches no node is an error.",
 )
 @click.option(
     "--calib",

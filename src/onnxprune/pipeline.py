@@ -135,6 +135,9 @@ def prune(
     split layers at or under that of their dense ops: the model is not made slower. ``target="latency"`` removes
     `remove_ratio` of the measured model latency instead (the report's ``latency`` entry has the measured figures).
     0 decides by parameters alone.
+
+    `exclude` holds fnmatch patterns of node names whose output channels are never pruned (a split layer's
+    ``X_basis`` / ``X_scaling`` also match as ``X``); a pattern that matches no node raises OnnxPruneError.
     """
     calib = as_samples(calib, model) if calib is not None else None
     whiten = (not compensate) if whiten is None else whiten
@@ -159,6 +162,7 @@ def prune(
         raise OnnxPruneError(
             f"labels: expected a 1-D array of {calib.total} labels, got shape {list(np.shape(labels))}"
         )
+    _check_exclude(model, exclude)
     count_shapes, shape_source = choose_shapes(model, given=shapes, data=calib)
     if count_shapes is None and target == "flops":
         raise OnnxPruneError(f"--target flops: MACs cannot be counted: {shape_source}")
@@ -813,6 +817,19 @@ def _latency_curves(graph: gs.Graph, pairs: list, *, batch: int, threads: int) -
 def _mid_axis(graph: gs.Graph, pair) -> int:
     basis = next(n for n in graph.nodes if n.name == pair.basis)
     return rules.output_channel_axis(basis)
+
+
+def _check_exclude(model: onnx.ModelProto, exclude: Sequence[str]) -> None:
+    """Every --exclude pattern must match a node of the model (by name, or by the name a split layer came from)."""
+    names = {n.name for n in model.graph.node if n.name}
+    names |= {_original_name(n) for n in names}
+    for pattern in exclude:
+        if not any(fnmatch.fnmatch(name, pattern) for name in names):
+            example = f"names such as {min(names)!r}" if names else "no named nodes"
+            raise OnnxPruneError(
+                f"--exclude {pattern!r} matches no node of the model ({example}; fnmatch patterns): "
+                "fix or drop the pattern"
+            )
 
 
 def _original_name(node_name: str) -> str:
