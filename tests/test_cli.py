@@ -467,3 +467,20 @@ def test_exclude_protects_matching_nodes_and_refuses_a_pattern_that_matches_none
     assert "excluded by --exclude" in report.facts["blocked"].values()
     with pytest.raises(OnnxPruneError, match=r"--exclude 'Conv1\?' matches no node of the model"):
         prune(model, remove_ratio=0.3, method="channel", exclude=["conv1?", "Conv1?"])
+
+
+def test_cache_clear_deletes_the_latency_measurements_and_help_says_where_they_are(capsys):
+    from onnxprune import latency
+
+    path = latency.cache_path()  # the per-test file conftest points $ONNXPRUNE_CACHE at
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"a": 3, "b": 5}))
+    code, stdout, err = run(["cache", "clear"], capsys)
+    assert code == 0, err
+    assert not path.exists() and latency._load_cache() == {}
+    assert str(path) in stdout and "2 measurements" in stdout
+    code, stdout, err = run(["cache", "clear"], capsys)
+    assert code == 0 and "nothing to clear" in stdout, err
+    for args in (["cache", "--help"], ["cache", "clear", "--help"]):
+        code, stdout, _ = run(args, capsys)
+        assert code == 0 and "~/.cache/onnxprune/latency.json" in stdout and "$ONNXPRUNE_CACHE" in stdout

@@ -383,6 +383,27 @@ def bench_command(
         )
 
 
+@cli.group("cache")
+def cache_group() -> None:
+    """The latency cache of `prune --latency-batch`; `onnxprune cache clear` empties it.
+
+    Measurements are kept in ~/.cache/onnxprune/latency.json, or in the file $ONNXPRUNE_CACHE names, keyed by layer
+    shapes, threads, onnxruntime version and processor.
+    """
+
+
+@cache_group.command("clear")
+def cache_clear_command() -> None:
+    """Delete the latency cache (~/.cache/onnxprune/latency.json, or $ONNXPRUNE_CACHE): the next prune measures anew."""
+    from onnxprune.latency import cache_path, clear_cache
+
+    entries = clear_cache()
+    if entries is None:
+        click.echo(f"no latency cache at {cache_path()}: nothing to clear")
+    else:
+        click.echo(f"removed the latency cache {cache_path()} ({entries} measurements)")
+
+
 def _setup_logging(*, quiet: bool, verbose: bool) -> None:
     # progress lines (INFO) go to an interactive terminal only, so piped stderr carries errors alone
     level = (
