@@ -484,3 +484,80 @@ def test_cache_clear_deletes_the_latency_measurements_and_help_says_where_they_a
     for args in (["cache", "--help"], ["cache", "clear", "--help"]):
         code, stdout, _ = run(args, capsys)
         assert code == 0 and "~/.cache/onnxprune/latency.json" in stdout and "$ONNXPRUNE_CACHE" in stdout
+
+
+@pytest.mark.parametrize("method", ["basis", "auto", "channel"])
+def test_report_counts_bases_apart_from_channels_and_lists_only_nodes_of_the_output(method):
+    from onnxprune import prune
+
+    pruned, report = prune(onnx.load(EXAMPLE / "digits_resnet.onnx"), remove_ratio=0.3, method=method)
+    removed = report.facts["removed"].values()
+    bases = sum(r["removed"] for r in removed if r["kind"] == "basis")
+    channels = sum(r["removed"] for r in removed if r["kind"] == "channel")
+    assert report.counts["bases_removed"] == bases and report.counts["channels_removed"] == channels
+    assert (bases > 0) == (method != "channel") and (channels > 0) == (method != "basis")
+    nodes = {n.name for n in pruned.graph.node}
+    assert report.layers and set(report.layers) <= nodes, set(report.layers) - nodes
+    assert {s.node for s in report.skipped} <= nodes
+    merged = [(name, e) for name, e in report.layers.items() if "merged_from" in e]
+    assert all(not set(e["merged_from"]) & nodes for _, e in merged)
+    assert all(r["merged_into"] in nodes for r in removed if "merged_into" in r)
+    if method == "auto":  # at 0.3 some split layers lose channels or bases and are merged back
+        assert merged and any("merged_into" in r for r in removed)
+
+
+def test_report_moves_notes_of_merged_or_split_layers_to_the_nodes_written():
+    from onnx import TensorProto, helper
+
+    from onnxprune.pipeline import _name_output_nodes
+    from onnxprune.result import Report, Skip
+
+    def model(nodes, weights):
+        inits = [helper.make_tensor(n, TensorProto.FLOAT, dims, [0.0] * int(np.prod(dims))) for n, dims in weights]
+        return helper.make_model(helper.make_graph(nodes, "g", [], [], inits))
+
+    conv = helper.make_node
+    before = model(
+        [conv("Conv", ["x", "wx"], ["a"], name="X"), conv("Conv", ["a", "wy"], ["b"], name="Y")],
+        [("wx", [8, 4, 3, 3]), ("wy", [8, 8, 3, 3])],
+    )
+    after = model(
+        [
+            conv("Conv", ["x", "mx"], ["a"], name="X"),
+            conv("Conv", ["a", "by"], ["m"], name="Y_basis"),
+            conv("Conv", ["m", "sy"], ["b"], name="Y_scaling"),
+        ],
+        [("mx", [6, 4, 3, 3]), ("by", [3, 8, 3, 3]), ("sy", [8, 3, 1, 1])],
+    )
+    report = Report()
+    report.layers = {
+        "Y": {"op": "Conv", "before": [8, 8, 3, 3], "after": [8, 6, 3, 3]},
+        "X_basis": {"op": "Conv", "before": [8, 4, 3, 3], "after": [5, 4, 3, 3]},
+        "X_scaling": {"op": "Conv", "before": [8, 8, 1, 1], "after": [6, 5, 1, 1]},
+        "Y_basis": {"op": "basis", "before": [8, 6, 3, 3], "after": [3, 6, 3, 3], "rank": 3},
+    }
+    report.skipped = [Skip("X_scaling", "not exact: n"), Skip("Y", "fold skipped: f"), Skip("Z", "gone")]
+    report.facts["merged"] = {"X": {"basis": "X_basis", "scaling": "X_scaling", "rank": 5}}
+    report.facts["removed"] = {"X_basis": {"kind": "basis", "removed": 3, "of": 8}}
+    _name_output_nodes(report, before, after)
+    assert report.layers == {
+        "X": {
+            "op": "Conv",
+            "before": [8, 4, 3, 3],
+            "after": [6, 4, 3, 3],
+            "rank": 5,
+            "merged_from": ["X_basis", "X_scaling"],
+        },
+        "Y_basis": {
+            "op": "basis",
+            "before": [8, 6, 3, 3],
+            "after": [3, 6, 3, 3],
+            "rank": 3,
+            "split_from": {"name": "Y", "before": [8, 8, 3, 3], "after": [8, 6, 3, 3]},
+        },
+    }
+    assert report.skipped == [
+        Skip("X", "not exact: n (in its split form 'X_scaling')"),
+        Skip("Y_basis", "fold skipped: f (as 'Y', before it was split)"),
+    ]
+    assert report.facts["removed"]["X_basis"]["merged_into"] == "X" and "merged" not in report.facts
