@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -561,3 +562,86 @@ def test_report_moves_notes_of_merged_or_split_layers_to_the_nodes_written():
         Skip("Y_basis", "fold skipped: f (as 'Y', before it was split)"),
     ]
     assert report.facts["removed"]["X_basis"]["merged_into"] == "X" and "merged" not in report.facts
+
+
+def _report_schema():
+    import importlib.resources
+
+    return json.loads((importlib.resources.files("onnxprune") / "report.schema.json").read_text())
+
+
+@pytest.mark.parametrize("calibrated", [False, True], ids=["no-calib", "calib"])
+@pytest.mark.parametrize("method", ["basis", "channel"])
+def test_reports_of_real_runs_validate_against_the_shipped_schema(method, calibrated, tmp_path, capsys):
+    from jsonschema import Draft202012Validator
+
+    schema = _report_schema()
+    Draft202012Validator.check_schema(schema)
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    args = [EXAMPLE / "digits_resnet.onnx", out, "--ratio", "0.2", "--method", method, "--latency-batch", "0"]
+    if calibrated:
+        args += ["--calib", EXAMPLE / "digits_calib.npy", "--calib-size", "100"]
+        args += ["--labels", EXAMPLE / "digits_labels.npy"]
+    code, _, err = run([*args, "--report", rep], capsys)
+    assert code == 0, err
+    data = json.loads(rep.read_text())
+    Draft202012Validator(schema).validate(data)
+    assert data["schema_version"] == 1
+    assert ("fidelity" in data) == calibrated and ("synthetic_drift" in data) != calibrated
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(rep.stat().st_mode) == 0o666 & ~mask  # as open() makes it, not mkstemp's 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.onnx", "r.json"]  # no staging folder left
+
+
+def test_the_report_schema_rejects_what_it_does_not_describe():
+    from jsonschema import Draft202012Validator
+
+    validator = Draft202012Validator(_report_schema())
+    report = {
+        "schema_version": 1,
+        "input": "a.onnx",
+        "output": "b.onnx",
+        "method": "basis",
+        "criterion": "l2",
+        "target": "params",
+        "ratio_requested": 0.3,
+        "ratio_achieved": 0.3,
+        "ratio_free": 0.0,
+        "params_before": 10,
+        "params_after": 7,
+        "params_removed": 0.3,
+        "macs_before": None,
+        "macs_after": None,
+        "macs_removed": None,
+        "macs_shape": None,
+        "macs_shape_source": "symbolic",
+        "groups": 1,
+        "groups_pruned": 1,
+        "blocked": {},
+        "split_rank_limits": {},
+        "seconds": 0.1,
+        "layers": [{"name": "a", "op": "Conv", "before": [4, 2], "after": [3, 2]}],
+        "skipped": [],
+        "counts": {"channels_removed": 1},
+    }
+    assert validator.is_valid(report)
+    for broken in (
+        {**report, "schema_version": 2},
+        {k: v for k, v in report.items() if k != "schema_version"},
+        {**report, "unknown_fact": 1},
+        {**report, "counts": {"channels_removed": 1.5}},
+        {**report, "layers": [{"name": "a", "merged_from": ["a_basis"]}]},
+        {**report, "removed": {"g": {"kind": "rank", "removed": 1, "of": 4}}},
+    ):
+        assert not validator.is_valid(broken), broken
+
+
+def test_the_schema_ships_as_package_data_and_the_runtime_does_not_need_jsonschema():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert "report.schema.json" in pyproject["tool"]["setuptools"]["package-data"]["onnxprune"]
+    assert any(d.startswith("jsonschema") for d in pyproject["project"]["optional-dependencies"]["test"])
+    assert not any(d.startswith("jsonschema") for d in pyproject["project"]["dependencies"])
+    code = "import sys, onnxprune.cli, onnxprune.pipeline; sys.exit('jsonschema' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 import traceback
@@ -467,8 +468,12 @@ def _load_labels(path: pathlib.Path, data: dict | None) -> np.ndarray:
     return labels[:n]
 
 
+REPORT_SCHEMA_VERSION = 1  # raise it on a change that breaks a reader of report.schema.json (shipped with the package)
+
+
 def _json_report(report, input_path: pathlib.Path, output_path: pathlib.Path) -> dict:
-    facts = dict(report.facts)
+    """The `--report` document: see src/onnxprune/report.schema.json."""
+    facts = {"schema_version": REPORT_SCHEMA_VERSION, **report.facts}
     facts["input"], facts["output"] = str(input_path), str(output_path)
     facts["layers"] = [{"name": k, **v} for k, v in report.layers.items()]
     facts["skipped"] = [{"node": s.node, "reason": s.reason} for s in report.skipped]
@@ -477,16 +482,23 @@ def _json_report(report, input_path: pathlib.Path, output_path: pathlib.Path) ->
 
 
 def _write_json(path: pathlib.Path, data: dict) -> None:
+    """Write atomically, as `graph.save` does: into a temp folder beside the target, then rename.
+
+    The file is made by open(), so it gets the usual mode (0o666 less the umask), not mkstemp's 0o600.
+    """
     folder = path.parent if str(path.parent) else pathlib.Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+    text = json.dumps(data, indent=2, default=_jsonable)  # a value that cannot be written fails before any file
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=_jsonable)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+    except OSError as err:
+        raise OnnxPruneError(f"{path}: cannot write into {folder} ({err.strerror or err})") from err
+    try:
+        (staging / path.name).write_text(text)
+        os.replace(staging / path.name, path)
+    except OSError as err:
+        raise OnnxPruneError(f"{path}: cannot write ({err.strerror or err}); nothing was written") from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _jsonable(value):
