@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 import traceback
@@ -18,7 +19,7 @@ from onnxprune.budget import TARGETS
 from onnxprune.calibration import criteria
 from onnxprune.calibration.data import ImageOptions, load_calibration
 from onnxprune.errors import GuardError, OnnxPruneError
-from onnxprune.pipeline import MAX_DROP, METHODS, decompose, prune_guarded
+from onnxprune.pipeline import MAX_DROP, METHODS, decompose, default_criterion, prune_guarded
 from onnxprune.shapes import format_shapes, parse_shapes
 
 log = logging.getLogger("onnxprune")
@@ -95,7 +96,8 @@ def cli() -> None:
     "--exclude",
     multiple=True,
     metavar="PATTERN",
-    help="Never prune the output channels of nodes whose name matches (fnmatch; repeatable).",
+    help="Never prune the output channels of nodes whose name matches (fnmatch; repeatable). A pattern that "
+    "matches no node is an error.",
 )
 @click.option(
     "--calib",
@@ -248,9 +250,8 @@ def prune_command(
         load_calibration(calib, model, limit=calib_size, image_options=images, seed=seed) if calib is not None else None
     )
     truth = _load_labels(labels, data) if labels is not None else None
-    log.info(
-        "pruning %s (%s, criterion %s, %s %.2f)", input_path.name, method, criterion or "default", target, remove_ratio
-    )
+    criterion = criterion or default_criterion(method, calibrated=data is not None)
+    log.info("pruning %s (%s, criterion %s, %s %.2f)", input_path.name, method, criterion, target, remove_ratio)
     pruned, report = prune_guarded(
         model,
         max_drop=max_drop,
@@ -383,6 +384,27 @@ def bench_command(
         )
 
 
+@cli.group("cache")
+def cache_group() -> None:
+    """The latency cache of `prune --latency-batch`; `onnxprune cache clear` empties it.
+
+    Measurements are kept in ~/.cache/onnxprune/latency.json, or in the file $ONNXPRUNE_CACHE names, keyed by layer
+    shapes, threads, onnxruntime version and processor.
+    """
+
+
+@cache_group.command("clear")
+def cache_clear_command() -> None:
+    """Delete the latency cache (~/.cache/onnxprune/latency.json, or $ONNXPRUNE_CACHE): the next prune measures anew."""
+    from onnxprune.latency import cache_path, clear_cache
+
+    entries = clear_cache()
+    if entries is None:
+        click.echo(f"no latency cache at {cache_path()}: nothing to clear")
+    else:
+        click.echo(f"removed the latency cache {cache_path()} ({entries} measurements)")
+
+
 def _setup_logging(*, quiet: bool, verbose: bool) -> None:
     # progress lines (INFO) go to an interactive terminal only, so piped stderr carries errors alone
     level = (
@@ -446,8 +468,12 @@ def _load_labels(path: pathlib.Path, data: dict | None) -> np.ndarray:
     return labels[:n]
 
 
+REPORT_SCHEMA_VERSION = 1  # raise it on a change that breaks a reader of report.schema.json (shipped with the package)
+
+
 def _json_report(report, input_path: pathlib.Path, output_path: pathlib.Path) -> dict:
-    facts = dict(report.facts)
+    """The `--report` document: see src/onnxprune/report.schema.json."""
+    facts = {"schema_version": REPORT_SCHEMA_VERSION, **report.facts}
     facts["input"], facts["output"] = str(input_path), str(output_path)
     facts["layers"] = [{"name": k, **v} for k, v in report.layers.items()]
     facts["skipped"] = [{"node": s.node, "reason": s.reason} for s in report.skipped]
@@ -456,16 +482,23 @@ def _json_report(report, input_path: pathlib.Path, output_path: pathlib.Path) ->
 
 
 def _write_json(path: pathlib.Path, data: dict) -> None:
+    """Write atomically, as `graph.save` does: into a temp folder beside the target, then rename.
+
+    The file is made by open(), so it gets the usual mode (0o666 less the umask), not mkstemp's 0o600.
+    """
     folder = path.parent if str(path.parent) else pathlib.Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+    text = json.dumps(data, indent=2, default=_jsonable)  # a value that cannot be written fails before any file
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=_jsonable)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+    except OSError as err:
+        raise OnnxPruneError(f"{path}: cannot write into {folder} ({err.strerror or err})") from err
+    try:
+        (staging / path.name).write_text(text)
+        os.replace(staging / path.name, path)
+    except OSError as err:
+        raise OnnxPruneError(f"{path}: cannot write ({err.strerror or err}); nothing was written") from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _jsonable(value):

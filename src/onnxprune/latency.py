@@ -21,6 +21,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxprune.errors import OnnxPruneError
 from onnxprune.graph import session
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,24 @@ def _load_cache() -> dict:
         return json.loads(cache_path().read_text())
     except (OSError, ValueError):
         return {}
+
+
+def clear_cache() -> int | None:
+    """Delete the measurement cache at `cache_path()`: the number of entries it held, or None when there was none.
+
+    Raises:
+        OnnxPruneError: The file exists but cannot be removed.
+    """
+    path = cache_path()
+    if not path.exists():
+        return None
+    entries = len(_load_cache())
+    try:
+        path.unlink()
+        path.with_suffix(".tmp").unlink(missing_ok=True)  # left by a writer that was killed mid-way
+    except OSError as err:
+        raise OnnxPruneError(f"latency cache {path}: cannot be removed: {err.strerror or err}") from err
+    return entries
 
 
 def _store_cache(cache: dict) -> None:

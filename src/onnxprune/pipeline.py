@@ -33,7 +33,7 @@ from onnxprune.passes.compensate import refit
 from onnxprune.passes.groups import find_channel_groups
 from onnxprune.passes.remove import remove_channels
 from onnxprune.progress import steps
-from onnxprune.result import PassResult, Report
+from onnxprune.result import PassResult, Report, Skip
 from onnxprune.rules import const
 from onnxprune.shapes import choose_shapes, concrete_shapes, fix_input_shapes
 from onnxprune.testing import random_feeds
@@ -137,10 +137,13 @@ def prune(
     split layers at or under that of their dense ops: the model is not made slower. ``target="latency"`` removes
     `remove_ratio` of the measured model latency instead (the report's ``latency`` entry has the measured figures).
     0 decides by parameters alone.
+
+    `exclude` holds fnmatch patterns of node names whose output channels are never pruned (a split layer's
+    ``X_basis`` / ``X_scaling`` also match as ``X``); a pattern that matches no node raises OnnxPruneError.
     """
     calib = as_samples(calib, model) if calib is not None else None
     whiten = (not compensate) if whiten is None else whiten
-    criterion = criterion or _default_criterion(method, calibrated=calib is not None)
+    criterion = criterion or default_criterion(method, calibrated=calib is not None)
     if not 0.0 <= remove_ratio < 1.0:
         raise OnnxPruneError(f"--ratio must be in [0, 1), got {remove_ratio}")
     if target not in TARGETS:
@@ -161,6 +164,7 @@ def prune(
         raise OnnxPruneError(
             f"labels: expected a 1-D array of {calib.total} labels, got shape {list(np.shape(labels))}"
         )
+    _check_exclude(model, exclude)
     count_shapes, shape_source = choose_shapes(model, given=shapes, data=calib)
     if count_shapes is None and target == "flops":
         raise OnnxPruneError(f"--target flops: MACs cannot be counted: {shape_source}")
@@ -275,6 +279,7 @@ def prune(
         report.merge(run_passes(graph, [refit_pass]).report)
     out = to_model(graph, model)
     validate(out)
+    _name_output_nodes(report, model, out)
     if held is None:
         feeds = _synthetic_feeds(model, count_shapes, batch=SYNTHETIC_SAMPLES, seed=seed)
         drift = fidelity(model, out, feeds, batch_size=batch_size)
@@ -550,7 +555,7 @@ def _synthetic_feeds(model: onnx.ModelProto, shapes: dict | None, *, batch: int,
     return feeds
 
 
-def _default_criterion(method: str, *, calibrated: bool) -> str:
+def default_criterion(method: str, *, calibrated: bool) -> str:
     """The criterion used when none is given.
 
     With calibration data: cmi for --method channel and auto (measured on the suite's ResNet-20 at 0.7: channel 96.7 %
@@ -719,7 +724,12 @@ def _prune_stage(
             "removed": int(len(group.classes) - len(keep)),
             "of": int(len(group.classes)),
         }
-    report.merge(run_passes(graph, [partial(remove_channels, plan=allocation.plan, analysis=analysis)]).report)
+    removal = run_passes(graph, [partial(remove_channels, plan=allocation.plan, analysis=analysis)]).report
+    bases = sum(kinds[name]["removed"] for name in allocation.plan if name in basis_groups)
+    if bases:  # remove_channels counts every index it drops; on a basis edge those are basis vectors, not channels
+        removal.counts["channels_removed"] -= bases
+        removal.counts["bases_removed"] += bases
+    report.merge(removal)
     return len(allocation.plan)
 
 
@@ -845,6 +855,82 @@ def _latency_curves(graph: gs.Graph, pairs: list, *, batch: int, threads: int) -
 def _mid_axis(graph: gs.Graph, pair) -> int:
     basis = next(n for n in graph.nodes if n.name == pair.basis)
     return rules.output_channel_axis(basis)
+
+
+def _name_output_nodes(report: Report, model: onnx.ModelProto, out: onnx.ModelProto) -> None:
+    """Make the report's layers and notes name nodes of the written model `out` only, in place.
+
+    A pair merged back whose halves changed is listed once, under the merged node: its weight shape in the input
+    `model` (or as the channel stage left it), as written, its rank and ``merged_from``; notes on its halves move
+    to it. A node split and kept split is listed through its halves, each with ``split_from`` (the node's name and
+    its weight shape before and when it was split). Entries of any other node no longer in `out` are dropped. The
+    ``removed`` entries of basis groups merged back get ``merged_into``: their rank cut is in the merged weight, but
+    saves nothing.
+    """
+    merged = report.facts.pop("merged", {})
+    half_of = {half: name for name, pair in merged.items() for half in (pair["basis"], pair["scaling"])}
+    before, after = _weights(model), _weights(out)
+    layers: dict[str, dict] = {}
+    for name, change in report.layers.items():
+        if name in after and name not in half_of:
+            layers[name] = dict(change)
+    for name in report.layers:
+        if name in half_of and half_of[name] in after:
+            target = half_of[name]
+            op, shape = after[target]
+            entry = layers.setdefault(target, {"op": op, "before": before.get(target, (None, None))[1]})
+            entry.update(after=shape, rank=merged[target]["rank"])
+            entry["merged_from"] = [merged[target]["basis"], merged[target]["scaling"]]
+    for name, entry in layers.items():
+        source = _original_name(name)
+        if source != name and source in before and source not in after:
+            change, shape = report.layers.get(source, {}), before[source][1]
+            entry["split_from"] = {
+                "name": source,
+                "before": change.get("before", shape),
+                "after": change.get("after", shape),
+            }
+    report.layers = layers
+    notes = []
+    for skip in report.skipped:
+        if skip.node in after:
+            notes.append(skip)
+        elif skip.node in half_of and half_of[skip.node] in after:
+            notes.append(Skip(half_of[skip.node], f"{skip.reason} (in its split form '{skip.node}')"))
+        elif f"{skip.node}_basis" in after:
+            notes.append(Skip(f"{skip.node}_basis", f"{skip.reason} (as '{skip.node}', before it was split)"))
+    report.skipped = notes
+    for name, entry in report.facts.get("removed", {}).items():
+        if entry["kind"] == "basis" and name in half_of:
+            entry["merged_into"] = half_of[name]
+
+
+def _weights(model: onnx.ModelProto) -> dict[str, tuple[str, list[int] | None]]:
+    """Node name -> (op, dims of its constant second input, the weight, or None) for a model's top-level nodes."""
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    dims.update(
+        {
+            n.output[0]: list(a.t.dims)
+            for n in model.graph.node
+            if n.op_type == "Constant"
+            for a in n.attribute
+            if a.name == "value"
+        }
+    )
+    return {n.name: (n.op_type, dims.get(n.input[1]) if len(n.input) > 1 else None) for n in model.graph.node}
+
+
+def _check_exclude(model: onnx.ModelProto, exclude: Sequence[str]) -> None:
+    """Every --exclude pattern must match a node of the model (by name, or by the name a split layer came from)."""
+    names = {n.name for n in model.graph.node if n.name}
+    names |= {_original_name(n) for n in names}
+    for pattern in exclude:
+        if not any(fnmatch.fnmatch(name, pattern) for name in names):
+            example = f"names such as {min(names)!r}" if names else "no named nodes"
+            raise OnnxPruneError(
+                f"--exclude {pattern!r} matches no node of the model ({example}; fnmatch patterns): "
+                "fix or drop the pattern"
+            )
 
 
 def _original_name(node_name: str) -> str:

@@ -150,12 +150,6 @@ def _input(node: gs.Node, i: int) -> gs.Tensor | None:
     return node.inputs[i]
 
 
-def _flow(flows: list[Flow | None]) -> tuple[int, Flow] | None:
-    """The only input with a flow, or None."""
-    found = [(i, f) for i, f in enumerate(flows) if f is not None]
-    return found[0] if len(found) == 1 else None
-
-
 def _same(flow: Flow, zero: np.ndarray | None = None, *, axis: int | None = None, rank: int | None = None) -> Flow:
     return Flow(
         flow.axis if axis is None else axis,

@@ -74,9 +74,7 @@ def importance(name: str, context: Context) -> np.ndarray:
     return scores
 
 
-def _per_producer_channel(
-    context: Context, fn: Callable[[gs.Node, np.ndarray, int], np.ndarray | None], combine: str = "sum"
-) -> np.ndarray:
+def _per_producer_channel(context: Context, fn: Callable[[gs.Node, np.ndarray, int], np.ndarray | None]) -> np.ndarray:
     """Sum fn(node, weight, out_axis) (one value per output channel) over each class's producer channels."""
     analysis = context.analysis
     scores = np.zeros(analysis.n_classes)
@@ -170,7 +168,6 @@ def _discriminant(context: Context) -> np.ndarray:
 
 
 CMI_SAMPLES = 256  # Gram matrices are N x N; a sub-sample keeps the greedy search in seconds
-CMI_ALPHA = 2  # Renyi order 2: S(A) = -log2 tr(A^2) needs no eigen-decomposition
 
 
 def _gram(x: np.ndarray) -> np.ndarray:
@@ -182,7 +179,7 @@ def _gram(x: np.ndarray) -> np.ndarray:
 
 
 def _renyi(a: np.ndarray) -> float:
-    """Matrix-based Renyi alpha-entropy (alpha 2) of a trace-1 Gram matrix."""
+    """Matrix-based Renyi entropy of order 2 of a trace-1 Gram matrix: -log2 tr(A^2), no eigen-decomposition."""
     return float(-np.log2(max(np.sum(a * a), 1e-300)))
 
 

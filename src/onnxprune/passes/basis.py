@@ -35,7 +35,6 @@ def decompose_basis(
     graph: gs.Graph,
     *,
     min_channels: int = 8,
-    names: set[str] | None = None,
     covariances: dict[str, np.ndarray] | None = None,
 ) -> PassResult:
     """Split each eligible Conv/Gemm/MatMul, in place, into a basis op and a BasisScalingConv at full rank.
@@ -48,15 +47,12 @@ def decompose_basis(
     Args:
         graph: Topologically sorted graph; edited in place.
         min_channels: Layers whose rank min(out, in) is smaller are skipped (and reported).
-        names: Only split these nodes (all eligible ones when None).
         covariances: Input-patch covariances E[p p^T] by Conv node name, for a data-aware basis.
     """
     report = Report()
     made: list[BasisPair] = []
     paired = {n for p in find_basis_pairs(graph) for n in (p.basis, p.scaling)}
     for node in [n for n in graph.nodes if n.op in SPLIT_OPS]:
-        if names is not None and node.name not in names:
-            continue
         if node.name in paired:
             report.skip(node, "already a basis/scaling pair")
             continue
@@ -226,8 +222,11 @@ def merge_unprofitable(
             filters no longer orthonormal, so they cannot be found again afterwards). Found anew when None.
         limits: Largest rank each pair (by basis name) may keep split, e.g. from measured latency; the parameter
             break-even when absent.
+
+    ``report.facts["merged"]`` maps each merged node's name to the pair it replaces and the rank it holds.
     """
     report = Report()
+    merged = report.facts.setdefault("merged", {})
     nodes = {n.name: n for n in graph.nodes}
     for pair in find_basis_pairs(graph) if pairs is None else pairs:
         if pair.basis not in nodes or pair.scaling not in nodes or nodes[pair.basis].outputs[0].name != pair.mid:
@@ -236,13 +235,15 @@ def merge_unprofitable(
         if r <= min(param_breakeven(k, co), (limits or {}).get(pair.basis, r)):
             report.layers[pair.basis] = {"op": "basis", "rank": r, "full_rank": min(k, co)}
             continue
-        _merge(graph, nodes[pair.basis], nodes[pair.scaling])
+        name = _merge(graph, nodes[pair.basis], nodes[pair.scaling])
+        merged[name] = {"basis": pair.basis, "scaling": pair.scaling, "rank": r}
         report.counts["merged_back"] += 1
     graph.cleanup().toposort()
     return PassResult(graph, modified=bool(report.counts), report=report)
 
 
-def _merge(graph: gs.Graph, basis: gs.Node, scaling: gs.Node) -> None:
+def _merge(graph: gs.Graph, basis: gs.Node, scaling: gs.Node) -> str:
+    """Replace the pair by one op holding the product of its weights; returns the new node's name."""
     dtype = const(basis.inputs[1]).dtype
     name = basis.name[: -len("_basis")] if basis.name.endswith("_basis") else basis.name
     product = weight_matrix(scaling).astype(np.float64) @ basis_matrix(basis).astype(np.float64)  # [out, in]
@@ -259,3 +260,4 @@ def _merge(graph: gs.Graph, basis: gs.Node, scaling: gs.Node) -> None:
         node.inputs.clear()
         node.outputs.clear()
     graph.nodes.append(merged)
+    return merged.name
