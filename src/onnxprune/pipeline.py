@@ -128,8 +128,8 @@ def prune(
     ``basis`` allocates ranks jointly (``budget.allocate_ranks``): per split layer, the dense op or a rank, chosen
     to remove the request at the least predicted output error. With calibration data, `sensitivity` (on unless
     False) measures how much of each layer's predicted error reaches the outputs at the planned cut and allocates
-    again, twice (``calibration.sensitivity.CutProbe``), and keeps of the plans made the one whose whole cut moves
-    the outputs least (measured); for the channel methods, ``sensitivity=True`` weighs each
+    again, `sensitivity_rounds` times (``calibration.sensitivity.CutProbe``), and keeps of the plans made the one
+    whose whole cut moves the outputs least (measured); for the channel methods, ``sensitivity=True`` weighs each
     group by probes at 25 % and 50 % (``layer_sensitivity``).
 
     With `latency_batch` > 0, every split layer is timed dense and split at several ranks at that batch size with
