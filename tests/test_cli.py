@@ -645,3 +645,23 @@ def test_the_schema_ships_as_package_data_and_the_runtime_does_not_need_jsonsche
     assert not any(d.startswith("jsonschema") for d in pyproject["project"]["dependencies"])
     code = "import sys, onnxprune.cli, onnxprune.pipeline; sys.exit('jsonschema' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
+def test_ctrl_c_during_a_calibrated_prune_exits_130_and_writes_nothing(tmp_path):
+    import signal
+
+    out = tmp_path / "out.onnx"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "onnxprune", str(EXAMPLE / "digits_resnet.onnx"), str(out), "--ratio", "0.7"]
+        + ["--calib", str(EXAMPLE / "digits_calib.npy"), "-v"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in proc.stderr:  # wait until the prune itself has started
+        if line.startswith("pruning "):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=60)
+    assert proc.returncode == 130, rest[-500:]
+    assert "aborted" in rest and not out.exists() and not list(tmp_path.iterdir())
