@@ -254,12 +254,18 @@ def model_latency(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, threa
     return float(np.min(times))
 
 
+COMPARE_SECONDS = 0.5  # timing per model in one comparison...
+COMPARE_ROUNDS = 2000  # ...in at most this many interleaved rounds
+
+
 def compare_latency(
     first: onnx.ModelProto, second: onnx.ModelProto, feeds: dict[str, np.ndarray], *, threads: int = 0
 ) -> tuple[float, float]:
     """Median seconds of two models on the same `feeds`, runs interleaved so machine drift hits both alike.
 
-    CPU, all graph optimisations, `threads` intra-op threads; as many rounds as fit in about a second (5 to 50).
+    CPU, all graph optimisations, `threads` intra-op threads; as many rounds as fit in about `COMPARE_SECONDS` per
+    model (5 to `COMPARE_ROUNDS`): a 0.3 ms model timed 50 times moved by ±5 % from one check to the next, enough to
+    flip a "not slower" decision with a 2 % margin.
     """
     sessions = [session(m, optimize=True, threads=threads) for m in (first, second)]
     for sess in sessions:
@@ -267,7 +273,7 @@ def compare_latency(
             sess.run(None, feeds)
     start = time.perf_counter()
     sessions[0].run(None, feeds)
-    rounds = int(min(50, max(5, 0.5 / max(time.perf_counter() - start, 1e-6))))
+    rounds = int(min(COMPARE_ROUNDS, max(5, COMPARE_SECONDS / max(time.perf_counter() - start, 1e-6))))
     times: list[list[float]] = [[], []]
     for _ in range(rounds):
         for i, sess in enumerate(sessions):
