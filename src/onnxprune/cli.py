@@ -6,9 +6,7 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 import sys
-import tempfile
 import traceback
 
 import click
@@ -482,23 +480,13 @@ def _json_report(report, input_path: pathlib.Path, output_path: pathlib.Path) ->
 
 
 def _write_json(path: pathlib.Path, data: dict) -> None:
-    """Write atomically, as `graph.save` does: into a temp folder beside the target, then rename.
-
-    The file is made by open(), so it gets the usual mode (0o666 less the umask), not mkstemp's 0o600.
-    """
-    folder = path.parent if str(path.parent) else pathlib.Path(".")
+    """Write atomically, as `graph.save` does (`graph.atomic_write`)."""
     text = json.dumps(data, indent=2, default=_jsonable)  # a value that cannot be written fails before any file
-    try:
-        staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
-    except OSError as err:
-        raise OnnxPruneError(f"{path}: cannot write into {folder} ({err.strerror or err})") from err
-    try:
-        (staging / path.name).write_text(text)
-        os.replace(staging / path.name, path)
-    except OSError as err:
-        raise OnnxPruneError(f"{path}: cannot write ({err.strerror or err}); nothing was written") from err
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    def write(target: pathlib.Path) -> None:
+        target.write_text(text)
+
+    graph_io.atomic_write(path, write)
 
 
 def _jsonable(value):

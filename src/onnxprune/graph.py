@@ -8,6 +8,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -282,31 +283,53 @@ def reset_shapes(graph: gs.Graph) -> None:
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Write atomically: into a temp folder beside the target, then rename. External data above 2 GB, next to it."""
+    """Write atomically (`atomic_write`). External data above 2 GB, next to it."""
+    path = pathlib.Path(path)
+    data_name = path.name + ".data"
+
+    def write(target: pathlib.Path) -> list[str]:
+        if not oversized(model):
+            onnx.save_model(model, target)
+            return []
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # saving as external data rewrites the proto it is given
+        onnx.save_model(
+            copy,
+            target,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
+        return [data_name]
+
+    atomic_write(path, write)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[pathlib.Path], list[str] | None]) -> None:
+    """Write `path` atomically: `write` fills a file in a temp folder beside the target, then renames move it in.
+
+    The file is made by `write` (open(), onnx.save...), so it gets the usual mode (0o666 less the umask), not
+    mkstemp's 0o600. Files `write` names besides (external data) are moved next to the target first.
+
+    Args:
+        path: The file to write.
+        write: Called with the staging path; returns the names of other files it wrote in the staging folder.
+
+    Raises:
+        OnnxPruneError: The folder cannot be written (disk full, quota, permissions); nothing half-written is left.
+    """
     path = pathlib.Path(path)
     folder = path.parent if str(path.parent) else pathlib.Path(".")
     try:
         staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
     except OSError as err:
         raise OnnxPruneError(f"{path}: cannot write into {folder} ({err.strerror or err})") from err
-    data_name = path.name + ".data"
     try:
-        if oversized(model):
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)  # saving as external data rewrites the proto it is given
-            onnx.save_model(
-                copy,
-                staging / path.name,
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
-            )
-            os.replace(staging / data_name, folder / data_name)
-        else:
-            onnx.save_model(model, staging / path.name)
+        for extra in write(staging / path.name) or []:
+            os.replace(staging / extra, folder / extra)
         os.replace(staging / path.name, path)
-    except OSError as err:  # disk full, quota, permissions changed under us: nothing half-written is left
+    except OSError as err:
         raise OnnxPruneError(f"{path}: cannot write ({err.strerror or err}); nothing was written") from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -22,7 +22,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.errors import OnnxPruneError
-from onnxprune.graph import session
+from onnxprune.graph import atomic_write, session
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,13 @@ def _store_cache(cache: dict) -> None:
     path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, path)
-    except OSError as err:  # a read-only home is no reason to fail the job
+        text = json.dumps(cache)
+
+        def write(target: pathlib.Path) -> None:
+            target.write_text(text)
+
+        atomic_write(path, write)
+    except (OSError, OnnxPruneError) as err:  # a read-only home is no reason to fail the job
         log.debug("latency cache not written: %s", err)
 
 
