@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from onnxprune.calibration.data import model_inputs
 from onnxprune.errors import OnnxPruneError
-from onnxprune.graph import load
+from onnxprune.graph import load, session
 from onnxprune.shapes import parse_shapes as _parse_shapes
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -85,13 +85,8 @@ def _session(path: str, provider: str, opt_level: str, threads: int) -> ort.Infe
             f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
             "on a machine with the device"
         )
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = OPT_LEVELS[opt_level]
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    providers = [wanted] if provider == "cpu" else [wanted, "CPUExecutionProvider"]
-    return ort.InferenceSession(path, opts, providers=providers)
+    providers = (wanted,) if provider == "cpu" else (wanted, "CPUExecutionProvider")
+    return session(path, threads=threads, providers=providers, level=OPT_LEVELS[opt_level])
 
 
 def time_models(

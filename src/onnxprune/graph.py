@@ -343,19 +343,41 @@ def _tensor_bytes(model: onnx.ModelProto) -> int:
     return sum(int(np.prod(t.dims, dtype=np.int64)) * 4 for t in tensors)
 
 
-def session(model: onnx.ModelProto | str, *, optimize: bool = False, threads: int = 0) -> ort.InferenceSession:
-    """A CPU onnxruntime session (graph optimisations off unless asked), for checks and calibration."""
+def session(
+    model: onnx.ModelProto | str,
+    *,
+    optimize: bool = False,
+    threads: int = 0,
+    providers: tuple[str, ...] = ("CPUExecutionProvider",),
+    level: ort.GraphOptimizationLevel | None = None,
+) -> ort.InferenceSession:
+    """The one onnxruntime session builder: CPU, graph optimisations off unless asked, quiet.
+
+    Args:
+        model: The model, or the path of a model file.
+        optimize: All graph optimisations (timing) instead of none (checks and calibration).
+        threads: Intra-op threads (0: onnxruntime's default).
+        providers: Execution providers, in order of preference.
+        level: An explicit optimisation level (``onnxprune bench --opt-level``); overrides `optimize`.
+
+    Returns:
+        The session.
+    """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        level
+        if level is not None
+        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    if not optimize:  # calibration runs alternate with numpy/LAPACK work: idle threads must not spin against it
+    if not optimize and level is None:  # calibration runs alternate with numpy/LAPACK work: no spinning against it
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     data = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(data, opts, providers=list(providers))
 
 
 def validate(model: onnx.ModelProto, *, where: str = "output model") -> None:
