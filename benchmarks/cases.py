@@ -30,7 +30,7 @@ import onnxruntime as ort
 
 from benchmarks.peers import bisect, onnxsim_wanda
 from onnxprune.bench import time_models
-from onnxprune.pipeline import count
+from onnxprune.budget import count
 
 ROOT = pathlib.Path(__file__).resolve().parent
 CASES = ROOT.parent.parent / "shared" / "cases"

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from benchmarks.nets import export, reestimate_bn
-from onnxprune.pipeline import count
+from onnxprune.budget import count
 
 TOLERANCE = 0.01
 

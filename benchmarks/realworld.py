@@ -47,7 +47,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 
-from onnxprune.pipeline import count
+from onnxprune.budget import count
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from benchmarks import data, nets
     from benchmarks.run import accuracy, run_peer, trained
-    from onnxprune.pipeline import count
+    from onnxprune.budget import count
 
     dataset = data.load("chars")
     ratios = [float(r) for r in args.ratios.split(",")]

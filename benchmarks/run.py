@@ -27,8 +27,8 @@ import onnx
 
 from onnxprune import prune
 from onnxprune.bench import time_models
+from onnxprune.budget import count
 from onnxprune.calibration.runner import run_batches
-from onnxprune.pipeline import count
 
 HERE = pathlib.Path(__file__).resolve().parent
 

@@ -201,7 +201,7 @@ def test_conv_transpose_split_prune_and_merge_back():
 
 
 def test_conv_transpose_macs_are_weights_times_input_positions():
-    from onnxprune.pipeline import count
+    from onnxprune.budget import count
 
     b = Builder(3)
     w = b.const(np.ones((4, 6, 4, 4), np.float32))

@@ -7,9 +7,10 @@ import onnx
 import pytest
 from models import Builder, any_size
 
+from onnxprune.budget import count
 from onnxprune.cli import main
 from onnxprune.errors import OnnxPruneError
-from onnxprune.pipeline import count, prune
+from onnxprune.pipeline import prune
 from onnxprune.shapes import choose_shapes, parse_shapes
 
 

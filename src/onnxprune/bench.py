@@ -102,7 +102,7 @@ def time_models(
     seed: int = 0,
 ) -> list[Timing]:
     """Time every model at every batch size, interleaving the models run by run so drift hits all alike."""
-    from onnxprune.pipeline import count  # local: pipeline imports the passes, bench does not need them otherwise
+    from onnxprune.budget import count  # local: the counter imports the passes, bench does not need them otherwise
 
     models = [load(p) for p in paths]
     sizes = [count(m) for m in models]

@@ -5,12 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune import rules
 from onnxprune.errors import BudgetError
+from onnxprune.graph import to_graph
 from onnxprune.passes.basis import BasisPair
+from onnxprune.passes.cleanup import cleanup
 from onnxprune.passes.groups import ChannelGraph
+from onnxprune.shapes import fix_input_shapes
 
 TARGETS = ("params", "flops", "latency")
 
@@ -594,3 +598,19 @@ def _fill_slack(choices: list[RankChoice], picks: list[int], slack: float, secon
         picks[i] = new
         slack -= extra
         seconds -= later
+
+
+def count(model: onnx.ModelProto, *, shapes: dict[str, list[int]] | None = None) -> tuple[int, int]:
+    """(parameters, MACs per sample) of a model as written (weights in Constant nodes or constant subgraphs count).
+
+    Args:
+        model: The model (not modified).
+        shapes: Input name -> concrete dims to count MACs at (``shapes.choose_shapes``); None: the model's own
+            inferred shapes, where a symbolic dim counts as 1.
+
+    Returns:
+        (parameters, MACs per sample).
+    """
+    if shapes:
+        model = fix_input_shapes(model, shapes)
+    return CostModel(cleanup(to_graph(model), fold_bn=False).graph).count()

@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune import rules
-from onnxprune.budget import TARGETS, CostModel, allocate, allocate_ranks, rank_choices
+from onnxprune.budget import TARGETS, CostModel, allocate, allocate_ranks, count, rank_choices
 from onnxprune.calibration import criteria
 from onnxprune.calibration.data import Samples, as_samples
 from onnxprune.calibration.runner import (
@@ -35,7 +35,7 @@ from onnxprune.passes.remove import remove_channels
 from onnxprune.progress import steps
 from onnxprune.result import PassResult, Report, Skip
 from onnxprune.rules import const
-from onnxprune.shapes import choose_shapes, concrete_shapes, fix_input_shapes
+from onnxprune.shapes import choose_shapes, concrete_shapes
 from onnxprune.testing import random_feeds
 
 log = logging.getLogger(__name__)
@@ -63,22 +63,6 @@ def run_passes(graph: gs.Graph, passes: Sequence[Callable[[gs.Graph], PassResult
         graph = result.graph
         done.append(name)
     return PassResult(graph, modified, report)
-
-
-def count(model: onnx.ModelProto, *, shapes: dict[str, list[int]] | None = None) -> tuple[int, int]:
-    """(parameters, MACs per sample) of a model as written (weights in Constant nodes or constant subgraphs count).
-
-    Args:
-        model: The model (not modified).
-        shapes: Input name -> concrete dims to count MACs at (``shapes.choose_shapes``); None: the model's own
-            inferred shapes, where a symbolic dim counts as 1.
-
-    Returns:
-        (parameters, MACs per sample).
-    """
-    if shapes:
-        model = fix_input_shapes(model, shapes)
-    return CostModel(cleanup(to_graph(model), fold_bn=False).graph).count()
 
 
 def prune(
