@@ -533,7 +533,14 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
             else ""
         )
         lines.append(f"  fidelity on {f['fidelity_samples']} samples{covers}, output '{name}': " + ", ".join(parts))
+    if 0 < f.get("fidelity_samples", FEW_HELD_OUT) < FEW_HELD_OUT:
+        lines.append(
+            f"  WARNING only {f['fidelity_samples']} held-out samples: one sample moves the agreement by "
+            f"{100 / f['fidelity_samples']:.1f} points (give --calib more samples for a firmer check)"
+        )
     guard = f.get("guard")
+    if guard and guard.get("sensitivity_rounds") == 1:
+        lines.append("  guard   the first result fell below the floor; this is the retry with one sensitivity round")
     if guard and not guard["held"]:
         lines.append(
             f"  WARNING held-out {guard['measure']} {guard['measured']:.3f} is below {guard['floor']:.3f} "
@@ -552,6 +559,9 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
         lines += [f"  blocked {name}: {why}" for name, why in f["blocked"].items()]
         lines += [f"  note    {s.node}: {s.reason}" for s in report.skipped]
     click.echo("\n".join(lines))
+
+
+FEW_HELD_OUT = 50  # fewer held-out samples than this: the summary says how coarse the agreement is
 
 
 def _kinds(facts: dict) -> str:

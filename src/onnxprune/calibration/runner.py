@@ -322,11 +322,11 @@ def fidelity(
     sums = {k: dict.fromkeys(("cos", "err", "ref", "agree", "acc_o", "acc_p"), 0.0) for k in names}
     scored = dict.fromkeys(names, True)
     n = 0
-    batches = zip(
-        stream(original, data, names, batch_size=batch_size),
+    batches = zip(  # the labelled stream first: zip stops at the first exhausted one, the bar must see its end
         stream(pruned, data, names, batch_size=batch_size, label="held-out fidelity"),
+        stream(original, data, names, batch_size=batch_size),
     )
-    for ref, got in batches:
+    for got, ref in batches:
         m = len(ref[names[0]])
         truth = None if labels is None else np.asarray(labels)[n : n + m]
         for name in names:
