@@ -384,6 +384,16 @@ def test_the_guard_refuses_a_destroyed_model_and_force_writes_it(tmp_path, capsy
     assert not out.exists() and not list(tmp_path.glob("*.tmp*"))
     line = err.strip()
     assert "\n" not in line and "top-1 agreement" in line and "largest ratio that holds" in line
+    report = tmp_path / "refused.json"
+    code, _, err = run([*args, "--no-compensate", "--latency-batch", "0", "--report", report], capsys)
+    assert code == 1 and not out.exists()
+    refused = json.loads(report.read_text())  # the report asked for says what was measured, and that nothing went out
+    from jsonschema import Draft202012Validator
+
+    Draft202012Validator(_report_schema()).validate(refused)
+    assert refused["output"] is None and refused["guard"]["held"] is False
+    assert refused["guard"]["measured"] < refused["guard"]["floor"]
+    assert f"about {refused['guard']['largest_ratio_that_holds']:.2f}" in err
     code, stdout, err = run([*args, "--no-compensate", "--latency-batch", "0", "--force"], capsys)
     assert code == 0, err
     assert out.exists() and "written only because of --force" in stdout

@@ -250,28 +250,33 @@ def prune_command(
     truth = _load_labels(labels, data) if labels is not None else None
     criterion = criterion or default_criterion(method, calibrated=data is not None)
     log.info("pruning %s (%s, criterion %s, %s %.2f)", input_path.name, method, criterion, target, remove_ratio)
-    pruned, report = prune_guarded(
-        model,
-        max_drop=max_drop,
-        force=force,
-        remove_ratio=remove_ratio,
-        target=target,
-        method=method,
-        criterion=criterion,
-        exclude=exclude,
-        min_rank=min_rank,
-        calib=data,
-        compensate=not no_compensate,
-        sensitivity=sensitivity,
-        whiten=whiten,
-        labels=truth,
-        batch_size=batch_size,
-        latency_batch=latency_batch,
-        threads=threads,
-        round_to=round_to,
-        seed=seed,
-        shapes=shapes,
-    )
+    try:
+        pruned, report = prune_guarded(
+            model,
+            max_drop=max_drop,
+            force=force,
+            remove_ratio=remove_ratio,
+            target=target,
+            method=method,
+            criterion=criterion,
+            exclude=exclude,
+            min_rank=min_rank,
+            calib=data,
+            compensate=not no_compensate,
+            sensitivity=sensitivity,
+            whiten=whiten,
+            labels=truth,
+            batch_size=batch_size,
+            latency_batch=latency_batch,
+            threads=threads,
+            round_to=round_to,
+            seed=seed,
+            shapes=shapes,
+        )
+    except GuardError as err:  # nothing is written but the report asked for: it says what was measured
+        if report_path is not None and err.report is not None:
+            _write_json(report_path, _json_report(err.report, input_path, None))
+        raise
     graph_io.save(pruned, output_path)
     if report_path is not None:
         _write_json(report_path, _json_report(report, input_path, output_path))
@@ -469,10 +474,10 @@ def _load_labels(path: pathlib.Path, data: dict | None) -> np.ndarray:
 REPORT_SCHEMA_VERSION = 1  # raise it on a change that breaks a reader of report.schema.json (shipped with the package)
 
 
-def _json_report(report, input_path: pathlib.Path, output_path: pathlib.Path) -> dict:
-    """The `--report` document: see src/onnxprune/report.schema.json."""
+def _json_report(report, input_path: pathlib.Path, output_path: pathlib.Path | None) -> dict:
+    """The `--report` document: see src/onnxprune/report.schema.json (output None: the guard refused the result)."""
     facts = {"schema_version": REPORT_SCHEMA_VERSION, **report.facts}
-    facts["input"], facts["output"] = str(input_path), str(output_path)
+    facts["input"], facts["output"] = str(input_path), None if output_path is None else str(output_path)
     facts["layers"] = [{"name": k, **v} for k, v in report.layers.items()]
     facts["skipped"] = [{"node": s.node, "reason": s.reason} for s in report.skipped]
     facts["counts"] = dict(report.counts)

@@ -35,4 +35,11 @@ class GuardError(Exception):
     """The pruned model measured as broken on the user's held-out samples; nothing was written (the CLI exits 1).
 
     Not an `OnnxPruneError`: the input was fine, the result is what failed the check the user (by default) asked for.
+
+    Attributes:
+        report: The report of the refused result (its ``guard`` entry says what was measured), or None.
     """
+
+    def __init__(self, message: str, report=None) -> None:
+        super().__init__(message)
+        self.report = report

@@ -474,9 +474,12 @@ def prune_guarded(
         if best is not None
         else ("no ratio tried holds")
     )
+    report.facts["seconds"] = time.perf_counter() - started
+    report.facts["guard"]["largest_ratio_that_holds"] = lo if best is not None else None
     raise GuardError(
         f"at --ratio {remove_ratio:.2f} the held-out {what} with the original is {measured:.3f}, below "
-        f"{floor:.3f} (--max-drop {max_drop:.2f}); {holds}; nothing written (--force writes it anyway)"
+        f"{floor:.3f} (--max-drop {max_drop:.2f}); {holds}; nothing written (--force writes it anyway)",
+        report,
     )
 
 
