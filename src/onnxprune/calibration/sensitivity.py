@@ -69,12 +69,17 @@ def layer_sensitivity(
             )
         if moved:
             change[group.name] = float(np.mean(moved))
-    if not change:
+    return _relative_to_median(change, WEIGHT_RANGE, "most sensitive")
+
+
+def _relative_to_median(values: dict[str, float], bounds: tuple[float, float], what: str) -> dict[str, float]:
+    """Each value over the median of all, clipped to `bounds`; the largest three logged as `what`."""
+    if not values:
         return {}
-    median = max(float(np.median(list(change.values()))), 1e-30)
-    weights = {name: float(np.clip(value / median, *WEIGHT_RANGE)) for name, value in change.items()}
-    for name, value in sorted(weights.items(), key=lambda kv: -kv[1])[:5]:
-        log.info("most sensitive: %s (weight %.2f)", name, value)
+    median = max(float(np.median(list(values.values()))), 1e-30)
+    weights = {name: float(np.clip(value / median, *bounds)) for name, value in values.items()}
+    for name, value in sorted(weights.items(), key=lambda kv: -kv[1])[:3]:
+        log.info("%s: %s (weight %.2f)", what, name, value)
     return weights
 
 
@@ -189,13 +194,7 @@ class CutProbe:
         masked = {group for group, _, _ in self.masks.values()}
         todo = [(g, keep, predicted) for g, (keep, predicted) in cuts.items() if predicted > 0 and g in masked]
         ratio = {g: self.change({g: keep}) / predicted for g, keep, predicted in steps(todo, "sensitivity probes")}
-        if not ratio:
-            return {}
-        median = max(float(np.median(list(ratio.values()))), 1e-30)
-        weights = {name: float(np.clip(value / median, *CUT_WEIGHT_RANGE)) for name, value in ratio.items()}
-        for name, value in sorted(weights.items(), key=lambda kv: -kv[1])[:3]:
-            log.info("most sensitive at the planned cut: %s (weight %.2f)", name, value)
-        return weights
+        return _relative_to_median(ratio, CUT_WEIGHT_RANGE, "most sensitive at the planned cut")
 
     def _outputs(self, masks: dict) -> list[np.ndarray]:
         """Every output of every batch, flattened per batch, with the mask inputs fed."""
