@@ -28,7 +28,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from benchmarks.peers import bisect, onnxsim_wanda
+from benchmarks.measure import bisect
+from benchmarks.peers import onnxsim_wanda
 from onnxprune.bench import time_models
 from onnxprune.budget import count
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -21,24 +20,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from benchmarks.measure import bisect
 from benchmarks.nets import export, reestimate_bn
 from onnxprune.budget import count
-
-TOLERANCE = 0.01
-
-
-def bisect(make: Callable[[float], tuple[object, float]], target: float, lo: float = 0.0, hi: float = 0.98, steps=12):
-    """Search knob in [lo, hi] (removal grows with it) for removal within TOLERANCE of target; best found wins."""
-    best = None
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        result, removed = make(mid)
-        if best is None or abs(removed - target) < abs(best[1] - target):
-            best = (result, removed, mid)
-        if abs(removed - target) <= TOLERANCE / 2:
-            break
-        lo, hi = (mid, hi) if removed < target else (lo, mid)
-    return best
 
 
 def torch_params(model: nn.Module) -> int:

@@ -47,12 +47,12 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 
+from benchmarks.measure import TOLERANCE, bisect, peak_rss_mb, peak_rss_reset
 from onnxprune.budget import count
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 CACHE = pathlib.Path(os.environ.get("ONNXPRUNE_BENCH_CACHE", pathlib.Path.home() / ".cache" / "onnxprune-bench"))
-TOLERANCE = 0.01  # a peer is "matched" when within one point of the target, as in benchmarks.run
 ALNUM = string.ascii_letters + string.digits
 WORDS = (
     "the of and to in is for on that with as by this are from at be or an was it which report total "
@@ -537,27 +537,6 @@ def constructs(path: pathlib.Path, env: dict, work: pathlib.Path, ratio: float =
 # ---------------------------------------------------------------- peers on the ONNX graph
 
 
-def bisect(make: Callable[[float], tuple[object, float]], target: float, lo=0.0, hi=0.98, steps=12):
-    """Knob in [lo, hi] (removal grows with it) for removal within TOLERANCE of target; the closest found wins.
-
-    The same search as benchmarks.peers.bisect (that module needs torch; this one must not), except that the knob's
-    end is tried first, so a target the peer cannot reach costs one step instead of twelve.
-    """
-    result, removed = make(hi)  # the most the knob can remove: when that is short of the target, stop there
-    best = (result, removed, hi)
-    if removed < target - TOLERANCE:
-        return best
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        result, removed = make(mid)
-        if best is None or abs(removed - target) < abs(best[1] - target):
-            best = (result, removed, mid)
-        if abs(removed - target) <= TOLERANCE / 2:
-            break
-        lo, hi = (mid, hi) if removed < target else (lo, mid)
-    return best
-
-
 def plain_svd_onnx(model: onnx.ModelProto, cut: float, cache: dict | None = None) -> onnx.ModelProto:
     """Every group-1 Conv and every Gemm/MatMul with a constant 2-D weight replaced by its truncated SVD.
 
@@ -652,7 +631,7 @@ def peer_svd(model: onnx.ModelProto, calib: np.ndarray, target: float, input_nam
         out = plain_svd_onnx(model, cut, cache)
         return out, 1 - count(out)[0] / before
 
-    pruned, _, knob = bisect(make, target)
+    pruned, _, knob = bisect(make, target, end_first=True)
     return pruned, {"knob": "rank cut", "value": knob}
 
 
@@ -673,7 +652,7 @@ def peer_onnxsim(model: onnx.ModelProto, calib: np.ndarray, target: float, input
         )
         return out, 1 - count(out)[0] / before
 
-    pruned, _, knob = bisect(make, target, hi=0.99)
+    pruned, _, knob = bisect(make, target, hi=0.99, end_first=True)
     return pruned, {"knob": "sparsity", "value": knob}
 
 
@@ -721,25 +700,6 @@ CONFIGS = {
     ),
 }
 EVAL_SEED, CALIB_SEED = 1, 2  # disjoint renders
-
-
-def peak_rss_reset() -> None:
-    try:
-        pathlib.Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_rss_mb() -> float:
-    try:
-        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def bench_subject(

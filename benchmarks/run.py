@@ -25,6 +25,7 @@ import time
 import numpy as np
 import onnx
 
+from benchmarks.measure import peak_rss_mb, peak_rss_reset
 from onnxprune import prune
 from onnxprune.bench import time_models
 from onnxprune.budget import count
@@ -105,26 +106,6 @@ CONFIGS = {
         runs=3,
     ),
 }
-
-
-def peak_rss_reset() -> None:
-    """Reset the kernel's peak-RSS mark of this process (Linux); later reads give the peak since now."""
-    try:
-        pathlib.Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_rss_mb() -> float:
-    try:
-        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def trained(dataset, arch: str, options: dict, epochs: int, cache: pathlib.Path):
