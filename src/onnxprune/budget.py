@@ -113,6 +113,16 @@ class CostModel:
             params, macs = params + p, macs + m
         return int(round(params)), int(round(macs))
 
+    def fraction(self, term: _Term, alive: np.ndarray | None, skip: str | None = None) -> float:
+        """Kept share of `term` under `alive` (1 when None), leaving out the axis selected by tensor `skip`."""
+        if alive is None:
+            return 1.0
+        frac = 1.0
+        for full, name in term.axes:
+            if name != skip:
+                frac *= float(alive[self.analysis.classes(name)].sum()) / full
+        return frac
+
     def savings(self, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
         """Parameters and MACs each class alone frees at full size (first-order, for ranking)."""
         params = np.zeros(n_classes)
@@ -304,12 +314,15 @@ def _feasible_order(analysis: ChannelGraph, score: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class RankChoice:
-    """One split layer's options for `allocate_ranks`: the dense op (option 0) or the top r bases split (option r).
+class Choice:
+    """One layer's options for `allocate_ranks`; option 0 keeps it whole, option k keeps its top k classes.
 
+    ``kind`` "rank": a split layer, whose option 0 is the dense op and option r keeps the top r bases split.
+    ``kind`` "channel": a channel group, whose option 0 keeps every channel and option k the top k.
     Arrays run over the options 0 .. max_rank: ``error`` is the predicted output error (the relative output error of
-    that layer alone, times its sensitivity weight; 0 for the dense op), ``cost`` the parameters, MACs or seconds of
-    the `--target`, ``latency`` the measured seconds at the requested batch (zeros when not measured).
+    that layer alone, times its sensitivity weight; 0 for option 0), ``cost`` the parameters, MACs or seconds of
+    the `--target` (for channels: the change from the state the costs were taken at), ``latency`` the measured
+    seconds at the requested batch (zeros when not measured, and for channel options, which add no kernel).
     """
 
     group: str
@@ -317,11 +330,19 @@ class RankChoice:
     error: np.ndarray
     cost: np.ndarray
     latency: np.ndarray
+    kind: str = "rank"
 
     @property
     def max_rank(self) -> int:
-        """Largest rank kept split."""
+        """Largest number of classes an option other than 0 keeps."""
         return len(self.error) - 1
+
+    def option_at(self, alive: np.ndarray | None) -> int:
+        """The option `alive` stands for (0 when this layer is whole, or split at a rank that does not pay)."""
+        if alive is None:
+            return 0
+        kept = int(alive[self.classes].sum())
+        return kept if 0 < kept <= self.max_rank else 0
 
 
 def rank_choices(
@@ -333,8 +354,9 @@ def rank_choices(
     protected: frozenset[str] = frozenset(),
     weights: dict[str, float] | None = None,
     latencies: dict[str, tuple[float, dict[int, float]]] | None = None,
-) -> list[RankChoice]:
-    """The options of every split layer whose basis group may be pruned (see `RankChoice`).
+    alive: np.ndarray | None = None,
+) -> list[Choice]:
+    """The options of every split layer whose basis group may be pruned (see `Choice`).
 
     A basis k of a split layer scores s_k sqrt(E[z_k^2]) (``criteria.importance``); removing a set of bases changes the
     layer output by exactly the sum of their squared scores, so the error of a rank is the tail sum of the sorted
@@ -349,6 +371,8 @@ def rank_choices(
         protected: Groups never pruned.
         weights: Sensitivity weight per group (default 1).
         latencies: Per pair's mid tensor: (dense seconds, {rank: split seconds}) from ``latency.layer_latency``.
+        alive: The channels the costs are taken at (None: all); a layer's costs shrink with its kept inputs and
+            outputs.
     """
     group_of = {int(c): g for g in analysis.groups for c in g.classes}
     choices = []
@@ -365,8 +389,11 @@ def rank_choices(
         ):
             continue
         bt, st = cost.terms[b], cost.terms[sc]
-        per_rank_params = (bt.numel + st.numel) / rank
-        max_rank = min(rank, int(np.ceil(merged.numel / per_rank_params)) - 1)  # r * per_rank < dense
+        fb, fs, fm = (cost.fraction(t, alive, skip=mid) for t in (bt, st, merged))
+        per_rank_params = (bt.numel * fb + st.numel * fs) / rank
+        if per_rank_params <= 0:
+            continue
+        max_rank = min(rank, int(np.ceil(merged.numel * fm / per_rank_params)) - 1)  # r * per_rank < dense
         if max_rank < 1:
             continue
         ranks = np.arange(max_rank + 1)
@@ -379,27 +406,91 @@ def rank_choices(
             latency = np.zeros(max_rank + 1)
         if target == "params":
             costs = ranks * per_rank_params
-            costs[0] = merged.numel
+            costs[0] = merged.numel * fm
         elif target == "flops":
-            costs = ranks * (bt.numel * bt.macs_per_elem + st.numel * st.macs_per_elem) / rank
-            costs[0] = merged.numel * merged.macs_per_elem
+            costs = ranks * (bt.numel * bt.macs_per_elem * fb + st.numel * st.macs_per_elem * fs) / rank
+            costs[0] = merged.numel * merged.macs_per_elem * fm
         else:
             costs = latency.copy()
         order = group.classes[np.argsort(-importance[group.classes], kind="stable")]
-        energy = importance[order].astype(np.float64) ** 2
-        total = float(energy.sum())
-        tail = total - np.concatenate([[0.0], np.cumsum(energy)])  # tail[r]: energy of the bases after the top r
-        relative = np.clip(tail / total, 0.0, 1.0) if total > 0 else np.zeros(rank + 1)
-        error = relative[: max_rank + 1] * (weights or {}).get(group.name, 1.0)
-        error[0] = 0.0
-        choices.append(RankChoice(group.name, order, error, np.asarray(costs, float), np.asarray(latency, float)))
+        error = _tail_share(importance[order].astype(np.float64) ** 2)[: max_rank + 1]
+        error *= (weights or {}).get(group.name, 1.0)
+        choices.append(Choice(group.name, order, error, np.asarray(costs, float), np.asarray(latency, float)))
+    return choices
+
+
+def _tail_share(energy: np.ndarray) -> np.ndarray:
+    """[n + 1]: the share of the total in `energy` (sorted, largest first) left out when the top k stay; 0 at k = 0.
+
+    Option 0 keeps the layer whole, so its error is 0, not 1.
+    """
+    total = float(energy.sum())
+    tail = total - np.concatenate([[0.0], np.cumsum(energy)])
+    share = np.clip(tail / total, 0.0, 1.0) if total > 0 else np.zeros(len(energy) + 1)
+    share[0] = 0.0
+    return share
+
+
+def channel_choices(
+    analysis: ChannelGraph,
+    cost: CostModel,
+    saliency: np.ndarray,
+    *,
+    target: str,
+    groups: list[str],
+    weights: dict[str, float] | None = None,
+    alive: np.ndarray | None = None,
+) -> list[Choice]:
+    """Keeping fewer whole channels of `groups` as options beside the split layers' ranks (see `Choice`).
+
+    The error of keeping the top k channels is the share of the group's `saliency` (the output energy its channels
+    contribute to the layers reading them, ``criteria.consumer_energy``) in the channels left out: the relative output
+    error of those layers, as a rank's error is that of its layer. The cost of an option is the change of the whole
+    model's parameters (or MACs) from the channels kept in `alive`, the other layers as they are there: the count is
+    linear in one group's kept channels, so two exact counts give it (while no split layer flips to dense).
+    Channel removal adds no kernel, so the options cost no measured latency.
+
+    Args:
+        analysis: Channel groups of the split graph.
+        cost: Its cost model.
+        saliency: Per class output-energy contribution (larger means keep).
+        target: "params" or "flops".
+        groups: Names of the groups offered (each keeps at least one channel; blocked channels stay).
+        weights: Sensitivity weight per group (default 1).
+        alive: The state the costs are taken at (None: nothing removed).
+    """
+    index = 0 if target == "params" else 1
+    by_name = {g.name: g for g in analysis.groups}
+    state = np.ones(analysis.n_classes, dtype=bool) if alive is None else alive
+    choices = []
+    for name in groups:
+        group = by_name[name]
+        removable = group.removable
+        if len(group.blocked) or len(removable) < 2 or not np.any(saliency[removable] > 0):
+            continue
+        order = removable[np.argsort(-saliency[removable], kind="stable")]
+        full, one = state.copy(), state.copy()
+        full[order] = True
+        one[order[1:]] = False
+        whole, least = cost.count(full)[index], cost.count(one)[index]
+        n = len(order)
+        per_channel = (whole - least) / (n - 1)
+        kept_now = int(state[order].sum())
+        if per_channel <= 0:
+            continue
+        options = np.arange(n)  # option 0: all n; option k: the top k
+        kept = np.where(options == 0, n, options)
+        error = _tail_share(saliency[order].astype(np.float64))[:n] * (weights or {}).get(name, 1.0)
+        choices.append(
+            Choice(name, order, error, per_channel * (kept - kept_now).astype(float), np.zeros(n), kind="channel")
+        )
     return choices
 
 
 def allocate_ranks(
     analysis: ChannelGraph,
     cost: CostModel,
-    choices: list[RankChoice],
+    choices: list[Choice],
     *,
     remove_ratio: float,
     total_before: float,
@@ -445,7 +536,7 @@ def allocate_ranks(
     def meet_cost(mu: float) -> list[int] | None:
         if totals(solve(0.0, mu))[0] <= wanted:
             return solve(0.0, mu)
-        lo, hi = 0.0, 1.0 / max(max((float(c.cost.max()) for c in choices), default=1.0), 1e-30)
+        lo, hi = 0.0, 1.0 / max(max((float(np.abs(c.cost).max()) for c in choices), default=1.0), 1e-30)
         while totals(solve(hi, mu))[0] > wanted:
             hi *= 4
             if hi > 1e30:
@@ -519,7 +610,7 @@ def allocate_ranks(
 EXCHANGE_OPTIONS = 16  # options tried per layer when the plan overshoots the request
 
 
-def _exchange(choices: list[RankChoice], picks: list[int], totals, wanted: float, total_before: float, seconds):
+def _exchange(choices: list[Choice], picks: list[int], totals, wanted: float, total_before: float, seconds):
     """Land within a point of the request when the plan removes more (coarse layers: dense and split far apart).
 
     For each layer, try giving it more (a higher rank or the dense op) and taking the difference back from the others
@@ -553,7 +644,7 @@ def _exchange(choices: list[RankChoice], picks: list[int], totals, wanted: float
     return best
 
 
-def _reduce(choices: list[RankChoice], picks: list[int], totals, wanted: float, *, keep: int) -> list[int] | None:
+def _reduce(choices: list[Choice], picks: list[int], totals, wanted: float, *, keep: int) -> list[int] | None:
     """Cut the other layers (not `keep`) at the least error per unit of cost until the total is at most `wanted`."""
     picks = list(picks)
     while totals(picks)[0] > wanted:
@@ -577,7 +668,7 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def _fill_slack(choices: list[RankChoice], picks: list[int], slack: float, seconds: float) -> list[int]:
+def _fill_slack(choices: list[Choice], picks: list[int], slack: float, seconds: float) -> list[int]:
     """Spend `slack` (cost) and `seconds` (latency) on the option changes saving the most error per unit of cost."""
     picks = list(picks)
     while True:

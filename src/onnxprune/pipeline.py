@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune import rules
-from onnxprune.budget import TARGETS, CostModel, allocate, allocate_ranks, count, rank_choices
+from onnxprune.budget import TARGETS, CostModel, allocate, allocate_ranks, channel_choices, count, rank_choices
 from onnxprune.calibration import criteria
 from onnxprune.calibration.data import Samples, as_samples
 from onnxprune.calibration.runner import (
@@ -23,7 +23,7 @@ from onnxprune.calibration.runner import (
     split_calibration,
     stream,
 )
-from onnxprune.calibration.sensitivity import CutProbe, layer_sensitivity
+from onnxprune.calibration.sensitivity import CUT_WEIGHT_RANGE, CutProbe, layer_sensitivity
 from onnxprune.errors import BudgetError, GuardError, OnnxPruneError, PassError
 from onnxprune.graph import reinfer_shapes, to_graph, to_model, validate
 from onnxprune.latency import compare_latency, layer_latency, model_latency, split_rank_limit
@@ -86,6 +86,7 @@ def prune(
     sensitivity_rounds: int = 2,
     seed: int = 0,
     shapes: dict[str, list[int]] | None = None,
+    channel_options: bool = False,
 ) -> tuple[onnx.ModelProto, Report]:
     """Remove `remove_ratio` of the model's parameters (or MACs) and return the new model and its report.
 
@@ -121,6 +122,11 @@ def prune(
     split layers at or under that of their dense ops: the model is not made slower. ``target="latency"`` removes
     `remove_ratio` of the measured model latency instead (the report's ``latency`` entry has the measured figures).
     0 decides by parameters alone.
+
+    `channel_options` (``basis`` with calibration data, not ``target="latency"``) offers, beside the ranks, keeping
+    fewer whole channels of every group with one producer in the same knapsack (``budget.channel_choices``: error
+    from ``criteria.consumer_energy``, costs re-taken at each plan). Off by default: measured on the handed digits
+    ResNet-20 it does not yet beat ranks alone (benchmarks/README.md, "channel options").
 
     `exclude` holds fnmatch patterns of node names whose output channels are never pruned (a split layer's
     ``X_basis`` / ``X_scaling`` also match as ``X``); a pattern that matches no node raises OnnxPruneError.
@@ -197,8 +203,11 @@ def prune(
         energy, pooled = {}, {}
         if fit is not None:
             graph = reinfer_shapes(graph, model)
-            axes = criteria.energy_tensors(find_channel_groups(graph))
+            found = find_channel_groups(graph)
+            axes = criteria.energy_tensors(found)
             axes.update({p.mid: _mid_axis(graph, p) for p in pairs})
+            if channel_options and stage == "basis" and target != "latency":  # what channel options' errors read
+                axes.update(criteria.consumer_inputs(graph, found))
             energy, pooled = channel_statistics(
                 to_model(graph, model), fit, axes, pooled=criterion in criteria.LABEL_CRITERIA, batch_size=batch_size
             )
@@ -243,6 +252,7 @@ def prune(
             shapes=count_shapes if target == "flops" else None,
             template=model,
             rounds=sensitivity_rounds,
+            channel_options=channel_options,
         )
     report.merge(run_passes(graph, [partial(merge_unprofitable, pairs=pairs, limits=limits), cleanup]).report)
     report.facts["split_rank_limits"] = limits
@@ -591,6 +601,7 @@ def _prune_stage(
     shapes: dict[str, list[int]] | None = None,
     template: onnx.ModelProto | None = None,
     rounds: int = 2,
+    channel_options: bool = False,
 ) -> int:
     """One allocation + removal on `graph` (in place); returns the number of groups it shrank.
 
@@ -600,11 +611,12 @@ def _prune_stage(
     basis_groups = {
         g.name for g in analysis.groups if len(g.producers) == 1 and g.producers[0] in {p.basis for p in pairs}
     }
-    protected = {
+    protected_by_user = {
         g.name
         for g in analysis.groups
         if any(fnmatch.fnmatch(_original_name(p), pat) for p in g.producers for pat in exclude)
     }
+    protected = set(protected_by_user)
     if stage == "channel":
         protected |= basis_groups
     elif stage == "basis":
@@ -628,58 +640,138 @@ def _prune_stage(
         weights = probe(graph, groups=[g for g in analysis.groups if g.name not in protected], scores=scores)
         report.facts.setdefault("sensitivity", {}).update(weights)
     if stage == "basis" and round_to <= 1:
-
-        def options(weights: dict | None) -> list:
-            return rank_choices(
-                analysis, cost, scores, target=target, protected=frozenset(protected), weights=weights, latencies=curves
+        index = 1 if target == "flops" else 0
+        # whole channels beside the ranks: groups of one producer that a matrix op reads, measured on calibration data
+        offered = []
+        if channel_options and energy and target != "latency":
+            saliency = criteria.consumer_energy(
+                criteria.Context(graph, analysis, bn_gamma, pairs, energy, pooled, labels, seed=seed)
             )
+            offered = [
+                g.name
+                for g in analysis.groups
+                if g.name not in protected_by_user and g.name not in basis_groups and len(g.producers) == 1
+            ]
 
-        def plan(choices: list, seconds: float | None):
-            return allocate_ranks(
+        def ranks_only(weights: dict | None, alive: np.ndarray | None = None) -> list:
+            return rank_choices(
                 analysis,
                 cost,
-                choices,
-                remove_ratio=remove_ratio,
-                total_before=total,
-                fixed=fixed,
-                latency_budget=seconds,
+                scores,
+                target=target,
+                protected=frozenset(protected),
+                weights=weights,
+                latencies=curves,
+                alive=alive,
             )
 
+        def options(weights: dict | None, alive: np.ndarray | None = None) -> list:
+            ranks = ranks_only(weights, alive)
+            if not offered:
+                return ranks
+            return ranks + channel_choices(
+                analysis, cost, saliency, target=target, groups=offered, weights=weights, alive=alive
+            )
+
+        def plan(weights: dict | None, seconds: float | None):
+            """The allocation of least predicted error.
+
+            With channel options, costs are linear only around a state. The first plan is by ranks alone; each later
+            one takes its costs at the plan before, keeps the whole channels that plan removes, and allocates the
+            ranks again with those channels gone, where the rank costs are exact. Of the plans made, the one of least
+            predicted error within a point of the request is kept.
+            """
+
+            def ranks_at(alive: np.ndarray | None):
+                choices = ranks_only(weights, alive)
+                if target == "latency":
+                    fixed = max(0.0, total - sum(float(c.latency[0]) for c in choices))
+                else:
+                    fixed = cost.count(alive)[index] - sum(float(c.cost[c.option_at(alive)]) for c in choices)
+                allocation = allocate_ranks(
+                    analysis,
+                    cost,
+                    choices,
+                    remove_ratio=remove_ratio,
+                    total_before=total,
+                    fixed=fixed,
+                    latency_budget=seconds,
+                )
+                if alive is not None:
+                    allocation.alive &= alive
+                    allocation.plan = _plan_of(analysis, allocation.alive)
+                if target != "latency":
+                    allocation.achieved = 1.0 - cost.count(allocation.alive)[index] / total if total else 0.0
+                return allocation
+
+            made = [ranks_at(None)]
+            alive = made[0].alive
+            for _ in range(LINEARIZE_STEPS if offered else 0):
+                choices = options(weights, alive)
+                fixed = cost.count(alive)[index] - sum(float(c.cost[c.option_at(alive)]) for c in choices)
+                try:
+                    joint = allocate_ranks(
+                        analysis,
+                        cost,
+                        choices,
+                        remove_ratio=remove_ratio,
+                        total_before=total,
+                        fixed=fixed,
+                        latency_budget=seconds,
+                    )
+                except BudgetError:
+                    break
+                channels = joint.alive.copy()  # the channel cuts of the joint plan, every basis kept
+                for c in choices:
+                    if c.kind == "rank":
+                        channels[c.classes] = True
+                try:
+                    made.append(ranks_at(channels))
+                except BudgetError:
+                    break
+                alive = made[-1].alive
+            everything = options(weights)
+            scored = [(a, _predicted_error(everything, a.alive)) for a in made]
+            for i, (a, e) in enumerate(scored):
+                log.debug("plan %d: removes %.3f, predicted error %.4g", i, a.achieved, e)
+            near = [m for m in scored if abs(m[0].achieved - remove_ratio) <= RATIO_TOLERANCE]
+            if near:
+                return min(near, key=lambda m: m[1])[0]
+            return min(scored, key=lambda m: abs(m[0].achieved - remove_ratio))[0]
+
         choices = options(weights)
-        if target == "latency":
-            fixed = max(0.0, total - sum(float(c.latency[0]) for c in choices))
-        else:
-            fixed = cost.count()[1 if target == "flops" else 0] - sum(float(c.cost[0]) for c in choices)
         budget = sum(float(c.latency[0]) for c in choices) if curves and target != "latency" else None
         # first by error alone; the whole model's measured speed decides below whether the per-layer budget is needed
         first_budget = None if speed_check is not None else budget
-        allocation = plan(choices, first_budget)
+        allocation = plan(weights, first_budget)
         if cut_probe is not None and allocation.plan:
             started = time.perf_counter()
             probe = cut_probe(graph, groups=[c.group for c in choices], passes=rounds * (len(choices) + 1))
             weights, candidates = {}, [allocation]
             for _ in range(rounds):  # measure at the planned cut, allocate again; the cut moves, again
-                by_group = {c.group: c for c in choices}
+                choices_now = options(weights)
+                by_group = {c.group: c for c in choices_now}
                 cuts = {  # the unweighted predicted error of each planned cut
-                    g: (keep, float(by_group[g].error[len(keep)]) / weights.get(g, 1.0))
+                    g: (keep, _error_at(by_group[g], len(keep)) / weights.get(g, 1.0))
                     for g, keep in allocation.plan.items()
+                    if g in by_group
                 }
-                found = probe.weights(cuts)
+                found = _kind_weights(probe.ratios(cuts), {c.group: c.kind for c in choices_now})
                 # damped: a layer measured again gets the geometric mean of its weights (one cut's measure is noisy)
                 weights = {**weights, **{g: float(np.sqrt(weights.get(g, w) * w)) for g, w in found.items()}}
-                choices = options(weights)
-                allocation = plan(choices, first_budget)
+                allocation = plan(weights, first_budget)
                 candidates.append(allocation)
             # predictions decided the candidates; the measured output change of each whole cut decides between them
             changes = [probe.change(a.plan) for a in candidates]
-            allocation = candidates[int(np.argmin(changes))]
+            chosen = int(np.argmin(changes))
+            allocation = candidates[chosen]
             report.facts["sensitivity"] = {
                 "weights": weights,
                 "probes": probe.probes,
                 "samples": probe.samples,
                 "rounds": rounds,
                 "candidate_changes": changes,
-                "chosen": int(np.argmin(changes)),
+                "chosen": chosen,
                 "seconds": time.perf_counter() - started,
             }
         if speed_check is not None and budget is not None:
@@ -687,7 +779,7 @@ def _prune_stage(
             report.facts["speed_check"] = measured
             if _slower(measured):
                 allocation = _loosest_budget_not_slower(
-                    lambda seconds: plan(choices, seconds), budget, lambda a: speed_check(graph, a.plan, pairs)
+                    lambda seconds: plan(weights, seconds), budget, lambda a: speed_check(graph, a.plan, pairs)
                 )
                 report.facts["speed_check_budget"] = allocation.latency
         if allocation.latency is not None:
@@ -721,6 +813,52 @@ def _prune_stage(
         removal.counts["bases_removed"] += bases
     report.merge(removal)
     return len(allocation.plan)
+
+
+LINEARIZE_STEPS = 3  # allocations with channel options, each with costs re-taken at the plan before
+
+
+def _error_at(choice, kept: int) -> float:
+    """Predicted error of `choice` keeping `kept` of its classes (0 when that is the whole layer)."""
+    return float(choice.error[kept]) if 0 < kept <= choice.max_rank else 0.0
+
+
+def _kind_weights(ratios: dict[str, float], kinds: dict[str, str]) -> dict[str, float]:
+    """Sensitivity weights from measured / predicted error ratios, normalised within each kind of option.
+
+    Within a kind (ranks, channels) a weight is the ratio over that kind's median, clipped to `CUT_WEIGHT_RANGE`
+    (one cut's measure is noisy); the channel kind's median over the rank kind's median then scales all its weights,
+    unclipped: the two kinds' predicted errors are on scales of their own (a rank's is its layer's exact output error,
+    a channel's is that of the layers reading it, with channels taken as uncorrelated).
+    """
+    by_kind: dict[str, dict[str, float]] = {}
+    for group, ratio in ratios.items():
+        by_kind.setdefault(kinds.get(group, "rank"), {})[group] = ratio
+    medians = {k: max(float(np.median(list(v.values()))), 1e-30) for k, v in by_kind.items()}
+    base = medians.get("rank", 1.0)
+    weights = {}
+    for kind, values in by_kind.items():
+        scale = medians[kind] / base if kind != "rank" and "rank" in medians else 1.0
+        for group, ratio in values.items():
+            weights[group] = float(np.clip(ratio / medians[kind], *CUT_WEIGHT_RANGE)) * scale
+    for group, value in sorted(weights.items(), key=lambda kv: -kv[1])[:3]:
+        log.info("most sensitive at the planned cut: %s (weight %.2f)", group, value)
+    return weights
+
+
+def _plan_of(analysis, alive: np.ndarray) -> dict[str, np.ndarray]:
+    """Group name -> kept positions, for the groups `alive` shrinks."""
+    plan = {}
+    for group in analysis.groups:
+        keep = np.flatnonzero(alive[group.classes])
+        if len(keep) < len(group.classes):
+            plan[group.name] = keep.astype(np.int64)
+    return plan
+
+
+def _predicted_error(choices: list, alive: np.ndarray) -> float:
+    """Summed predicted error of the options `alive` stands for."""
+    return sum(_error_at(c, int(alive[c.classes].sum())) for c in choices)
 
 
 def _predictions(model: onnx.ModelProto, data: Samples, batch_size: int) -> np.ndarray:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxprune import rules
 from onnxprune.errors import CalibrationError
 from onnxprune.passes.basis import BasisPair
 from onnxprune.passes.groups import ChannelGraph
@@ -234,6 +235,46 @@ def energy_tensors(analysis: ChannelGraph) -> dict[str, int]:
     """Tensor -> channel axis of every producer output: what the energy criterion measures."""
     made = {id(s.outputs[0]) for s in analysis.steps.values() if s.kind is Kind.PRODUCER}
     return {t: f.axis for t, f in analysis.flows.items() if id(f) in made}
+
+
+def consumer_inputs(graph: gs.Graph, analysis: ChannelGraph) -> dict[str, int]:
+    """Tensor -> channel axis of every tracked tensor a matrix op (Conv, Gemm, MatMul) reads (for `consumer_energy`)."""
+    found = {}
+    for node in graph.nodes:
+        if rules.weight_matrix(node) is not None and node.inputs[0].name in analysis.flows:
+            found[node.inputs[0].name] = analysis.flows[node.inputs[0].name].axis
+    return found
+
+
+def consumer_energy(context: Context) -> np.ndarray:
+    """Per class, the output energy its channel contributes to the layers that read it: sum ||W[:, j]||^2 E[x_j^2].
+
+    Removing input channel j of a layer y = W x changes its output by W[:, j] x_j; with channels taken as
+    uncorrelated (the diagonal of E[x x^T], as in OBD-style saliencies; LeCun et al. 1990) the expected squared
+    change is ||W[:, j]||^2 E[x_j^2], summed over the kernel taps of a Conv. A split layer is read through its
+    scaling op (W = S B), so the singular values weigh the columns. Zero for classes no matrix op reads, or where
+    the input's energy was not measured (`consumer_inputs`).
+
+    Returns:
+        [n_classes] scores, in output-energy units (their sum over a group is that of its readers' outputs, about).
+    """
+    scores = np.zeros(context.analysis.n_classes)
+    scaling_of = {p.basis: p.scaling for p in context.pairs}
+    nodes = {n.name: n for n in context.graph.nodes}
+    for node in context.graph.nodes:
+        w = rules.weight_matrix(node)
+        source = node.inputs[0].name if node.inputs else None
+        if w is None or source not in context.energy or source not in context.analysis.flows:
+            continue
+        w = w.astype(np.float64)
+        if node.name in scaling_of and rules.weight_matrix(nodes[scaling_of[node.name]]) is not None:
+            w = rules.weight_matrix(nodes[scaling_of[node.name]]).astype(np.float64) @ w
+        energy = context.energy[source]
+        if w.shape[1] % len(energy):
+            continue
+        columns = (w * w).sum(0).reshape(len(energy), -1).sum(1)
+        np.add.at(scores, context.analysis.classes(source), columns * energy)
+    return scores
 
 
 def collect_bn_gamma(graph: gs.Graph) -> dict[str, np.ndarray]:

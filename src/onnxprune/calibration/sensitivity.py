@@ -191,10 +191,13 @@ class CutProbe:
         Returns:
             Group name -> weight (1 for the median layer); layers with no predicted error or no mask are left out.
         """
+        return _relative_to_median(self.ratios(cuts), CUT_WEIGHT_RANGE, "most sensitive at the planned cut")
+
+    def ratios(self, cuts: dict[str, tuple[np.ndarray, float]]) -> dict[str, float]:
+        """Measured `change` of each layer in `cuts` cut alone, over its predicted local error (see `weights`)."""
         masked = {group for group, _, _ in self.masks.values()}
         todo = [(g, keep, predicted) for g, (keep, predicted) in cuts.items() if predicted > 0 and g in masked]
-        ratio = {g: self.change({g: keep}) / predicted for g, keep, predicted in steps(todo, "sensitivity probes")}
-        return _relative_to_median(ratio, CUT_WEIGHT_RANGE, "most sensitive at the planned cut")
+        return {g: self.change({g: keep}) / predicted for g, keep, predicted in steps(todo, "sensitivity probes")}
 
     def _outputs(self, masks: dict) -> list[np.ndarray]:
         """Every output of every batch, flattened per batch, with the mask inputs fed."""

@@ -1,0 +1,125 @@
+"""Channel options beside the ranks: consumer energy, exact linear costs, and the joint plan end to end."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from models import basic_residual, chain
+
+from onnxprune import prune
+from onnxprune.budget import CostModel, channel_choices, rank_choices
+from onnxprune.calibration import criteria
+from onnxprune.calibration.runner import channel_statistics, stream
+from onnxprune.graph import to_graph, to_model
+from onnxprune.passes.basis import decompose_basis
+from onnxprune.passes.cleanup import cleanup
+from onnxprune.passes.groups import find_channel_groups
+from onnxprune.rules import weight_matrix
+from onnxprune.testing import ort_run, random_feeds
+
+EXAMPLE = Path(__file__).parent.parent / "examples"
+
+
+def _split(model, min_channels=4):
+    graph = cleanup(to_graph(model)).graph
+    result = decompose_basis(graph, min_channels=min_channels)
+    return result.graph, result.report.facts["pairs"]
+
+
+def _context(model, graph, pairs, data):
+    analysis = find_channel_groups(graph)
+    axes = criteria.consumer_inputs(graph, analysis)
+    energy, _ = channel_statistics(to_model(graph, model), data, axes)
+    return criteria.Context(graph, analysis, {}, pairs, energy), axes
+
+
+def test_consumer_energy_is_weight_column_norm_times_input_energy():
+    model = chain()
+    graph = cleanup(to_graph(model)).graph
+    data = {"x": random_feeds(model, batch=16, seed=1)["x"]}
+    context, axes = _context(model, graph, [], data)
+    scores = criteria.consumer_energy(context)
+    for node in graph.nodes:
+        w = weight_matrix(node)
+        source = node.inputs[0].name
+        if w is None or source not in axes:
+            continue
+        x = np.concatenate([b[source] for b in stream(to_model(graph, model), data, [source])]).astype(np.float64)
+        moment = (np.moveaxis(x, axes[source], -1).reshape(-1, x.shape[axes[source]]) ** 2).mean(0)
+        columns = (w.astype(np.float64) ** 2).sum(0).reshape(len(moment), -1).sum(1)
+        classes = context.analysis.classes(source)
+        np.testing.assert_allclose(scores[classes], columns * moment, rtol=1e-4)
+
+
+def test_consumer_energy_reads_a_split_layer_through_its_scaling_op():
+    model = chain()
+    data = {"x": random_feeds(model, batch=16, seed=2)["x"]}
+    dense = cleanup(to_graph(model)).graph
+    dense_context, inputs = _context(model, dense, [], data)
+    graph, pairs = _split(model)
+    split_context, _ = _context(model, graph, pairs, data)
+    assert pairs
+    dense_scores, split_scores = criteria.consumer_energy(dense_context), criteria.consumer_energy(split_context)
+    # a full-rank split is the same layer: every channel it reads contributes what it did to the dense layer
+    for tensor in inputs:
+        np.testing.assert_allclose(
+            split_scores[split_context.analysis.classes(tensor)],
+            dense_scores[dense_context.analysis.classes(tensor)],
+            rtol=1e-4,
+        )
+
+
+def test_channel_option_costs_are_exact_counts():
+    model = basic_residual()
+    graph, pairs = _split(model)
+    analysis = find_channel_groups(graph)
+    cost = CostModel(graph, analysis, pairs)
+    saliency = np.random.default_rng(0).random(analysis.n_classes) + 0.1
+    basis = {g.name for g in analysis.groups if g.producers[0] in {p.basis for p in pairs}}
+    groups = [g.name for g in analysis.groups if g.name not in basis and len(g.producers) == 1]
+    choices = channel_choices(analysis, cost, saliency, target="params", groups=groups)
+    assert choices, "the residual blocks' inner channels are offered"
+    whole = cost.count()[0]
+    for c in choices:
+        assert c.kind == "channel" and c.error[0] == 0 and c.cost[0] == 0
+        assert np.all(np.diff(c.error[1:]) <= 1e-12), "keeping more channels never predicts more error"
+        for k in (1, c.max_rank):
+            alive = np.ones(analysis.n_classes, dtype=bool)
+            alive[c.classes[k:]] = False
+            assert cost.count(alive)[0] - whole == pytest.approx(c.cost[k])
+
+
+def test_rank_costs_shrink_with_the_channels_kept():
+    model = basic_residual()
+    graph, pairs = _split(model)
+    analysis = find_channel_groups(graph)
+    cost = CostModel(graph, analysis, pairs)
+    scores = np.ones(analysis.n_classes)
+    full = {c.group: c for c in rank_choices(analysis, cost, scores, target="params")}
+    alive = np.ones(analysis.n_classes, dtype=bool)
+    inner = next(g for g in analysis.groups if len(g.producers) == 1 and g.producers[0].endswith("_scaling"))
+    alive[inner.classes[len(inner.classes) // 2 :]] = False
+    cut = {c.group: c for c in rank_choices(analysis, cost, scores, target="params", alive=alive)}
+    assert any(cut[g].cost[0] < full[g].cost[0] for g in cut), "a layer reading the cut group is cheaper dense"
+    for g, c in cut.items():  # exact: the split at rank r as counted with those channels gone
+        r = 1
+        check = alive.copy()
+        check[c.classes[r:]] = False
+        before = alive.copy()
+        assert cost.count(check)[0] - cost.count(before)[0] == pytest.approx(
+            c.cost[r] - c.cost[c.option_at(before)], rel=1e-6
+        ) or c.max_rank < 1
+
+
+def test_joint_plan_removes_channels_and_bases_and_stays_valid():
+    model = onnx.load(EXAMPLE / "digits_resnet.onnx")
+    calib = np.load(EXAMPLE / "digits_calib.npy")[:128]
+    name = model.graph.input[0].name
+    out, report = prune(model, remove_ratio=0.9, calib={name: calib}, channel_options=True, sensitivity=False)
+    kinds = {v["kind"] for v in report.facts["removed"].values()}
+    assert kinds == {"basis", "channel"}
+    assert abs(report.facts["ratio_achieved"] - 0.9) <= 0.01
+    onnx.checker.check_model(out, full_check=True)
+    for batch in (1, 3):
+        assert ort_run(out, {name: calib[:batch]})[out.graph.output[0].name].shape[0] == batch
