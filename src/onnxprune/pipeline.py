@@ -182,6 +182,50 @@ def prune(
     curves = None
     pairs = find_basis_pairs(graph)
     limits: dict[str, int] = {}
+    def finish(graph: gs.Graph, kept: dict | None) -> tuple[gs.Graph, Report]:
+        """Merge back the splits that do not pay, clean up and refit: the pruned graph as it will be written."""
+        tail = run_passes(graph, [partial(merge_unprofitable, pairs=pairs, limits=limits), cleanup]).report
+        if fit is not None and compensate:
+            graph = reinfer_shapes(graph, model)
+            refit_pass = partial(
+                refit,
+                template=model,
+                original=model,
+                fit=fit,
+                held=held,
+                pairs=pairs,
+                kept=kept,
+                batch_size=batch_size,
+                seed=seed,
+            )
+            tail.merge(run_passes(graph, [refit_pass]).report)
+        return graph, tail
+
+    finished: dict = {}  # plan key -> (finished graph, its report), for the candidates already taken to the end
+
+    def evaluate(graph: gs.Graph, candidates: list, order: list[int]) -> tuple[int, dict[int, list[float]]]:
+        """The candidate plan whose finished model agrees best with the original on fit samples (see `prune`)."""
+        scores: dict[int, list[float]] = {}
+        seen: set = set()
+        started = time.perf_counter()
+        data = fit.head(SELECT_SAMPLES)
+        for i in order:
+            key = _plan_key(candidates[i].plan)
+            if key in seen:
+                continue
+            spent = time.perf_counter() - started
+            if scores and spent * (len(scores) + 1) / len(scores) > SELECT_BUDGET_S:
+                log.info("candidate plans: %d of %d taken to the end within %.0f s", len(scores), len(order), spent)
+                break
+            seen.add(key)
+            copy = graph.copy()
+            removal = remove_channels(copy, plan=candidates[i].plan, analysis=find_channel_groups(copy))
+            done, tail = finish(copy, removal.report.facts.get("kept"))
+            finished[_plan_key(removal.report.facts.get("kept") or {})] = (done, tail)
+            found = fidelity(model, to_model(done, model), data, batch_size=batch_size, label="candidate plans")
+            scores[i] = [_worst(found)[0], min(f["cosine"] for f in found.values())]
+        return max(scores, key=lambda i: tuple(scores[i])), scores
+
     for i, stage in enumerate(stages):
         wanted = remove_ratio * (DOUBLE_CHANNEL_SHARE if method == "double" and i == 0 else 1.0)
         if i > 0:
@@ -253,24 +297,14 @@ def prune(
             template=model,
             rounds=sensitivity_rounds,
             channel_options=channel_options,
+            evaluate=evaluate if fit is not None and stage == "basis" else None,
         )
-    report.merge(run_passes(graph, [partial(merge_unprofitable, pairs=pairs, limits=limits), cleanup]).report)
     report.facts["split_rank_limits"] = limits
     if fit is not None and compensate:
-        graph = reinfer_shapes(graph, model)
-        _warn_few_samples(graph, pairs, report.facts.get("kept") or {}, len(fit))
-        refit_pass = partial(
-            refit,
-            template=model,
-            original=model,
-            fit=fit,
-            held=held,
-            pairs=pairs,
-            kept=report.facts.get("kept"),
-            batch_size=batch_size,
-            seed=seed,
-        )
-        report.merge(run_passes(graph, [refit_pass]).report)
+        _warn_few_samples(reinfer_shapes(graph, model), pairs, report.facts.get("kept") or {}, len(fit))
+    key = _plan_key(report.facts.get("kept") or {})
+    graph, tail = finished[key] if key in finished else finish(graph, report.facts.get("kept"))
+    report.merge(tail)
     out = to_model(graph, model)
     validate(out)
     _name_output_nodes(report, model, out)
@@ -441,7 +475,11 @@ def prune_guarded(
     report.facts["guard"]["held"] = measured >= floor
     if measured >= floor:
         return out, report
-    retry_rounds = options.get("method", "basis") == "basis" and options.get("sensitivity") is not False
+    retry_rounds = (
+        options.get("method", "basis") == "basis"
+        and options.get("sensitivity") is not False
+        and len(report.facts.get("candidate_fidelity") or {}) < 2  # else the one-round plan was already compared
+    )
     if retry_rounds and options.get("sensitivity_rounds", 2) > 1:
         # the allocation at a deep cut is sensitive to how it was weighed: one round of measured weights is the
         # other candidate (digits ResNet-20 at 0.9: 66 % with two rounds, 98 % with one; at 0.8 99 % against 85 %)
@@ -569,7 +607,12 @@ def default_criterion(method: str, *, calibrated: bool) -> str:
 
 def _agreement(report: Report) -> tuple[float, str]:
     """The worst held-out top-1 agreement over the classifier-like outputs, else the worst cosine: (value, name)."""
-    fids = list(report.facts["fidelity"].values())
+    return _worst(report.facts["fidelity"])
+
+
+def _worst(fidelity: dict[str, dict[str, float]]) -> tuple[float, str]:
+    """The worst top-1 agreement over the class-score outputs of `fidelity`, else the worst cosine: (value, name)."""
+    fids = list(fidelity.values())
     top1 = [f["top1_agreement"] for f in fids if "top1_agreement" in f]
     if top1:
         return min(top1), "top-1 agreement"
@@ -602,6 +645,7 @@ def _prune_stage(
     template: onnx.ModelProto | None = None,
     rounds: int = 2,
     channel_options: bool = False,
+    evaluate: Callable | None = None,
 ) -> int:
     """One allocation + removal on `graph` (in place); returns the number of groups it shrank.
 
@@ -665,15 +709,15 @@ def _prune_stage(
                 alive=alive,
             )
 
-        def options(weights: dict | None, alive: np.ndarray | None = None) -> list:
+        def options(weights: dict | None, alive: np.ndarray | None = None, with_channels: bool = channel_options):
             ranks = ranks_only(weights, alive)
-            if not offered:
+            if not offered or not with_channels:
                 return ranks
             return ranks + channel_choices(
                 analysis, cost, saliency, target=target, groups=offered, weights=weights, alive=alive
             )
 
-        def plan(weights: dict | None, seconds: float | None):
+        def plan(weights: dict | None, seconds: float | None, with_channels: bool = channel_options):
             """The allocation of least predicted error.
 
             With channel options, costs are linear only around a state. The first plan is by ranks alone; each later
@@ -706,8 +750,8 @@ def _prune_stage(
 
             made = [ranks_at(None)]
             alive = made[0].alive
-            for _ in range(LINEARIZE_STEPS if offered else 0):
-                choices = options(weights, alive)
+            for _ in range(LINEARIZE_STEPS if offered and with_channels else 0):
+                choices = options(weights, alive, with_channels)
                 fixed = cost.count(alive)[index] - sum(float(c.cost[c.option_at(alive)]) for c in choices)
                 try:
                     joint = allocate_ranks(
@@ -730,7 +774,7 @@ def _prune_stage(
                 except BudgetError:
                     break
                 alive = made[-1].alive
-            everything = options(weights)
+            everything = options(weights, None, with_channels)
             scored = [(a, _predicted_error(everything, a.alive)) for a in made]
             for i, (a, e) in enumerate(scored):
                 log.debug("plan %d: removes %.3f, predicted error %.4g", i, a.achieved, e)
@@ -744,10 +788,11 @@ def _prune_stage(
         # first by error alone; the whole model's measured speed decides below whether the per-layer budget is needed
         first_budget = None if speed_check is not None else budget
         allocation = plan(weights, first_budget)
+        candidates, order, weights_of = [allocation], [0], [weights]
         if cut_probe is not None and allocation.plan:
             started = time.perf_counter()
             probe = cut_probe(graph, groups=[c.group for c in choices], passes=rounds * (len(choices) + 1))
-            weights, candidates = {}, [allocation]
+            weights, weights_of = {}, [{}]
             for _ in range(rounds):  # measure at the planned cut, allocate again; the cut moves, again
                 choices_now = options(weights)
                 by_group = {c.group: c for c in choices_now}
@@ -761,25 +806,30 @@ def _prune_stage(
                 weights = {**weights, **{g: float(np.sqrt(weights.get(g, w) * w)) for g, w in found.items()}}
                 allocation = plan(weights, first_budget)
                 candidates.append(allocation)
-            # predictions decided the candidates; the measured output change of each whole cut decides between them
+                weights_of.append(weights)
+            # predictions made the candidates; the measured output change of each whole cut orders them
             changes = [probe.change(a.plan) for a in candidates]
-            chosen = int(np.argmin(changes))
-            allocation = candidates[chosen]
+            order = [int(i) for i in np.argsort(changes, kind="stable")]
             report.facts["sensitivity"] = {
                 "weights": weights,
                 "probes": probe.probes,
                 "samples": probe.samples,
                 "rounds": rounds,
                 "candidate_changes": changes,
-                "chosen": chosen,
                 "seconds": time.perf_counter() - started,
             }
+        chosen = order[0]
+        if evaluate is not None and len(order) > 1:
+            chosen, agreement = evaluate(graph, candidates, order)
+            report.facts["candidate_fidelity"] = {str(i): v for i, v in agreement.items()}
+        report.facts["candidate_chosen"] = chosen
+        allocation = candidates[chosen]
         if speed_check is not None and budget is not None:
             measured = speed_check(graph, allocation.plan, pairs)
             report.facts["speed_check"] = measured
-            if _slower(measured):
+            if _slower(measured):  # under the summed layer latency, with the weights the chosen plan was made with
                 allocation = _loosest_budget_not_slower(
-                    lambda seconds: plan(weights, seconds), budget, lambda a: speed_check(graph, a.plan, pairs)
+                    partial(plan, weights_of[chosen]), budget, lambda a: speed_check(graph, a.plan, pairs)
                 )
                 report.facts["speed_check_budget"] = allocation.latency
         if allocation.latency is not None:
@@ -815,6 +865,8 @@ def _prune_stage(
     return len(allocation.plan)
 
 
+SELECT_SAMPLES = 128  # fit samples the candidate plans are compared on, each taken to the end (refit included)
+SELECT_BUDGET_S = 30.0  # ... while the next one is expected to end within this many seconds of the first start
 LINEARIZE_STEPS = 3  # allocations with channel options, each with costs re-taken at the plan before
 
 
@@ -836,6 +888,7 @@ def _kind_weights(ratios: dict[str, float], kinds: dict[str, str]) -> dict[str, 
         by_kind.setdefault(kinds.get(group, "rank"), {})[group] = ratio
     medians = {k: max(float(np.median(list(v.values()))), 1e-30) for k, v in by_kind.items()}
     base = medians.get("rank", 1.0)
+    log.debug("measured over predicted error, median by kind: %s", medians)
     weights = {}
     for kind, values in by_kind.items():
         scale = medians[kind] / base if kind != "rank" and "rank" in medians else 1.0
@@ -844,6 +897,11 @@ def _kind_weights(ratios: dict[str, float], kinds: dict[str, str]) -> dict[str, 
     for group, value in sorted(weights.items(), key=lambda kv: -kv[1])[:3]:
         log.info("most sensitive at the planned cut: %s (weight %.2f)", group, value)
     return weights
+
+
+def _plan_key(kept: dict[str, np.ndarray]) -> tuple:
+    """A hashable form of a plan (group or tensor name -> kept positions)."""
+    return tuple(sorted((name, tuple(np.asarray(keep).tolist())) for name, keep in kept.items()))
 
 
 def _plan_of(analysis, alive: np.ndarray) -> dict[str, np.ndarray]:

@@ -303,6 +303,7 @@ def fidelity(
     *,
     labels: np.ndarray | None = None,
     batch_size: int = 64,
+    label: str = "held-out fidelity",
 ) -> dict[str, dict[str, float]]:
     """Per output: top-1 agreement (class-score outputs), cosine similarity and relative L2 error against the original.
 
@@ -314,6 +315,7 @@ def fidelity(
         data: The samples.
         labels: True class per sample in iteration order, to report accuracy as well.
         batch_size: Samples per run when the model's batch dim is dynamic.
+        label: The progress bar's title.
 
     Returns:
         Output name -> {"cosine", "relative_error"[, "top1_agreement"[, "accuracy_original", "accuracy_pruned"]]}.
@@ -323,7 +325,7 @@ def fidelity(
     scored = dict.fromkeys(names, True)
     n = 0
     batches = zip(  # the labelled stream first: zip stops at the first exhausted one, the bar must see its end
-        stream(pruned, data, names, batch_size=batch_size, label="held-out fidelity"),
+        stream(pruned, data, names, batch_size=batch_size, label=label),
         stream(original, data, names, batch_size=batch_size),
     )
     for got, ref in batches:
