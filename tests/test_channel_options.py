@@ -102,14 +102,12 @@ def test_rank_costs_shrink_with_the_channels_kept():
     alive[inner.classes[len(inner.classes) // 2 :]] = False
     cut = {c.group: c for c in rank_choices(analysis, cost, scores, target="params", alive=alive)}
     assert any(cut[g].cost[0] < full[g].cost[0] for g in cut), "a layer reading the cut group is cheaper dense"
-    for g, c in cut.items():  # exact: the split at rank r as counted with those channels gone
-        r = 1
+    for c in cut.values():  # exact: the split at rank 1 as counted with those channels gone
+        if c.max_rank < 1:
+            continue
         check = alive.copy()
-        check[c.classes[r:]] = False
-        before = alive.copy()
-        assert cost.count(check)[0] - cost.count(before)[0] == pytest.approx(
-            c.cost[r] - c.cost[c.option_at(before)], rel=1e-6
-        ) or c.max_rank < 1
+        check[c.classes[1:]] = False
+        assert cost.count(check)[0] - cost.count(alive)[0] == pytest.approx(c.cost[1] - c.cost[c.option_at(alive)])
 
 
 def test_joint_plan_removes_channels_and_bases_and_stays_valid():
@@ -123,3 +121,15 @@ def test_joint_plan_removes_channels_and_bases_and_stays_valid():
     onnx.checker.check_model(out, full_check=True)
     for batch in (1, 3):
         assert ort_run(out, {name: calib[:batch]})[out.graph.output[0].name].shape[0] == batch
+
+
+def test_kind_weights_scale_each_kind_by_its_median():
+    from onnxprune.pipeline import _kind_weights
+
+    ratios = {"r1": 1.0, "r2": 2.0, "r3": 4.0, "c1": 20.0, "c2": 40.0}
+    kinds = {"r1": "rank", "r2": "rank", "r3": "rank", "c1": "channel", "c2": "channel"}
+    weights = _kind_weights(ratios, kinds)
+    assert weights["r2"] == pytest.approx(1.0)  # the rank median
+    assert weights["r1"] == pytest.approx(0.5) and weights["r3"] == pytest.approx(2.0)
+    # channels: within-kind weight (ratio over 30) times the kind's median over the ranks' (30 / 2)
+    assert weights["c1"] == pytest.approx(20 / 30 * 15) and weights["c2"] == pytest.approx(40 / 30 * 15)

@@ -113,9 +113,13 @@ def prune(
     ``basis`` allocates ranks jointly (``budget.allocate_ranks``): per split layer, the dense op or a rank, chosen
     to remove the request at the least predicted output error. With calibration data, `sensitivity` (on unless
     False) measures how much of each layer's predicted error reaches the outputs at the planned cut and allocates
-    again, `sensitivity_rounds` times (``calibration.sensitivity.CutProbe``), and keeps of the plans made the one
-    whose whole cut moves the outputs least (measured); for the channel methods, ``sensitivity=True`` weighs each
-    group by probes at 25 % and 50 % (``layer_sensitivity``).
+    again, `sensitivity_rounds` times (``calibration.sensitivity.CutProbe``). The plans made are then taken to the
+    end one by one (merge-back and refit), in the order of their measured output change before the refit, while the
+    next is expected to finish within `SELECT_BUDGET_S`; the one whose model agrees best with the original on
+    `SELECT_SAMPLES` fit samples is written (the held-out samples stay unseen for the guard). Measured on the handed
+    digits ResNet-20 at 0.9: the three plans gave 50-56 %, 97.5-98.3 % and 51-66 % after the refit, while their
+    output changes before it (1.2-1.5) could not tell them apart. For the channel methods, ``sensitivity=True``
+    weighs each group by probes at 25 % and 50 % (``layer_sensitivity``).
 
     With `latency_batch` > 0, every split layer is timed dense and split at several ranks at that batch size with
     `threads` threads (onnxruntime, CPU, this machine, cached) and the allocation keeps the summed latency of the
@@ -182,6 +186,7 @@ def prune(
     curves = None
     pairs = find_basis_pairs(graph)
     limits: dict[str, int] = {}
+
     def finish(graph: gs.Graph, kept: dict | None) -> tuple[gs.Graph, Report]:
         """Merge back the splits that do not pay, clean up and refit: the pruned graph as it will be written."""
         tail = run_passes(graph, [partial(merge_unprofitable, pairs=pairs, limits=limits), cleanup]).report
