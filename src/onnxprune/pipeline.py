@@ -209,25 +209,32 @@ def prune(
     finished: dict = {}  # plan key -> (finished graph, its report), for the candidates already taken to the end
 
     def evaluate(graph: gs.Graph, candidates: list, order: list[int]) -> tuple[int, dict[int, list[float]]]:
-        """The candidate plan whose finished model agrees best with the original on fit samples (see `prune`)."""
-        scores: dict[int, list[float]] = {}
+        """The candidate plan whose finished model agrees best with the original on fit samples (see `prune`).
+
+        Candidates are finished in `order` while the next is expected to end within `SELECT_BUDGET_S`; with only one
+        finished nothing is measured and it is returned.
+        """
+        done: dict[int, gs.Graph] = {}
         seen: set = set()
         started = time.perf_counter()
-        data = fit.head(SELECT_SAMPLES)
         for i in order:
             key = _plan_key(candidates[i].plan)
             if key in seen:
                 continue
             spent = time.perf_counter() - started
-            if scores and spent * (len(scores) + 1) / len(scores) > SELECT_BUDGET_S:
-                log.info("candidate plans: %d of %d taken to the end within %.0f s", len(scores), len(order), spent)
+            if done and spent * (len(done) + 1) / len(done) > SELECT_BUDGET_S:
+                log.info("candidate plans: %d of %d taken to the end within %.0f s", len(done), len(order), spent)
                 break
             seen.add(key)
             copy = graph.copy()
             removal = remove_channels(copy, plan=candidates[i].plan, analysis=find_channel_groups(copy))
-            done, tail = finish(copy, removal.report.facts.get("kept"))
-            finished[_plan_key(removal.report.facts.get("kept") or {})] = (done, tail)
-            found = fidelity(model, to_model(done, model), data, batch_size=batch_size, label="candidate plans")
+            done[i], tail = finish(copy, removal.report.facts.get("kept"))
+            finished[_plan_key(removal.report.facts.get("kept") or {})] = (done[i], tail)
+        if len(done) < 2:
+            return order[0], {}
+        data, scores = fit.head(SELECT_SAMPLES), {}
+        for i, g in done.items():
+            found = fidelity(model, to_model(g, model), data, batch_size=batch_size, label="candidate plans")
             scores[i] = [_worst(found)[0], min(f["cosine"] for f in found.values())]
         return max(scores, key=lambda i: tuple(scores[i])), scores
 
@@ -824,13 +831,18 @@ def _prune_stage(
                 "seconds": time.perf_counter() - started,
             }
         chosen = order[0]
-        if evaluate is not None and len(order) > 1:
-            chosen, agreement = evaluate(graph, candidates, order)
+        timed = speed_check is not None and budget is not None
+        measured = speed_check(graph, candidates[chosen].plan, pairs) if timed else None
+        if evaluate is not None and len(order) > 1 and not (timed and _slower(measured)):
+            best, agreement = evaluate(graph, candidates, order)
             report.facts["candidate_fidelity"] = {str(i): v for i, v in agreement.items()}
+            if best != chosen and timed:  # the better plan must be no slower either, else the first one stays
+                other = speed_check(graph, candidates[best].plan, pairs)
+                best, measured = (chosen, measured) if _slower(other) else (best, other)
+            chosen = best
         report.facts["candidate_chosen"] = chosen
         allocation = candidates[chosen]
-        if speed_check is not None and budget is not None:
-            measured = speed_check(graph, allocation.plan, pairs)
+        if timed:
             report.facts["speed_check"] = measured
             if _slower(measured):  # under the summed layer latency, with the weights the chosen plan was made with
                 allocation = _loosest_budget_not_slower(
