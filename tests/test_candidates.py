@@ -14,9 +14,12 @@ def test_the_plan_written_is_the_best_candidate_after_the_refit():
     model = onnx.load(EXAMPLE / "digits_resnet.onnx")
     calib = np.load(EXAMPLE / "digits_calib.npy")[:160]
     out, report = prune(model, remove_ratio=0.85, calib={model.graph.input[0].name: calib}, latency_batch=0)
-    scores = report.facts["candidate_fidelity"]
-    assert len(scores) >= 2, "every sensitivity round's plan is taken to the end"
-    chosen = report.facts["candidate_chosen"]
-    assert tuple(scores[str(chosen)]) == max(tuple(v) for v in scores.values())
+    rows = report.facts["candidates"]
+    assert len(rows) >= 2, "every sensitivity round's plan is taken to the end"
+    written = [r for r in rows if r["written"]]
+    assert len(written) == 1
+    key = lambda r: (r["fit_agreement"], r["fit_cosine"])  # noqa: E731
+    assert key(written[0]) == max(key(r) for r in rows)
+    assert report.facts["plan_source"].startswith(f"candidate {written[0]['candidate']} ")
     assert abs(report.facts["ratio_achieved"] - 0.85) <= 0.01
     onnx.checker.check_model(out, full_check=True)

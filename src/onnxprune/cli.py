@@ -557,6 +557,8 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
             f"  WARNING no --calib: fidelity on real data is unverified; on {d['samples']} random inputs the outputs "
             f"drift by rel. error {d['relative_error']:.3f} (cosine {d['cosine']:.3f})"
         )
+    if "speed_check_budget" in f and f.get("plan_source"):  # the plan by error alone was not what was written
+        lines.append(f"  plan    {f['plan_source']}")
     if "ratio_note" in f:  # more than 1 point from the request: why, in one line
         lines.append(f"  ratio   {f['ratio_note']}")
     lines.append(f"  time    {f['seconds']:.1f} s")

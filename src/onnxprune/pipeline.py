@@ -490,7 +490,7 @@ def prune_guarded(
     retry_rounds = (
         options.get("method", "basis") == "basis"
         and options.get("sensitivity") is not False
-        and len(report.facts.get("candidate_fidelity") or {}) < 2  # else the one-round plan was already compared
+        and len(report.facts.get("candidates") or []) < 2  # else the one-round plan was already compared
     )
     if retry_rounds and options.get("sensitivity_rounds", 2) > 1:
         # the allocation at a deep cut is sensitive to how it was weighed: one round of measured weights is the
@@ -835,13 +835,16 @@ def _prune_stage(
         measured = speed_check(graph, candidates[chosen].plan, pairs) if timed else None
         if evaluate is not None and len(order) > 1 and not (timed and _slower(measured)):
             best, agreement = evaluate(graph, candidates, order)
-            report.facts["candidate_fidelity"] = {str(i): v for i, v in agreement.items()}
+            report.facts["candidates"] = [
+                {"candidate": i, "fit_agreement": v[0], "fit_cosine": v[1], "written": False}
+                for i, v in sorted(agreement.items())
+            ]
             if best != chosen and timed:  # the better plan must be no slower either, else the first one stays
                 other = speed_check(graph, candidates[best].plan, pairs)
                 best, measured = (chosen, measured) if _slower(other) else (best, other)
             chosen = best
-        report.facts["candidate_chosen"] = chosen
         allocation = candidates[chosen]
+        report.facts["plan_source"] = f"candidate {chosen} of {len(candidates)}"
         if timed:
             report.facts["speed_check"] = measured
             if _slower(measured):  # under the summed layer latency, with the weights the chosen plan was made with
@@ -849,6 +852,12 @@ def _prune_stage(
                     partial(plan, weights_of[chosen]), budget, lambda a: speed_check(graph, a.plan, pairs)
                 )
                 report.facts["speed_check_budget"] = allocation.latency
+                report.facts["plan_source"] = (
+                    f"per-layer latency budget: candidate {chosen} of {len(candidates)} measured slower than the "
+                    "original, so the candidates were not compared after the refit"
+                )
+        for row in report.facts.get("candidates", []):
+            row["written"] = row["candidate"] == chosen and "budget" not in report.facts["plan_source"]
         if allocation.latency is not None:
             report.facts["layer_latency"] = {"before": budget, "after": allocation.latency}
     else:
