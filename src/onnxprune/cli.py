@@ -17,7 +17,7 @@ from onnxprune.budget import TARGETS
 from onnxprune.calibration import criteria
 from onnxprune.calibration.data import ImageOptions, load_calibration
 from onnxprune.errors import GuardError, OnnxPruneError
-from onnxprune.pipeline import MAX_DROP, METHODS, decompose, default_criterion, prune_guarded
+from onnxprune.pipeline import MAX_DROP, METHODS, SPEED_MARGIN, decompose, default_criterion, prune_guarded
 from onnxprune.shapes import format_shapes, parse_shapes
 
 log = logging.getLogger("onnxprune")
@@ -559,6 +559,17 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
         )
     if "speed_check_budget" in f and f.get("plan_source"):  # the plan by error alone was not what was written
         lines.append(f"  plan    {f['plan_source']}")
+    slower = {
+        b: after / before
+        for b, (before, after) in (f.get("speed_check_written") or {}).items()
+        if after > before * (1 + SPEED_MARGIN)
+    }
+    if slower:  # even the strictest per-layer budget measured slower as a whole model: say so, do not hide it
+        times = ", ".join(f"{x:.2f}x at batch {b}" for b, x in slower.items())
+        lines.append(
+            f"  speed   measured slower than the original ({times}, unrefitted plan, timed while pruning); "
+            "check with `onnxprune bench`, lower --ratio, or use --target latency"
+        )
     if "ratio_note" in f:  # more than 1 point from the request: why, in one line
         lines.append(f"  ratio   {f['ratio_note']}")
     lines.append(f"  time    {f['seconds']:.1f} s")

@@ -555,13 +555,15 @@ def _slower(measured: dict) -> bool:
 
 
 def _loosest_budget_not_slower(plan: Callable, budget: float, measure: Callable):
-    """The plan under the loosest summed-layer-latency budget whose whole model still measures no slower.
+    """(plan, its measured speeds) under the loosest summed-layer-latency budget whose whole model measures no slower.
 
     Per-layer micro-benchmarks do not add up to the model's latency (fusions, threading, caches), so the budget is
-    only a knob: bisection on it between the dense ops' summed latency (the strict plan, kept if nothing looser holds)
-    and `BUDGET_SPAN` times that, each candidate timed as a whole model.
+    only a knob: bisection on it between the dense ops' summed latency (the strict plan, kept if nothing looser holds,
+    even when it too measures slower: the caller says so) and `BUDGET_SPAN` times that, each candidate timed as a
+    whole model.
     """
     best = plan(budget)
+    best_measured = measure(best)
     lo, hi = 1.0, BUDGET_SPAN
     for _ in range(BUDGET_STEPS):
         mid = (lo + hi) / 2
@@ -570,11 +572,12 @@ def _loosest_budget_not_slower(plan: Callable, budget: float, measure: Callable)
         except BudgetError:
             hi = mid
             continue
-        if _slower(measure(trial)):
+        measured = measure(trial)
+        if _slower(measured):
             hi = mid
         else:
-            lo, best = mid, trial
-    return best
+            lo, best, best_measured = mid, trial, measured
+    return best, best_measured
 
 
 def _speed_check(graph: gs.Graph, plan: dict, pairs: list, *, template, feeds: list, threads: int) -> dict:
@@ -848,10 +851,11 @@ def _prune_stage(
         if timed:
             report.facts["speed_check"] = measured
             if _slower(measured):  # under the summed layer latency, with the weights the chosen plan was made with
-                allocation = _loosest_budget_not_slower(
+                allocation, written = _loosest_budget_not_slower(
                     partial(plan, weights_of[chosen]), budget, lambda a: speed_check(graph, a.plan, pairs)
                 )
                 report.facts["speed_check_budget"] = allocation.latency
+                report.facts["speed_check_written"] = written
                 report.facts["plan_source"] = (
                     f"per-layer latency budget: candidate {chosen} of {len(candidates)} measured slower than the "
                     "original, so the candidates were not compared after the refit"
