@@ -73,6 +73,8 @@ def run_row(name: str, ratio: float, calibrated: bool, samples: int, tmp: pathli
                 "sensitivity_s": sens.get("seconds"),
                 "sensitivity_samples": sens.get("samples"),
                 "refit_segments": report["counts"].get("refit_segments"),
+                "plan_source": facts.get("plan_source"),
+                "candidates_compared": len(facts.get("candidates") or []),
             }
         )
     else:
