@@ -741,13 +741,13 @@ def _prune_stage(
             predicted error within a point of the request is kept.
             """
 
-            def ranks_at(alive: np.ndarray | None):
-                choices = ranks_only(weights, alive)
+            def solve(choices: list, alive: np.ndarray | None):
+                """The knapsack over `choices`, with what lies outside them counted at `alive`."""
                 if target == "latency":
                     fixed = max(0.0, total - sum(float(c.latency[0]) for c in choices))
                 else:
                     fixed = cost.count(alive)[index] - sum(float(c.cost[c.option_at(alive)]) for c in choices)
-                allocation = allocate_ranks(
+                return allocate_ranks(
                     analysis,
                     cost,
                     choices,
@@ -756,6 +756,9 @@ def _prune_stage(
                     fixed=fixed,
                     latency_budget=seconds,
                 )
+
+            def ranks_at(alive: np.ndarray | None):
+                allocation = solve(ranks_only(weights, alive), alive)
                 if alive is not None:
                     allocation.alive &= alive
                     allocation.plan = _plan_of(analysis, allocation.alive)
@@ -767,17 +770,8 @@ def _prune_stage(
             alive = made[0].alive
             for _ in range(LINEARIZE_STEPS if offered and with_channels else 0):
                 choices = options(weights, alive, with_channels)
-                fixed = cost.count(alive)[index] - sum(float(c.cost[c.option_at(alive)]) for c in choices)
                 try:
-                    joint = allocate_ranks(
-                        analysis,
-                        cost,
-                        choices,
-                        remove_ratio=remove_ratio,
-                        total_before=total,
-                        fixed=fixed,
-                        latency_budget=seconds,
-                    )
+                    joint = solve(choices, alive)
                 except BudgetError:
                     break
                 channels = joint.alive.copy()  # the channel cuts of the joint plan, every basis kept
