@@ -266,7 +266,7 @@ def test_bench_times_models_side_by_side(model_file, tmp_path, capsys):
     assert code == 0, err
     data = json.loads(report.read_text())["timings"]
     assert [(t["model"], t["batch"]) for t in data] == [("in.onnx", 1), ("p.onnx", 1), ("in.onnx", 3), ("p.onnx", 3)]
-    assert all(t["median_ms"] > 0 and t["runs"] == 3 for t in data)
+    assert all(t["median_ms"] > 0 and t["runs"] >= 3 for t in data)
     assert data[0]["speedup"] == 1.0 and data[1]["params"] < data[0]["params"]
     assert "speed-up" in stdout
 

@@ -93,3 +93,28 @@ def test_a_plan_that_measures_no_slower_is_kept_without_the_latency_budget(monke
     assert report.facts["speed_check"] == {1: (1.0, 0.9), 32: (1.0, 0.9)}
     assert "layer_latency" not in report.facts  # every split is "slower" per layer, yet the model is not
     assert abs(report.facts["params_removed"] - 0.5) <= 0.01
+
+
+def test_sessions_are_timed_alone_in_alternating_blocks(monkeypatch):
+    """Each session runs in whole blocks (warm runs first, untimed), the blocks alternate, every count is met."""
+    monkeypatch.setattr(latency, "BLOCK_SECONDS", 0.002)
+    calls: list[str] = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, outputs, feeds):
+            calls.append(self.name)
+
+    times = latency.alternate([Fake("a"), Fake("b")], [{}, {}], runs=50, blocks=4)
+    segments = []
+    for name in calls:
+        if not segments or segments[-1][0] != name:
+            segments.append([name, 0])
+        segments[-1][1] += 1
+    assert [s[0] for s in segments] == ["a", "b"] * (len(segments) // 2) and len(segments) >= 8
+    assert all(n > latency.BLOCK_WARM for _, n in segments)
+    timed = [sum(n - latency.BLOCK_WARM for s, n in segments if s == name) for name in "ab"]
+    assert timed == [len(t) for t in times] and min(timed) >= 50
+    assert all((t >= 0).all() for t in times)

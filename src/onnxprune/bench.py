@@ -1,4 +1,4 @@
-"""Time models side by side in onnxruntime: warm-up, interleaved runs (A B A B...), median and spread."""
+"""Time models side by side in onnxruntime: warm-up, alternating blocks of runs (`latency.alternate`), spread."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import onnxruntime as ort
 from onnxprune.calibration.data import model_inputs
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph import load, session
+from onnxprune.latency import alternate
 from onnxprune.shapes import parse_shapes as _parse_shapes
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -22,6 +23,8 @@ OPT_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+
+BLOCKS = 5  # least blocks of runs per model and batch size (each about latency.BLOCK_SECONDS)
 
 
 @dataclass
@@ -101,7 +104,7 @@ def time_models(
     runs: int = 30,
     seed: int = 0,
 ) -> list[Timing]:
-    """Time every model at every batch size, interleaving the models run by run so drift hits all alike."""
+    """Time every model at every batch size, in alternating blocks of runs so drift hits all alike (`alternate`)."""
     from onnxprune.budget import count  # local: the counter imports the passes, bench does not need them otherwise
 
     models = [load(p) for p in paths]
@@ -114,12 +117,7 @@ def time_models(
         for sess, feed in zip(sessions, feeds):
             for _ in range(warmup):
                 sess.run(None, feed)
-        samples: list[list[float]] = [[] for _ in paths]
-        for _ in range(runs):
-            for i, (sess, feed) in enumerate(zip(sessions, feeds)):
-                start = time.perf_counter()
-                sess.run(None, feed)
-                samples[i].append((time.perf_counter() - start) * 1e3)
+        samples = [t * 1e3 for t in alternate(sessions, feeds, runs=runs, blocks=BLOCKS)]
         rows = []
         for path, (params, macs), times in zip(paths, sizes, samples):
             t = np.array(times)
@@ -134,7 +132,7 @@ def time_models(
                     float(t.min()),
                     float(np.percentile(t, 10)),
                     float(np.percentile(t, 90)),
-                    runs,
+                    len(t),
                 )
             )
         for row in rows:
