@@ -4,11 +4,12 @@
 
 For each ratio: `onnxprune IN OUT --ratio R --calib calib.npy` exactly as a user types it (a subprocess: exit code,
 wall time, peak RSS, the guard's one line when it refuses), then the same with `--force` when the guard refused (so
-the accuracy of what was refused is known), and one ablation row (`--latency-batch 0`: decisions by parameters
-alone, the model may be slower). The peers, matched to the same parameter target by bisection and run on the same
+the accuracy of what was refused is known), and two ablation rows (`--latency-batch 0`: basis, decisions by parameters
+alone, the model may be slower; `--method basis`: the basis result of the default alone). The peers, matched to the same parameter target by bisection and run on the same
 calibration samples: onnxsim's structured Wanda pruning, and plain truncated SVD of every Conv/Gemm at one rank
 fraction for all layers (data-free; what a user writes by hand). Accuracy on the case's test set, parameters
-removed, CPU latency of every row against the unpruned model at batch 1 and 32 (interleaved, 1 thread).
+removed, CPU latency of every row against the unpruned model at batch 1 and 32 (alternating blocks of runs,
+onnxruntime's default threads: what the tool's speed check and a user's session use).
 Writes results/cases.json and prints a markdown table.
 """
 
@@ -124,10 +125,21 @@ def main(argv: list[str] | None = None) -> None:
             )
             rows.append(
                 {
-                    "row": "ablation: --latency-batch 0 (may be slower)",
+                    "row": "ablation: --latency-batch 0 (basis, decided by parameters alone; may be slower)",
                     "ratio": ratio,
                     **run0,
                     "path": str(out0) if out0.exists() else None,
+                }
+            )
+            out_b = tmp / f"basis_{ratio}.onnx"
+            args_b = [str(model_path), str(out_b), "--ratio", str(ratio), "--calib", str(calib_path), "-q"]
+            run_b = run_cli([*args_b, "--method", "basis", "--force"])
+            rows.append(
+                {
+                    "row": "ablation: --method basis (the basis result alone)",
+                    "ratio": ratio,
+                    **run_b,
+                    "path": str(out_b) if out_b.exists() else None,
                 }
             )
             for name, make in (
@@ -144,8 +156,7 @@ def main(argv: list[str] | None = None) -> None:
                 onnx.save(pruned, path)
                 rows.append({"row": name, "ratio": ratio, "path": str(path), "seconds": time.perf_counter() - start})
     paths = [r["path"] for r in rows if r.get("path")]
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    timings = time_models(paths, batches=[1, 32], threads=1, runs=100)
+    timings = time_models(paths, batches=[1, 32], threads=0, runs=100)  # onnxruntime's default threads, as the tool
     by = {(t.model, t.batch): t for t in timings}
     base = count(model)[0]
     for r in rows:

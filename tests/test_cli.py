@@ -296,14 +296,43 @@ def test_default_keeps_the_split_layers_no_slower_than_their_dense_ops(tmp_path,
         seen.append(x_shape[0])
         return 1.0, {r: 2.0 * r / max(ranks) for r in ranks}
 
+    checks = []
+
+    def fake_compare(first, second, feeds, **kw):  # the first plan (both batch sizes) "slower", every later one not
+        checks.append(1)
+        return (1.0, 1.5) if len(checks) <= 2 else (1.0, 1.0)
+
     monkeypatch.setattr(pipeline, "layer_latency", fake_latency)
-    monkeypatch.setattr(pipeline, "compare_latency", lambda first, second, feeds, **kw: (1.0, 1.5))  # "slower"
+    monkeypatch.setattr(pipeline, "compare_latency", fake_compare)
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
-    code, _, err = run([EXAMPLE / "digits_resnet.onnx", out, "--ratio", "0.5", "--report", rep], capsys)
+    code, stdout, err = run(
+        [EXAMPLE / "digits_resnet.onnx", out, "--ratio", "0.5", "--method", "basis", "--report", rep], capsys
+    )
     assert code == 0, err
     assert seen and set(seen) == {1}  # measured at the default --latency-batch 1
-    timed = json.loads(rep.read_text())["layer_latency"]
+    facts = json.loads(rep.read_text())
+    timed = facts["layer_latency"]
     assert 0 < timed["before"] <= len(seen) and timed["after"] <= timed["before"] + 1e-9
+    assert facts["plan_source"] == "per-layer latency budget" and "plan    per-layer latency budget" in stdout
+
+
+def test_when_no_latency_budget_is_faster_the_plan_of_best_fidelity_is_written_and_said_slower(
+    tmp_path, capsys, monkeypatch
+):
+    from onnxprune import pipeline
+
+    monkeypatch.setattr(pipeline, "layer_latency", lambda *, ranks, **kw: (1.0, {r: 2.0 * r / max(ranks) for r in ranks}))
+    monkeypatch.setattr(pipeline, "compare_latency", lambda first, second, feeds, **kw: (1.0, 1.5))  # all "slower"
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    code, stdout, err = run(
+        [EXAMPLE / "digits_resnet.onnx", out, "--ratio", "0.5", "--method", "basis", "--report", rep], capsys
+    )
+    assert code == 0, err
+    facts = json.loads(rep.read_text())
+    assert facts["plan_source"].startswith("candidate ") and "layer_latency" not in facts
+    assert "buys no speed" in facts["plan_note"] and "1.50x at batch 1" in facts["plan_note"]
+    assert "speed   measured slower than the original (" in stdout
+    assert "1.50x at batch 1" in stdout.split("  speed   ")[1] and "1.50x at batch 32" in stdout.split("  speed   ")[1]
 
 
 def test_calibration_from_a_folder_of_images(tmp_path, capsys):

@@ -26,7 +26,7 @@ from onnxprune.calibration.runner import (
 from onnxprune.calibration.sensitivity import CUT_WEIGHT_RANGE, CutProbe, layer_sensitivity
 from onnxprune.errors import BudgetError, GuardError, OnnxPruneError, PassError
 from onnxprune.graph import reinfer_shapes, to_graph, to_model, validate
-from onnxprune.latency import compare_latency, layer_latency, model_latency, split_rank_limit
+from onnxprune.latency import compare_latency, layer_latency, model_latency, simd_width, split_rank_limit
 from onnxprune.passes.basis import decompose_basis, find_basis_pairs, merge_unprofitable, pair_sizes, param_breakeven
 from onnxprune.passes.cleanup import cleanup
 from onnxprune.passes.compensate import refit
@@ -40,7 +40,7 @@ from onnxprune.testing import random_feeds
 
 log = logging.getLogger(__name__)
 
-METHODS = ("auto", "channel", "basis", "double")
+METHODS = ("best", "basis", "channel", "auto", "double")
 SYNTHETIC_SAMPLES = 8  # random inputs the outputs are compared on when there is no calibration data
 DOUBLE_CHANNEL_SHARE = 0.5  # --method double: the part of the request taken by channels before bases
 
@@ -66,6 +66,30 @@ def run_passes(graph: gs.Graph, passes: Sequence[Callable[[gs.Graph], PassResult
 
 
 def prune(
+    model: onnx.ModelProto,
+    *,
+    remove_ratio: float,
+    target: str = "params",
+    method: str = "basis",
+    **options,
+) -> tuple[onnx.ModelProto, Report]:
+    """Remove `remove_ratio` of the model's parameters (or MACs) and return the new model and its report.
+
+    ``method="best"`` (the command line's default) makes the ``basis`` result and, where a faster model is likely
+    from it, a ``channel`` result with channel counts rounded to the processor's vector width (`simd_width`), then
+    writes the one measured no slower than the original at `latency_batch` and 32, and of those the one that agrees
+    best with the original on `SELECT_SAMPLES` fit samples (the held-out samples stay unseen for the guard). It is
+    ``basis`` alone without calibration data, with ``latency_batch=0``, ``target="latency"`` or ``round_to`` > 1.
+    Measured on the handed digits ResNet-20 (batch 1, 2 threads): at 0.7 the basis result was 1.36x slower than the
+    original at 99.17 % test accuracy, channels rounded to 16 were 1.30x faster at 99.17 %. The report's
+    ``alternatives`` rows give both measurements. Every other method: see `prune_one`.
+    """
+    if method != "best":
+        return prune_one(model, remove_ratio=remove_ratio, target=target, method=method, **options)
+    return _best_of(model, remove_ratio=remove_ratio, target=target, **options)
+
+
+def prune_one(
     model: onnx.ModelProto,
     *,
     remove_ratio: float,
@@ -367,6 +391,55 @@ def prune(
     return out, report
 
 
+def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **options) -> tuple[onnx.ModelProto, Report]:
+    """``method="best"`` (see `prune`): the basis result and the rounded channel result, measured side by side."""
+    started = time.perf_counter()
+    out, report = prune_one(model, remove_ratio=remove_ratio, target=target, method="basis", **options)
+    calib, latency_batch = options.get("calib"), options.get("latency_batch", 0)
+    if calib is None or not latency_batch or target == "latency" or options.get("round_to", 1) > 1:
+        return out, report
+    results = [(out, report)]
+    for width in dict.fromkeys((simd_width(), 8)):  # the vector width, else the AVX2 one where that cannot reach
+        try:
+            found = prune_one(
+                model, remove_ratio=remove_ratio, target=target, method="channel", **{**options, "round_to": width}
+            )
+        except BudgetError as e:
+            log.info("channel removal rounded to %d: %s", width, e)
+            continue
+        if remove_ratio - RATIO_TOLERANCE <= found[1].facts["ratio_achieved"] <= remove_ratio + RATIO_FAR:
+            found[1].facts["round_to"] = width
+            results.append(found)
+            break
+    seed, batch_size, threads = options.get("seed", 0), options.get("batch_size", 32), options.get("threads", 0)
+    calib = as_samples(calib, model)
+    data = split_calibration(model, calib, seed=seed, batch_size=batch_size)[0].head(SELECT_SAMPLES)
+    count_shapes, _ = choose_shapes(model, given=options.get("shapes"), data=calib)
+    feeds = {b: _synthetic_feeds(model, count_shapes, batch=b, seed=seed) for b in sorted({latency_batch, 32})}
+    rows = []
+    for candidate, facts in results:
+        found = fidelity(model, candidate, data, batch_size=batch_size, label=f"alternative: {facts.facts['method']}")
+        rows.append(
+            {
+                "method": facts.facts["method"],
+                "round_to": facts.facts.get("round_to", 1),
+                "params_removed": facts.facts["params_removed"],
+                "fit_agreement": _worst(found)[0],
+                "fit_cosine": min(f["cosine"] for f in found.values()),
+                "speed_check": {b: compare_latency(model, candidate, f, threads=threads) for b, f in feeds.items()},
+                "written": False,
+            }
+        )
+    pool = [i for i, row in enumerate(rows) if not _slower(row["speed_check"])] or list(range(len(rows)))
+    best = max(pool, key=lambda i: (rows[i]["fit_agreement"], rows[i]["fit_cosine"]))
+    rows[best]["written"] = True
+    out, report = results[best]
+    report.facts["speed_check"] = rows[best]["speed_check"]  # the written model's own timing, refitted and cleaned
+    report.facts["alternatives"] = rows
+    report.facts["seconds"] = time.perf_counter() - started
+    return out, report
+
+
 MAX_DROP = 0.05  # default guard: held-out top-1 agreement may fall by at most this (cosine, for other outputs)
 GUARD_STEPS = 3  # bisection steps on the ratio when the guard fails: 1/8 of the request
 RATIO_TOLERANCE = 0.01  # the achieved ratio lands within 1 point of the request...
@@ -488,7 +561,7 @@ def prune_guarded(
     if measured >= floor:
         return out, report
     retry_rounds = (
-        options.get("method", "basis") == "basis"
+        report.facts.get("method") == "basis"
         and options.get("sensitivity") is not False
         and len(report.facts.get("candidates") or []) < 2  # else the one-round plan was already compared
     )
@@ -552,6 +625,11 @@ BUDGET_SPAN = 2.0  # the loosest budget tried, as a multiple of the dense ops' s
 
 def _slower(measured: dict) -> bool:
     return any(after > before * (1 + SPEED_MARGIN) for before, after in measured.values())
+
+
+def _times(measured: dict) -> str:
+    """'1.15x at batch 1, 0.98x at batch 32': the planned model's time over the original's."""
+    return ", ".join(f"{after / before:.2f}x at batch {b}" for b, (before, after) in measured.items())
 
 
 def _loosest_budget_not_slower(plan: Callable, budget: float, measure: Callable):
@@ -830,32 +908,43 @@ def _prune_stage(
         chosen = order[0]
         timed = speed_check is not None and budget is not None
         measured = speed_check(graph, candidates[chosen].plan, pairs) if timed else None
-        if evaluate is not None and len(order) > 1 and not (timed and _slower(measured)):
-            best, agreement = evaluate(graph, candidates, order)
-            report.facts["candidates"] = [
-                {"candidate": i, "fit_agreement": v[0], "fit_cosine": v[1], "written": False}
-                for i, v in sorted(agreement.items())
-            ]
-            if best != chosen and timed:  # the better plan must be no slower either, else the first one stays
-                other = speed_check(graph, candidates[best].plan, pairs)
-                best, measured = (chosen, measured) if _slower(other) else (best, other)
-            chosen = best
-        allocation = candidates[chosen]
-        report.facts["plan_source"] = f"candidate {chosen} of {len(candidates)}"
-        if timed:
-            report.facts["speed_check"] = measured
-            if _slower(measured):  # under the summed layer latency, with the weights the chosen plan was made with
-                allocation, written = _loosest_budget_not_slower(
-                    partial(plan, weights_of[chosen]), budget, lambda a: speed_check(graph, a.plan, pairs)
-                )
-                report.facts["speed_check_budget"] = allocation.latency
-                report.facts["speed_check_written"] = written
-                report.facts["plan_source"] = (
+        first_slower = timed and _slower(measured)
+        allocation, source = None, f"candidate {chosen} of {len(candidates)}"
+        if first_slower:  # under the summed layer latency, with the weights the chosen plan was made with
+            budgeted, budget_measured = _loosest_budget_not_slower(
+                partial(plan, weights_of[chosen]), budget, lambda a: speed_check(graph, a.plan, pairs)
+            )
+            report.facts["speed_check_budget"] = budgeted.latency
+            if not _slower(budget_measured):
+                allocation, measured, source = budgeted, budget_measured, "per-layer latency budget"
+                report.facts["plan_note"] = (
                     f"per-layer latency budget: candidate {chosen} of {len(candidates)} measured slower than the "
                     "original, so the candidates were not compared after the refit"
                 )
-        for row in report.facts.get("candidates", []):
-            row["written"] = row["candidate"] == chosen and "budget" not in report.facts["plan_source"]
+            else:  # the budget buys no speed here, only error: the plan of best fidelity is written, and said slower
+                report.facts["speed_check_strictest"] = budget_measured
+                report.facts["plan_note"] = (
+                    f"candidate {chosen} of {len(candidates)} and every per-layer latency budget measured slower "
+                    f"than the original (the strictest: {_times(budget_measured)}): a budget buys no speed here, so "
+                    "the plan of best fidelity was written"
+                )
+        if allocation is None:
+            if evaluate is not None and len(order) > 1:
+                best, agreement = evaluate(graph, candidates, order)
+                report.facts["candidates"] = [
+                    {"candidate": i, "fit_agreement": v[0], "fit_cosine": v[1], "written": False}
+                    for i, v in sorted(agreement.items())
+                ]
+                if best != chosen and timed:  # a better plan must be no slower, unless the first was slower too
+                    other = speed_check(graph, candidates[best].plan, pairs)
+                    best, measured = (chosen, measured) if _slower(other) and not first_slower else (best, other)
+                chosen = best
+            allocation, source = candidates[chosen], f"candidate {chosen} of {len(candidates)}"
+            for row in report.facts.get("candidates", []):
+                row["written"] = row["candidate"] == chosen
+        report.facts["plan_source"] = source
+        if timed:
+            report.facts["speed_check"] = measured
         if allocation.latency is not None:
             report.facts["layer_latency"] = {"before": budget, "after": allocation.latency}
     else:
