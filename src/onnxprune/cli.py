@@ -569,6 +569,7 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
         parts = []
         for row in f["alternatives"]:
             name = row["method"] + (f" (counts rounded to {row['round_to']})" if row["round_to"] > 1 else "")
+            name += " with sensitivity" if row["sensitivity"] and row["method"] == "channel" else ""
             speeds = ", ".join(f"{before / after:.2f}x at batch {b}" for b, (before, after) in row["speed_check"].items())
             mark = "written" if row["written"] else "not written"
             parts.append(f"{name}: {speeds}, fit agreement {row['fit_agreement'] * 100:.1f} % ({mark})")

@@ -399,17 +399,31 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
     if calib is None or not latency_batch or target == "latency" or options.get("round_to", 1) > 1:
         return out, report
     results = [(out, report)]
+    given = options.get("sensitivity")
     for width in dict.fromkeys((simd_width(), 8)):  # the vector width, else the AVX2 one where that cannot reach
+        # with and without measured layer sensitivity, as neither wins everywhere: digits ResNet-20 at 0.9, seeds 0/1/2,
+        # 93.6 / 93.3 / 96.9 % without, 97.5 / 97.5 / 93.9 % with
         try:
-            found = prune_one(
-                model, remove_ratio=remove_ratio, target=target, method="channel", **{**options, "round_to": width}
-            )
+            found = [
+                prune_one(
+                    model,
+                    remove_ratio=remove_ratio,
+                    target=target,
+                    method="channel",
+                    **{**options, "round_to": width, "sensitivity": sensitivity},
+                )
+                for sensitivity in ([given] if given is not None else [None, True])
+            ]
         except BudgetError as e:
             log.info("channel removal rounded to %d: %s", width, e)
             continue
-        if remove_ratio - RATIO_TOLERANCE <= found[1].facts["ratio_achieved"] <= remove_ratio + RATIO_FAR:
-            found[1].facts["round_to"] = width
-            results.append(found)
+        reached = [
+            f for f in found if remove_ratio - RATIO_TOLERANCE <= f[1].facts["ratio_achieved"] <= remove_ratio + RATIO_FAR
+        ]
+        for f in reached:
+            f[1].facts["round_to"] = width
+        results += reached
+        if reached:
             break
     seed, batch_size, threads = options.get("seed", 0), options.get("batch_size", 32), options.get("threads", 0)
     calib = as_samples(calib, model)
@@ -423,6 +437,7 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
             {
                 "method": facts.facts["method"],
                 "round_to": facts.facts.get("round_to", 1),
+                "sensitivity": "sensitivity" in facts.facts,
                 "params_removed": facts.facts["params_removed"],
                 "fit_agreement": _worst(found)[0],
                 "fit_cosine": min(f["cosine"] for f in found.values()),
