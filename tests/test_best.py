@@ -32,16 +32,15 @@ def test_the_result_written_is_no_slower_and_then_the_most_faithful(case, monkey
     model, calib = case
     out, report = prune(model, remove_ratio=0.5, method="best", calib=calib, latency_batch=1)
     rows = report.facts["alternatives"]
-    assert [(r["method"], r["sensitivity"]) for r in rows] == [("basis", True), ("channel", False), ("channel", True)]
-    assert sum(r["written"] for r in rows) == 1
-    assert rows[1]["round_to"] in (simd_width(), 8) and abs(rows[1]["params_removed"] - 0.5) <= 0.03
-    assert set(rows[0]["speed_check"]) == {1, 32}
+    assert sum(r["written"] for r in rows) == 1 and set(rows[0]["speed_check"]) == {1, 32}
     written = next(r for r in rows if r["written"])
-    if basis_slower:
+    if basis_slower:  # the channel results, with and without measured sensitivity, and one of them written
+        assert [(r["method"], r["sensitivity"]) for r in rows] == [("basis", True), ("channel", False), ("channel", True)]
+        assert all(r["round_to"] in (simd_width(), 8) and abs(r["params_removed"] - 0.5) <= 0.03 for r in rows[1:])
         assert written["method"] == "channel" and not _split(out)
         assert written == max(rows[1:], key=lambda r: (r["fit_agreement"], r["fit_cosine"]))
-    else:
-        assert written == max(rows, key=lambda r: (r["fit_agreement"], r["fit_cosine"]))
+    else:  # a basis result no slower than the original is written without making the others
+        assert [r["method"] for r in rows] == ["basis"]
     assert report.facts["method"] == written["method"]
     assert report.facts["speed_check"] == written["speed_check"]
     onnx.checker.check_model(out, full_check=True)
