@@ -266,9 +266,9 @@ def alternate(sessions: list, feeds: list[dict[str, np.ndarray]], *, runs: int, 
 
     Runs interleaved one by one (A B A B) are biased on a machine with few cores: onnxruntime's intra-op threads
     spin for a while after each run, so every run competes with the other session's spinning pool. Measured on 2
-    cores (digits ResNet-20 at 0.9, batch 1, 2 threads): alone, the pruned model was 1.32x slower than the original;
-    interleaved run by run it read 1.11-1.33x slower, and a channel-pruned one read 0.94x where it was 1.25x slower
-    alone; in blocks of 0.1 s both read as they do alone (1.23-1.32x, 1.17-1.22x). So each session runs alone for
+    cores (digits ResNet-20, two 0.9 plans, batch 1, 2 threads): alone, they were 1.26-1.34x and 1.17-1.26x slower
+    than the original; run by run they read 1.11-1.33x and 1.01-1.04x; in blocks of 0.1 s, 1.23-1.32x and
+    1.17-1.22x (benchmarks/README.md, "Timing run by run was biased"). So each session runs alone for
     `BLOCK_SECONDS` (at least one run), after `BLOCK_WARM` untimed runs, and the blocks alternate so drift of the
     machine still hits every session alike.
 
