@@ -53,3 +53,22 @@ def test_without_calibration_or_latency_it_is_basis_alone(case):
     for options in ({"calib": None, "latency_batch": 1}, {"calib": calib, "latency_batch": 0}):
         _, report = prune(model, remove_ratio=0.5, method="best", **options)
         assert report.facts["method"] == "basis" and "alternatives" not in report.facts
+
+
+def test_target_latency_turns_to_channels_when_the_basis_result_saves_too_little(case, monkeypatch):
+    from onnxprune.budget import count
+
+    def fake(a, b, feeds, **kw):  # a split model saves 10 % of the time; a channel-pruned one its parameter share
+        return (1.0, 0.9) if _split(b) else (1.0, count(b)[0] / count(a)[0])
+
+    monkeypatch.setattr(pipeline, "compare_latency", fake)
+    model, calib = case
+    out, report = prune(model, remove_ratio=0.5, method="best", target="latency", calib=calib, latency_batch=1)
+    rows = report.facts["alternatives"]
+    assert [r["method"] for r in rows][-1] == "channel" and rows[-1]["written"]  # basis: unreachable here, or short
+    f = report.facts
+    assert f["target"] == "latency" and f["ratio_achieved"] >= 0.49 and f["latency"]["batch"] == 1
+    # the least parameter ratio that saves enough, to a bisection step (0.95 / 2^5)
+    assert 0.49 <= f["params_removed"] <= 0.5 + 0.95 / 32 + 0.02
+    assert f["latency"]["after_s"] / f["latency"]["before_s"] == pytest.approx(1 - f["ratio_achieved"])
+    onnx.checker.check_model(out, full_check=True)
