@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="resnet20,vgg,mobilenetv2")
     parser.add_argument("--ratios", default="0.7,0.8,0.9")
     parser.add_argument("--latency", type=float, default=0.5, help="--target latency ratio (0: none)")
-    parser.add_argument("--no-ablation", action="store_true", help="no --method basis rows")
+    parser.add_argument("--ablation-ratios", default=None, help="ratios of the --method basis rows (default: --ratios)")
     parser.add_argument("--out", default=str(ROOT / "results" / "defaults.json"))
     args = parser.parse_args(argv)
     tmp = pathlib.Path(tempfile.mkdtemp())
@@ -56,10 +56,12 @@ def main(argv: list[str] | None = None) -> None:
         path, calib, x, y = suite_model(arch, tmp)
         found = [{"model": arch, "row": "unpruned", "ratio": 0.0, "path": str(path)}]
         runs = [("default flags + --calib", float(r), []) for r in args.ratios.split(",")]
-        if not args.no_ablation:
-            runs += [("ablation: --method basis", float(r), ["--method", "basis"]) for r in args.ratios.split(",")]
+        ablation = args.ratios if args.ablation_ratios is None else args.ablation_ratios
+        runs += [("ablation: --method basis", float(r), ["--method", "basis"]) for r in ablation.split(",") if r]
         if args.latency:
-            runs.append(("--target latency --latency-batch 32", args.latency, ["--target", "latency", "--latency-batch", "32"]))
+            runs.append(
+                ("--target latency --latency-batch 32", args.latency, ["--target", "latency", "--latency-batch", "32"])
+            )
         for name, ratio, extra in runs:
             out = tmp / f"{arch}_{len(found)}.onnx"
             cmd = [str(path), str(out), "--ratio", str(ratio), "--calib", str(calib), *extra]
@@ -67,7 +69,11 @@ def main(argv: list[str] | None = None) -> None:
             row = {"model": arch, "row": name, "ratio": ratio, **run}
             if run["exit"] == 1:  # the guard refused: measure what it refused, say so
                 row["forced_exit"] = run_cli([*cmd, "--force"])["exit"]
-            row["summary"] = [line.strip() for line in run["stdout"].splitlines() if line.strip().startswith(("chosen", "speed", "plan"))]
+            row["summary"] = [
+                line.strip()
+                for line in run["stdout"].splitlines()
+                if line.strip().startswith(("chosen", "speed", "plan"))
+            ]
             if out.exists():
                 row["path"] = str(out)
             found.append(row)

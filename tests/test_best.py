@@ -35,7 +35,11 @@ def test_the_result_written_is_no_slower_and_then_the_most_faithful(case, monkey
     assert sum(r["written"] for r in rows) == 1 and set(rows[0]["speed_check"]) == {1, 32}
     written = next(r for r in rows if r["written"])
     if basis_slower:  # the channel results, with and without measured sensitivity, and one of them written
-        assert [(r["method"], r["sensitivity"]) for r in rows] == [("basis", True), ("channel", False), ("channel", True)]
+        assert [(r["method"], r["sensitivity"]) for r in rows] == [
+            ("basis", True),
+            ("channel", False),
+            ("channel", True),
+        ]
         assert all(r["round_to"] in (simd_width(), 8) and abs(r["params_removed"] - 0.5) <= 0.03 for r in rows[1:])
         assert written["method"] == "channel" and not _split(out)
         assert written == max(rows[1:], key=lambda r: (r["fit_agreement"], r["fit_cosine"]))

@@ -321,7 +321,9 @@ def test_when_no_latency_budget_is_faster_the_plan_of_best_fidelity_is_written_a
 ):
     from onnxprune import pipeline
 
-    monkeypatch.setattr(pipeline, "layer_latency", lambda *, ranks, **kw: (1.0, {r: 2.0 * r / max(ranks) for r in ranks}))
+    monkeypatch.setattr(
+        pipeline, "layer_latency", lambda *, ranks, **kw: (1.0, {r: 2.0 * r / max(ranks) for r in ranks})
+    )
     monkeypatch.setattr(pipeline, "compare_latency", lambda first, second, feeds, **kw: (1.0, 1.5))  # all "slower"
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
     code, stdout, err = run(

@@ -570,14 +570,18 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
         for row in f["alternatives"]:
             name = row["method"] + (f" (counts rounded to {row['round_to']})" if row["round_to"] > 1 else "")
             name += " with sensitivity" if row["sensitivity"] and row["method"] == "channel" else ""
-            speeds = ", ".join(f"{before / after:.2f}x at batch {b}" for b, (before, after) in row["speed_check"].items())
+            speeds = ", ".join(
+                f"{before / after:.2f}x at batch {b}" for b, (before, after) in row["speed_check"].items()
+            )
             mark = "written" if row["written"] else "not written"
             parts.append(f"{name}: {speeds}, fit agreement {row['fit_agreement'] * 100:.1f} % ({mark})")
         lines.append("  chosen  " + "; ".join(parts))
     if "plan_note" in f:  # the plan written is not simply the first one by error: which, and why
         lines.append(f"  plan    {f['plan_note']}")
     slower = {
-        b: after / before for b, (before, after) in (f.get("speed_check") or {}).items() if after > before * (1 + SPEED_MARGIN)
+        b: after / before
+        for b, (before, after) in (f.get("speed_check") or {}).items()
+        if after > before * (1 + SPEED_MARGIN)
     }
     if slower:  # the written plan measured slower as a whole model: say so, do not hide it
         times = ", ".join(f"{x:.2f}x at batch {b}" for b, x in slower.items())

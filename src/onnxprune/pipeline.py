@@ -472,7 +472,8 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
     # (chars ResNet-20 at 0.7: 96.7 % against 98.4 %), and each channel result costs a run of its own
     for width in dict.fromkeys((simd_width(), 8)) if _slower(rows[0]["speed_check"]) else ():
         # with and without measured layer sensitivity, as neither wins everywhere (digits ResNet-20 at 0.9, seeds
-        # 0/1/2: 93.6 / 93.3 / 96.9 % without, 97.5 / 97.5 / 93.9 % with); the vector width, else 8 where it cannot reach
+        # 0/1/2: 93.6 / 93.3 / 96.9 % without, 97.5 / 97.5 / 93.9 % with); the vector width, else 8 where 16
+        # cannot reach
         try:
             found = [
                 prune_one(
@@ -488,7 +489,9 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
             log.info("channel removal rounded to %d: %s", width, e)
             continue
         reached = [
-            f for f in found if remove_ratio - RATIO_TOLERANCE <= f[1].facts["ratio_achieved"] <= remove_ratio + RATIO_FAR
+            f
+            for f in found
+            if remove_ratio - RATIO_TOLERANCE <= f[1].facts["ratio_achieved"] <= remove_ratio + RATIO_FAR
         ]
         for candidate, facts in reached:
             facts.facts["round_to"] = width
