@@ -6,7 +6,8 @@ For each ratio: `onnxprune IN OUT --ratio R --calib calib.npy` exactly as a user
 wall time, peak RSS, the guard's one line when it refuses), then the same with `--force` when the guard refused (so
 the accuracy of what was refused is known), and two ablation rows (`--latency-batch 0`: basis, decisions by
 parameters alone, the model may be slower; `--method basis`: the basis result of the default alone). The peers,
-matched to the same parameter target by bisection and run on the same calibration samples: onnxsim's structured Wanda pruning, and plain truncated SVD of every Conv/Gemm at one rank
+matched to the same parameter target by bisection and run on the same calibration samples: onnxsim's structured
+Wanda pruning, and plain truncated SVD of every Conv/Gemm at one rank
 fraction for all layers (data-free; what a user writes by hand). Accuracy on the case's test set, parameters
 removed, CPU latency of every row against the unpruned model at batch 1 and 32 (alternating blocks of runs,
 onnxruntime's default threads: what the tool's speed check and a user's session use).
