@@ -706,3 +706,29 @@ def test_ctrl_c_during_a_calibrated_prune_exits_130_and_writes_nothing(tmp_path)
     _, rest = proc.communicate(timeout=60)
     assert proc.returncode == 130, rest[-500:]
     assert "aborted" in rest and not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("target", ["params", "latency"])
+def test_method_best_reports_each_result_and_validates_against_the_schema(target, tmp_path, capsys, monkeypatch):
+    """The default with --calib: basis "slower" (fixed timings), so the channel results are made, compared, reported."""
+    from jsonschema import Draft202012Validator
+
+    from onnxprune import pipeline
+    from onnxprune.budget import count
+
+    def fake(a, b, feeds, **kw):  # split models "slower"; channel-pruned ones as fast as their parameter share
+        split = any(n.name.endswith(("_basis", "_scaling")) for n in b.graph.node)
+        return (1.0, 1.5) if split else (1.0, count(b)[0] / count(a)[0])
+
+    monkeypatch.setattr(pipeline, "compare_latency", fake)
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    args = [EXAMPLE / "digits_resnet.onnx", out, "--ratio", "0.5", "--calib", EXAMPLE / "digits_calib.npy"]
+    args += ["--calib-size", "160", "--report", rep] + (["--target", "latency"] if target == "latency" else [])
+    code, stdout, err = run(args, capsys)
+    assert code == 0, err
+    data = json.loads(rep.read_text())
+    Draft202012Validator(_report_schema()).validate(data)
+    assert data["method"] == "channel" and data["alternatives"][-1]["method"] == "channel"
+    assert sum(r["written"] for r in data["alternatives"]) == 1
+    assert "  chosen  " in stdout and "(written)" in stdout and "speed   measured slower" not in stdout
+    assert ("latency" in data) == (target == "latency")
