@@ -209,22 +209,40 @@ def _cmi(context: Context) -> np.ndarray:
         if set(group.producers) <= bases:
             continue
         classes = list(group.classes)
-        grams = {c: _gram(x[:, c]) for c in classes}
-        kept = np.full_like(y, 1.0 / len(y))  # the Gram matrix of nothing: every sample alike
-        h_s, h_ys = _renyi(kept), _renyi(_joint(y, kept))
-        left = set(classes)
-        for position in range(len(classes)):
-            best, best_gain = None, -np.inf
-            for c in sorted(left):
-                with_c = _joint(grams[c], kept)
-                gain = _renyi(with_c) + h_ys - _renyi(_joint(y, with_c)) - h_s
-                if gain > best_gain:
-                    best, best_gain = c, gain
-            left.remove(best)
-            scores[best] = len(classes) - position
-            kept = _joint(grams[best], kept)
-            h_s, h_ys = _renyi(kept), _renyi(_joint(y, kept))
+        for position, c in enumerate(_greedy_cmi(np.stack([_gram(x[:, c]) for c in classes]), y)):
+            scores[classes[c]] = len(classes) - position
     return scores
+
+
+def _greedy_cmi(grams: np.ndarray, y: np.ndarray) -> list[int]:
+    """Indices into `grams` [C, n, n] in the order the greedy search keeps them (see `_cmi`).
+
+    Every candidate is scored at once: with K the kept Gram matrix, the Renyi entropy of the joint G_c*K/tr needs
+    sum((G_c K)^2) = <G_c^2, K^2> and tr(G_c K) = <diag G_c, diag K>, and likewise with y, so one step is two
+    matrix-vector products over the stacked squared Grams instead of C Hadamard products of n x n matrices (the
+    search went from minutes to seconds on a 576-channel group).
+    """
+    count, n = grams.shape[0], grams.shape[1]
+    squares = (grams * grams).reshape(count, n * n)
+    diagonals = np.einsum("cii->ci", grams)
+    kept = np.full_like(y, 1.0 / len(y))  # the Gram matrix of nothing: every sample alike
+    h_s, h_ys = _renyi(kept), _renyi(_joint(y, kept))
+    left = np.ones(count, dtype=bool)
+    order = []
+    for _ in range(count):
+        k2 = (kept * kept).reshape(-1)
+        yk2 = (kept * kept * y * y).reshape(-1)
+        trace, trace_y = diagonals @ np.diag(kept), diagonals @ np.diag(kept * y)
+        with_c = squares @ k2 / trace**2
+        with_cy = squares @ yk2 / trace_y**2
+        gain = -np.log2(np.maximum(with_c, 1e-300)) + h_ys + np.log2(np.maximum(with_cy, 1e-300)) - h_s
+        gain[~left] = -np.inf
+        best = int(np.argmax(gain))
+        order.append(best)
+        left[best] = False
+        kept = _joint(grams[best], kept)
+        h_s, h_ys = _renyi(kept), _renyi(_joint(y, kept))
+    return order
 
 
 def _tensor_of(analysis: ChannelGraph, flow) -> str | None:
