@@ -550,9 +550,9 @@ def allocate_ranks(
     if remove_ratio > reachable + TOLERANCE:
         raise BudgetError(
             f"--ratio {remove_ratio:.2f} cannot be reached: at most {reachable:.3f} can be removed by keeping fewer "
-            f"bases in the {_plural(len(choices), 'layer')} whose split is smaller than the layer (and, when latency "
-            f"is measured, timed: ConvTranspose is not, and stays dense; "
-            f"{_plural(sum(bool(g.blocked) for g in analysis.groups), 'group')} blocked); lower --ratio"
+            f"bases in the {_plural(len(choices), 'layer')} whose split is smaller than the layer "
+            f"({_plural(sum(bool(g.blocked) for g in analysis.groups), 'group')} blocked; when latency is measured, "
+            "only layers that can be timed are split); lower --ratio"
         )
     picks = meet_cost(0.0) or cheapest
     if latency_budget is not None and totals(picks)[1] > latency_budget:

@@ -575,7 +575,12 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
             )
             mark = "written" if row["written"] else "not written"
             parts.append(f"{name}: {speeds}, fit agreement {row['fit_agreement'] * 100:.1f} % ({mark})")
-        lines.append("  chosen  " + "; ".join(parts))
+        first = f["alternatives"][0]
+        threads = f"{first['threads']} threads" if first["threads"] else "onnxruntime's default threads"
+        lines.append(
+            f"  chosen  (speed-up over the original, timed here with {threads}; agreement with the original on "
+            f"{first['fit_samples']} fit samples) " + "; ".join(parts)
+        )
     if "plan_note" in f:  # the plan written is not simply the first one by error: which, and why
         lines.append(f"  plan    {f['plan_note']}")
     slower = {
