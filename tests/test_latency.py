@@ -93,6 +93,32 @@ def test_prune_with_measured_latency_keeps_the_split_layers_no_slower_and_hits_t
     onnx.checker.check_model(pruned, full_check=True)
 
 
+def test_when_the_strict_budget_measures_slower_a_tighter_one_is_searched(monkeypatch):
+    # a split is faster than its dense op per layer below 3/4 of the timed ranks, but as a whole model each split
+    # layer costs 0.1 of the original's time and the cut saves 0.3: more than three split layers measure slower
+    monkeypatch.setattr(
+        pipeline, "layer_latency", lambda *, ranks, **kw: (1.0, {r: 4.0 * r / (3.0 * max(ranks)) for r in ranks})
+    )
+    splits = []
+
+    def fake_compare(first, second, feeds, **kw):
+        n = sum(node.op_type == "Conv" for node in second.graph.node) - sum(
+            node.op_type == "Conv" for node in first.graph.node
+        )
+        splits.append(n)
+        return 1.0, 0.7 + 0.1 * n
+
+    monkeypatch.setattr(pipeline, "compare_latency", fake_compare)
+    pruned, report = prune(onnx.load(EXAMPLE), remove_ratio=0.5, latency_batch=1)
+    assert max(splits) > 3, "the plans by error and at the strict budget split more layers"
+    f = report.facts
+    assert f["plan_source"] == "per-layer latency budget"
+    assert not pipeline._slower(f["speed_check"]) and f["speed_check"][1][1] <= 1.0
+    assert f["layer_latency"]["after"] < 0.99 * f["layer_latency"]["before"]  # tighter than the dense ops' sum
+    assert abs(f["params_removed"] - 0.5) <= 0.01
+    onnx.checker.check_model(pruned, full_check=True)
+
+
 def test_a_plan_that_measures_no_slower_is_kept_without_the_latency_budget(monkeypatch):
     monkeypatch.setattr(pipeline, "layer_latency", lambda *, ranks, **kw: (1.0, {r: 10.0 for r in ranks}))
     monkeypatch.setattr(pipeline, "compare_latency", lambda first, second, feeds, **kw: (1.0, 0.9))

@@ -13,7 +13,16 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune import rules
-from onnxprune.budget import TARGETS, CostModel, allocate, allocate_ranks, channel_choices, count, rank_choices
+from onnxprune.budget import (
+    TARGETS,
+    Allocation,
+    CostModel,
+    allocate,
+    allocate_ranks,
+    channel_choices,
+    count,
+    rank_choices,
+)
 from onnxprune.calibration import criteria
 from onnxprune.calibration.data import Samples, as_samples
 from onnxprune.calibration.runner import (
@@ -771,17 +780,41 @@ def _times(measured: dict) -> str:
     return ", ".join(f"{after / before:.2f}x at batch {b}" for b, (before, after) in measured.items())
 
 
-def _loosest_budget_not_slower(plan: Callable, budget: float, measure: Callable):
+def _loosest_budget_not_slower(plan: Callable, budget: float, measure: Callable, *, overhead_span: float):
     """(plan, its measured speeds) under the loosest summed-layer-latency budget whose whole model measures no slower.
 
-    Per-layer micro-benchmarks do not add up to the model's latency (fusions, threading, caches), so the budget is
-    only a knob: bisection on it between the dense ops' summed latency (the strict plan, kept if nothing looser holds,
-    even when it too measures slower: the caller says so) and `BUDGET_SPAN` times that, each candidate timed as a
-    whole model.
+    Per-layer micro-benchmarks do not add up to the model's latency (fusions, threading, caches, one more kernel
+    launch per split layer), so the budget is only a knob: the strict plan (the dense ops' summed latency) first;
+    when it measures no slower, bisection between it and `BUDGET_SPAN` times that for the loosest that still does.
+    When it measures slower, the layers' sum misses what each split costs the whole model: bisection on an overhead
+    added to every split option's latency, between none and `overhead_span` seconds, for the least that measures no
+    slower (at the strict budget, a larger overhead keeps fewer layers split). Each candidate is timed as a whole
+    model; when nothing tried measures no slower the strict plan is returned (the caller says so).
+
+    Args:
+        plan: (budget seconds, overhead seconds per split layer) -> Allocation; raises BudgetError when unreachable.
+        budget: The dense ops' summed latency, seconds.
+        measure: Allocation -> {batch: (original, planned) seconds}.
+        overhead_span: The largest per-split overhead tried, seconds.
     """
-    best = plan(budget)
-    best_measured = measure(best)
-    lo, hi = 1.0, BUDGET_SPAN
+    strict = plan(budget)
+    strict_measured = measure(strict)
+    if _slower(strict_measured):
+        lo, hi, found = 0.0, overhead_span, None
+        for _ in range(BUDGET_STEPS):
+            mid = (lo + hi) / 2
+            try:
+                trial = plan(budget, mid)
+            except BudgetError:  # so few layers split cannot reach the ratio
+                hi = mid
+                continue
+            measured = measure(trial)
+            if _slower(measured):
+                lo = mid
+            else:
+                hi, found = mid, (trial, measured)
+        return found or (strict, strict_measured)
+    lo, hi, found = 1.0, BUDGET_SPAN, (strict, strict_measured)
     for _ in range(BUDGET_STEPS):
         mid = (lo + hi) / 2
         try:
@@ -793,8 +826,15 @@ def _loosest_budget_not_slower(plan: Callable, budget: float, measure: Callable)
         if _slower(measured):
             hi = mid
         else:
-            lo, best, best_measured = mid, trial, measured
-    return best, best_measured
+            lo, found = mid, (trial, measured)
+    return found
+
+
+def _with_overhead(curves: dict | None, overhead: float) -> dict | None:
+    """Layer latency curves (`_latency_curves`) with `overhead` seconds added to every split option."""
+    if not curves or not overhead:
+        return curves
+    return {mid: (dense, {r: t + overhead for r, t in split.items()}) for mid, (dense, split) in curves.items()}
 
 
 def _speed_check(graph: gs.Graph, plan: dict, pairs: list, *, template, feeds: list, threads: int) -> dict:
@@ -929,6 +969,8 @@ def _prune_stage(
                 if g.name not in protected_by_user and g.name not in basis_groups and len(g.producers) == 1
             ]
 
+        knobs = {"split_overhead": 0.0}  # seconds added to every split option's measured latency
+
         def ranks_only(weights: dict | None, alive: np.ndarray | None = None) -> list:
             return rank_choices(
                 analysis,
@@ -937,7 +979,7 @@ def _prune_stage(
                 target=target,
                 protected=frozenset(protected),
                 weights=weights,
-                latencies=curves,
+                latencies=_with_overhead(curves, knobs["split_overhead"]),
                 alive=alive,
             )
 
@@ -1050,8 +1092,16 @@ def _prune_stage(
         first_slower = timed and _slower(measured)
         allocation, source = None, f"candidate {chosen} of {len(candidates)}"
         if first_slower:  # under the summed layer latency, with the weights the chosen plan was made with
+
+            def planned(seconds: float, overhead: float = 0.0) -> Allocation:
+                knobs["split_overhead"] = overhead
+                try:
+                    return plan(weights_of[chosen], seconds)
+                finally:
+                    knobs["split_overhead"] = 0.0
+
             budgeted, budget_measured = _loosest_budget_not_slower(
-                partial(plan, weights_of[chosen]), budget, lambda a: speed_check(graph, a.plan, pairs)
+                planned, budget, lambda a: speed_check(graph, a.plan, pairs), overhead_span=budget / len(curves)
             )
             report.facts["speed_check_budget"] = budgeted.latency
             if not _slower(budget_measured):
