@@ -65,8 +65,13 @@ def main(argv: list[str] | None = None) -> None:
         for name, ratio, extra in runs:
             out = tmp / f"{arch}_{len(found)}.onnx"
             cmd = [str(path), str(out), "--ratio", str(ratio), "--calib", str(calib), *extra]
-            run = run_cli(cmd)
+            report = out.with_suffix(".json")
+            run = run_cli([*cmd, "--report", str(report)])
             row = {"model": arch, "row": name, "ratio": ratio, **run}
+            if report.exists():  # what was written, and each result `best` made beside it
+                facts = json.loads(report.read_text())
+                row["method"] = facts.get("method")
+                row["alternatives"] = facts.get("alternatives")
             if run["exit"] == 1:  # the guard refused: measure what it refused, say so
                 row["forced_exit"] = run_cli([*cmd, "--force"])["exit"]
             row["summary"] = [
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{arch}: done", flush=True)
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out).write_text(json.dumps({"rows": rows}, indent=1))
-    print("| model | row | ratio | exit | test acc. | params removed | b1 ms (×) | b32 ms (×) | wall s |")
+    print("| model | row | ratio | written | test acc. | params removed | b1 ms (×) | b32 ms (×) | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         acc = f"{100 * r['accuracy']:.2f} %" if "accuracy" in r else "—"
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
             else " | "
         )
         print(
-            f"| {r['model']} | {r['row']} | {r['ratio']} | {r.get('exit', '')} | {acc} | "
+            f"| {r['model']} | {r['row']} | {r['ratio']} | {r.get('method') or ''} | {acc} | "
             f"{100 * r.get('removed', 0):.1f} % | {timing} | {r.get('seconds', 0):.0f} |"
         )
 

@@ -86,3 +86,20 @@ def test_default_criterion(method, calibrated, expected):
     model, data, _ = _informative_vs_loud(n=100)
     report = prune(model, remove_ratio=0.0, method=method, calib=data if calibrated else None)[1]
     assert report.facts["criterion"] == expected
+
+
+def test_the_greedy_cmi_order_is_remembered_by_content(monkeypatch):
+    from onnxprune.calibration import criteria
+
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((5, 12))
+    grams = np.stack([np.outer(f, f) / (f @ f) for f in feats])
+    y = np.eye(12) / 12
+    monkeypatch.setattr(criteria, "_CMI_ORDERS", {})
+    first = criteria._greedy_cmi(grams, y)
+    assert sorted(first) == list(range(5)) and first == criteria._greedy_cmi_search(grams, y)
+    calls = []
+    monkeypatch.setattr(criteria, "_greedy_cmi_search", lambda g, t: calls.append(1) or [])
+    assert criteria._greedy_cmi(grams.copy(), y) == first and not calls  # same content: not searched again
+    criteria._greedy_cmi(grams[::-1].copy(), y)
+    assert calls == [1]  # other content: searched

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -214,7 +215,23 @@ def _cmi(context: Context) -> np.ndarray:
     return scores
 
 
+_CMI_ORDERS: dict[bytes, list[int]] = {}  # digest of (grams, y) -> order: `--method best` scores the same groups
+CMI_REMEMBERED = 256  # ...for each channel result it makes; the oldest orders are forgotten past this many
+
+
 def _greedy_cmi(grams: np.ndarray, y: np.ndarray) -> list[int]:
+    """Indices into `grams` [C, n, n] in the order the greedy search keeps them (see `_cmi`); remembered by content."""
+    digest = hashlib.sha1(np.ascontiguousarray(grams).tobytes())
+    digest.update(np.ascontiguousarray(y).tobytes())
+    key = digest.digest()
+    if key not in _CMI_ORDERS:
+        if len(_CMI_ORDERS) >= CMI_REMEMBERED:
+            del _CMI_ORDERS[next(iter(_CMI_ORDERS))]
+        _CMI_ORDERS[key] = _greedy_cmi_search(grams, y)
+    return list(_CMI_ORDERS[key])
+
+
+def _greedy_cmi_search(grams: np.ndarray, y: np.ndarray) -> list[int]:
     """Indices into `grams` [C, n, n] in the order the greedy search keeps them (see `_cmi`).
 
     Every candidate is scored at once: with K the kept Gram matrix, the Renyi entropy of the joint G_c*K/tr needs
