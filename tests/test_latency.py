@@ -1,6 +1,7 @@
 """Latency-aware merging: measured split-vs-merged limits, cached; pairs above their limit are merged back."""
 
 import json
+import time
 
 import numpy as np
 import onnx
@@ -151,3 +152,17 @@ def test_sessions_are_timed_alone_in_alternating_blocks(monkeypatch):
     timed = [sum(n - latency.BLOCK_WARM for s, n in segments if s == name) for name in "ab"]
     assert timed == [len(t) for t in times] and min(timed) >= 50
     assert all((t >= 0).all() for t in times)
+
+
+def test_long_runs_get_no_warm_runs_after_the_first_block(monkeypatch):
+    monkeypatch.setattr(latency, "BLOCK_SECONDS", 0.002)
+    calls: list[str] = []
+
+    class Slow:
+        def run(self, outputs, feeds):
+            calls.append("run")
+            time.sleep(0.004)  # longer than a block
+
+    times = latency.alternate([Slow()], [{}], runs=5, blocks=5)
+    # the first block: one warm run (it outlasts the block) and one timed; later blocks: one timed run each
+    assert len(times[0]) == 5 and len(calls) == 6

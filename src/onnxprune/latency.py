@@ -269,8 +269,9 @@ def alternate(sessions: list, feeds: list[dict[str, np.ndarray]], *, runs: int, 
     cores (digits ResNet-20, two 0.9 plans, batch 1, 2 threads): alone, they were 1.26-1.34x and 1.17-1.26x slower
     than the original; run by run they read 1.11-1.33x and 1.01-1.04x; in blocks of 0.1 s, 1.23-1.32x and
     1.17-1.22x (benchmarks/README.md, "Timing run by run was biased"). So each session runs alone for
-    `BLOCK_SECONDS` (at least one run), after `BLOCK_WARM` untimed runs, and the blocks alternate so drift of the
-    machine still hits every session alike.
+    `BLOCK_SECONDS` (at least one run), after up to `BLOCK_WARM` untimed runs (fewer when they take longer than a
+    block; none once the session's runs are known to), and the blocks alternate so drift of the machine still hits
+    every session alike.
 
     Args:
         sessions: onnxruntime sessions (already warmed or not).
@@ -285,8 +286,13 @@ def alternate(sessions: list, feeds: list[dict[str, np.ndarray]], *, runs: int, 
     done = 0
     while done < blocks or min(len(t) for t in times) < runs:
         for sess, feed, found in zip(sessions, feeds, times):
-            for _ in range(BLOCK_WARM):
+            # a run longer than a block is not disturbed by a spinning pool: no warm runs once one is known to be
+            # (light ResNet-50 at batch 32 takes seconds a run: three warm runs a block made a comparison 2 min)
+            warm_until = time.perf_counter() + BLOCK_SECONDS
+            for _ in range(BLOCK_WARM if not found or np.median(found) < BLOCK_SECONDS else 0):
                 sess.run(None, feed)
+                if time.perf_counter() >= warm_until:
+                    break
             stop = time.perf_counter() + BLOCK_SECONDS
             while True:
                 begin = time.perf_counter()
