@@ -10,7 +10,12 @@ from onnxprune import prune
 EXAMPLE = Path(__file__).parent.parent / "examples"
 
 
-def test_the_plan_written_is_the_best_candidate_after_the_refit():
+def test_the_plan_written_is_the_best_candidate_after_the_refit(monkeypatch):
+    from onnxprune import pipeline
+
+    # the candidates are taken to the end only while the next is expected within a wall-time budget: on a loaded
+    # machine fewer are, so the budget is lifted here (this test is about the choice, not the budget)
+    monkeypatch.setattr(pipeline, "SELECT_BUDGET_S", 1e9)
     model = onnx.load(EXAMPLE / "digits_resnet.onnx")
     calib = np.load(EXAMPLE / "digits_calib.npy")[:160]
     out, report = prune(model, remove_ratio=0.85, calib={model.graph.input[0].name: calib}, latency_batch=0)
