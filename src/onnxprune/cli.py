@@ -70,7 +70,8 @@ def cli() -> None:
     type=click.Choice(TARGETS),
     default="params",
     show_default=True,
-    help="What --ratio counts: parameters, or multiply-accumulates (flops).",
+    help="What --ratio counts: parameters, multiply-accumulates (flops), or the latency measured at --latency-batch "
+    "(0.5 asks for a 2x faster model).",
 )
 @click.option(
     "--method",
@@ -141,7 +142,8 @@ def cli() -> None:
     type=click.IntRange(min=0),
     default=1,
     show_default=True,
-    help="Keep a layer split only where it measured faster than one op at this batch size (0: by parameters).",
+    help="Batch size the allocation times layers at and keeps the model no slower at (the result is also timed at 32; "
+    "0: decide by parameters alone, no timing).",
 )
 @_THREADS
 @click.option(

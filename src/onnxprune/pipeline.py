@@ -657,7 +657,10 @@ def _check_ratio(report: Report, *, method: str, latency_batch: int, round_to: i
             "(--latency-batch 0 decides by parameters alone)"
         )
     if round_to > 1 and off > 0:
-        why = f"--round-to {round_to} rounds channel counts and ranks up to its multiples"
+        why = (
+            f"channel counts and ranks are rounded up to multiples of {round_to} (--round-to; --method best rounds "
+            "channel results to the processor's vector width, 8 or 16, which onnxruntime's kernels run fastest)"
+        )
     line = (
         f"--ratio {requested:.2f}: reached {achieved:.3f} of the {facts['target']} "
         f"({100 * abs(off):.1f} points {'over' if off > 0 else 'under'}): {why}"
@@ -750,8 +753,9 @@ def prune_guarded(
             lo, best = mid, value
         else:
             hi = mid
+    unit = f" of the latency at batch {options.get('latency_batch', 1)}" if options.get("target") == "latency" else ""
     holds = (
-        f"the largest ratio that holds is about {lo:.2f} ({what} {best:.3f})"
+        f"the largest ratio{unit} that holds is about {lo:.2f} ({what} {best:.3f})"
         if best is not None
         else ("no ratio tried holds")
     )
@@ -1107,8 +1111,10 @@ def _prune_stage(
             if not _slower(budget_measured):
                 allocation, measured, source = budgeted, budget_measured, "per-layer latency budget"
                 report.facts["plan_note"] = (
-                    f"per-layer latency budget: candidate {chosen} of {len(candidates)} measured slower than the "
-                    "original, so the candidates were not compared after the refit"
+                    f"per-layer latency budget: the plan of least predicted error (candidate {chosen + 1} of "
+                    f"{len(candidates)}) measured slower than the original as a whole model, so the plan was made "
+                    "again under the layers' measured latency, with a cost per split layer found by timing "
+                    "the whole model"
                 )
             else:  # the budget buys no speed here, only error: the plan of best fidelity is written, and said slower
                 report.facts["speed_check_strictest"] = budget_measured
