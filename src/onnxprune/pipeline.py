@@ -804,33 +804,31 @@ def _loosest_budget_not_slower(plan: Callable, budget: float, measure: Callable,
     strict = plan(budget)
     strict_measured = measure(strict)
     if _slower(strict_measured):
-        lo, hi, found = 0.0, overhead_span, None
-        for _ in range(BUDGET_STEPS):
-            mid = (lo + hi) / 2
-            try:
-                trial = plan(budget, mid)
-            except BudgetError:  # so few layers split cannot reach the ratio
-                hi = mid
-                continue
-            measured = measure(trial)
-            if _slower(measured):
-                lo = mid
-            else:
-                hi, found = mid, (trial, measured)
+        found = _bisect_no_slower(lambda o: plan(budget, o), measure, 0.0, overhead_span, None, larger_is_faster=True)
         return found or (strict, strict_measured)
-    lo, hi, found = 1.0, BUDGET_SPAN, (strict, strict_measured)
+    return _bisect_no_slower(
+        lambda s: plan(budget * s), measure, 1.0, BUDGET_SPAN, (strict, strict_measured), larger_is_faster=False
+    )
+
+
+def _bisect_no_slower(make: Callable, measure: Callable, lo: float, hi: float, found, *, larger_is_faster: bool):
+    """`BUDGET_STEPS` bisection steps on the knob of `make` for the value nearest the slower side still no slower.
+
+    A knob value `make` cannot plan at (BudgetError) is too large. Returns the last (allocation, measured) found no
+    slower, else `found`.
+    """
     for _ in range(BUDGET_STEPS):
         mid = (lo + hi) / 2
         try:
-            trial = plan(budget * mid)
+            trial = make(mid)
         except BudgetError:
             hi = mid
             continue
         measured = measure(trial)
-        if _slower(measured):
-            hi = mid
-        else:
-            lo, found = mid, (trial, measured)
+        slower = _slower(measured)
+        lo, hi = (mid, hi) if slower == larger_is_faster else (lo, mid)
+        if not slower:
+            found = (trial, measured)
     return found
 
 
