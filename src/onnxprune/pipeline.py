@@ -1111,13 +1111,13 @@ def _prune_stage(
                 report.facts["plan_note"] = (
                     f"per-layer latency budget: the plan of least predicted error (candidate {chosen + 1} of "
                     f"{len(candidates)}) measured slower than the original as a whole model, so the plan was made "
-                    "again under the layers' measured latency, with a cost per split layer found by timing "
-                    "the whole model"
+                    "again under the layers' measured latency (with a cost per split layer, found by timing the "
+                    "whole model, where their sum alone still measured slower)"
                 )
             else:  # the budget buys no speed here, only error: the plan of best fidelity is written, and said slower
                 report.facts["speed_check_strictest"] = budget_measured
                 report.facts["plan_note"] = (
-                    f"candidate {chosen} of {len(candidates)} and every per-layer latency budget measured slower "
+                    f"candidate {chosen + 1} of {len(candidates)} and every per-layer latency budget measured slower "
                     f"than the original (the strictest: {_times(budget_measured)}): a budget buys no speed here, so "
                     "the plan of best fidelity was written"
                 )
