@@ -58,6 +58,26 @@ def test_split_reports_the_classes_the_held_out_part_covers():
     assert facts["fidelity_classes"] == len(np.unique(top1[held.index])) == facts["classes_predicted"]
 
 
+def test_the_original_top1_is_run_once_per_model_and_data(monkeypatch):
+    from onnxprune.calibration import runner
+
+    model = onnx.load(EXAMPLE / "digits_resnet.onnx")
+    x = np.load(EXAMPLE / "digits_calib.npy")[:40]
+    calls = []
+    real = runner._top1
+    monkeypatch.setattr(runner, "_top1", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(runner, "_TOP1", {})
+    first = split_calibration(model, {"image": x}, seed=0)
+    again = split_calibration(model, {"image": x.copy()}, seed=1)  # another seed, the same predictions
+    assert len(calls) == 1
+    assert np.array_equal(first[0].index, split_calibration(model, {"image": x}, seed=0)[0].index)
+    assert again[2]["classes_predicted"] == first[2]["classes_predicted"]
+    changed = x.copy()
+    changed[0, 0, 0, 0] += 1.0
+    split_calibration(model, {"image": changed}, seed=0)
+    assert len(calls) == 2
+
+
 def _pages(folder: Path, sizes, seed=0):
     rng = np.random.default_rng(seed)
     folder.mkdir()
