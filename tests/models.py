@@ -451,6 +451,44 @@ def ir3_inputs() -> onnx.ModelProto:
     return model
 
 
+def sequence_head() -> onnx.ModelProto:
+    """A recogniser's head: conv features [N, C, H, W] -> [W, N, C*H] -> [W*N, C*H] -> Gemm, width symbolic.
+
+    Both Reshape targets are computed from `Shape` (as torch exports ``x.reshape(w, n, -1)`` written with sizes);
+    onnx shape inference gives the second Reshape, the Gemm and its output no shape at all.
+    """
+    b = Builder(34)
+    x = b.relu(b.conv("x", 3, 8))
+    t = b.node("Transpose", [x], perm=[3, 0, 1, 2])  # [W, N, 8, 4]
+
+    def dim(tensor: str, i: int) -> str:  # indices in Constant nodes, as the torch exporter of opset 12 wrote them
+        index = b.node("Constant", [], value=numpy_helper.from_array(np.array(i, np.int64)))
+        return b.node("Gather", [b.node("Shape", [tensor]), index], axis=0)
+
+    def one(v: str) -> str:
+        return b.node("Unsqueeze", [v], axes=[0])
+
+    seq = b.node(
+        "Reshape",
+        [t, b.node("Concat", [one(dim(t, 0)), one(dim(t, 1)), one(b.node("Mul", [dim(t, 2), dim(t, 3)]))], axis=0)],
+    )  # [W, N, 32]: entries copy the input's dims (0) and a product of static ones
+    rows = b.node("Mul", [dim(seq, 0), dim(seq, 1)])
+    flat = b.node("Reshape", [seq, b.node("Concat", [one(rows), one(dim(seq, 2))], axis=0)])  # [W*N, 32]: -1
+    h = b.gemm(b.node("Mul", [flat, b.const(np.array(1.0, np.float32), "one")]), 32, 24)
+    y = b.gemm(b.relu(h), 24, 10)
+    graph = helper.make_graph(
+        b.nodes,
+        "sequence_head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 4, "width"])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["rows", 10])],
+        b.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    model.ir_version = 7
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 ZOO = [
     chain,
     basic_residual,
@@ -479,6 +517,7 @@ ZOO = [
     token_block,
     convnext_like,
     ir3_inputs,
+    sequence_head,
 ]
 
 

@@ -103,3 +103,19 @@ def test_the_greedy_cmi_order_is_remembered_by_content(monkeypatch):
     assert criteria._greedy_cmi(grams.copy(), y) == first and not calls  # same content: not searched again
     criteria._greedy_cmi(grams[::-1].copy(), y)
     assert calls == [1]  # other content: searched
+
+
+def test_a_label_criterion_on_a_model_without_class_scores(caplog):
+    """A sequence head ([W*N, classes] rows, not one row a sample): the default cmi becomes energy with one
+    warning; cmi asked for by name is a one-line error (was an internal broadcasting error, exit 3)."""
+    from models import sequence_head
+
+    model = sequence_head()
+    calib = {"x": np.random.default_rng(0).standard_normal((40, 3, 4, 12)).astype(np.float32)}
+    options = dict(remove_ratio=0.2, method="channel", calib=calib, batch_size=8)
+    with caplog.at_level("WARNING"):
+        _, report = prune(model, **options)
+    assert report.facts["criterion"] == "energy"
+    assert sum("criterion energy instead of cmi" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(OnnxPruneError, match="--criterion cmi needs class labels"):
+        prune(model, criterion="cmi", **options)

@@ -345,3 +345,27 @@ def test_mismatched_channels_name_the_op():
     analysis = find_channel_groups(to_graph(model))
     reason = next(iter(analysis.groups[0].blocked.values()))
     assert "Mul 'mul" in reason and "Mul of tensors whose channels do not line up (axis 3 vs 1)" in reason
+
+
+def test_reshape_targets_computed_from_shape_become_constants_of_the_same_meaning():
+    """[W, N, 8, 4] -> [W, N, 32] -> [W*N, 32] with targets from Shape (opset 12, Constant indices): onnx's
+    inference gives the flatten, the Gemm and everything after no shape; folded, they are [0, 0, 32] (copies) and
+    [-1, 32] (one product of symbolic dims), the Gemm's group is tracked, and the model computes the same.
+    """
+    from models import sequence_head
+
+    from onnxprune.graph import to_model
+    from onnxprune.passes.cleanup import cleanup
+
+    model = sequence_head()
+    graph = to_graph(model)
+    assert [n.outputs[0].shape for n in graph.nodes if n.op == "Gemm"][0] is None
+    cleanup(graph)
+    assert [n.inputs[1].values.tolist() for n in graph.nodes if n.op == "Reshape"] == [[0, 0, 32], [-1, 32]]
+    assert all(len(n.outputs[0].shape) == 2 for n in graph.nodes if n.op == "Gemm")
+    reasons = [why for g in find_channel_groups(graph).groups for why in g.blocked.values()]
+    assert not any("unknown" in why for why in reasons), reasons
+    out = to_model(graph, model)
+    for batch, width in ((1, 5), (3, 9)):
+        feeds = random_feeds(model, batch=batch, dims={"width": width})
+        assert_outputs_close(ort_run(out, feeds), ort_run(model, feeds), rtol=1e-5, atol=1e-6)

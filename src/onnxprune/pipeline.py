@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +31,7 @@ from onnxprune.calibration.runner import (
     fidelity,
     patch_covariances,
     split_calibration,
-    stream,
+    top1,
 )
 from onnxprune.calibration.sensitivity import CUT_WEIGHT_RANGE, CutProbe, layer_sensitivity
 from onnxprune.errors import BudgetError, GuardError, OnnxPruneError, PassError
@@ -54,6 +55,33 @@ SYNTHETIC_SAMPLES = 8  # random inputs the outputs are compared on when there is
 DOUBLE_CHANNEL_SHARE = 0.5  # --method double: the part of the request taken by channels before bases
 
 
+_warned: set[str] = set()  # kinds of warning given during the outermost `prune` / `prune_guarded` call
+_calls = [0]  # how deep in those calls we are (the guard's bisection and method best call `prune` again)
+
+
+def _one_warning_each(fn: Callable) -> Callable:
+    """Each kind of `_warn_once` warning is given once per outermost call of `fn`."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if not _calls[0]:
+            _warned.clear()
+        _calls[0] += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _calls[0] -= 1
+
+    return call
+
+
+def _warn_once(kind: str, message: str) -> None:
+    """Log `message` unless a warning of `kind` was already given during this call (`_one_warning_each`)."""
+    if kind not in _warned:
+        _warned.add(kind)
+        log.warning("%s", message)
+
+
 def run_passes(graph: gs.Graph, passes: Sequence[Callable[[gs.Graph], PassResult]]) -> PassResult:
     """Run `passes` in order on `graph` (in place); merge their reports; name the failing pass on error."""
     report = Report()
@@ -74,6 +102,7 @@ def run_passes(graph: gs.Graph, passes: Sequence[Callable[[gs.Graph], PassResult
     return PassResult(graph, modified, report)
 
 
+@_one_warning_each
 def prune(
     model: onnx.ModelProto,
     *,
@@ -97,7 +126,6 @@ def prune(
     original at 99.17 % test accuracy, channels rounded to 16 were 1.30x faster at 99.17 %. The report's
     ``alternatives`` rows give both measurements. Every other method: see `prune_one`.
     """
-    _warned.clear()
     if method != "best":
         return prune_one(model, remove_ratio=remove_ratio, target=target, method=method, **options)
     return _best_of(model, remove_ratio=remove_ratio, target=target, **options)
@@ -175,6 +203,7 @@ def prune_one(
     """
     calib = as_samples(calib, model) if calib is not None else None
     whiten = (not compensate) if whiten is None else whiten
+    given_criterion = criterion
     criterion = criterion or default_criterion(method, calibrated=calib is not None)
     if not 0.0 <= remove_ratio < 1.0:
         raise OnnxPruneError(f"--ratio must be in [0, 1), got {remove_ratio}")
@@ -206,7 +235,18 @@ def prune_one(
     )
     fit_labels = None
     if fit is not None and criterion in criteria.LABEL_CRITERIA:  # the user's labels, else the model's own top-1
-        fit_labels = labels[fit.index] if labels is not None else _predictions(model, fit, batch_size)
+        fit_labels = labels[fit.index] if labels is not None else _predictions(model, calib, fit, batch_size)
+        if fit_labels is None and given_criterion is not None:
+            raise OnnxPruneError(
+                f"--criterion {criterion} needs class labels: no output of the model is shaped like class scores "
+                "[N, classes]; give --labels, or use --criterion energy"
+            )
+        if fit_labels is None:  # a detector or a sequence model: no classes to be informative about
+            _warn_once(
+                "criterion",
+                f"warning: criterion energy instead of {criterion}: no output of the model is shaped like class scores",
+            )
+            criterion = "energy"
     params_before, macs_before = count(model, shapes=count_shapes)
     total = params_before if target == "params" else macs_before
     latency_before = None
@@ -674,6 +714,7 @@ def _check_ratio(report: Report, *, method: str, latency_batch: int, round_to: i
     log.debug("%s", line)
 
 
+@_one_warning_each
 def prune_guarded(
     model: onnx.ModelProto, *, remove_ratio: float, max_drop: float = MAX_DROP, force: bool = False, **options
 ) -> tuple[onnx.ModelProto, Report]:
@@ -1225,12 +1266,17 @@ def _predicted_error(choices: list, alive: np.ndarray) -> float:
     return sum(_error_at(c, int(alive[c.classes].sum())) for c in choices)
 
 
-def _predictions(model: onnx.ModelProto, data: Samples, batch_size: int) -> np.ndarray:
-    """The model's own top-1 class on `data` (first output, classes on its last axis): labels without labels."""
-    name = model.graph.output[0].name
-    return np.concatenate(
-        [out[name].reshape(len(out[name]), -1).argmax(1) for out in stream(model, data, [name], batch_size=batch_size)]
-    )
+def _predictions(model: onnx.ModelProto, data: Samples, part: Samples, batch_size: int) -> np.ndarray | None:
+    """The model's own top-1 class on the samples `part` of `data`: labels without labels.
+
+    From its first output shaped like class scores (``runner.top1``, run once on `data`); None when no output is.
+    """
+    found = top1(model, data, batch_size=batch_size)
+    if found is None:
+        return None
+    by_position = np.full(data.total, -1, dtype=np.int64)
+    by_position[data.index] = found[1]
+    return by_position[part.index]
 
 
 SAMPLES_PER_INPUT_WIDTH = 0.25  # fewer fit samples than this times a refitted layer's input width K: warn
@@ -1261,16 +1307,6 @@ def _warn_few_samples(graph: gs.Graph, pairs: list, kept: dict, n_fit: int) -> N
             f"{round(1 / SAMPLES_PER_INPUT_WIDTH)} samples): the refit may not hold on new data; give more --calib "
             "samples or --no-compensate",
         )
-
-
-_warned: set[str] = set()  # kinds of warning given during this `prune` call (method best makes several results)
-
-
-def _warn_once(kind: str, message: str) -> None:
-    """Log `message` unless a warning of `kind` was already given during this `prune` call."""
-    if kind not in _warned:
-        _warned.add(kind)
-        log.warning("%s", message)
 
 
 def _whitenable(graph: gs.Graph, min_rank: int) -> dict[str, tuple[str, dict]]:

@@ -1313,25 +1313,41 @@ def _sv_arith(node: gs.Node, args: list) -> ShapeValue | None:
         return None
     a, b = np.broadcast_arrays(args[0], args[1])
     fn = _ARITH[node.op]
-    out = [
-        fn(int(x), int(y))
-        if isinstance(x, (int, np.integer))
-        and isinstance(y, (int, np.integer))
-        and (node.op != "Div" or (y != 0 and x >= 0 and y > 0))
-        else UNKNOWN
-        for x, y in zip(a.ravel(), b.ravel())
-    ]
+    out = [_sv_entry(node.op, fn, x, y) for x, y in zip(a.ravel(), b.ravel())]
     return np.array(out, dtype=object).reshape(a.shape)
 
 
-def batch_copy_target(node: gs.Node, value: ShapeValue | None) -> np.ndarray | None:
-    """A Reshape target whose only unknown entry is the batch it copies from its input, as a constant (0 there)."""
+def _sv_entry(op: str, fn: Callable, x, y):
+    """One entry of shape arithmetic: ints computed; a symbolic dim times 1 (or plus 0, ...) stays that dim."""
+    ints = isinstance(x, (int, np.integer)), isinstance(y, (int, np.integer))
+    if all(ints):
+        return fn(int(x), int(y)) if op != "Div" or (y != 0 and x >= 0 and y > 0) else UNKNOWN
+    identity = 1 if op in ("Mul", "Div") else 0
+    if ints[1] and int(y) == identity:
+        return x
+    if ints[0] and int(x) == identity and op in ("Mul", "Add"):
+        return y
+    return UNKNOWN
+
+
+def reshape_target(node: gs.Node, value: ShapeValue | None) -> np.ndarray | None:
+    """A Reshape target computed from `Shape`, written as a constant with the same meaning, or None.
+
+    An entry that is its input's own symbolic dim at the same position becomes 0 (copy that dim); when one entry is
+    still unknown (``N * T`` of a ``[N, T, C] -> [N*T, C]`` flatten) and every other one is known, it becomes -1:
+    the product of the dims is the same at run time, so -1 resolves to the value the graph computed.
+    """
     if node.op != "Reshape" or value is None or value.ndim != 1 or not len(value) or node.attrs.get("allowzero", 0):
         return None
-    shape = node.inputs[0].shape
-    if shape is None or not len(shape) or not isinstance(shape[0], str) or value[0] != shape[0]:
+    shape = node.inputs[0].shape or []
+    out: list[int | None] = []
+    for i, v in enumerate(value):
+        if isinstance(v, (int, np.integer)):
+            out.append(int(v))
+        elif isinstance(v, str) and v != UNKNOWN and i < len(shape) and shape[i] == v:
+            out.append(0)
+        else:
+            out.append(None)
+    if out.count(None) > 1 or (None in out and -1 in out):
         return None
-    rest = value[1:]
-    if not known(rest) or any(int(v) == 0 for v in rest):
-        return None
-    return np.array([0, *[int(v) for v in rest]], dtype=np.int64)
+    return np.array([-1 if v is None else v for v in out], dtype=np.int64)

@@ -60,8 +60,9 @@ MAX_SHAPE_ROUNDS = 4  # a folded target lets shape inference resolve the next on
 def _fold_shape_values(graph: gs.Graph) -> bool:
     """Write values computed from `Shape` of static dims (Reshape targets, Slice bounds) as constants.
 
-    A Reshape target whose only unknown entry copies its input's batch becomes a constant with 0 there. Shapes are
-    inferred again after each round, so values behind a resolved Reshape fold in the next.
+    A Reshape target that copies its input's symbolic dims gets 0 there, and -1 for one unknown entry
+    (`rules.reshape_target`). Shapes are inferred again after each round, so values behind a resolved Reshape fold
+    in the next.
     """
     folded = False
     for _ in range(MAX_SHAPE_ROUNDS):
@@ -78,7 +79,7 @@ def _fold_shape_values(graph: gs.Graph) -> bool:
                 dtype = dtype if dtype.kind in "iu" else np.dtype(np.int64)
                 if rules.known(value):
                     array = value.astype(dtype)
-                elif i == 1 and (target := rules.batch_copy_target(node, value)) is not None:
+                elif i == 1 and (target := rules.reshape_target(node, value)) is not None:
                     array = target
                 else:
                     continue
