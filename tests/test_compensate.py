@@ -5,8 +5,9 @@ import onnx
 import pytest
 from models import Builder
 
-from onnxprune import prune
+from onnxprune import prune, rules
 from onnxprune.graph import reinfer_shapes, to_graph, to_model
+from onnxprune.passes import compensate
 from onnxprune.passes.basis import decompose_basis, find_basis_pairs
 from onnxprune.passes.compensate import refit
 from onnxprune.passes.groups import find_channel_groups
@@ -262,3 +263,49 @@ def test_low_rank_refit_is_the_reduced_rank_regression_optimum():
     want = ort_run(model, held)[conv]
     errors = [np.sum((ort_run(to_model(g, model), held)[conv] - want) ** 2) for g in (result.graph, scaling_only.graph)]
     assert errors[0] < errors[1]
+
+
+def test_a_last_layer_of_class_scores_is_refitted_in_the_probability_weighted_norm(monkeypatch):
+    """Gemm 12 -> 10 whose output is the model's (confident) class scores, cut to rank 3: the low-rank refit
+    weights each class's squared error by its mean probability on the fit samples (+ 0.01 / 10), the diagonal of the
+    softmax's Fisher information. Checked against the weighted reduced-rank regression optimum (the full fit
+    projected on the top-3 directions of its fitted values scaled per class by sqrt(weight)), and the classes the
+    data predicts come out better than with the unweighted refit."""
+    b = Builder(45)
+    logits = b.gemm("x", 12, 10)
+    model = b.model([("x", [12])], [logits])
+    assert compensate._class_scores(to_graph(model).outputs[0], to_graph(model), 1)
+    rng = np.random.default_rng(12)
+    mixing = rng.standard_normal((12, 12)) * np.linspace(6.0, 0.2, 12)
+    fit = {"x": (rng.standard_normal((300, 12)) @ mixing.T).astype(np.float32)}
+    held = {"x": (rng.standard_normal((100, 12)) @ mixing.T).astype(np.float32)}
+    y = ort_run(model, fit)[logits].astype(np.float64)
+    p = np.exp(y - y.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    assert p.max(1).mean() > 0.5  # confident scores: weighted
+    weights = p.mean(0) + 0.01 / 10
+    graph, pairs = _split_and_prune(model, keep=3)
+    result = refit(graph, template=model, original=model, fit=fit, held=held, pairs=pairs, ridge=0.0)
+    assert result.report.counts["refit_class_weighted"] == 1
+    x = fit["x"].astype(np.float64)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    w_ls = np.linalg.lstsq(xc, yc, rcond=None)[0].T  # [10, 12]
+    root = np.sqrt(weights)[:, None]
+    u = np.linalg.svd(xc @ (root * w_ls).T, full_matrices=False)[2][:3]
+    optimum = (u.T @ u @ (root * w_ls)) / root
+    nodes = {n.name: n for n in result.graph.nodes}
+    pair = pairs[0]
+    got = rules.affine(nodes[pair.scaling])[0] @ rules.affine(nodes[pair.basis])[0]
+    np.testing.assert_allclose(got, optimum, rtol=1e-3, atol=1e-4)
+    plain_graph, plain_pairs = _split_and_prune(model, keep=3)
+    plain = compensate._solve_low_rank
+    monkeypatch.setattr(
+        compensate, "_solve_low_rank", lambda zz, yz, r, ridge, bias, weights: plain(zz, yz, r, ridge, bias)
+    )
+    unweighted = refit(plain_graph, template=model, original=model, fit=fit, held=held, pairs=plain_pairs)
+    want = ort_run(model, held)[logits]
+    agree = [
+        np.mean(ort_run(to_model(g, model), held)[logits].argmax(1) == want.argmax(1))
+        for g in (result.graph, unweighted.graph)
+    ]
+    assert agree[0] >= agree[1], agree

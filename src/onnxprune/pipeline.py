@@ -330,10 +330,13 @@ def prune_one(
             split = run_passes(graph, [partial(decompose_basis, min_channels=min_rank, covariances=covs)]).report
             pairs = pairs + split.facts.pop("pairs", [])
             report.merge(split)
-            if latency_batch and stage == "basis":
-                curves = _latency_curves(graph, pairs, batch=latency_batch, threads=threads)
-            elif latency_batch:
-                limits.update(_latency_limits(graph, pairs, batch=latency_batch, threads=threads))
+            if latency_batch:
+                concrete = _concrete_at(graph, model, count_shapes, latency_batch, seed)
+                timing = dict(batch=latency_batch, threads=threads, concrete=concrete)
+                if stage == "basis":
+                    curves = _latency_curves(graph, pairs, **timing)
+                else:
+                    limits.update(_latency_limits(graph, pairs, **timing))
         energy, pooled = {}, {}
         if fit is not None:
             graph = reinfer_shapes(graph, model)
@@ -1330,33 +1333,51 @@ def _whitenable(graph: gs.Graph, min_rank: int) -> dict[str, tuple[str, dict]]:
     return found
 
 
-def _timing_spec(graph: gs.Graph, nodes: dict, pair) -> tuple[str, list, list, int] | None:
-    """(op, input shape without batch, dense weight shape, largest rank worth splitting) of a pair to time.
+def _timing_spec(
+    graph: gs.Graph, nodes: dict, pair, batch: int, concrete: dict | None
+) -> tuple[str, list, list, int] | None:
+    """(op, input shape, dense weight shape, largest rank worth splitting) of a pair to time at `batch`.
 
-    None without static shapes, or for a basis op with no timing model (ConvTranspose: such a layer stays dense).
+    The input shape is the one `concrete` (tensor -> dims with the model's inputs at `batch`) gives, else the
+    graph's with its first dim set to `batch`. None where a dim stays symbolic, or for a basis op with no timing
+    model (ConvTranspose: such a layer stays dense).
     """
     basis = nodes.get(pair.basis)
-    x_shape = basis.inputs[0].shape if basis is not None else None
-    if x_shape is None or any(not isinstance(d, int) for d in x_shape[1:]) or basis.op not in ("Conv", "MatMul"):
+    if basis is None or basis.op not in ("Conv", "MatMul"):
+        return None
+    x_shape = (concrete or {}).get(basis.inputs[0].name)
+    if x_shape is None and basis.inputs[0].shape is not None:
+        x_shape = [batch, *basis.inputs[0].shape[1:]]
+    if x_shape is None or any(not isinstance(d, int) for d in x_shape):
         return None
     r, k, co = pair_sizes(graph, pair)
     w = const(basis.inputs[1])
     shape, op = ([co, *w.shape[1:]], "Conv") if basis.op == "Conv" else ([k, co], "MatMul")
-    return op, list(x_shape[1:]), shape, min(r, param_breakeven(k, co))
+    return op, list(x_shape), shape, min(r, param_breakeven(k, co))
 
 
-def _latency_limits(graph: gs.Graph, pairs: list, *, batch: int, threads: int) -> dict[str, int]:
+def _concrete_at(graph: gs.Graph, model: onnx.ModelProto, count_shapes: dict | None, batch: int, seed: int):
+    """Every tensor's dims in `graph` with the model's inputs at the counting shape and `batch` (None: unknown)."""
+    if count_shapes is None:
+        return None
+    feeds = _synthetic_feeds(model, count_shapes, batch=batch, seed=seed)
+    return concrete_shapes(to_model(graph, model), {name: list(x.shape) for name, x in feeds.items()})
+
+
+def _latency_limits(
+    graph: gs.Graph, pairs: list, *, batch: int, threads: int, concrete: dict | None = None
+) -> dict[str, int]:
     """Per pair, the largest kept rank that still measures faster split than merged (static shapes only)."""
     nodes = {n.name: n for n in graph.nodes}
     limits = {}
     for pair in pairs:
-        spec = _timing_spec(graph, nodes, pair)
+        spec = _timing_spec(graph, nodes, pair, batch, concrete)
         if spec is None:
             continue
         op, x_shape, shape, bound = spec
         limits[pair.basis] = split_rank_limit(
             op=op,
-            x_shape=[batch, *x_shape],
+            x_shape=x_shape,
             weight_shape=shape,
             attrs=dict(nodes[pair.basis].attrs),
             max_rank=bound,
@@ -1368,18 +1389,20 @@ def _latency_limits(graph: gs.Graph, pairs: list, *, batch: int, threads: int) -
 LATENCY_POINTS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1)  # ranks timed, as fractions of the largest useful one
 
 
-def _latency_curves(graph: gs.Graph, pairs: list, *, batch: int, threads: int) -> dict[str, tuple]:
+def _latency_curves(
+    graph: gs.Graph, pairs: list, *, batch: int, threads: int, concrete: dict | None = None
+) -> dict[str, tuple]:
     """Per pair's mid tensor: measured (dense seconds, {rank: split seconds}) at `batch` (static shapes only)."""
     nodes = {n.name: n for n in graph.nodes}
     curves = {}
     for pair in steps(pairs, "layer latency"):
-        spec = _timing_spec(graph, nodes, pair)
+        spec = _timing_spec(graph, nodes, pair, batch, concrete)
         if spec is None:
             continue
         op, x_shape, shape, bound = spec
         curves[pair.mid] = layer_latency(
             op=op,
-            x_shape=[batch, *x_shape],
+            x_shape=x_shape,
             weight_shape=shape,
             attrs=dict(nodes[pair.basis].attrs),
             ranks=sorted({max(1, round(max(bound, 1) * f)) for f in LATENCY_POINTS}),

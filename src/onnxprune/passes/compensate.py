@@ -189,13 +189,15 @@ class Target:
     """What a layer is fitted to.
 
     The original model's tensor `name` (its channels `select`), minus the current model's tensor `offset` (a residual
-    sum's other branch), compared after clipping to `clip` (the activation that follows).
+    sum's other branch), compared after clipping to `clip` (the activation that follows). `classes`: its channels
+    are class scores that reach the outputs unchanged (`_class_scores`).
     """
 
     name: str
     offset: str | None = None
     clip: tuple[float, float] | None = None
     select: np.ndarray | None = None
+    classes: bool = False
 
 
 def _target_of(
@@ -229,7 +231,50 @@ def _target_of(
         ):
             fitted, offset = add.outputs[0], other.name
     clip = None if fitted in graph.outputs else _clip_bounds(fitted)
-    return Target(fitted.name, offset, clip, kept.get(fitted.name))
+    classes = offset is None and clip is None and _class_scores(fitted, graph, rules.output_channel_axis(node))
+    return Target(fitted.name, offset, clip, kept.get(fitted.name), classes)
+
+
+MOVES_ONLY = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
+
+
+def _class_scores(tensor: gs.Variable, graph: gs.Graph, axis: int | None) -> bool:
+    """Whether the channels of `tensor` (on `axis`, its last) are class scores.
+
+    They are when the tensor is a graph output, or reaches one through ops that only move elements and keep them on
+    the last axis, with at most a Softmax / LogSoftmax over them on the way (a classifier's or a CTC recogniser's
+    last layer).
+    """
+    shape = tensor.shape
+    if shape is None or axis is None or not len(shape) or axis % len(shape) != len(shape) - 1:
+        return False
+    width, t = shape[-1], tensor
+    while t not in graph.outputs:
+        if len(t.outputs) != 1 or len(t.outputs[0].outputs) != 1:
+            return False
+        op, out = t.outputs[0], t.outputs[0].outputs[0]
+        rank = len(t.shape) if t.shape is not None else None
+        if op.op in ("Softmax", "LogSoftmax"):
+            along = op.attrs.get("axis")
+            if rank is None or (along is None and rank != 2) or (along is not None and along % rank != rank - 1):
+                return False
+        elif op.op == "Transpose":
+            perm = op.attrs.get("perm")
+            if rank is None or perm is None or perm[-1] != rank - 1:
+                return False
+        elif op.op == "Reshape":
+            target = const(op.inputs[1])
+            last = None if target is None else int(target.reshape(-1)[-1])
+            if target is not None and last not in (-1, width):
+                return False
+            if target is None and not (out.shape and out.shape[-1] == width):
+                value = rules.shape_value(op.inputs[1], {})
+                if value is None or value.ndim != 1 or not len(value) or value[-1] not in (-1, width):
+                    return False
+        elif op.op not in MOVES_ONLY or not (out.shape and out.shape[-1] == width):
+            return False
+        t = out
+    return True
 
 
 def _depends_on(tensor: gs.Tensor, nodes: set[int]) -> bool:
@@ -347,17 +392,48 @@ def _accumulate(batches, source, target: Target, rows, axis, with_bias, previous
     return zz, yz
 
 
-def _held_errors(batches, source, target: Target, rows, axis, old, new, *, seed=0):
-    """Squared error of the old and the new weights on the held-out `batches`, after the sum and the activation."""
+def _held_errors(batches, source, target: Target, rows, axis, old, new, *, seed=0, weights=None):
+    """Squared error of the old and the new weights on the held-out `batches`, after the sum and the activation.
+
+    With `weights` (one per output channel), each channel's squared error is weighted.
+    """
     errors = np.zeros(2)
     rng = np.random.default_rng(seed + 1)
     lo, hi = target.clip or (-np.inf, np.inf)
+    scale = 1.0 if weights is None else weights
     for zb, yb in batches:
         z, y, off = _batch_rows(zb, yb, source, target, rows, axis, rng)
         for i, (w, b) in enumerate((old, new)):
             pred = z @ w.T + (0 if b is None else b) + off
-            errors[i] += float(np.sum((np.clip(pred, lo, hi) - np.clip(y, lo, hi)) ** 2))
+            errors[i] += float(np.sum((np.clip(pred, lo, hi) - np.clip(y, lo, hi)) ** 2 * scale))
     return float(errors[0]), float(errors[1])
+
+
+CLASS_WEIGHT_FLOOR = 0.01  # times the mean class probability (1 / classes): added to every class's weight
+CONFIDENT = 0.5  # mean top-1 probability of the original's rows under which they are not taken as class scores
+
+
+def _class_weights(batches, target: Target, axis: int) -> np.ndarray | None:
+    """Per class c, ``E[p_c] + CLASS_WEIGHT_FLOOR / C``, p the softmax of the original's rows.
+
+    The KL divergence between the original's and the refitted layer's output distributions is, to second order in
+    the logit error d, ``d^T (diag p - p p^T) d / 2`` (the Fisher information of the softmax); its diagonal part
+    weights each class's squared error by its probability, so the rank goes to the classes the data predicts, not
+    to thousands of logits that never come near the top (ddddocr's CTC head: 8210 classes, 63 in use). None when
+    the rows are not confident class scores (mean top-1 probability under `CONFIDENT`, e.g. an embedding).
+    """
+    total, top, n = 0.0, 0.0, 0
+    for _, yb in batches:
+        y = channels_last(yb[target.name], axis)
+        p = np.exp(y - y.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        total = total + p.sum(0)
+        top += float(p.max(1).sum())
+        n += len(p)
+    if not n or top / n < CONFIDENT:
+        return None
+    mean = total / n
+    return mean + CLASS_WEIGHT_FLOOR / len(mean)
 
 
 MAX_LOW_RANK_INPUTS = 4608  # a basis op with wider patches (K) keeps its basis; only its scaling op is refitted
@@ -397,10 +473,11 @@ def _refit_low_rank(graph, basis, scaling, runs, original_names, kept, pending, 
     with_bias = scaling.op in rules.BIAS_INPUT
     source = basis.inputs[0].name
     batches = runs.fit(source, target)
+    weights = _class_weights(batches, target, axis) if target.classes else None
     solved = zz = None
     for _ in range(2 if target.clip else 1):
         zz, yz = _accumulate(batches, source, target, rows, axis, True, solved, zz, seed=seed)
-        factors = _solve_low_rank(zz, yz, r, ridge, with_bias)
+        factors = _solve_low_rank(zz, yz, r, ridge, with_bias, weights)
         if factors is None:
             break
         new_s, new_b, new_bias = factors
@@ -410,7 +487,8 @@ def _refit_low_rank(graph, basis, scaling, runs, original_names, kept, pending, 
         return True
     old = (s_w @ b_w, s_b)
     new = (new_s @ new_b, new_bias)
-    before, after = _held_errors(runs.held(source, target), source, target, rows, axis, old, new, seed=seed)
+    held = runs.held(source, target)
+    before, after = _held_errors(held, source, target, rows, axis, old, new, seed=seed, weights=weights)
     if after >= before:
         report.skip(scaling, f"low-rank refit kept out: held-out error {after:.4g} >= {before:.4g}")
         report.counts["refits_rejected"] += 1
@@ -421,15 +499,20 @@ def _refit_low_rank(graph, basis, scaling, runs, original_names, kept, pending, 
     report.counts["refit_low_rank"] += 1
     report.counts["refit_residual_sums"] += target.offset is not None
     report.counts["refit_clipped_targets"] += target.clip is not None
+    report.counts["refit_class_weighted"] += weights is not None
     report.layers[scaling.name] = {"refit_error_before": before, "refit_error_after": after, "rank": r}
     log.debug("low-rank refit %s (rank %d): held-out layer error %.4g -> %.4g", scaling.name, r, before, after)
     return True
 
 
-def _solve_low_rank(zz: np.ndarray, yz: np.ndarray, rank: int, ridge: float, with_bias: bool):
+def _solve_low_rank(
+    zz: np.ndarray, yz: np.ndarray, rank: int, ridge: float, with_bias: bool, weights: np.ndarray | None = None
+):
     """(scaling [Co, r], basis [r, K], bias [Co] or None) from sums over rows [x, 1] of z z^T and y z^T.
 
-    Without a bias the rows are not centred (the layer must pass through the origin).
+    Without a bias the rows are not centred (the layer must pass through the origin). With `weights` [Co], the
+    error of output channel c counts `weights[c]` times: the truncated SVD is of ``diag(sqrt w) W_ls L``, and
+    ``diag(1/sqrt w)`` maps its left factor back (the least-squares W_ls and the bias are per channel, unchanged).
     """
     n = zz[-1, -1]
     if n <= 0:
@@ -445,10 +528,11 @@ def _solve_low_rank(zz: np.ndarray, yz: np.ndarray, rank: int, ridge: float, wit
     try:
         low = np.linalg.cholesky(cov)
         w_ls = linalg.cho_solve((low, True), cross.T, check_finite=False).T  # [Co, K], from the same factor
-        u, s, vt = np.linalg.svd(w_ls @ low, full_matrices=False)
+        root = 1.0 if weights is None else np.sqrt(weights)[:, None]
+        u, s, vt = np.linalg.svd(root * (w_ls @ low), full_matrices=False)
     except np.linalg.LinAlgError:  # scipy.linalg raises the same class
         return None
-    scaling = u[:, :rank] * s[:rank]
+    scaling = u[:, :rank] * s[:rank] / root
     basis = linalg.solve_triangular(low, vt[:rank].T, trans="T", lower=True, check_finite=False).T  # V_r^T L^-1
     bias = sy - scaling @ (basis @ sx) if with_bias else None
     if not (np.all(np.isfinite(scaling)) and np.all(np.isfinite(basis))):
