@@ -676,8 +676,8 @@ class Config:
 
 
 VARIANTS = (
-    ("basis (default)", (), False),
-    ("basis +calib", (), True),
+    ("default", (), False),
+    ("default +calib", (), True),
     ("channel", ("--method", "channel"), False),
     ("channel +calib", ("--method", "channel"), True),
 )

@@ -107,3 +107,25 @@ def test_target_latency_out_of_reach_writes_the_fastest_found_and_says_so(case, 
     # each timed once while searching and once more at every batch of the comparison)
     assert len([r for r in f["alternatives"] if r["method"] == "channel"]) == 1
     onnx.checker.check_model(out, full_check=True)
+
+
+def test_when_the_basis_result_cannot_be_made_the_channel_result_is_written(case, monkeypatch):
+    """A basis plan that cannot reach the request (every split slower, say) is not the end of the default: the
+    channel results are made and one is written; when they cannot reach it either, the basis refusal is raised."""
+    from onnxprune.errors import BudgetError
+
+    real = pipeline.prune_one
+
+    def basis_unreachable(model, **options):
+        if options["method"] == "basis":
+            raise BudgetError("--ratio 0.50 cannot be reached without making the model slower (test)")
+        return real(model, **options)
+
+    monkeypatch.setattr(pipeline, "prune_one", basis_unreachable)
+    monkeypatch.setattr(pipeline, "compare_latency", lambda a, b, feeds, **kw: (1.0, 0.8))
+    model, calib = case
+    _, report = prune(model, remove_ratio=0.5, method="best", calib=calib, latency_batch=1)
+    assert report.facts["method"] == "channel" and all(r["method"] == "channel" for r in report.facts["alternatives"])
+    monkeypatch.setattr(pipeline, "prune_one", lambda model, **options: basis_unreachable(model, method="basis"))
+    with pytest.raises(BudgetError, match="without making the model slower"):
+        prune(model, remove_ratio=0.5, method="best", calib=calib, latency_batch=1)

@@ -732,3 +732,21 @@ def test_method_best_reports_each_result_and_validates_against_the_schema(target
     assert sum(r["written"] for r in data["alternatives"]) == 1
     assert "  chosen  " in stdout and "(written)" in stdout and "speed   measured slower" not in stdout
     assert ("latency" in data) == (target == "latency")
+
+
+def test_method_best_on_outputs_that_are_not_class_scores_compares_cosine(tmp_path, capsys):
+    """A feature-map output (no class scores): each result's line says "fit cosine", not a top-1 figure."""
+    from jsonschema import Draft202012Validator
+    from models import Builder
+
+    b = Builder(46)
+    x = b.cbr(b.cbr(b.cbr("x", 3, 16), 16, 32), 32, 32)
+    model, out, rep = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
+    onnx.save(b.model([("x", [3, 8, 8])], [b.conv(x, 32, 8, 1)]), model)
+    np.save(tmp_path / "c.npy", np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32))
+    code, stdout, err = run([model, out, "--ratio", "0.5", "--calib", tmp_path / "c.npy", "--report", rep], capsys)
+    assert code == 0, err
+    data = json.loads(rep.read_text())
+    Draft202012Validator(_report_schema()).validate(data)
+    assert {r["fit_measure"] for r in data["alternatives"]} == {"cosine"}
+    assert "fit cosine" in stdout and "fit agreement" not in stdout

@@ -49,3 +49,28 @@ def test_orientation_pruned_at_0_3_with_calib_keeps_its_answers(tmp_path):
     metrics = realworld.label_metrics(pruned, reference, truth)
     assert realworld.label_metrics(reference, reference, truth)["accuracy"] >= 0.9  # the renders are readable
     assert metrics["agreement"] >= AGREEMENT_FLOOR, (metrics, pruned, reference)
+
+
+def test_the_recognisers_ctc_head_is_tracked_split_and_refitted_as_class_scores():
+    """ddddocr's recogniser: its 8 210-way CTC Gemm (62 % of the parameters) sits behind a Reshape whose target is
+    computed from Shape, so onnx's shape inference gives it no shape; after cleanup the target is a constant
+    ([-1, 1024]), the Gemm's group is tracked (only the LSTM and the graph output block groups), the layer is split,
+    and its output counts as class scores for the refit. Structure only: seconds."""
+    pytest.importorskip("ddddocr", reason="needs ddddocr: pip install '.[realworld]'")
+    import onnx
+
+    from onnxprune.graph import to_graph
+    from onnxprune.passes.basis import decompose_basis
+    from onnxprune.passes.cleanup import cleanup
+    from onnxprune.passes.compensate import _class_scores
+    from onnxprune.passes.groups import find_channel_groups
+
+    graph = to_graph(onnx.load(realworld.SUBJECTS["recogniser"].path()))
+    cleanup(graph)
+    gemm = next(n for n in graph.nodes if n.op == "Gemm")
+    assert gemm.outputs[0].shape is not None and gemm.outputs[0].shape[-1] == 8210
+    assert _class_scores(gemm.outputs[0], graph, 1)
+    reasons = [why for g in find_channel_groups(graph).groups for why in g.blocked.values()]
+    assert not any("unknown" in why for why in reasons), reasons
+    split = decompose_basis(graph).report
+    assert any(p.scaling.startswith(gemm.name) for p in split.facts["pairs"])

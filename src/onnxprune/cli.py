@@ -576,7 +576,12 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
                 f"{before / after:.2f}x at batch {b}" for b, (before, after) in row["speed_check"].items()
             )
             mark = "written" if row["written"] else "not written"
-            parts.append(f"{name}: {speeds}, fit agreement {row['fit_agreement'] * 100:.1f} % ({mark})")
+            fit = (
+                f"fit agreement {row['fit_agreement'] * 100:.1f} %"
+                if row.get("fit_measure", "top-1 agreement") == "top-1 agreement"
+                else f"fit cosine {row['fit_agreement']:.4f}"
+            )
+            parts.append(f"{name}: {speeds}, {fit} ({mark})")
         first = f["alternatives"][0]
         threads = f"{first['threads']} threads" if first["threads"] else "onnxruntime's default threads"
         lines.append(
