@@ -219,3 +219,23 @@ def test_a_time_major_sequence_output_does_not_stratify_the_split():
     assert top1(model, data, batch_size=1) is None  # with N = 1 the output is [5, 1, 7]: five rows, one sample
     fit, held, facts = split_calibration(model, data, seed=0, batch_size=1)
     assert len(fit) + len(held) == 12 and facts == {}
+
+
+def test_one_calibration_sample_is_refused_in_one_line(tmp_path, capsys):
+    """One sample leaves none to check the result on: exit 2, one line, nothing written (was: exit 0, no fidelity
+    line, and a model at 9.7 % test accuracy)."""
+    out = tmp_path / "o.onnx"
+    np.save(tmp_path / "one.npy", np.load(EXAMPLE / "digits_calib.npy")[:1])
+    code, _, err = run([EXAMPLE / "digits_resnet.onnx", out, "--ratio", "0.5", "--calib", tmp_path / "one.npy"], capsys)
+    assert code == 2 and "at least 2 are needed" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_calibration_the_model_gives_one_class_for_warns(tmp_path, capsys):
+    """Blank images (or noise): the original predicts one class for all of them, so 100 % agreement on them says
+    nothing; the summary says so."""
+    np.save(tmp_path / "blank.npy", np.zeros((30, 1, 16, 16), np.float32))
+    args = [EXAMPLE / "digits_resnet.onnx", tmp_path / "o.onnx", "--ratio", "0.3", "--calib", tmp_path / "blank.npy"]
+    code, stdout, err = run([*args, "--latency-batch", "0", "--force"], capsys)
+    assert code == 0, err
+    assert "covering 1 of 1 predicted classes" in stdout and "predicts one class for every calibration" in stdout

@@ -553,6 +553,11 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
             f"  WARNING only {f['fidelity_samples']} held-out samples: one sample moves the agreement by "
             f"{100 / f['fidelity_samples']:.1f} points (give --calib more samples for a firmer check)"
         )
+    if f.get("classes_predicted") == 1 and f.get("fidelity_samples", 0) > 1:
+        lines.append(
+            "  WARNING the original model predicts one class for every calibration sample: agreement measured on them "
+            "says little (are they inputs of the model's task, preprocessed as it expects?)"
+        )
     guard = f.get("guard")
     if guard and guard.get("sensitivity_rounds") == 1:
         lines.append("  guard   the first result fell below the floor; this is the retry with one sensitivity round")

@@ -85,10 +85,15 @@ def split_calibration(
         part covers (``fidelity_classes`` of ``classes_predicted``, output ``class_output``).
 
     Raises:
-        CalibrationError: Too few samples for the model's fixed batch.
+        CalibrationError: Fewer than 2 samples, or too few for the model's fixed batch.
     """
     data = as_samples(data, model)
-    found = top1(model, data, batch_size=batch_size) if len(data) >= 2 else None
+    if len(data) < 2:
+        raise CalibrationError(
+            f"calibration data: {len(data)} sample; at least 2 are needed, one held out to check the pruned model "
+            "(give more --calib samples)"
+        )
+    found = top1(model, data, batch_size=batch_size)
     fit, held = split_held_out(data, seed=seed, strata=None if found is None else found[1])
     if found is None:
         return fit, held, {}
