@@ -369,3 +369,22 @@ def test_reshape_targets_computed_from_shape_become_constants_of_the_same_meanin
     for batch, width in ((1, 5), (3, 9)):
         feeds = random_feeds(model, batch=batch, dims={"width": width})
         assert_outputs_close(ort_run(out, feeds), ort_run(model, feeds), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("after", "expected"),
+    [
+        (lambda b, y: b.node("Softmax", [y], axis=1), True),
+        (lambda b, y: b.node("Identity", [b.node("LogSoftmax", [y], axis=-1)]), True),
+        (lambda b, y: b.node("Relu", [y]), False),
+        (lambda b, y: b.node("Transpose", [y], perm=[1, 0]), False),
+    ],
+)
+def test_a_last_layer_s_scores_are_class_scores_only_through_ops_that_keep_them(after, expected):
+    from onnxprune.passes.compensate import _class_scores
+
+    b = Builder(47)
+    logits = b.gemm("x", 12, 10)
+    graph = to_graph(b.model([("x", [12])], [after(b, logits)]))
+    gemm = next(n for n in graph.nodes if n.op == "Gemm")
+    assert _class_scores(gemm.outputs[0], graph, 1) is expected

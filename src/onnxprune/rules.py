@@ -473,6 +473,34 @@ _UNARY: dict[str, Callable[[gs.Node, np.ndarray], np.ndarray]] = {
 CLIPPING = ("Relu", "Clip")  # activations that are the identity between two bounds and constant outside
 
 
+MOVES_ONLY = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
+
+
+def keeps_class_axis(node: gs.Node, width: int) -> bool:
+    """Whether `node` leaves the `width` scores on its input's last axis where they are, on its output's last axis.
+
+    True for ops that only move elements (`MOVES_ONLY`) and keep that axis last and whole, and for a Softmax /
+    LogSoftmax over it (class scores stay class scores). Used to find a model's class-score layer.
+    """
+    x, out = node.inputs[0], node.outputs[0]
+    rank = len(x.shape) if x.shape is not None else None
+    if node.op in ("Softmax", "LogSoftmax"):
+        along = node.attrs.get("axis")
+        return rank is not None and ((along is None and rank == 2) or (along is not None and along % rank == rank - 1))
+    if node.op == "Transpose":
+        perm = node.attrs.get("perm")
+        return rank is not None and perm is not None and perm[-1] == rank - 1
+    if node.op == "Reshape":
+        target = const(node.inputs[1])
+        if target is not None:
+            return int(target.reshape(-1)[-1]) in (-1, width)
+        if out.shape and out.shape[-1] == width:
+            return True
+        value = shape_value(node.inputs[1], {})
+        return value is not None and value.ndim == 1 and len(value) > 0 and value[-1] in (-1, width)
+    return node.op in MOVES_ONLY and bool(out.shape) and out.shape[-1] == width
+
+
 def clip_bounds(node: gs.Node) -> tuple[float, float] | None:
     """(lo, hi) of a Relu or a Clip with constant bounds; None for any other op or computed bounds."""
     if node.op not in CLIPPING:

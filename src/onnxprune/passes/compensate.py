@@ -235,45 +235,21 @@ def _target_of(
     return Target(fitted.name, offset, clip, kept.get(fitted.name), classes)
 
 
-MOVES_ONLY = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
-
-
 def _class_scores(tensor: gs.Variable, graph: gs.Graph, axis: int | None) -> bool:
     """Whether the channels of `tensor` (on `axis`, its last) are class scores.
 
     They are when the tensor is a graph output, or reaches one through ops that only move elements and keep them on
-    the last axis, with at most a Softmax / LogSoftmax over them on the way (a classifier's or a CTC recogniser's
-    last layer).
+    the last axis, with at most a Softmax / LogSoftmax over them on the way (`rules.keeps_class_axis`): a
+    classifier's or a CTC recogniser's last layer.
     """
     shape = tensor.shape
     if shape is None or axis is None or not len(shape) or axis % len(shape) != len(shape) - 1:
         return False
-    width, t = shape[-1], tensor
+    t = tensor
     while t not in graph.outputs:
-        if len(t.outputs) != 1 or len(t.outputs[0].outputs) != 1:
+        if len(t.outputs) != 1 or len(t.outputs[0].outputs) != 1 or not rules.keeps_class_axis(t.outputs[0], shape[-1]):
             return False
-        op, out = t.outputs[0], t.outputs[0].outputs[0]
-        rank = len(t.shape) if t.shape is not None else None
-        if op.op in ("Softmax", "LogSoftmax"):
-            along = op.attrs.get("axis")
-            if rank is None or (along is None and rank != 2) or (along is not None and along % rank != rank - 1):
-                return False
-        elif op.op == "Transpose":
-            perm = op.attrs.get("perm")
-            if rank is None or perm is None or perm[-1] != rank - 1:
-                return False
-        elif op.op == "Reshape":
-            target = const(op.inputs[1])
-            last = None if target is None else int(target.reshape(-1)[-1])
-            if target is not None and last not in (-1, width):
-                return False
-            if target is None and not (out.shape and out.shape[-1] == width):
-                value = rules.shape_value(op.inputs[1], {})
-                if value is None or value.ndim != 1 or not len(value) or value[-1] not in (-1, width):
-                    return False
-        elif op.op not in MOVES_ONLY or not (out.shape and out.shape[-1] == width):
-            return False
-        t = out
+        t = t.outputs[0].outputs[0]
     return True
 
 
