@@ -129,3 +129,29 @@ def test_when_the_basis_result_cannot_be_made_the_channel_result_is_written(case
     monkeypatch.setattr(pipeline, "prune_one", lambda model, **options: basis_unreachable(model, method="basis"))
     with pytest.raises(BudgetError, match="without making the model slower"):
         prune(model, remove_ratio=0.5, method="best", calib=calib, latency_batch=1)
+
+
+def test_when_neither_way_reaches_the_request_the_refusal_gives_both_limits(case, monkeypatch):
+    """A new user was told to try --method channel where the default had just tried it (it reached 6.7 %): the
+    refusal names what channel removal reaches and suggests nothing that was already tried."""
+    from onnxprune.errors import BudgetError
+
+    def neither(model, **options):
+        if options["method"] == "basis":
+            raise BudgetError(
+                "--ratio 0.90 cannot be reached: at most 0.612 (test); lower --ratio, --method channel "
+                "or --latency-batch 0",
+                reachable=0.612,
+                head="--ratio 0.90 cannot be reached: at most 0.612 (test)",
+            )
+        raise BudgetError("--ratio 0.90 cannot be reached: at most 0.067 of the params", reachable=0.067)
+
+    monkeypatch.setattr(pipeline, "prune_one", neither)
+    monkeypatch.setattr(pipeline, "compare_latency", lambda a, b, feeds, **kw: (1.0, 1.0))
+    model, calib = case
+    with pytest.raises(BudgetError) as e:
+        prune(model, remove_ratio=0.9, method="best", calib=calib, latency_batch=1)
+    said = str(e.value)
+    assert "at most 0.612" in said and "channel removal, tried as well, reaches at most 0.067" in said
+    assert "--method" not in said and said.endswith("lower --ratio or --latency-batch 0")
+    assert e.value.reachable == pytest.approx(0.612)

@@ -207,7 +207,8 @@ def allocate(
             f"--ratio {remove_ratio:.2f} cannot be reached: at most {reachable:.3f} of the {target} can be removed "
             f"({_plural(sum(bool(g.blocked) for g in analysis.groups), 'group')} blocked"
             + (", and split layers stay split only where that is smaller and measured faster" if cost.pairs else "")
-            + "); lower --ratio"
+            + "); lower --ratio",
+            reachable=reachable,
         )
     lo, hi = 0, len(order)
     while lo < hi:
@@ -552,7 +553,8 @@ def allocate_ranks(
             f"--ratio {remove_ratio:.2f} cannot be reached: at most {reachable:.3f} can be removed by keeping fewer "
             f"bases in the {_plural(len(choices), 'layer')} whose split is smaller than the layer "
             f"({_plural(sum(bool(g.blocked) for g in analysis.groups), 'group')} blocked; when latency is measured, "
-            "only layers that can be timed are split); lower --ratio"
+            "only layers that can be timed are split); lower --ratio",
+            reachable=reachable,
         )
     picks = meet_cost(0.0) or cheapest
     if latency_budget is not None and totals(picks)[1] > latency_budget:

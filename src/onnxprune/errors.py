@@ -20,7 +20,17 @@ class CalibrationError(OnnxPruneError):
 
 
 class BudgetError(OnnxPruneError):
-    """The requested removal cannot be reached (everything that could go is gone or blocked)."""
+    """The requested removal cannot be reached (everything that could go is gone or blocked).
+
+    Attributes:
+        reachable: The largest share that can be removed this way, when it is known; else None.
+        head: The message without the suggestions of what to try instead.
+    """
+
+    def __init__(self, message: str, *, reachable: float | None = None, head: str | None = None):
+        super().__init__(message)
+        self.reachable = reachable
+        self.head = head if head is not None else message
 
 
 class PruneBug(Exception):

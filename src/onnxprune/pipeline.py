@@ -540,6 +540,7 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
     # suite's models (chars ResNet-20 at 0.7: 96.7 % against 98.4 %), and each channel result costs a run of its own;
     # but a basis result timed barely no slower (1.04x on a loaded machine) loses to channels at equal fidelity (1.2x)
     clear = bool(rows) and all(before >= after * CLEAR_SPEEDUP for before, after in rows[0]["speed_check"].values())
+    channel_errors: list[BudgetError] = []
     for width in dict.fromkeys((simd_width(), 8)) if not clear else ():
         # with and without measured layer sensitivity, as neither wins everywhere (digits ResNet-20 at 0.9, seeds
         # 0/1/2: 93.6 / 93.3 / 96.9 % without, 97.5 / 97.5 / 93.9 % with); the vector width, else 8 where 16
@@ -557,6 +558,7 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
             ]
         except BudgetError as e:
             log.info("channel removal rounded to %d: %s", width, e)
+            channel_errors.append(e)
             continue
         reached = [
             f
@@ -570,7 +572,7 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
         if reached:
             break
     if not rows:  # neither way reaches the request
-        raise unreachable
+        raise _neither(unreachable, channel_errors, latency_batch)
     pool = [i for i, row in enumerate(rows) if not _slower(row["speed_check"])] or list(range(len(rows)))
     best = max(pool, key=lambda i: (round(rows[i]["fit_agreement"], 9), _speedup(rows[i]), rows[i]["fit_cosine"]))
     rows[best]["written"] = True
@@ -579,6 +581,21 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
     report.facts["alternatives"] = rows
     report.facts["seconds"] = time.perf_counter() - started
     return out, report
+
+
+def _neither(basis: BudgetError, channel: list[BudgetError], latency_batch: int) -> BudgetError:
+    """The refusal of --method best when neither way reaches the request, in one line.
+
+    Both limits, and no suggestion of a method just tried (a new user was sent to --method channel where it reached
+    6.7 %).
+    """
+    if not channel:
+        return basis
+    reach = [e.reachable for e in channel if e.reachable is not None]
+    said = f"at most {max(reach):.3f}" if reach else "not that much either"
+    head = f"{basis.head}; channel removal, tried as well, reaches {said}"
+    tail = "; lower --ratio" + (" or --latency-batch 0" if latency_batch else "")
+    return BudgetError(head + tail, reachable=max([*reach, basis.reachable or 0.0]), head=head)
 
 
 CLEAR_SPEEDUP = 1.10  # method best: a basis result this much faster at every batch compared is written unchallenged
@@ -663,7 +680,11 @@ def _hinted(method: str, latency_batch: int, fn: Callable, target: str = "params
             if whole:
                 head += f"; {whole} layers whose weight is shared by several nodes were left whole, not split"
             lower = "would be met" not in head  # the request was too low for the latency constraint, not too high
-            raise BudgetError(f"{head}; {_alternatives(method, latency_batch, lower=lower, target=target)}") from err
+            raise BudgetError(
+                f"{head}; {_alternatives(method, latency_batch, lower=lower, target=target)}",
+                reachable=err.reachable,
+                head=head,
+            ) from err
 
     return call
 
