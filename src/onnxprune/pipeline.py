@@ -25,13 +25,13 @@ from onnxprune.budget import (
     rank_choices,
 )
 from onnxprune.calibration import criteria
-from onnxprune.calibration.data import Samples, as_samples
+from onnxprune.calibration.data import as_samples
 from onnxprune.calibration.runner import (
     channel_statistics,
     fidelity,
     patch_covariances,
+    predicted,
     split_calibration,
-    top1,
 )
 from onnxprune.calibration.sensitivity import CUT_WEIGHT_RANGE, CutProbe, layer_sensitivity
 from onnxprune.errors import BudgetError, GuardError, OnnxPruneError, PassError
@@ -236,7 +236,7 @@ def prune_one(
     )
     fit_labels = None
     if fit is not None and criterion in criteria.LABEL_CRITERIA:  # the user's labels, else the model's own top-1
-        fit_labels = labels[fit.index] if labels is not None else _predictions(model, calib, fit, batch_size)
+        fit_labels = labels[fit.index] if labels is not None else predicted(model, calib, fit, batch_size=batch_size)
         if fit_labels is None and given_criterion is not None:
             raise OnnxPruneError(
                 f"--criterion {criterion} needs class labels: no output of the model is shaped like class scores "
@@ -1292,19 +1292,6 @@ def _plan_of(analysis, alive: np.ndarray) -> dict[str, np.ndarray]:
 def _predicted_error(choices: list, alive: np.ndarray) -> float:
     """Summed predicted error of the options `alive` stands for."""
     return sum(_error_at(c, int(alive[c.classes].sum())) for c in choices)
-
-
-def _predictions(model: onnx.ModelProto, data: Samples, part: Samples, batch_size: int) -> np.ndarray | None:
-    """The model's own top-1 class on the samples `part` of `data`: labels without labels.
-
-    From its first output shaped like class scores (``runner.top1``, run once on `data`); None when no output is.
-    """
-    found = top1(model, data, batch_size=batch_size)
-    if found is None:
-        return None
-    by_position = np.full(data.total, -1, dtype=np.int64)
-    by_position[data.index] = found[1]
-    return by_position[part.index]
 
 
 SAMPLES_PER_INPUT_WIDTH = 0.25  # fewer fit samples than this times a refitted layer's input width K: warn

@@ -97,14 +97,32 @@ def split_calibration(
     fit, held = split_held_out(data, seed=seed, strata=None if found is None else found[1])
     if found is None:
         return fit, held, {}
-    by_position = np.full(data.total, -1, dtype=np.int64)
-    by_position[data.index] = found[1]
     facts = {
-        "fidelity_classes": int(len(np.unique(by_position[held.index]))),
+        "fidelity_classes": int(len(np.unique(predicted(model, data, held, batch_size=batch_size)))),
         "classes_predicted": int(len(np.unique(found[1]))),
         "class_output": found[0],
     }
     return fit, held, facts
+
+
+def predicted(model: onnx.ModelProto, data: Samples, part: Samples, *, batch_size: int = 64) -> np.ndarray | None:
+    """The model's own top-1 class on the samples `part` (a subset of `data`, as `split_held_out` makes it).
+
+    Args:
+        model: The model.
+        data: The samples the top-1 is computed on (once: `top1` is memoized).
+        part: A subset of `data`: the same files, its ``index`` positions among them.
+        batch_size: Samples per onnxruntime run when the batch dim is dynamic.
+
+    Returns:
+        ``[len(part)]`` int64 classes in `part`'s order, or None when no output looks like class scores.
+    """
+    found = top1(model, data, batch_size=batch_size)
+    if found is None:
+        return None
+    by_position = np.full(data.total, -1, dtype=np.int64)
+    by_position[data.index] = found[1]
+    return by_position[part.index]
 
 
 def class_scores(x: np.ndarray) -> np.ndarray | None:
