@@ -489,6 +489,52 @@ def sequence_head() -> onnx.ModelProto:
     return model
 
 
+def _recurrent(b: Builder, op: str, x: str, i: int, h: int, *, direction: str, bias: bool, zero_fill: bool) -> str:
+    """An ONNX LSTM / GRU / RNN over x [T, N, i], weights seeded; returns Y [T, D, N, h].
+
+    With `zero_fill` the initial state is a ConstantOfShape of [D, N, h] computed from x's shape, as torch exports
+    it; else there is none (the op's default, zero).
+    """
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    d = 2 if direction == "bidirectional" else 1
+    scale = 1 / np.sqrt(h)
+    w = b.const(b.rng.uniform(-scale, scale, (d, gates * h, i)))
+    r = b.const(b.rng.uniform(-scale, scale, (d, gates * h, h)))
+    inputs = [x, w, r, b.const(b.rng.uniform(-scale, scale, (d, 2 * gates * h)), "b") if bias else ""]
+    if zero_fill:
+        index = b.node("Constant", [], value=numpy_helper.from_array(np.array(1, np.int64)))
+        batch = b.node("Unsqueeze", [b.node("Gather", [b.node("Shape", [x]), index], axis=0), _i64(b, [0])])
+        shape = b.node("Concat", [_i64(b, [d]), batch, _i64(b, [h])], axis=0)
+        states = 2 if op == "LSTM" else 1
+        inputs += [""] + [b.node("ConstantOfShape", [shape]) for _ in range(states)]
+    outs = b.node(op, inputs, n_out=3 if op == "LSTM" else 2, hidden_size=h, direction=direction)
+    return outs[0]
+
+
+def recurrent_head(op: str = "LSTM", direction: str = "bidirectional", *, bias: bool = True) -> onnx.ModelProto:
+    """A text recogniser's tail (CRNN): conv features -> mean over height -> [W, N, C] -> recurrent layer -> per-step
+    classes [N, W, 10], as torch exports ``nn.LSTM`` (time first, zero initial state from the input's shape)."""
+    b = Builder(41)
+    x = b.relu(b.conv(b.relu(b.conv("x", 3, 16)), 16, 16))
+    seq = b.node("Transpose", [b.node("ReduceMean", [x], axes=[2], keepdims=0)], perm=[2, 0, 1])  # [W, N, 16]
+    y = _recurrent(b, op, seq, 16, 12, direction=direction, bias=bias, zero_fill=True)  # [W, D, N, 12]
+    d = 2 if direction == "bidirectional" else 1
+    feats = b.node("Reshape", [b.node("Transpose", [y], perm=[2, 0, 1, 3]), _i64(b, [0, 0, -1])])  # [N, W, D*12]
+    w = b.const(b.rng.standard_normal((12 * d, 10)) / np.sqrt(12 * d))
+    out = b.node("Add", [b.node("MatMul", [feats, w]), b.const(np.full(10, 0.1), "b")])
+    return b.model([("x", [3, 4, 8])], [out])
+
+
+def gru_head() -> onnx.ModelProto:
+    """`recurrent_head` with a forward GRU without bias (a removed input channel's constant creates one)."""
+    return recurrent_head("GRU", "forward", bias=False)
+
+
+def rnn_head() -> onnx.ModelProto:
+    """`recurrent_head` with a reverse plain RNN."""
+    return recurrent_head("RNN", "reverse")
+
+
 ZOO = [
     chain,
     basic_residual,
@@ -518,6 +564,9 @@ ZOO = [
     convnext_like,
     ir3_inputs,
     sequence_head,
+    recurrent_head,
+    gru_head,
+    rnn_head,
 ]
 
 

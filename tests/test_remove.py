@@ -4,6 +4,7 @@ import numpy as np
 import onnx
 import pytest
 from models import ZOO, Builder, channel_shuffle, grouped_conv, sigmoid_consumers
+from onnx import numpy_helper
 
 from onnxprune.graph import to_graph, to_model
 from onnxprune.passes.cleanup import cleanup
@@ -112,3 +113,42 @@ def test_shared_weight_is_not_sliced_under_another_node():
     pruned, _ = apply_pass(model, remove_channels, plan=plan)
     feeds = random_feeds(model, batch=2)
     assert_outputs_close(ort_run(pruned, feeds), ort_run(mask_channels(model, plan), feeds), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+def test_recurrent_hidden_units_and_inputs_are_removed(op):
+    """A recurrent layer's hidden units are a group (the same unit in both directions), its input width follows the
+    conv channels before it, every gate block is sliced alike, and a zero-fill initial state becomes the default."""
+    from models import recurrent_head
+
+    model = cleaned(recurrent_head(op))
+    analysis = find_channel_groups(to_graph(model))
+    node = next(n for n in model.graph.node if n.op_type == op)
+    units = next(g for g in analysis.groups if g.producers == [node.name])
+    assert len(units.classes) == 12 and not units.blocked
+    plan = every_other_channel(analysis)
+    pruned, _ = apply_pass(model, remove_channels, plan=plan)
+    after = next(n for n in pruned.graph.node if n.op_type == op)
+    weights = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    assert next(a.i for a in after.attribute if a.name == "hidden_size") == 6
+    assert weights[after.input[1]].shape == (2, gates * 6, 8)  # 16 conv channels -> 8, 12 units -> 6
+    assert weights[after.input[2]].shape == (2, gates * 6, 6)
+    assert weights[after.input[3]].shape == (2, 2 * gates * 6)
+    assert all(name == "" for name in after.input[5:])  # the ConstantOfShape zero state: the op's own default
+    onnx.checker.check_model(pruned, full_check=True)
+    feeds = random_feeds(model, batch=2, seed=3)
+    assert_outputs_close(ort_run(pruned, feeds), ort_run(mask_channels(model, plan), feeds), rtol=1e-4, atol=1e-5)
+
+
+def test_recurrent_layer_with_a_state_it_cannot_follow_blocks_with_the_reason():
+    """An initial state that is not a zero fill blocks the units, with the reason: a removed unit would not stay 0."""
+    from models import recurrent_head
+
+    model = recurrent_head("LSTM")
+    fill = next(n for n in model.graph.node if n.op_type == "ConstantOfShape")
+    fill.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(np.ones(1, np.float32))))
+    analysis = find_channel_groups(to_graph(model))
+    assert any("initial state" in why and "not a zero fill" in why for _, why in analysis.blockers)
+    lstm = next(n.name for n in model.graph.node if n.op_type == "LSTM")
+    assert all(g.blocked for g in analysis.groups if g.producers == [lstm])

@@ -111,6 +111,9 @@ RULE_CASES = {
     "MatMul": None,  # covered by the zoo's heads (test_remove)
     "LRN": None,  # always blocks: test_lrn_blocks
     "LayerNormalization": None,  # over the channels of tokens: token_block and convnext_like in the zoo (test_remove)
+    "LSTM": None,  # recurrent_head in the zoo (test_remove, test_recurrent_hidden_units_and_inputs_are_removed)
+    "GRU": None,  # gru_head in the zoo
+    "RNN": None,  # rnn_head in the zoo
 }
 
 

@@ -54,7 +54,11 @@ class CostModel:
             slices = {ps.index: ps for ps in step.params} if step is not None else {}
             out_shape = _shape(node.outputs[0], shapes) if node.outputs else None
             for i, tensor in enumerate(node.inputs):
-                if isinstance(tensor, gs.Constant) and tensor.name in term_of and rules.WEIGHT_INPUT.get(node.op) == i:
+                if (
+                    isinstance(tensor, gs.Constant)
+                    and tensor.name in term_of
+                    and i in rules.WEIGHT_INPUTS.get(node.op, ())
+                ):
                     self.terms[term_of[tensor.name]].macs_per_elem += rules.macs_per_weight(node, out_shape)
                     continue  # a shared weight: stored once, multiplied at every use
                 if not isinstance(tensor, gs.Constant) or tensor.name in seen:
@@ -63,11 +67,11 @@ class CostModel:
                 if values.dtype.kind != "f" or values.size == 0:
                     continue
                 seen.add(tensor.name)
-                macs = rules.macs_per_weight(node, out_shape) if rules.WEIGHT_INPUT.get(node.op) == i else 0
+                macs = rules.macs_per_weight(node, out_shape) if i in rules.WEIGHT_INPUTS.get(node.op, ()) else 0
                 axes = []
                 for axis, name in slices[i].axes if i in slices else ():
                     full = len(analysis.flows[name].ids)
-                    if values.ndim and values.shape[axis] == full:
+                    if values.ndim and slices[i].positions(values.shape[axis], full, np.arange(full)) is not None:
                         axes.append((full, name))
                 where[(node.name, i)] = term_of[tensor.name] = len(self.terms)
                 self.terms.append(_Term(int(values.size), macs, axes))

@@ -48,10 +48,30 @@ class Flow:
 
 @dataclass(frozen=True)
 class ParamSlice:
-    """Constant input `index` of a node: axis -> name of the tensor whose kept channels select along it."""
+    """Constant input `index` of a node: axis -> name of the tensor whose kept channels select along it.
+
+    With `blocks`, an axis may also hold several consecutive blocks of those channels (the gates of a recurrent
+    layer: LSTM weights are [directions, 4 * hidden, in], gates i, o, f, c one after the other); each block is
+    selected alike.
+    """
 
     index: int
     axes: tuple[tuple[int, str], ...]
+    blocks: bool = False
+
+    def positions(self, length: int, full: int, channels: np.ndarray) -> np.ndarray | None:
+        """Positions along an axis of `length` that hold `channels` (of the `full` a flow carries); None: not sliced.
+
+        Args:
+            length: The constant's size along the axis.
+            full: Number of channels of the tensor that selects along it.
+            channels: Channel positions (0 <= c < full), in order.
+        """
+        if length == full:
+            return np.asarray(channels, dtype=np.int64)
+        if not self.blocks or full == 0 or length % full:
+            return None
+        return (np.arange(length // full)[:, None] * full + np.asarray(channels, dtype=np.int64)[None]).ravel()
 
 
 FoldFn = Callable[[gs.Node, np.ndarray, np.ndarray, "Walk"], None]
@@ -375,6 +395,97 @@ def _matmul(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
         fold=None,
         why_not="MatMul has no bias to fold into",
     )
+
+
+# ------------------------------------------------------------------------------------------ recurrent
+
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}  # blocks of hidden units in W [D, gates*H, I], R [D, gates*H, H]
+_ZERO_AT_ZERO = {"tanh", "relu", "softsign", "leakyrelu", "elu", "thresholdedrelu"}  # f(0) = 0
+# activations after the first (LSTM g and h, GRU h, RNN f): a unit with zero weights and bias then stays at 0
+_STATE_ACTIVATIONS = {"LSTM": (1, 2), "GRU": (1,), "RNN": (0,)}
+
+
+@rule("LSTM", "GRU", "RNN")
+def _recurrent(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    """A recurrent layer (ONNX LSTM / GRU / RNN): its hidden units are output channels, its input width is sliced.
+
+    Hidden unit h is the same unit in every direction (`hidden_size` is one attribute): it owns rows h of each gate
+    block of W, R and the biases, and column h of R. With its weights and biases zero and a zero initial state the
+    unit stays at 0 through time (every gate's pre-activation is 0, so the cell is g(0) = 0 and the output h(0) = 0
+    for the default tanh), so removing it equals masking it. Input channels slice W's last axis; a constant they
+    still carry folds into the input bias Wb. Source: ONNX operator spec, LSTM / GRU / RNN (opset 7-22).
+    """
+    gates = GATES[node.op]
+    w, r = (const(node.inputs[i]) if _input(node, i) is not None else None for i in (1, 2))
+    if w is None or r is None or w.ndim != 3 or r.ndim != 3:
+        return f"{node.op} weights W and R are not constants of rank 3"
+    if any(f is not None for f in flows[1:]):
+        return f"channels reach an input of the {node.op} other than its sequence"
+    names = [str(a).lower() for a in node.attrs.get("activations", [])]
+    per_direction = len(names) // max(len(w), 1) if names else 0
+    state = [names[d * per_direction + k] for d in range(len(w)) for k in _STATE_ACTIVATIONS[node.op]] if names else []
+    if any(a not in _ZERO_AT_ZERO for a in state):
+        return f"{node.op} activations {names} do not keep a removed unit at 0"
+    hidden = w.shape[1] // gates
+    initial = [i for i in ((5, 6) if node.op == "LSTM" else (5,)) if _input(node, i) is not None]
+    computed = [i for i in initial if const(node.inputs[i]) is None]
+    for i in computed:
+        if not _zero_fill(node.inputs[i]):
+            return f"{node.op} initial state '{node.inputs[i].name}' is computed in the graph (not a zero fill)"
+    if any(np.any(const(node.inputs[i]) != 0) for i in initial if i not in computed):
+        return f"{node.op} initial state is not zero, so a removed unit would not stay at 0"
+    outputs = [t for t in node.outputs if t.name]
+    y = node.outputs[0].name if node.outputs and node.outputs[0].name else outputs[0].name if outputs else None
+    if y is None:
+        return Step(Kind.PRODUCER, [None] * len(node.outputs))
+    params = [ParamSlice(1, ((1, y),), blocks=True), ParamSlice(2, ((1, y), (2, y)), blocks=True)]
+    params += [ParamSlice(i, ((1, y),), blocks=True) for i in (3, 7) if _input(node, i) is not None]
+    params += [ParamSlice(i, ((2, y),)) for i in initial if i not in computed]
+    folding = None
+    data = flows[0] if flows else None
+    if data is not None:
+        if data.at_rank(data.rank) != data.rank - 1:
+            return f"channels arrive on axis {data.axis}, the {node.op} reads them on the last"
+        if len(data.ids) != w.shape[2]:
+            return f"W has {w.shape[2]} inputs, the tensor carries {len(data.ids)}"
+        params[0] = ParamSlice(1, ((1, y), (2, node.inputs[0].name)), blocks=True)
+        folding = Fold(node.inputs[0].name, _fold_recurrent)
+    ids = walk.new_ids(node, hidden)
+    zero = np.zeros(hidden)
+    out = [Flow(3, 4, ids, zero)] + [Flow(2, 3, ids, zero)] * (len(node.outputs) - 1)
+    out = [f if t.name else None for f, t in zip(out, node.outputs)]
+
+    def rewrite(node: gs.Node, keeps: dict[str, np.ndarray], walk: Walk) -> None:
+        node.attrs["hidden_size"] = len(keeps.get(y, ids))
+        for i in computed:  # a zero fill of [D, B, H]: the op's own default, with no shape to rewrite
+            node.inputs[i] = gs.Variable.empty()
+
+    return Step(Kind.PRODUCER, out, params, rewrite=rewrite, fold=folding)
+
+
+def _zero_fill(tensor: gs.Tensor) -> bool:
+    """Whether `tensor` is made by a ConstantOfShape of value 0 (how exporters write a zero initial state)."""
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is None or producer.op != "ConstantOfShape":
+        return False
+    value = producer.attrs.get("value")
+    return value is None or not np.any(np.asarray(getattr(value, "values", value)))
+
+
+def _fold_recurrent(node: gs.Node, removed: np.ndarray, values: np.ndarray, walk: Walk) -> None:
+    """Input bias Wb [D, gates*H] += W[:, :, removed] @ values (B = [Wb, Rb] per direction; created when absent)."""
+    w = const(node.inputs[1]).astype(np.float64)
+    delta = w[:, :, removed] @ values  # [D, gates*H]
+    dtype = const(node.inputs[1]).dtype
+    if _input(node, 3) is not None:
+        bias = const(node.inputs[3]).astype(np.float64).copy()
+    else:
+        bias = np.zeros((w.shape[0], 2 * w.shape[1]))
+        while len(node.inputs) < 4:
+            node.inputs.append(gs.Variable.empty())
+    bias[:, : w.shape[1]] += delta
+    name = getattr(walk, "fresh_name", lambda base: base)(f"{node.name}/bias")
+    node.inputs[3] = gs.Constant(name, np.ascontiguousarray(bias, dtype=dtype))
 
 
 # -------------------------------------------------------------------------------------- per channel
@@ -1097,10 +1208,12 @@ def macs_per_weight(node: gs.Node, out_shape: list | None) -> int:
         return 1
     if node.op == "MatMul" and len(dims) >= 2:
         return int(np.prod(dims[1:-1], dtype=np.int64))
+    if node.op in GATES and len(dims) == 4:  # Y [T, D, B, H] (layout 1: [B, T, D, H]): each weight once per step
+        return dims[1] if node.attrs.get("layout", 0) else dims[0]
     return 0
 
 
-WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+WEIGHT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1,), "MatMul": (1,), **{op: (1, 2) for op in GATES}}
 BIAS_INPUT = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}  # MatMul has none
 
 # ------------------------------------------------------------- weights of the matrix ops, seen as matrices

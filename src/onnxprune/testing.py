@@ -96,15 +96,13 @@ def mask_channels(model: onnx.ModelProto, plan: dict[str, np.ndarray]) -> onnx.M
                 continue
             values = const(node.inputs[ps.index]).copy()
             for axis, tensor in ps.axes:
-                is_out = tensor == node.outputs[0].name
-                if (
-                    not (is_out or unfoldable)
-                    or not values.ndim
-                    or values.shape[axis] != len(analysis.flows[tensor].ids)
-                ):
+                is_out = tensor in {t.name for t in node.outputs}
+                gone = np.flatnonzero(~alive[analysis.classes(tensor)])
+                at = ps.positions(values.shape[axis], len(analysis.flows[tensor].ids), gone) if values.ndim else None
+                if not (is_out or unfoldable) or at is None:
                     continue
                 index = [slice(None)] * values.ndim
-                index[axis] = np.flatnonzero(~alive[analysis.classes(tensor)])
+                index[axis] = at
                 values[tuple(index)] = 0
             original = node.inputs[ps.index].name
             done = masked.setdefault(original, [])

@@ -90,7 +90,10 @@ def _per_producer_channel(context: Context, fn: Callable[[gs.Node, np.ndarray, i
         values = fn(node, const(node.inputs[step.params[0].index]).astype(np.float64), axis)
         if values is None:
             continue
-        np.add.at(scores, analysis.classes(out), values)
+        classes = analysis.classes(out)
+        if len(values) != len(classes) and step.params[0].blocks:  # gate blocks of a recurrent layer: summed
+            values = values.reshape(-1, len(classes)).sum(0)
+        np.add.at(scores, classes, values)
     return scores
 
 

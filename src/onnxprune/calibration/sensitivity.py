@@ -17,7 +17,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxprune import rules
 from onnxprune.calibration.data import Samples, as_samples
 from onnxprune.calibration.runner import stream
 from onnxprune.graph import Namer, session, to_graph, to_model
@@ -272,7 +271,8 @@ def _masked_copy(
         out = node.outputs[0]
         if out.name not in analysis.flows or out in probe.outputs or out.shape is None or out.dtype != np.float32:
             continue
-        rank, axis = len(out.shape), rules.output_channel_axis(node, len(out.shape))
+        rank = len(out.shape)
+        axis = analysis.flows[out.name].at_rank(rank)
         shape = [1] * rank
         shape[axis] = len(analysis.flows[out.name].ids)
         mask = gs.Variable(namer.fresh_name(f"{node.name}/cut_mask"), dtype=np.float32, shape=shape)

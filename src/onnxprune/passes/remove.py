@@ -48,8 +48,9 @@ def remove_channels(
             sliced = values
             for axis, tensor in ps.axes:
                 full = len(analysis.flows[tensor].ids)
-                if tensor in shrunk and values.ndim and values.shape[axis] == full:
-                    sliced = np.take(sliced, keeps[tensor], axis=axis)
+                at = ps.positions(values.shape[axis], full, keeps[tensor]) if values.ndim else None
+                if tensor in shrunk and at is not None:
+                    sliced = np.take(sliced, at, axis=axis)
             if sliced is not values:
                 original = node.inputs[ps.index].name
                 done = shared.setdefault(original, [])
