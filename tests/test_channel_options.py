@@ -133,3 +133,23 @@ def test_kind_weights_scale_each_kind_by_its_median():
     assert weights["r1"] == pytest.approx(0.5) and weights["r3"] == pytest.approx(2.0)
     # channels: within-kind weight (ratio over 30) times the kind's median over the ranks' (30 / 2)
     assert weights["c1"] == pytest.approx(20 / 30 * 15) and weights["c2"] == pytest.approx(40 / 30 * 15)
+
+
+def test_basis_that_ranks_alone_cannot_reach_offers_the_recurrent_units():
+    """A recogniser's LSTM does not split: ranks alone refuse, and with calibration data the hidden units are offered
+    beside the ranks (the plan's count is exact, so the request is met within a point)."""
+    from models import recurrent_head
+
+    from onnxprune import BudgetError
+
+    model = recurrent_head("LSTM")
+    data = {"x": random_feeds(model, batch=32, seed=5)["x"]}
+    with pytest.raises(BudgetError, match="cannot be reached"):
+        prune(model, remove_ratio=0.6, method="basis", min_rank=4)  # data-free: ranks alone
+    out, report = prune(model, remove_ratio=0.6, method="basis", min_rank=4, calib=data)
+    assert "whole channels were offered" in report.facts["channel_options"]
+    assert abs(report.facts["ratio_achieved"] - 0.6) <= 0.01
+    lstm = next(n for n in out.graph.node if n.op_type == "LSTM")
+    assert next(a.i for a in lstm.attribute if a.name == "hidden_size") < 12
+    onnx.checker.check_model(out, full_check=True)
+    assert ort_run(out, random_feeds(model, batch=3, seed=2))
