@@ -903,6 +903,8 @@ def short_table(summary: dict) -> str:
                         if "killed by the benchmark" in err
                         else "refused (exit 2)"
                         if err.startswith("exit 2")
+                        else "guard refused (exit 1)"
+                        if err.startswith("exit 1")
                         else "crashed (exit 3)"
                         if err.startswith("exit 3")
                         else err[:40]

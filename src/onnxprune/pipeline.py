@@ -143,8 +143,11 @@ def _basis_or_joint(model: onnx.ModelProto, *, method: str, **options) -> tuple[
     try:
         return prune_one(model, method=method, **options)
     except BudgetError as err:
-        joint = method == "basis" and options.get("calib") is not None and options.get("target") != "latency"
-        if not joint or options.get("channel_options"):
+        basis = method == "basis" and options.get("target") != "latency" and not options.get("channel_options")
+        if basis and options.get("calib") is None and err.reachable is not None:
+            hint = "; --calib would offer whole channels (such as recurrent units) beside the ranks"
+            raise BudgetError(str(err) + hint, reachable=err.reachable, head=err.head + hint) from err
+        if not basis or options.get("calib") is None:
             raise
         log.info("ranks alone: %s; again with whole channels beside them", err)
         try:
