@@ -111,10 +111,21 @@ RULE_CASES = {
     "MatMul": None,  # covered by the zoo's heads (test_remove)
     "LRN": None,  # always blocks: test_lrn_blocks
     "LayerNormalization": None,  # over the channels of tokens: token_block and convnext_like in the zoo (test_remove)
-    "LSTM": None,  # recurrent_head in the zoo (test_remove, test_recurrent_hidden_units_and_inputs_are_removed)
-    "GRU": None,  # gru_head in the zoo
-    "RNN": None,  # rnn_head in the zoo
+    "LSTM": lambda b, x: _recurrent_case(b, x, "LSTM"),  # also the zoo's recurrent_head (test_remove)
+    "GRU": lambda b, x: _recurrent_case(b, x, "GRU"),
+    "RNN": lambda b, x: _recurrent_case(b, x, "RNN"),
 }
+
+
+def _recurrent_case(b, x, op):
+    """[N, C, 8, 8] -> rows averaged -> [8, N, C] sequence -> op with C hidden units -> [N, C, 8, 1] again."""
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    seq = b.node("Transpose", [b.node("ReduceMean", [x], axes=[2], keepdims=0)], perm=[2, 0, 1])
+    w, r = (b.rng.uniform(-0.4, 0.4, (1, gates * C, C)) for _ in range(2))
+    bias = b.rng.uniform(-0.4, 0.4, (1, 2 * gates * C))
+    y = b.node(op, [seq, b.const(w), b.const(r), b.const(bias)], n_out=2, hidden_size=C)[0]  # [8, 1, N, C]
+    back = b.node("Transpose", [b.node("Squeeze", [y, b.const(np.array([1], np.int64), "ax")])], perm=[1, 2, 0])
+    return b.node("Unsqueeze", [back, b.const(np.array([3], np.int64), "ax")])
 
 
 OPSETS = {"Gelu": 20, "Mish": 18}  # ops newer than the zoo's opset 17
