@@ -659,7 +659,11 @@ def peer_onnxsim(model: onnx.ModelProto, calib: np.ndarray, target: float, input
 ONNXSIM_SAMPLES = 32  # onnxsim re-runs its calibration at every bisection step
 PEERS = {"svd": peer_svd, "onnxsim-wanda": peer_onnxsim}
 NOT_RUNNABLE = {
-    "torch-pruning": "not applicable: the package ships only the ONNX file, Torch-Pruning needs the PyTorch module",
+    # onnx2torch 1.5.15 (the converter the issue names) imports torchvision; the PyPI torchvision 0.28.0 beside the
+    # bench extra's torch 2.13.0 (CPU) does not load ("operator torchvision::nms does not exist"), and a torchvision
+    # that loads pulls torch 2.14 with CUDA (tried in session 10)
+    "torch-pruning": "not applicable: the package ships only the ONNX file, Torch-Pruning needs the PyTorch module "
+    "(onnx2torch needs a torchvision that loads beside torch 2.13.0 CPU: none on PyPI)",
 }
 
 
