@@ -9,11 +9,14 @@ import numpy as np
 import onnx
 import pytest
 from models import any_size, chain
+from onnx import numpy_helper
 
+from onnxprune import pipeline
 from onnxprune.calibration.data import Samples, load_calibration
 from onnxprune.calibration.runner import run_batches, split_calibration, split_held_out
 from onnxprune.cli import main
 from onnxprune.pipeline import prune
+from onnxprune.testing import random_feeds
 
 EXAMPLE = Path(__file__).parent.parent / "examples"
 
@@ -239,3 +242,32 @@ def test_calibration_the_model_gives_one_class_for_warns(tmp_path, capsys):
     code, stdout, err = run([*args, "--latency-batch", "0", "--force"], capsys)
     assert code == 0, err
     assert "covering 1 of 1 predicted classes" in stdout and "predicts one class for every calibration" in stdout
+
+
+def test_sequence_outputs_are_judged_by_the_decoded_sequence_per_sample():
+    """A recogniser's per-position class scores: agreement is whole decoded sequences per sample (CTC), not frames,
+    in either layout; cosine is per sample. A detector-like Concat output is not a sequence of class scores."""
+    from models import recurrent_head
+
+    from onnxprune.calibration.runner import decode, fidelity, sequence_outputs, sequences
+
+    assert decode(np.array([0, 3, 3, 0, 3, 5, 5, 0]), blank=0) == (3, 3, 5)
+    x = np.zeros((7, 2, 4), np.float32)  # time first, 2 samples
+    assert sequences(x, 2).shape == (2, 7, 4) and sequences(x[:, :1], 1).shape == (1, 7, 4)
+    assert sequences(np.zeros((2, 4), np.float32), 2) is None
+    model = recurrent_head("LSTM")
+    out = model.graph.output[0].name
+    assert sequence_outputs(model) == {out: 10}
+    data = {"x": random_feeds(model, batch=12, seed=4)["x"]}
+    same = fidelity(model, model, data, batch_size=5)[out]
+    assert same["sequence_agreement"] == 1.0 and same["frame_agreement"] == 1.0 and "top1_agreement" not in same
+    noisy = onnx.ModelProto()
+    noisy.CopyFrom(model)
+    head = next(n for n in noisy.graph.node if n.op_type == "MatMul").input[1]
+    w = next(t for t in noisy.graph.initializer if t.name == head)  # the head's [24, 10] weight
+    arr = numpy_helper.to_array(w)
+    noise = np.random.default_rng(0).normal(0, 0.5 * arr.std(), arr.shape).astype(arr.dtype)
+    w.CopyFrom(numpy_helper.from_array(arr + noise, w.name))
+    found = fidelity(model, noisy, data, batch_size=5)[out]
+    assert found["sequence_agreement"] < found["frame_agreement"] < 1.0  # one wrong frame spoils the sequence
+    assert pipeline._worst({out: found}) == (found["sequence_agreement"], "sequence agreement")

@@ -540,6 +540,12 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
         parts = [f"cosine {fid['cosine']:.4f}", f"rel. error {fid['relative_error']:.4f}"]
         if "top1_agreement" in fid:
             parts.insert(0, f"top-1 agreement {100 * fid['top1_agreement']:.1f} %")
+        if "sequence_agreement" in fid:
+            parts.insert(
+                0,
+                f"sequence agreement {100 * fid['sequence_agreement']:.1f} % (decoded as CTC; per position "
+                f"{100 * fid['frame_agreement']:.1f} %)",
+            )
         if "accuracy_pruned" in fid:
             parts.append(f"accuracy {100 * fid['accuracy_original']:.1f} % -> {100 * fid['accuracy_pruned']:.1f} %")
         covers = (
@@ -583,7 +589,7 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
             mark = "written" if row["written"] else "not written"
             fit = (
                 f"fit agreement {row['fit_agreement'] * 100:.1f} %"
-                if row.get("fit_measure", "top-1 agreement") == "top-1 agreement"
+                if row.get("fit_measure", "top-1 agreement") != "cosine"
                 else f"fit cosine {row['fit_agreement']:.4f}"
             )
             parts.append(f"{name}: {speeds}, {fit} ({mark})")

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from onnxprune.calibration.data import Samples, as_samples
 from onnxprune.errors import CalibrationError
@@ -357,7 +358,7 @@ def fidelity(
     batch_size: int = 64,
     label: str = "held-out fidelity",
 ) -> dict[str, dict[str, float]]:
-    """Per output: top-1 agreement (class-score outputs), cosine similarity and relative L2 error against the original.
+    """Per output: top-1 (or sequence) agreement, cosine similarity and relative L2 error against the original.
 
     Streamed batch by batch, so samples of different shapes (and outputs of different shapes) are fine.
 
@@ -370,29 +371,49 @@ def fidelity(
         label: The progress bar's title.
 
     Returns:
-        Output name -> {"cosine", "relative_error"[, "top1_agreement"[, "accuracy_original", "accuracy_pruned"]]}.
+        Output name -> {"cosine", "relative_error"[, "top1_agreement"[, "accuracy_original", "accuracy_pruned"]]}; for
+        `sequence_outputs` {"cosine", "relative_error", "sequence_agreement", "frame_agreement"}: the share of
+        samples whose best path reads the same (CTC decoding, the original's most frequent frame class as the blank)
+        and of positions whose top-1 is the same. Cosine and error are per sample in every case.
     """
+    data = as_samples(data, original)
     names = [o.name for o in original.graph.output]
-    sums = {k: dict.fromkeys(("cos", "err", "ref", "agree", "acc_o", "acc_p"), 0.0) for k in names}
+    per_position = sequence_outputs(original)
+    keys = ("cos", "err", "ref", "agree", "acc_o", "acc_p", "seq", "frames", "frames_agree")
+    sums = {k: dict.fromkeys(keys, 0.0) for k in names}
     scored = dict.fromkeys(names, True)
+    sequence = dict.fromkeys(names, False)
     n = 0
+    sizes = (len(next(iter(feed.values()))) for feed in data.batches(batch_size))
     batches = zip(  # the labelled stream first: zip stops at the first exhausted one, the bar must see its end
         stream(pruned, data, names, batch_size=batch_size, label=label),
         stream(original, data, names, batch_size=batch_size),
+        sizes,
     )
-    for got, ref in batches:
-        m = len(ref[names[0]])
+    for got, ref, m in batches:
         truth = None if labels is None else np.asarray(labels)[n : n + m]
         for name in names:
-            want = ref[name]
-            have = got[name].astype(np.float64).reshape(len(want), -1)
-            flat = want.astype(np.float64).reshape(len(want), -1)
+            want, have = ref[name], got[name]
+            seqs = sequences(want, m) if name in per_position and want.shape[-1] == per_position[name] else None
+            if seqs is not None:  # [m, T, C] whatever the layout: one row per sample
+                want, have = seqs, sequences(have, m)
+                sequence[name] = True
+            have = have.astype(np.float64).reshape(m, -1)
+            flat = want.astype(np.float64).reshape(m, -1)
             norms = np.linalg.norm(have, axis=1) * np.linalg.norm(flat, axis=1) + 1e-30
             acc = sums[name]
             acc["cos"] += float(np.sum(np.sum(have * flat, 1) / norms))
             acc["err"] += float(np.sum((have - flat) ** 2))
             acc["ref"] += float(np.sum(flat**2))
-            scores = class_scores(want)
+            if seqs is not None:
+                path_o, path_p = want.argmax(-1), sequences(got[name], m).argmax(-1)  # [m, T]
+                blank = int(np.bincount(path_o.ravel()).argmax())  # CTC: the blank is the most frequent frame
+                acc["seq"] += sum(decode(a, blank) == decode(b, blank) for a, b in zip(path_o, path_p))
+                acc["frames"] += path_o.size
+                acc["frames_agree"] += float(np.sum(path_o == path_p))
+                scored[name] = False
+                continue
+            scores = class_scores(want) if len(want) == m else None
             scored[name] &= scores is not None
             if scored[name]:
                 top_o, top_p = flat.argmax(1), have.argmax(1)
@@ -408,10 +429,80 @@ def fidelity(
             "cosine": acc["cos"] / max(n, 1),
             "relative_error": float(np.sqrt(acc["err"]) / (np.sqrt(acc["ref"]) + 1e-30)),
         }
-        if scored[name] and n:
+        if sequence[name] and n:
+            entry["sequence_agreement"] = acc["seq"] / n
+            entry["frame_agreement"] = acc["frames_agree"] / max(acc["frames"], 1)
+        elif scored[name] and n:
             entry["top1_agreement"] = acc["agree"] / n
             if labels is not None and len(labels) == n:
                 entry["accuracy_original"] = acc["acc_o"] / n
                 entry["accuracy_pruned"] = acc["acc_p"] / n
         found[name] = entry
     return found
+
+
+def sequence_outputs(model: onnx.ModelProto) -> dict[str, int]:
+    """Outputs whose last axis holds the scores of one matrix op: output name -> their number (classes).
+
+    The last axis comes from a matrix op (Gemm, MatMul, Conv) through a bias Add and ops that only move elements or
+    take a Softmax / LogSoftmax over it (`rules.keeps_class_axis`); a detector's output, whose last axis is a Concat
+    of boxes, objectness and classes, is not one. `fidelity` reads the rank-3 ones as a class per position of a
+    sequence (a CTC text recogniser's head).
+    """
+    from onnxprune import rules  # the op table; imported here, as rules imports nothing from calibration
+    from onnxprune.graph import to_graph
+
+    graph = to_graph(model)
+    found = {}
+    for out in graph.outputs:
+        t, depth = out, 0
+        while t.inputs and depth < 8:  # back along the data input to the layer that makes the last axis
+            node, depth = t.inputs[0], depth + 1
+            matrix = rules.weight_matrix(node)
+            if matrix is not None:
+                if _keeps_scores(node.outputs[0], out, len(matrix)):
+                    found[out.name] = len(matrix)
+                break
+            if not node.inputs:
+                break
+            t = node.inputs[0]
+    return found
+
+
+def _keeps_scores(t, out, width: int) -> bool:
+    """Whether tensor `t` reaches graph output `out` through ops that keep its `width` scores on the last axis.
+
+    A Reshape whose target is computed at run time passes here: `fidelity` checks the last axis of what it returns.
+    """
+    from onnxprune import rules
+
+    while t is not out:
+        if len(t.outputs) != 1:
+            return False
+        node = t.outputs[0]
+        computed = node.op == "Reshape" and not isinstance(node.inputs[1], gs.Constant)
+        bias = node.op == "Add" and any(isinstance(i, gs.Constant) for i in node.inputs)  # MatMul + Add: a Linear
+        if not (computed or bias or rules.keeps_class_axis(node, width)):
+            return False
+        t = node.outputs[0]
+    return True
+
+
+def sequences(x: np.ndarray, m: int) -> np.ndarray | None:
+    """A rank-3 output of `m` samples as ``[m, T, C]``: batch first ``[m, T, C]`` or time first ``[T, m, C]``.
+
+    None when neither leading axis is the batch, or the sequence is a single position (a plain classifier).
+    """
+    if x.ndim != 3 or x.dtype.kind != "f" or x.shape[-1] < 2:
+        return None
+    if x.shape[0] == m and x.shape[1] > 1:
+        return x
+    if x.shape[1] == m and x.shape[0] > 1:
+        return np.moveaxis(x, 1, 0)
+    return None
+
+
+def decode(path: np.ndarray, blank: int) -> tuple[int, ...]:
+    """A best path read as CTC does (Graves et al. 2006): repeated labels merged, then the blank dropped."""
+    merged = [int(c) for i, c in enumerate(path) if i == 0 or c != path[i - 1]]
+    return tuple(c for c in merged if c != blank)
