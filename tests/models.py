@@ -511,18 +511,31 @@ def _recurrent(b: Builder, op: str, x: str, i: int, h: int, *, direction: str, b
     return outs[0]
 
 
-def recurrent_head(op: str = "LSTM", direction: str = "bidirectional", *, bias: bool = True) -> onnx.ModelProto:
+def recurrent_head(
+    op: str = "LSTM", direction: str = "bidirectional", *, bias: bool = True, time_major: bool = False
+) -> onnx.ModelProto:
     """A text recogniser's tail (CRNN): conv features -> mean over height -> [W, N, C] -> recurrent layer -> per-step
-    classes [N, W, 10], as torch exports ``nn.LSTM`` (time first, zero initial state from the input's shape)."""
+    classes [N, W, 10], as torch exports ``nn.LSTM`` (time first, zero initial state from the input's shape).
+
+    With `time_major` the head stays time first, [W, N, D*12] (a symbolic batch in the middle of the Reshape), and
+    the scores are moved to [N, W, 10] at the end."""
     b = Builder(41)
     x = b.relu(b.conv(b.relu(b.conv("x", 3, 16)), 16, 16))
     seq = b.node("Transpose", [b.node("ReduceMean", [x], axes=[2], keepdims=0)], perm=[2, 0, 1])  # [W, N, 16]
     y = _recurrent(b, op, seq, 16, 12, direction=direction, bias=bias, zero_fill=True)  # [W, D, N, 12]
     d = 2 if direction == "bidirectional" else 1
-    feats = b.node("Reshape", [b.node("Transpose", [y], perm=[2, 0, 1, 3]), _i64(b, [0, 0, -1])])  # [N, W, D*12]
+    perm = [0, 2, 1, 3] if time_major else [2, 0, 1, 3]
+    feats = b.node("Reshape", [b.node("Transpose", [y], perm=perm), _i64(b, [0, 0, -1])])  # [N, W, D*12]
     w = b.const(b.rng.standard_normal((12 * d, 10)) / np.sqrt(12 * d))
     out = b.node("Add", [b.node("MatMul", [feats, w]), b.const(np.full(10, 0.1), "b")])
+    if time_major:
+        out = b.node("Transpose", [out], perm=[1, 0, 2])
     return b.model([("x", [3, 4, 8])], [out])
+
+
+def lstm_time_major() -> onnx.ModelProto:
+    """`recurrent_head` whose LSTM output is reshaped time first: [W, N, D, H] -> [0, 0, -1], N symbolic."""
+    return recurrent_head(time_major=True)
 
 
 def gru_head() -> onnx.ModelProto:
@@ -565,6 +578,7 @@ ZOO = [
     ir3_inputs,
     sequence_head,
     recurrent_head,
+    lstm_time_major,
     gru_head,
     rnn_head,
 ]

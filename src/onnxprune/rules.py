@@ -1083,10 +1083,14 @@ def _reshape(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
         return Step(Kind.PASS_THROUGH, [None])
     in_shape = walk.shape(node.inputs[0])
     target = const(node.inputs[1])
-    if in_shape is None or walk.shape(node.outputs[0]) is None or any(d is None for d in in_shape[1:]):
+    # dims the target copies (0) may stay unknown, as the batch may: a time-major [T, N, D, H] -> [0, 0, -1]
+    copied = set() if target is None or node.attrs.get("allowzero", 0) else set(np.flatnonzero(target == 0).tolist())
+    unknown = [i for i, d in enumerate(in_shape or []) if d is None and i and i not in copied]
+    if in_shape is None or walk.shape(node.outputs[0]) is None or unknown:
         return "Reshape of a tensor whose shape is not known"
     if target is None:
         return "Reshape target is computed at run time, so it cannot be rewritten"
+    in_shape = [1 if d is None and i in copied else d for i, d in enumerate(in_shape)]  # copied through as they are
     resolved = _resolve_target(list(target), in_shape)
     if resolved is None:
         return "Reshape target does not resolve"
