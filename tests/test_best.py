@@ -155,3 +155,12 @@ def test_when_neither_way_reaches_the_request_the_refusal_gives_both_limits(case
     assert "at most 0.612" in said and "channel removal, tried as well, reaches at most 0.067" in said
     assert "--method" not in said and said.endswith("lower --ratio or --latency-batch 0")
     assert e.value.reachable == pytest.approx(0.612)
+
+
+def test_a_model_with_a_fixed_batch_is_timed_at_that_batch_only():
+    """The summary said "1.56x at batch 32" for a recogniser whose batch is fixed at 1: it had been timed at 1."""
+    from models import any_size
+
+    assert pipeline._timed_batches(any_size(32, 32, batch=1), 1) == [1]
+    assert pipeline._timed_batches(any_size(32, 32), 1) == [1, 32]
+    assert pipeline._timed_batches(any_size(32, 32), 8) == [8, 32]

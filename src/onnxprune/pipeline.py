@@ -25,7 +25,7 @@ from onnxprune.budget import (
     rank_choices,
 )
 from onnxprune.calibration import criteria
-from onnxprune.calibration.data import as_samples
+from onnxprune.calibration.data import as_samples, fixed_batch
 from onnxprune.calibration.runner import (
     channel_statistics,
     fidelity,
@@ -149,7 +149,12 @@ def _basis_or_joint(model: onnx.ModelProto, *, method: str, **options) -> tuple[
             raise BudgetError(str(err) + hint, reachable=err.reachable, head=err.head + hint) from err
         if not basis or options.get("calib") is None:
             raise
-        log.info("ranks alone: %s; again with whole channels beside them", err)
+        reach = f"at most {err.reachable:.3f}" if err.reachable is not None else "not that far"
+        log.info(
+            "ranks alone reach %s of the request %.2f; allocating again with whole channels beside them",
+            reach,
+            options.get("remove_ratio", 0.0),
+        )
         try:
             out, report = prune_one(model, method=method, **{**options, "channel_options": True})
         except BudgetError:
@@ -406,7 +411,10 @@ def prune_one(
                 partial(
                     _speed_check,
                     template=model,
-                    feeds=[_synthetic_feeds(model, count_shapes, batch=b, seed=seed) for b in {latency_batch, 32}],
+                    feeds=[
+                        _synthetic_feeds(model, count_shapes, batch=b, seed=seed)
+                        for b in _timed_batches(model, latency_batch)
+                    ],
                     threads=threads,
                 )
                 if latency_batch and stage == "basis" and target != "latency"
@@ -493,7 +501,8 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
     calib = as_samples(calib, model)
     data = split_calibration(model, calib, seed=seed, batch_size=batch_size)[0].head(SELECT_SAMPLES)
     count_shapes, _ = choose_shapes(model, given=options.get("shapes"), data=calib)
-    feeds = {b: _synthetic_feeds(model, count_shapes, batch=b, seed=seed) for b in sorted({latency_batch, 32})}
+    feeds = {b: _synthetic_feeds(model, count_shapes, batch=b, seed=seed) for b in _timed_batches(model, latency_batch)}
+    at = latency_batch if latency_batch in feeds else next(iter(feeds))  # a fixed batch is timed at that batch
 
     def measured(candidate: onnx.ModelProto, facts: dict) -> dict:
         found = fidelity(model, candidate, data, batch_size=batch_size, label=f"alternative: {facts['method']}")
@@ -515,14 +524,14 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
 
     def saved(row: dict) -> float:
         """The share of the original's time at `latency_batch` that the result saves."""
-        before, after = row["speed_check"][latency_batch]
+        before, after = row["speed_check"][at]
         return 1.0 - after / before
 
     if target == "latency":
         if not rows or saved(rows[0]) < remove_ratio - RATIO_TOLERANCE:  # basis fell short: channels, as deep as needed
             for width in dict.fromkeys((simd_width(), 8)):
                 found, reached = _channel_for_latency(
-                    model, remove_ratio, {**options, "round_to": width}, feeds[latency_batch], threads
+                    model, remove_ratio, {**options, "round_to": width}, feeds[at], threads
                 )
                 if found is not None:
                     found[1].facts["round_to"] = width
@@ -540,7 +549,7 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
         )
         rows[best]["written"] = True
         out, report = results[best]
-        before, after = rows[best]["speed_check"][latency_batch]
+        before, after = rows[best]["speed_check"][at]
         report.facts.update(
             {
                 "target": "latency",
@@ -607,6 +616,12 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
     report.facts["alternatives"] = rows
     report.facts["seconds"] = time.perf_counter() - started
     return out, report
+
+
+def _timed_batches(model: onnx.ModelProto, latency_batch: int) -> list[int]:
+    """The batch sizes a finished model is timed at: `latency_batch` and 32, or the batch the model fixes."""
+    fixed = fixed_batch(model)
+    return [fixed] if fixed else sorted({latency_batch, 32})
 
 
 def _neither(basis: BudgetError, channel: list[BudgetError], latency_batch: int) -> BudgetError:
