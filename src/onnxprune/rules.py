@@ -612,6 +612,18 @@ def keeps_class_axis(node: gs.Node, width: int) -> bool:
     return node.op in MOVES_ONLY and bool(out.shape) and out.shape[-1] == width
 
 
+def may_keep_class_axis(node: gs.Node, width: int) -> bool:
+    """`keeps_class_axis`, or what only run time can tell: a Reshape with a computed target, an Add of a constant bias.
+
+    For reading outputs (`runner.sequence_outputs`), where the output's own last axis is checked at run time.
+    """
+    if node.op == "Reshape" and not isinstance(node.inputs[1], gs.Constant):
+        return True
+    if node.op == "Add" and any(isinstance(i, gs.Constant) for i in node.inputs):  # MatMul + Add: a Linear
+        return True
+    return keeps_class_axis(node, width)
+
+
 def clip_bounds(node: gs.Node) -> tuple[float, float] | None:
     """(lo, hi) of a Relu or a Clip with constant bounds; None for any other op or computed bounds."""
     if node.op not in CLIPPING:

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
 from onnxprune.calibration.data import Samples, as_samples
 from onnxprune.errors import CalibrationError
@@ -472,19 +471,15 @@ def sequence_outputs(model: onnx.ModelProto) -> dict[str, int]:
 def _keeps_scores(t, out, width: int) -> bool:
     """Whether tensor `t` reaches graph output `out` through ops that keep its `width` scores on the last axis.
 
-    A Reshape whose target is computed at run time passes here: `fidelity` checks the last axis of what it returns.
+    What only run time can tell passes here (`rules.may_keep_class_axis`): `fidelity` checks the last axis of what
+    the output holds.
     """
     from onnxprune import rules
 
     while t is not out:
-        if len(t.outputs) != 1:
+        if len(t.outputs) != 1 or not rules.may_keep_class_axis(t.outputs[0], width):
             return False
-        node = t.outputs[0]
-        computed = node.op == "Reshape" and not isinstance(node.inputs[1], gs.Constant)
-        bias = node.op == "Add" and any(isinstance(i, gs.Constant) for i in node.inputs)  # MatMul + Add: a Linear
-        if not (computed or bias or rules.keeps_class_axis(node, width)):
-            return False
-        t = node.outputs[0]
+        t = t.outputs[0].outputs[0]
     return True
 
 
