@@ -624,6 +624,21 @@ def may_keep_class_axis(node: gs.Node, width: int) -> bool:
     return keeps_class_axis(node, width)
 
 
+def scores_reach(tensor: gs.Tensor, outputs: list[gs.Tensor], width: int, *, at_run_time: bool = False) -> bool:
+    """Whether `tensor`'s `width` scores on its last axis reach one of `outputs` still on the last axis.
+
+    Through a chain of single consumers that `keeps_class_axis` (or, with `at_run_time`, `may_keep_class_axis`:
+    the caller checks the output it gets).
+    """
+    keeps = may_keep_class_axis if at_run_time else keeps_class_axis
+    t = tensor
+    while t not in outputs:
+        if len(t.outputs) != 1 or len(t.outputs[0].outputs) != 1 or not keeps(t.outputs[0], width):
+            return False
+        t = t.outputs[0].outputs[0]
+    return True
+
+
 def clip_bounds(node: gs.Node) -> tuple[float, float] | None:
     """(lo, hi) of a Relu or a Clip with constant bounds; None for any other op or computed bounds."""
     if node.op not in CLIPPING:

@@ -459,28 +459,13 @@ def sequence_outputs(model: onnx.ModelProto) -> dict[str, int]:
             node, depth = t.inputs[0], depth + 1
             matrix = rules.weight_matrix(node)
             if matrix is not None:
-                if _keeps_scores(node.outputs[0], out, len(matrix)):
+                if rules.scores_reach(node.outputs[0], [out], len(matrix), at_run_time=True):
                     found[out.name] = len(matrix)
                 break
             if not node.inputs:
                 break
             t = node.inputs[0]
     return found
-
-
-def _keeps_scores(t, out, width: int) -> bool:
-    """Whether tensor `t` reaches graph output `out` through ops that keep its `width` scores on the last axis.
-
-    What only run time can tell passes here (`rules.may_keep_class_axis`): `fidelity` checks the last axis of what
-    the output holds.
-    """
-    from onnxprune import rules
-
-    while t is not out:
-        if len(t.outputs) != 1 or not rules.may_keep_class_axis(t.outputs[0], width):
-            return False
-        t = t.outputs[0].outputs[0]
-    return True
 
 
 def sequences(x: np.ndarray, m: int) -> np.ndarray | None:

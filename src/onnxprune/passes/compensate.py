@@ -245,12 +245,7 @@ def _class_scores(tensor: gs.Variable, graph: gs.Graph, axis: int | None) -> boo
     shape = tensor.shape
     if shape is None or axis is None or not len(shape) or axis % len(shape) != len(shape) - 1:
         return False
-    t = tensor
-    while t not in graph.outputs:
-        if len(t.outputs) != 1 or len(t.outputs[0].outputs) != 1 or not rules.keeps_class_axis(t.outputs[0], shape[-1]):
-            return False
-        t = t.outputs[0].outputs[0]
-    return True
+    return rules.scores_reach(tensor, graph.outputs, shape[-1])
 
 
 def _depends_on(tensor: gs.Tensor, nodes: set[int]) -> bool:
