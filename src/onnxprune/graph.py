@@ -347,6 +347,7 @@ def session(
     model: onnx.ModelProto | str,
     *,
     optimize: bool = False,
+    calibration: bool = False,
     threads: int = 0,
     providers: tuple[str, ...] = ("CPUExecutionProvider",),
     level: ort.GraphOptimizationLevel | None = None,
@@ -355,7 +356,9 @@ def session(
 
     Args:
         model: The model, or the path of a model file.
-        optimize: All graph optimisations (timing) instead of none (checks and calibration).
+        optimize: All graph optimisations (timing) instead of none (checks: the graph runs as written).
+        calibration: All graph optimisations (a light ResNet-50 runs 1.6x faster at batch 1 than with none), with
+            idle threads that do not spin: calibration runs alternate with numpy/LAPACK work on the same cores.
         threads: Intra-op threads (0: onnxruntime's default).
         providers: Execution providers, in order of preference.
         level: An explicit optimisation level (``onnxprune bench --opt-level``); overrides `optimize`.
@@ -368,13 +371,13 @@ def session(
         level
         if level is not None
         else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if optimize
+        if optimize or calibration
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    if not optimize and level is None:  # calibration runs alternate with numpy/LAPACK work: no spinning against it
+    if calibration:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     data = model if isinstance(model, str) else model.SerializeToString()
     return ort.InferenceSession(data, opts, providers=list(providers))

@@ -145,7 +145,7 @@ class Frontier:
                 if t.name in missing or later or t.name in graph_outputs:
                     outputs[t.name] = t
         model = self._segment_model(segment, list(inputs), list(outputs))
-        sess = session(model, optimize=False)
+        sess = session(model, calibration=True)
         self.runs += 1
         names = list(outputs)
         results: dict[str, list[np.ndarray]] = {n: [] for n in names}

@@ -221,7 +221,7 @@ def stream(
     Yields:
         Name -> array per batch, in the samples' iteration order.
     """
-    sess = session(with_outputs(model, names), optimize=False)
+    sess = session(with_outputs(model, names), calibration=True)
     feeds = as_samples(data).batches(batch_size)
     if label is not None:
         feeds = steps(list(feeds), label)

@@ -147,7 +147,7 @@ class CutProbe:
         if not self.masks:
             return
         model = to_model(probe, template)
-        self.sess = session(model, optimize=False)
+        self.sess = session(model, calibration=True)
         self.names = [o.name for o in model.graph.output]
         self.ones = {m: np.ones(shape, np.float32) for m, (_, _, shape) in self.masks.items()}
         self.data = as_samples(data).head(CUT_SAMPLES)
