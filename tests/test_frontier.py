@@ -88,3 +88,25 @@ def test_an_unknown_tensor_is_a_key_error():
     frontier = Frontier(to_graph(model), model, _samples(model, 2), batch_size=4)
     with pytest.raises(KeyError, match="no node produces 'nowhere'"):
         frontier.get(["nowhere"])
+
+
+def test_a_segment_fed_tensors_of_different_sizes_runs_optimised():
+    """A squeeze-excite gate [N, C, 1, 1] and the features [N, C, H, W] it scales both feed one segment (a
+    MobileNetV3 block: the orientation classifier's): its inputs' symbolic dims must not share names. onnxruntime's
+    optimiser takes one name for one size; with shared names the refit failed in its NCHWc reorder ("Shape mismatch
+    attempting to re-use buffer. {5,64,1,1} != {5,64,7,7}")."""
+    from models import Builder
+
+    b, c = Builder(6), 64
+    s = b.node("HardSwish", [b.conv("x", 3, c, 3)])
+    g = b.conv(b.relu(b.conv(b.node("GlobalAveragePool", [s]), c, 8, 1)), 8, c, 1)
+    h = b.node("Mul", [s, b.node("HardSigmoid", [b.node("Add", [g, b.const(np.full((1, c, 1, 1), 0.5))])])])
+    h = b.node("HardSwish", [b.conv(h, c, c, 1)])
+    h = b.node("HardSwish", [b.conv(h, c, c, 3, group=c)])
+    model = b.model([("x", [3, 7, 7])], [b.head(h, c)])
+    data = Samples.from_arrays({"x": np.random.default_rng(3).standard_normal((5, 3, 7, 7)).astype(np.float32)})
+    frontier = Frontier(to_graph(model), model, data, batch_size=5)
+    frontier.get([g, s])  # both kept: the next segment starts from two tensors of different spatial sizes
+    out = model.graph.output[0].name
+    got = np.concatenate([b[out] for b in frontier.get([out])])
+    np.testing.assert_allclose(got, _whole(model, data, [out])[out], rtol=1e-4, atol=1e-4)

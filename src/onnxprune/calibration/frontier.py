@@ -170,9 +170,9 @@ class Frontier:
         del model.opset_import[:]
         model.opset_import.extend(self.template.opset_import)
         del model.graph.input[:]
-        for name in inputs:
+        for k, name in enumerate(inputs):
             value = self._values[name][0]
-            dims = [f"d{i}" for i in range(value.ndim)]
+            dims = [f"in{k}_d{i}" for i in range(value.ndim)]  # distinct: one name is one size to onnxruntime
             elem = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
             model.graph.input.append(onnx.helper.make_tensor_value_info(name, elem, dims))
         del model.graph.output[:]
