@@ -15,7 +15,7 @@ from onnxprune.graph import to_graph, to_model
 from onnxprune.passes.basis import decompose_basis
 from onnxprune.passes.cleanup import cleanup
 from onnxprune.passes.groups import find_channel_groups
-from onnxprune.rules import weight_matrix
+from onnxprune.rules.layouts import weight_matrix
 from onnxprune.testing import ort_run, random_feeds
 
 EXAMPLE = Path(__file__).parent.parent / "examples"

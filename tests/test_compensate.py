@@ -5,14 +5,14 @@ import onnx
 import pytest
 from models import Builder
 
-from onnxprune import prune, rules
+from onnxprune import prune
 from onnxprune.graph import reinfer_shapes, to_graph, to_model
 from onnxprune.passes import compensate
 from onnxprune.passes.basis import decompose_basis, find_basis_pairs
 from onnxprune.passes.compensate import refit
 from onnxprune.passes.groups import find_channel_groups
 from onnxprune.passes.remove import remove_channels
-from onnxprune.rules import const
+from onnxprune.rules import const, layouts
 from onnxprune.testing import ort_run
 
 EXAMPLE = "examples/digits_resnet.onnx"
@@ -295,7 +295,7 @@ def test_a_last_layer_of_class_scores_is_refitted_in_the_probability_weighted_no
     optimum = (u.T @ u @ (root * w_ls)) / root
     nodes = {n.name: n for n in result.graph.nodes}
     pair = pairs[0]
-    got = rules.affine(nodes[pair.scaling])[0] @ rules.affine(nodes[pair.basis])[0]
+    got = layouts.affine(nodes[pair.scaling])[0] @ layouts.affine(nodes[pair.basis])[0]
     np.testing.assert_allclose(got, optimum, rtol=1e-3, atol=1e-4)
     plain_graph, plain_pairs = _split_and_prune(model, keep=3)
     plain = compensate._solve_low_rank

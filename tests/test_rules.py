@@ -105,10 +105,32 @@ RULE_CASES = {
         "Mul", [x, b.node("Cast", [b.node("Gather", [b.node("Shape", [x]), b.const(np.array(0), "i")], axis=0)], to=1)]
     ),
     "Size": None,  # blocks unless folded: test_blockers
-    "Flatten": None,
-    "Reshape": None,
-    "Gemm": None,
-    "MatMul": None,  # covered by the zoo's heads (test_remove)
+    "DepthToSpace": lambda b, x: b.node("SpaceToDepth", [b.node("DepthToSpace", [x], blocksize=2)], blocksize=2),
+    "SpaceToDepth": lambda b, x: b.node(  # CRD: DepthToSpace is then no inverse, the channels come back permuted
+        "DepthToSpace", [b.node("SpaceToDepth", [x], blocksize=2)], blocksize=2, mode="CRD"
+    ),
+    "Flatten": lambda b, x: b.node("Reshape", [b.node("Flatten", [x]), b.const(np.array([-1, C, 8, 8], np.int64))]),
+    "Reshape": None,  # covered with Flatten; targets computed from Shape: test_reshape_targets_...
+    "Gemm": lambda b, x: b.node(  # pooled -> [N, C] -> Gemm (transB) -> [N, C, 1, 1]
+        "Reshape",
+        [
+            b.node(
+                "Gemm",
+                [
+                    b.node("Flatten", [b.node("GlobalAveragePool", [x])]),
+                    b.const(b.rng.uniform(-1, 1, (C, C))),
+                    b.const(b.rng.uniform(-1, 1, C)),
+                ],
+                transB=1,
+            ),
+            b.const(np.array([-1, C, 1, 1], np.int64)),
+        ],
+    ),
+    "MatMul": lambda b, x: b.node(  # channels last -> MatMul [C, C] -> channels first
+        "Transpose",
+        [b.node("MatMul", [b.node("Transpose", [x], perm=[0, 2, 3, 1]), b.const(b.rng.uniform(-1, 1, (C, C)))])],
+        perm=[0, 3, 1, 2],
+    ),
     "LRN": None,  # always blocks: test_lrn_blocks
     "LayerNormalization": None,  # over the channels of tokens: token_block and convnext_like in the zoo (test_remove)
     "LSTM": lambda b, x: _recurrent_case(b, x, "LSTM"),  # also the zoo's recurrent_head (test_remove)
@@ -402,3 +424,48 @@ def test_a_last_layer_s_scores_are_class_scores_only_through_ops_that_keep_them(
     graph = to_graph(b.model([("x", [12])], [after(b, logits)]))
     gemm = next(n for n in graph.nodes if n.op == "Gemm")
     assert _class_scores(gemm.outputs[0], graph, 1) is expected
+
+
+# The only library code outside `rules/` that may name an op: graph patterns, not per-op knowledge.
+PATTERN_MATCHES = {
+    ("passes/cleanup.py", "BatchNormalization"),  # folded into the producer before it
+    ("calibration/criteria.py", "BatchNormalization"),  # its gammas, the bn_gamma criterion's scores
+    ("passes/cleanup.py", "Constant"),  # Constant nodes become initializers
+    ("graph.py", "Constant"),  # parameters held in Constant nodes are counted
+    ("pipeline.py", "Constant"),  # likewise, for the weights' report
+    ("passes/compensate.py", "Add"),  # a residual sum, the refit target of a block's last layer
+}
+
+
+def _op_names_compared(path):
+    """(file, op name) for every comparison of a node's `op` / `op_type` with a string literal in `path`."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = [node.left, *node.comparators]
+        if not any(isinstance(s, ast.Attribute) and s.attr in ("op", "op_type") for s in sides):
+            continue
+        for side in sides:
+            items = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+            found |= {item.value for item in items if isinstance(item, ast.Constant) and isinstance(item.value, str)}
+    return found
+
+
+def test_only_the_op_registry_branches_on_op_names():
+    """Per-op knowledge lives in `rules/` (channel rules and weight layouts); elsewhere only graph patterns."""
+    import pathlib
+
+    import onnxprune
+
+    root = pathlib.Path(onnxprune.__file__).parent
+    named = {
+        (str(path.relative_to(root)), op)
+        for path in root.rglob("*.py")
+        if "rules" not in path.relative_to(root).parts
+        for op in _op_names_compared(path)
+    }
+    assert named <= PATTERN_MATCHES, f"op names outside the registry: {sorted(named - PATTERN_MATCHES)}"
+    assert _op_names_compared(root / "rules" / "layouts.py") == set(), "layouts dispatch through LAYOUTS only"

@@ -3,11 +3,12 @@
 import numpy as np
 from models import Builder
 
-from onnxprune.calibration.runner import channel_statistics, im2col, patch_covariances
+from onnxprune.calibration.runner import channel_statistics, patch_covariances
 from onnxprune.graph import to_graph
-from onnxprune.passes.basis import decompose_basis
+from onnxprune.passes.basis import decompose_basis, whitenable
 from onnxprune.passes.groups import find_channel_groups
 from onnxprune.passes.remove import remove_channels
+from onnxprune.rules.layouts import im2col
 from onnxprune.testing import apply_pass, ort_run
 
 
@@ -22,9 +23,6 @@ def _correlated(n, seed):
     return {"x": x.astype(np.float32)}
 
 
-CONV = {"conv3": ("x", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]})}
-
-
 def _truncated_error(model, covariances, data, rank):
     split, report = apply_pass(model, decompose_basis, min_channels=2, covariances=covariances)
     group = find_channel_groups(to_graph(split)).groups[0]
@@ -35,7 +33,8 @@ def _truncated_error(model, covariances, data, rank):
 
 def test_whitened_full_rank_split_is_exact():
     model, data = _conv3x3(), _correlated(16, 0)
-    cov = patch_covariances(model, data, CONV)
+    cov = patch_covariances(model, data, whitenable(to_graph(model), 2))
+    assert set(cov) == {"conv3"}
     split, report = apply_pass(model, decompose_basis, min_channels=2, covariances=cov)
     assert report.counts["whitened"] == 1
     out = model.graph.output[0].name
@@ -45,7 +44,7 @@ def test_whitened_full_rank_split_is_exact():
 
 def test_whitened_basis_beats_plain_svd_at_equal_rank():
     model, data = _conv3x3(), _correlated(32, 1)
-    cov = patch_covariances(model, data, CONV)
+    cov = patch_covariances(model, data, whitenable(to_graph(model), 2))
     for rank in (2, 4, 8):
         plain, _ = _truncated_error(model, None, data, rank)
         whitened, _ = _truncated_error(model, cov, data, rank)
@@ -63,7 +62,10 @@ def test_streamed_statistics_equal_the_batch_computation():
     full_pooled = y.mean(axis=(2, 3))
     for batch in (1, 3, 7, 20):
         np.testing.assert_allclose(
-            patch_covariances(model, data, CONV, batch_size=batch)["conv3"], full_cov, rtol=1e-6, atol=1e-9
+            patch_covariances(model, data, whitenable(to_graph(model), 2), batch_size=batch)["conv3"],
+            full_cov,
+            rtol=1e-6,
+            atol=1e-9,
         )
         energy, pooled = channel_statistics(model, data, {out: 1}, pooled=True, batch_size=batch)
         np.testing.assert_allclose(energy[out], full_energy, rtol=1e-5)

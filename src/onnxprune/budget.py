@@ -8,12 +8,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxprune import rules
 from onnxprune.errors import BudgetError
 from onnxprune.graph import to_graph
 from onnxprune.passes.basis import BasisPair
 from onnxprune.passes.cleanup import cleanup
 from onnxprune.passes.groups import ChannelGraph
+from onnxprune.rules import layouts
 from onnxprune.shapes import fix_input_shapes
 
 TARGETS = ("params", "flops", "latency")
@@ -54,12 +54,8 @@ class CostModel:
             slices = {ps.index: ps for ps in step.params} if step is not None else {}
             out_shape = _shape(node.outputs[0], shapes) if node.outputs else None
             for i, tensor in enumerate(node.inputs):
-                if (
-                    isinstance(tensor, gs.Constant)
-                    and tensor.name in term_of
-                    and i in rules.WEIGHT_INPUTS.get(node.op, ())
-                ):
-                    self.terms[term_of[tensor.name]].macs_per_elem += rules.macs_per_weight(node, out_shape)
+                if isinstance(tensor, gs.Constant) and tensor.name in term_of and i in layouts.weight_inputs(node):
+                    self.terms[term_of[tensor.name]].macs_per_elem += layouts.macs_per_weight(node, out_shape)
                     continue  # a shared weight: stored once, multiplied at every use
                 if not isinstance(tensor, gs.Constant) or tensor.name in seen:
                     continue
@@ -67,7 +63,7 @@ class CostModel:
                 if values.dtype.kind != "f" or values.size == 0:
                     continue
                 seen.add(tensor.name)
-                macs = rules.macs_per_weight(node, out_shape) if i in rules.WEIGHT_INPUTS.get(node.op, ()) else 0
+                macs = layouts.macs_per_weight(node, out_shape) if i in layouts.weight_inputs(node) else 0
                 axes = []
                 for axis, name in slices[i].axes if i in slices else ():
                     full = len(analysis.flows[name].ids)

@@ -13,7 +13,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxprune import rules
 from onnxprune.budget import (
     TARGETS,
     Allocation,
@@ -37,14 +36,21 @@ from onnxprune.calibration.sensitivity import CUT_WEIGHT_RANGE, CutProbe, layer_
 from onnxprune.errors import BudgetError, GuardError, OnnxPruneError, PassError
 from onnxprune.graph import reinfer_shapes, to_graph, to_model, validate
 from onnxprune.latency import compare_latency, layer_latency, model_latency, simd_width, split_rank_limit
-from onnxprune.passes.basis import decompose_basis, find_basis_pairs, merge_unprofitable, pair_sizes, param_breakeven
+from onnxprune.passes.basis import (
+    decompose_basis,
+    find_basis_pairs,
+    merge_unprofitable,
+    pair_sizes,
+    param_breakeven,
+    whitenable,
+)
 from onnxprune.passes.cleanup import cleanup
 from onnxprune.passes.compensate import refit
 from onnxprune.passes.groups import find_channel_groups
 from onnxprune.passes.remove import remove_channels
 from onnxprune.progress import steps
 from onnxprune.result import PassResult, Report, Skip
-from onnxprune.rules import const
+from onnxprune.rules import layouts
 from onnxprune.shapes import choose_shapes, concrete_shapes
 from onnxprune.testing import random_feeds
 
@@ -357,7 +363,7 @@ def prune_one(
             if fit is not None and whiten:
                 graph = reinfer_shapes(graph, model)
                 covs = patch_covariances(
-                    to_model(graph, model), fit, _whitenable(graph, min_rank), batch_size=batch_size, seed=seed
+                    to_model(graph, model), fit, whitenable(graph, min_rank), batch_size=batch_size, seed=seed
                 )
             split = run_passes(graph, [partial(decompose_basis, min_channels=min_rank, covariances=covs)]).report
             pairs = pairs + split.facts.pop("pairs", [])
@@ -1364,7 +1370,7 @@ def _warn_few_samples(graph: gs.Graph, pairs: list, kept: dict, n_fit: int) -> N
     widths = {}
     for node in graph.nodes:
         if node.name in scaling or (node.inputs and node.inputs[0].name in kept):
-            w = rules.weight_matrix(node)
+            w = layouts.weight_matrix(node)
             if w is not None:
                 widths[node.name] = w.shape[1]
     if not widths:
@@ -1380,27 +1386,6 @@ def _warn_few_samples(graph: gs.Graph, pairs: list, kept: dict, n_fit: int) -> N
         )
 
 
-def _whitenable(graph: gs.Graph, min_rank: int) -> dict[str, tuple[str, dict]]:
-    """2-D plain Convs worth splitting: node name -> (input tensor, attributes) for their patch covariances."""
-    found = {}
-    for node in graph.nodes:
-        w = const(node.inputs[1]) if node.op == "Conv" and len(node.inputs) > 1 else None
-        if (
-            w is None
-            or w.ndim != 4
-            or int(node.attrs.get("group", 1)) != 1
-            or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
-        ):
-            continue
-        if min(w.shape[0], int(np.prod(w.shape[1:]))) >= min_rank:
-            attrs = {
-                "kernel_shape": list(w.shape[2:]),
-                **{k: list(node.attrs[k]) for k in ("strides", "pads", "dilations") if k in node.attrs},
-            }
-            found[node.name] = (node.inputs[0].name, attrs)
-    return found
-
-
 def _timing_spec(
     graph: gs.Graph, nodes: dict, pair, batch: int, concrete: dict | None
 ) -> tuple[str, list, list, int] | None:
@@ -1411,7 +1396,8 @@ def _timing_spec(
     model (ConvTranspose: such a layer stays dense).
     """
     basis = nodes.get(pair.basis)
-    if basis is None or basis.op not in ("Conv", "MatMul"):
+    layout = None if basis is None else layouts.layout_of(basis)
+    if layout is None:
         return None
     x_shape = (concrete or {}).get(basis.inputs[0].name)
     if x_shape is None and basis.inputs[0].shape is not None:
@@ -1419,9 +1405,10 @@ def _timing_spec(
     if x_shape is None or any(not isinstance(d, int) for d in x_shape):
         return None
     r, k, co = pair_sizes(graph, pair)
-    w = const(basis.inputs[1])
-    shape, op = ([co, *w.shape[1:]], "Conv") if basis.op == "Conv" else ([k, co], "MatMul")
-    return op, list(x_shape), shape, min(r, param_breakeven(k, co))
+    dense = layout.timing(basis, k, co)
+    if dense is None:
+        return None
+    return dense[0], list(x_shape), dense[1], min(r, param_breakeven(k, co))
 
 
 def _concrete_at(graph: gs.Graph, model: onnx.ModelProto, count_shapes: dict | None, batch: int, seed: int):
@@ -1481,7 +1468,7 @@ def _latency_curves(
 
 def _mid_axis(graph: gs.Graph, pair) -> int:
     basis = next(n for n in graph.nodes if n.name == pair.basis)
-    return rules.output_channel_axis(basis)
+    return layouts.output_channel_axis(basis)
 
 
 def _name_output_nodes(report: Report, model: onnx.ModelProto, out: onnx.ModelProto) -> None:

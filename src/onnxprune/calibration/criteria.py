@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune import rules
 from onnxprune.errors import CalibrationError
 from onnxprune.passes.basis import BasisPair
 from onnxprune.passes.groups import ChannelGraph
-from onnxprune.rules import Kind, const
+from onnxprune.rules import Kind, const, layouts
 
 Criterion = Callable[["Context"], np.ndarray]
 _CRITERIA: dict[str, Criterion] = {}
@@ -279,7 +278,7 @@ def consumer_inputs(graph: gs.Graph, analysis: ChannelGraph) -> dict[str, int]:
     """Tensor -> channel axis of every tracked tensor a matrix op (Conv, Gemm, MatMul) reads (for `consumer_energy`)."""
     found = {}
     for node in graph.nodes:
-        if rules.weight_matrix(node) is not None and node.inputs[0].name in analysis.flows:
+        if layouts.weight_matrix(node) is not None and node.inputs[0].name in analysis.flows:
             found[node.inputs[0].name] = analysis.flows[node.inputs[0].name].axis
     return found
 
@@ -300,13 +299,13 @@ def consumer_energy(context: Context) -> np.ndarray:
     scaling_of = {p.basis: p.scaling for p in context.pairs}
     nodes = {n.name: n for n in context.graph.nodes}
     for node in context.graph.nodes:
-        w = rules.weight_matrix(node)
+        w = layouts.weight_matrix(node)
         source = node.inputs[0].name if node.inputs else None
         if w is None or source not in context.energy or source not in context.analysis.flows:
             continue
         w = w.astype(np.float64)
-        if node.name in scaling_of and rules.weight_matrix(nodes[scaling_of[node.name]]) is not None:
-            w = rules.weight_matrix(nodes[scaling_of[node.name]]).astype(np.float64) @ w
+        if node.name in scaling_of and layouts.weight_matrix(nodes[scaling_of[node.name]]) is not None:
+            w = layouts.weight_matrix(nodes[scaling_of[node.name]]).astype(np.float64) @ w
         energy = context.energy[source]
         if w.shape[1] % len(energy):
             continue

@@ -12,6 +12,8 @@ from onnxprune.calibration.data import Samples, as_samples
 from onnxprune.errors import CalibrationError
 from onnxprune.graph import session
 from onnxprune.progress import steps
+from onnxprune.rules import layouts, scores_reach
+from onnxprune.rules.layouts import channels_last
 
 HELD_OUT = 0.2  # fraction of the calibration samples kept for measuring fidelity, never used for decisions
 
@@ -249,11 +251,6 @@ def run_batches(model: onnx.ModelProto, data: Data, *, batch_size: int = 64) -> 
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def channels_last(x: np.ndarray, axis: int = 1) -> np.ndarray:
-    """[..., C, ...] -> [positions, C]: every spatial position (and sample) becomes a row."""
-    return np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]).astype(np.float64)
-
-
 def channel_statistics(
     model: onnx.ModelProto,
     data: Data,
@@ -295,52 +292,35 @@ def row_budget(samples: int) -> int:
     return ROWS_PER_SAMPLE * max(int(samples), 1)
 
 
-def im2col(
-    x: np.ndarray, kernel: list[int], *, strides: list[int], pads: list[int], dilations: list[int]
-) -> np.ndarray:
-    """[N, C, H, W] -> [positions, C*kh*kw]: the input patch each output position of a 2-D Conv sees."""
-    n, c, h, w = x.shape
-    kh, kw = kernel
-    pt, pl, pb, pr = pads[0], pads[1], pads[2], pads[3]
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-    ho = (h + pt + pb - dilations[0] * (kh - 1) - 1) // strides[0] + 1
-    wo = (w + pl + pr - dilations[1] * (kw - 1) - 1) // strides[1] + 1
-    cols = np.empty((n, c, kh, kw, ho, wo), dtype=x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            hi, wj = i * dilations[0], j * dilations[1]
-            cols[:, :, i, j] = xp[:, :, hi : hi + strides[0] * ho : strides[0], wj : wj + strides[1] * wo : strides[1]]
-    return cols.transpose(0, 4, 5, 1, 2, 3).reshape(n * ho * wo, c * kh * kw)
-
-
 def patch_covariances(
     model: onnx.ModelProto,
     data: Data,
-    convs: dict[str, tuple[str, dict]],
+    layers: dict[str, tuple[str, layouts.Rows]],
     *,
     batch_size: int = 32,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
-    """E[p p^T] of each Conv's input patches (node name -> (input tensor, attrs with kernel_shape, strides...)).
+    """E[p p^T] [K, K] of each layer's input patches, streamed over `data`.
 
-    Streamed: per batch at most `row_budget` patch rows are sampled, so memory depends on the batch size and the
-    layers, not on the number of samples.
+    Args:
+        model: The model to run.
+        data: Calibration samples.
+        layers: Node name -> (its input tensor, the map from that input to patch rows: ``Layout.patches``).
+        batch_size: Samples per batch when the batch dim is dynamic.
+        seed: Seeds the sub-sampling of patch rows: per batch at most `row_budget` rows, so memory depends on the
+            batch size and the layers, not on the number of samples.
+
+    Returns:
+        Node name -> covariance (float64).
     """
     rng = np.random.default_rng(seed)
     sums: dict[str, np.ndarray] = {}
-    counts = dict.fromkeys(convs, 0)
-    tensors = sorted({t for t, _ in convs.values()})
+    tensors = sorted({t for t, _ in layers.values()})
+    counts = dict.fromkeys(layers, 0)
     for batch in stream(model, data, tensors, batch_size=batch_size):
-        for name, (tensor, attrs) in convs.items():
-            x = batch[tensor].astype(np.float64)
-            rank = x.ndim - 2
-            patches = im2col(
-                x,
-                attrs["kernel_shape"],
-                strides=attrs.get("strides", [1] * rank),
-                pads=attrs.get("pads", [0] * 2 * rank),
-                dilations=attrs.get("dilations", [1] * rank),
-            )
+        for name, (tensor, rows) in layers.items():
+            x = batch[tensor]
+            patches = rows(x)
             if len(patches) > row_budget(len(x)):
                 patches = patches[rng.choice(len(patches), row_budget(len(x)), replace=False)]
             sums[name] = sums.get(name, 0) + patches.T @ patches
@@ -448,7 +428,6 @@ def sequence_outputs(model: onnx.ModelProto) -> dict[str, int]:
     of boxes, objectness and classes, is not one. `fidelity` reads the rank-3 ones as a class per position of a
     sequence (a CTC text recogniser's head).
     """
-    from onnxprune import rules  # the op table; imported here, as rules imports nothing from calibration
     from onnxprune.graph import to_graph
 
     graph = to_graph(model)
@@ -457,9 +436,9 @@ def sequence_outputs(model: onnx.ModelProto) -> dict[str, int]:
         t, depth = out, 0
         while t.inputs and depth < 8:  # back along the data input to the layer that makes the last axis
             node, depth = t.inputs[0], depth + 1
-            matrix = rules.weight_matrix(node)
+            matrix = layouts.weight_matrix(node)
             if matrix is not None:
-                if rules.scores_reach(node.outputs[0], [out], len(matrix), at_run_time=True):
+                if scores_reach(node.outputs[0], [out], len(matrix), at_run_time=True):
                     found[out.name] = len(matrix)
                 break
             if not node.inputs:

@@ -17,7 +17,7 @@ from scipy import linalg
 
 from onnxprune.graph import unique_name
 from onnxprune.result import PassResult, Report
-from onnxprune.rules import SPLIT_OPS, basis_layer, basis_matrix, const, merged_layer, weight_matrix
+from onnxprune.rules.layouts import Rows, basis_matrix, const, input_of, layout_of
 
 ORTHONORMAL_TOLERANCE = 1e-3
 
@@ -52,7 +52,7 @@ def decompose_basis(
     report = Report()
     made: list[BasisPair] = []
     paired = {n for p in find_basis_pairs(graph) for n in (p.basis, p.scaling)}
-    for node in [n for n in graph.nodes if n.op in SPLIT_OPS]:
+    for node in [n for n in graph.nodes if _splittable(n)]:
         if node.name in paired:
             report.skip(node, "already a basis/scaling pair")
             continue
@@ -119,42 +119,25 @@ def thin_svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _split(graph: gs.Graph, node: gs.Node, matrix: np.ndarray, cov: np.ndarray | None) -> BasisPair:
-    w = const(node.inputs[1])
-    dtype = w.dtype
+    layout = layout_of(node)
+    dtype = const(node.inputs[1]).dtype
     scaling, vt = _factor(matrix.astype(np.float64), cov)  # [out, r], [r, in]
     r = len(vt)
     x, y = node.inputs[0], node.outputs[0]
-    base = node.name
-    shape = None
-    if y.shape is not None:  # the scaling op keeps the layout: mid is y with r channels
-        shape = list(y.shape[:1]) + [r] + list(y.shape[2:]) if w.ndim > 2 else list(y.shape[:-1]) + [r]
-    mid = gs.Variable(unique_name(graph, f"{base}_basis_out"), dtype=y.dtype, shape=shape)
-    basis_name, scaling_name = unique_name(graph, f"{base}_basis"), unique_name(graph, f"{base}_scaling")
-    rest = list(node.inputs[2:])
-    if w.ndim > 2:  # Conv, ConvTranspose: the basis op in the layer's own kind, a 1x1 Conv to scale
-        op, attrs, basis_w = basis_layer(node, vt)
-        scaling_w = scaling.reshape((len(scaling), r) + (1,) * (w.ndim - 2))
-        first = gs.Node(
-            op,
-            basis_name,
-            attrs=attrs,
-            inputs=[x, gs.Constant(f"{basis_name}/weight", basis_w.astype(dtype))],
-            outputs=[mid],
-        )
-        second = gs.Node(
-            "Conv",
-            scaling_name,
-            attrs={"kernel_shape": [1] * (w.ndim - 2)},
-            inputs=[mid, gs.Constant(f"{scaling_name}/weight", scaling_w.astype(dtype)), *rest],
-            outputs=[y],
-        )
-    else:
-        first = gs.Node(
-            "MatMul", basis_name, inputs=[x, gs.Constant(f"{basis_name}/weight", vt.T.astype(dtype))], outputs=[mid]
-        )
-        second_w = gs.Constant(f"{scaling_name}/weight", scaling.T.astype(dtype))
-        attrs = {k: v for k, v in node.attrs.items() if k in ("alpha", "beta")}
-        second = gs.Node(node.op, scaling_name, attrs=attrs, inputs=[mid, second_w, *rest], outputs=[y])
+    shape = None if y.shape is None else layout.mid_shape(list(y.shape), r)  # mid is y with r channels
+    mid = gs.Variable(unique_name(graph, f"{node.name}_basis_out"), dtype=y.dtype, shape=shape)
+    basis_name, scaling_name = unique_name(graph, f"{node.name}_basis"), unique_name(graph, f"{node.name}_scaling")
+    op, attrs, basis_w = layout.basis_layer(node, vt)
+    first = gs.Node(
+        op,
+        basis_name,
+        attrs=attrs,
+        inputs=[x, gs.Constant(f"{basis_name}/weight", basis_w.astype(dtype))],
+        outputs=[mid],
+    )
+    op, attrs, scaling_w = layout.scaling_layer(node, scaling)
+    second_w = gs.Constant(f"{scaling_name}/weight", scaling_w.astype(dtype))
+    second = gs.Node(op, scaling_name, attrs=attrs, inputs=[mid, second_w, *node.inputs[2:]], outputs=[y])
     node.inputs.clear()
     node.outputs.clear()
     graph.nodes.extend([first, second])
@@ -165,19 +148,18 @@ def find_basis_pairs(graph: gs.Graph) -> list[BasisPair]:
     """Basis ops (orthonormal filters, no bias) that feed only a 1x1 scaling op: split layers, ours or re-exported."""
     pairs = []
     for node in graph.nodes:
-        if node.op not in SPLIT_OPS or len(node.outputs) != 1:
+        if not _splittable(node) or len(node.outputs) != 1:
             continue
         mid = node.outputs[0]
         if len(mid.outputs) != 1 or mid in graph.outputs:
             continue
         nxt = mid.outputs[0]
-        if nxt.op not in SPLIT_OPS or nxt.inputs[0] is not mid or not _is_scaling(nxt):
+        if nxt.op not in layout_of(node).scaling_ops or nxt.inputs[0] is not mid or not layout_of(nxt).pointwise(nxt):
             continue
-        if node.op in ("Conv", "ConvTranspose") and (nxt.op != "Conv"):
-            continue
-        has_bias = len(node.inputs) > 2 and node.inputs[2].name and np.any(const(node.inputs[2]) != 0)
+        index = layout_of(node).bias
+        bias = None if index is None else input_of(node, index)
         basis = basis_matrix(node)
-        if basis is None or has_bias or node.op == "Gemm" and nxt.op != "Gemm":
+        if basis is None or (bias is not None and (const(bias) is None or np.any(const(bias) != 0))):
             continue
         rows = basis.astype(np.float64)  # [r, K]
         if rows.shape[0] > rows.shape[1]:
@@ -188,21 +170,31 @@ def find_basis_pairs(graph: gs.Graph) -> list[BasisPair]:
     return pairs
 
 
-def _is_scaling(node: gs.Node) -> bool:
-    if weight_matrix(node) is None:
-        return False
-    if node.op != "Conv":
-        return True
-    w = const(node.inputs[1])
-    plain = all(v == 1 for v in node.attrs.get("strides", [1])) and not any(node.attrs.get("pads", [0]))
-    return all(k == 1 for k in w.shape[2:]) and plain and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID")
+def _splittable(node: gs.Node) -> bool:
+    layout = layout_of(node)
+    return layout is not None and layout.split
+
+
+def whitenable(graph: gs.Graph, min_rank: int) -> dict[str, tuple[str, Rows]]:
+    """Layers a split may whiten: node name -> (input tensor, its patch rows), for ``runner.patch_covariances``.
+
+    Those whose layout allows it (``Layout.whiten``), whose patches are known, and whose rank min(out, in) is at least
+    `min_rank` (smaller ones are not split).
+    """
+    found = {}
+    for node in graph.nodes:
+        layout = layout_of(node)
+        rows = layout.patches(node) if layout is not None and layout.whiten else None
+        if rows is not None and min(layout.matrix(node).shape) >= min_rank:
+            found[node.name] = (node.inputs[0].name, rows)
+    return found
 
 
 def pair_sizes(graph: gs.Graph, pair: BasisPair) -> tuple[int, int, int]:
     """(rank r, in size K, out size Co) of a pair as it is now."""
     nodes = {n.name: n for n in graph.nodes}
     basis = basis_matrix(nodes[pair.basis])
-    scaling = weight_matrix(nodes[pair.scaling])
+    scaling = layout_of(nodes[pair.scaling]).matrix(nodes[pair.scaling])
     return basis.shape[0], basis.shape[1], scaling.shape[0]
 
 
@@ -246,8 +238,8 @@ def _merge(graph: gs.Graph, basis: gs.Node, scaling: gs.Node) -> str:
     """Replace the pair by one op holding the product of its weights; returns the new node's name."""
     dtype = const(basis.inputs[1]).dtype
     name = basis.name[: -len("_basis")] if basis.name.endswith("_basis") else basis.name
-    product = weight_matrix(scaling).astype(np.float64) @ basis_matrix(basis).astype(np.float64)  # [out, in]
-    op, attrs, weight = merged_layer(basis, scaling, product)
+    product = layout_of(scaling).matrix(scaling).astype(np.float64) @ basis_matrix(basis).astype(np.float64)
+    op, attrs, weight = layout_of(basis).merged_layer(basis, scaling, product)  # product [out, in]
     weight_in = gs.Constant(unique_name(graph, f"{name}/weight"), weight.astype(dtype))
     merged = gs.Node(
         op,

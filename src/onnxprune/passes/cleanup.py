@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 from onnxprune import rules
 from onnxprune.graph import refresh_shapes, unique_name
 from onnxprune.result import PassResult, Report
-from onnxprune.rules import const
+from onnxprune.rules import const, layouts
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,8 @@ def _fold_batch_norm(graph: gs.Graph, bn: gs.Node) -> bool:
         return False
     producer = x.inputs[0]
     weight = const(producer.inputs[1]) if len(producer.inputs) > 1 else None
-    axis = rules.weight_out_axis(producer)
-    if weight is None or axis is None or producer.op not in rules.BIAS_INPUT:
+    axis = layouts.weight_out_axis(producer)
+    if weight is None or axis is None or layouts.bias_input(producer) != 2:
         return False
     if float(producer.attrs.get("beta", 1.0)) != 1.0:  # Gemm: the new bias is written for beta = 1
         return False

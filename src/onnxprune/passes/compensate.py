@@ -34,12 +34,13 @@ from scipy import linalg
 
 from onnxprune import rules
 from onnxprune.calibration.frontier import Frontier
-from onnxprune.calibration.runner import channels_last, im2col, row_budget
+from onnxprune.calibration.runner import row_budget
 from onnxprune.graph import to_graph, unique_name
 from onnxprune.passes.basis import BasisPair
 from onnxprune.progress import steps
 from onnxprune.result import PassResult, Report
-from onnxprune.rules import const
+from onnxprune.rules import const, layouts
+from onnxprune.rules.layouts import channels_last
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,9 @@ def refit(
         if target is None or rows is None:
             report.skip(node, "no matching tensor in the original model to fit to, or an input layout not handled")
             continue
-        old_w, old_b = rules.affine(node)
-        axis = rules.output_channel_axis(node)
-        with_bias = node.op in rules.BIAS_INPUT
+        old_w, old_b = layouts.affine(node)
+        axis = layouts.output_channel_axis(node)
+        with_bias = layouts.bias_input(node) is not None
         source = node.inputs[0].name
         r = old_w.shape[1]
         batches = runs.fit(source, target)
@@ -150,35 +151,20 @@ def _solve(zz: np.ndarray, yz: np.ndarray, r: int, ridge: float) -> np.ndarray |
     return solved if np.all(np.isfinite(solved)) else None
 
 
-def _rows_of(node: gs.Node):
+def _rows_of(node: gs.Node) -> layouts.Rows | None:
     """The map x -> [positions, in] rows that the [out, in] weight matrix multiplies; None for other layouts."""
-    w = rules.weight_matrix(node)
-    if w is None:
-        return None
-    if node.op != "Conv":
-        return lambda x: channels_last(x, 1 if node.op == "Gemm" else x.ndim - 1)
-    weight = const(node.inputs[1])
-    if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        return None
-    if weight.ndim == 4:
-        kernel = list(weight.shape[2:])
-        pads = list(node.attrs.get("pads", [0, 0, 0, 0]))
-        strides = list(node.attrs.get("strides", [1, 1]))
-        dilations = list(node.attrs.get("dilations", [1, 1]))
-        return lambda x: im2col(x.astype(np.float64), kernel, strides=strides, pads=pads, dilations=dilations)
-    plain = all(k == 1 for k in weight.shape[2:]) and not any(node.attrs.get("pads", []))
-    plain = plain and all(v == 1 for v in node.attrs.get("strides", []))
-    return (lambda x: channels_last(x, 1)) if plain else None
+    layout = layouts.layout_of(node)
+    return None if layout is None else layout.patches(node)
 
 
 def _write(graph: gs.Graph, node: gs.Node, w: np.ndarray, b: np.ndarray | None) -> None:
     dtype = const(node.inputs[1]).dtype
-    weight, attrs = rules.weight_from_matrix(node, w)
+    weight, attrs = layouts.layout_of(node).from_matrix(node, w)
     node.attrs.update(attrs)
     node.inputs[1] = gs.Constant(unique_name(graph, f"{node.name}/weight_refit"), weight.astype(dtype))
     if b is not None:
         bias = gs.Constant(unique_name(graph, f"{node.name}/bias_refit"), b.astype(dtype))
-        index = rules.BIAS_INPUT[node.op]
+        index = layouts.bias_input(node)
         while len(node.inputs) <= index:
             node.inputs.append(gs.Variable.empty())
         node.inputs[index] = bias
@@ -231,7 +217,7 @@ def _target_of(
         ):
             fitted, offset = add.outputs[0], other.name
     clip = None if fitted in graph.outputs else _clip_bounds(fitted)
-    classes = offset is None and clip is None and _class_scores(fitted, graph, rules.output_channel_axis(node))
+    classes = offset is None and clip is None and _class_scores(fitted, graph, layouts.output_channel_axis(node))
     return Target(fitted.name, offset, clip, kept.get(fitted.name), classes)
 
 
@@ -416,7 +402,7 @@ def _still_split(pair: BasisPair, nodes: dict[str, gs.Node]) -> bool:
         basis is not None
         and pair.scaling in nodes
         and basis.outputs[0].name == pair.mid
-        and rules.weight_matrix(basis) is not None
+        and layouts.weight_matrix(basis) is not None
     )
 
 
@@ -435,13 +421,13 @@ def _refit_low_rank(graph, basis, scaling, runs, original_names, kept, pending, 
     """
     rows = _rows_of(basis)
     target = _target_of(scaling, graph, original_names, kept, pending - {id(basis), id(scaling)})
-    b_w, _ = rules.affine(basis)
-    s_w, s_b = rules.affine(scaling)
+    b_w, _ = layouts.affine(basis)
+    s_w, s_b = layouts.affine(scaling)
     r, k = b_w.shape
-    if rows is None or target is None or k > MAX_LOW_RANK_INPUTS or rules.weight_matrix(scaling) is None:
+    if rows is None or target is None or k > MAX_LOW_RANK_INPUTS or layouts.weight_matrix(scaling) is None:
         return False
-    axis = rules.output_channel_axis(scaling)
-    with_bias = scaling.op in rules.BIAS_INPUT
+    axis = layouts.output_channel_axis(scaling)
+    with_bias = layouts.bias_input(scaling) is not None
     source = basis.inputs[0].name
     batches = runs.fit(source, target)
     weights = _class_weights(batches, target, axis) if target.classes else None

@@ -1,0 +1,406 @@
+"""Weight layouts: where each weighted op keeps its weight and bias, and that weight seen as an [out, in] matrix.
+
+One entry per op type (``LAYOUTS``), the companion of the channel rules in ``onnxprune.rules``: a producer's rule
+reads its weight axes here, and the basis split, its merge, the refit's patch rows, the MAC count, the latency
+model and the criteria ask the entry instead of branching on the op. A weighted op the rules know but no entry
+describes (or a node the entry cannot read: a computed or grouped weight) is counted by its rule and left whole by
+everything that needs a matrix. Adding a weighted op is one entry here plus its channel rule.
+
+Sources: ONNX operator specs Conv, ConvTranspose, Gemm, MatMul (opset 1-22), LSTM / GRU / RNN (opset 7-22).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}  # blocks of hidden units in W [D, gates*H, I], R [D, gates*H, H]
+
+Rows = Callable[[np.ndarray], np.ndarray]  # an input batch -> [positions, K] rows the [out, K] matrix multiplies
+
+
+def const(tensor: gs.Tensor | None) -> np.ndarray | None:
+    """The value of a constant input, or None."""
+    return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+
+
+def input_of(node: gs.Node, i: int) -> gs.Tensor | None:
+    """Input `i` of `node`, or None when it is absent or omitted (an empty name)."""
+    if i >= len(node.inputs) or node.inputs[i].name == "":
+        return None
+    return node.inputs[i]
+
+
+def gemm_bias_error(node: gs.Node, n_out: int) -> str | None:
+    """Why a Gemm's bias C is not one value per output channel (None when it is, or broadcasts one value)."""
+    bias = const(node.inputs[2]) if input_of(node, 2) is not None else None
+    if bias is None:
+        return None if input_of(node, 2) is None else "Gemm bias is computed in the graph"
+    if bias.size == 1 or (bias.ndim <= 2 and bias.shape[-1] == n_out and bias.size == n_out):
+        return None
+    return f"Gemm bias of shape {list(bias.shape)} varies over the rows, not only the output channels"
+
+
+def channels_last(x: np.ndarray, axis: int = 1) -> np.ndarray:
+    """[..., C, ...] -> [positions, C] float64: every spatial position (and sample) becomes a row."""
+    return np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]).astype(np.float64)
+
+
+def im2col(
+    x: np.ndarray, kernel: list[int], *, strides: list[int], pads: list[int], dilations: list[int]
+) -> np.ndarray:
+    """[N, C, H, W] -> [positions, C*kh*kw]: the input patch each output position of a 2-D Conv sees."""
+    n, c, h, w = x.shape
+    kh, kw = kernel
+    pt, pl, pb, pr = pads[0], pads[1], pads[2], pads[3]
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    ho = (h + pt + pb - dilations[0] * (kh - 1) - 1) // strides[0] + 1
+    wo = (w + pl + pr - dilations[1] * (kw - 1) - 1) // strides[1] + 1
+    cols = np.empty((n, c, kh, kw, ho, wo), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            hi, wj = i * dilations[0], j * dilations[1]
+            cols[:, :, i, j] = xp[:, :, hi : hi + strides[0] * ho : strides[0], wj : wj + strides[1] * wo : strides[1]]
+    return cols.transpose(0, 4, 5, 1, 2, 3).reshape(n * ho * wo, c * kh * kw)
+
+
+class Layout:
+    """A weighted op's layout. The defaults describe an op with weights but no matrix view (not split, not refitted).
+
+    Attributes:
+        weights: Input indices holding weights (parameters counted, MACs per weight element).
+        bias: Input index of a bias added per output channel (None: the op has none).
+        split: Whether a basis split (DESIGN §2) applies to the op.
+        whiten: Whether a split may follow a whitened basis from input-patch covariances (measured on Conv only).
+        scaling_ops: Ops that may follow a basis op of this kind as its scaling op.
+    """
+
+    weights: tuple[int, ...] = (1,)
+    bias: int | None = None
+    split: bool = False
+    whiten: bool = False
+    scaling_ops: tuple[str, ...] = ()
+
+    def axes(self, node: gs.Node) -> tuple[int, int] | None:
+        """(output-channel axis, input-channel axis) of the weight.
+
+        None where the attributes mix them (grouped ConvTranspose, Gemm with transA).
+        """
+        return None
+
+    def channel_axis(self, node: gs.Node, rank: int | None = None) -> int:
+        """Axis of the output that carries the channels.
+
+        1 in N, C, ... layouts; for MatMul the last: -1, or ``rank - 1`` counted from the front when `rank` is given.
+        """
+        return 1
+
+    def matrix(self, node: gs.Node) -> np.ndarray | None:
+        """The constant weight as an [out, in] matrix (alpha not applied); None where it is not one."""
+        return None
+
+    def from_matrix(self, node: gs.Node, matrix: np.ndarray) -> tuple[np.ndarray, dict]:
+        """Inverse of `matrix` for `node`'s layout: (weight, attributes to set so that alpha = beta = 1)."""
+        raise NotImplementedError(node.op)
+
+    def affine(self, node: gs.Node) -> tuple[np.ndarray, np.ndarray | None]:
+        """The op as y = W x + b along its channel axis: W [out, in] float64, b [out] (None: no bias)."""
+        present = self.bias is not None and input_of(node, self.bias) is not None
+        return self.matrix(node).astype(np.float64), const(node.inputs[self.bias]).astype(
+            np.float64
+        ) if present else None
+
+    def basis_matrix(self, node: gs.Node) -> np.ndarray | None:
+        """The weight as the [out, in] matrix a basis split factors (`matrix`, unless the layout says otherwise)."""
+        return self.matrix(node)
+
+    def basis_layer(self, node: gs.Node, rows: np.ndarray) -> tuple[str, dict, np.ndarray]:
+        """(op, attributes, weight) of the basis op applying `rows` [r, in] to `node`'s input."""
+        return "MatMul", {}, rows.T
+
+    def scaling_layer(self, node: gs.Node, scaling: np.ndarray) -> tuple[str, dict, np.ndarray]:
+        """(op, attributes, weight) of the scaling op applying `scaling` [out, r] to the basis op's output."""
+        return "MatMul", {}, scaling.T
+
+    def merged_layer(self, basis: gs.Node, scaling: gs.Node, product: np.ndarray) -> tuple[str, dict, np.ndarray]:
+        """(op, attributes, weight) of the one op equal to basis op `basis` then `scaling` (`product` [out, in])."""
+        return scaling.op, layout_of(scaling).untransposed(scaling), product.T
+
+    def untransposed(self, node: gs.Node) -> dict:
+        """`node`'s attributes for a weight written [in, out], scale factors kept (a merge writes the product)."""
+        return dict(node.attrs)
+
+    def mid_shape(self, out_shape: list, rank: int) -> list:
+        """Shape of the tensor between basis and scaling op, from the layer's output shape."""
+        return list(out_shape[:-1]) + [rank]
+
+    def pointwise(self, node: gs.Node) -> bool:
+        """Whether the weight applies to each position alone (a scaling op: a matrix on the channel axis)."""
+        return self.matrix(node) is not None
+
+    def patches(self, node: gs.Node) -> Rows | None:
+        """The map from an input batch to the rows [positions, K] the [out, K] matrix multiplies; None: not known."""
+        return None
+
+    def macs_per_weight(self, node: gs.Node, out_dims: list[int]) -> int:
+        """Multiply-accumulates per sample for each weight element, given the output's dims (unknown ones as 1)."""
+        return 0
+
+    def timing(self, node: gs.Node, k: int, co: int) -> tuple[str, list[int]] | None:
+        """(op, dense weight shape) to time a split layer whose basis op is `node` (K inputs, Co outputs) dense.
+
+        The layer model of ``latency.py``; None: no timing model, such a layer stays dense.
+        """
+        return None
+
+
+class _ConvLayout(Layout):
+    weights, bias, split, whiten, scaling_ops = (1,), 2, True, True, ("Conv",)
+
+    def axes(self, node):
+        return 0, 1
+
+    def matrix(self, node):
+        w = const(input_of(node, 1))
+        if w is None or w.ndim < 3 or int(node.attrs.get("group", 1)) != 1:
+            return None
+        return w.reshape(w.shape[0], -1)
+
+    def from_matrix(self, node, matrix):  # [out, in * kernel] -> [out, in, *kernel], the kernel it replaces
+        return matrix.reshape(matrix.shape[0], -1, *const(node.inputs[1]).shape[2:]), {}
+
+    def basis_layer(self, node, rows):
+        return "Conv", {**node.attrs, "group": 1}, rows.reshape((len(rows),) + const(node.inputs[1]).shape[1:])
+
+    def scaling_layer(self, node, scaling):
+        spatial = const(node.inputs[1]).ndim - 2
+        return "Conv", {"kernel_shape": [1] * spatial}, scaling.reshape(scaling.shape + (1,) * spatial)
+
+    def merged_layer(self, basis, scaling, product):
+        return "Conv", dict(basis.attrs), product.reshape((len(product),) + const(basis.inputs[1]).shape[1:])
+
+    def mid_shape(self, out_shape, rank):
+        return list(out_shape[:1]) + [rank] + list(out_shape[2:])
+
+    def pointwise(self, node):
+        w = self.matrix(node)
+        if w is None:
+            return False
+        kernel = const(node.inputs[1]).shape[2:]
+        plain = all(v == 1 for v in node.attrs.get("strides", [1])) and not any(node.attrs.get("pads", [0]))
+        return all(k == 1 for k in kernel) and plain and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID")
+
+    def patches(self, node):
+        w = const(input_of(node, 1))
+        if self.matrix(node) is None or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            return None
+        if w.ndim == 4:
+            kernel = list(w.shape[2:])
+            pads = list(node.attrs.get("pads", [0, 0, 0, 0]))
+            strides = list(node.attrs.get("strides", [1, 1]))
+            dilations = list(node.attrs.get("dilations", [1, 1]))
+            return lambda x: im2col(x.astype(np.float64), kernel, strides=strides, pads=pads, dilations=dilations)
+        return (lambda x: channels_last(x, 1)) if self.pointwise(node) else None
+
+    def macs_per_weight(self, node, out_dims):
+        return int(np.prod(out_dims[2:], dtype=np.int64))
+
+    def timing(self, node, k, co):
+        return "Conv", [co, *const(node.inputs[1]).shape[1:]]
+
+
+class _ConvTransposeLayout(Layout):
+    """W [Ci, Co, k...]; as a matrix for the basis split, [Co, Ci * k...] (no refit: its patches are not rows)."""
+
+    weights, bias, split, scaling_ops = (1,), 2, True, ("Conv",)
+
+    def axes(self, node):
+        return (1, 0) if int(node.attrs.get("group", 1)) == 1 else None
+
+    def basis_matrix(self, node):
+        w = const(input_of(node, 1))
+        if w is None or w.ndim < 3 or int(node.attrs.get("group", 1)) != 1:
+            return None
+        return np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)  # output co gets the sum over ci and taps of W[ci, co]
+
+    def basis_layer(self, node, rows):  # [Ci, r, k...]: a ConvTranspose to r channels, same strides, pads, taps
+        w = const(node.inputs[1])
+        return "ConvTranspose", dict(node.attrs), np.moveaxis(rows.reshape((len(rows), w.shape[0]) + w.shape[2:]), 0, 1)
+
+    scaling_layer = _ConvLayout.scaling_layer
+    mid_shape = _ConvLayout.mid_shape
+
+    def merged_layer(self, basis, scaling, product):
+        bw = const(basis.inputs[1])
+        shape = (len(product), bw.shape[0]) + bw.shape[2:]
+        return "ConvTranspose", dict(basis.attrs), np.moveaxis(product.reshape(shape), 0, 1)
+
+    def macs_per_weight(self, node, out_dims):  # each weight multiplies every input position once
+        x = node.inputs[0].shape
+        if x is None or len(x) != len(out_dims):
+            return 0
+        return int(np.prod([d if isinstance(d, int) and d >= 0 else 1 for d in x[2:]], dtype=np.int64))
+
+
+class _GemmLayout(Layout):
+    """Y = alpha A B + beta C with B [in, out] (transB 0) or [out, in]; split as MatMul basis + Gemm scaling."""
+
+    weights, bias, split, scaling_ops = (1,), 2, True, ("Gemm",)
+
+    def axes(self, node):
+        if node.attrs.get("transA", 0):
+            return None
+        return (0, 1) if node.attrs.get("transB", 0) else (1, 0)
+
+    def matrix(self, node):
+        w = const(input_of(node, 1))
+        if w is None or w.ndim != 2 or node.attrs.get("transA", 0):
+            return None
+        matrix = w if node.attrs.get("transB", 0) else w.T
+        return None if gemm_bias_error(node, matrix.shape[0]) else matrix  # a bias varying over rows: no W x + b
+
+    def from_matrix(self, node, matrix):
+        return matrix.T, {"alpha": 1.0, "beta": 1.0, "transB": 0}
+
+    def affine(self, node):
+        w, bias = super().affine(node)
+        alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+        return alpha * w, None if bias is None else beta * np.broadcast_to(bias.reshape(-1), (w.shape[0],))
+
+    def untransposed(self, node):
+        return {**node.attrs, "transB": 0}
+
+    def scaling_layer(self, node, scaling):
+        return "Gemm", {k: v for k, v in node.attrs.items() if k in ("alpha", "beta")}, scaling.T
+
+    def mid_shape(self, out_shape, rank):
+        return list(out_shape[:1]) + [rank]
+
+    def patches(self, node):
+        return (lambda x: channels_last(x, 1)) if self.matrix(node) is not None else None
+
+    def macs_per_weight(self, node, out_dims):
+        return 1
+
+
+class _MatMulLayout(Layout):
+    """Y = A B with a constant B [in, out]: channels on the last axis; no bias."""
+
+    weights, bias, split, scaling_ops = (1,), None, True, ("MatMul", "Gemm")
+
+    def axes(self, node):
+        return 1, 0
+
+    def channel_axis(self, node, rank=None):
+        return -1 if rank is None else rank - 1
+
+    def matrix(self, node):
+        w = const(input_of(node, 1))
+        return w.T if w is not None and w.ndim == 2 else None
+
+    def from_matrix(self, node, matrix):
+        return matrix.T, {}
+
+    def patches(self, node):
+        return (lambda x: channels_last(x, x.ndim - 1)) if self.matrix(node) is not None else None
+
+    def macs_per_weight(self, node, out_dims):
+        return int(np.prod(out_dims[1:-1], dtype=np.int64)) if len(out_dims) >= 2 else 0
+
+    def timing(self, node, k, co):
+        return "MatMul", [k, co]
+
+
+class _RecurrentLayout(Layout):
+    """W [D, gates*H, I] and R [D, gates*H, H], each element used once per time step.
+
+    Y is [T, D, B, H] (layout 1: [B, T, D, H]). The bias B [D, 2*gates*H] is sliced by the channel rule; it is not
+    a per-output bias here.
+    """
+
+    weights = (1, 2)
+
+    def macs_per_weight(self, node, out_dims):
+        if len(out_dims) != 4:
+            return 0
+        return out_dims[1] if node.attrs.get("layout", 0) else out_dims[0]
+
+
+LAYOUTS: dict[str, Layout] = {
+    "Conv": _ConvLayout(),
+    "ConvTranspose": _ConvTransposeLayout(),
+    "Gemm": _GemmLayout(),
+    "MatMul": _MatMulLayout(),
+    **{op: _RecurrentLayout() for op in GATES},
+}
+
+
+def layout_of(node: gs.Node) -> Layout | None:
+    """The weight layout of `node` (standard ONNX domain only), or None for an op without weights."""
+    return LAYOUTS.get(node.op) if node.domain in (None, "", "ai.onnx") else None
+
+
+def weight_matrix(node: gs.Node) -> np.ndarray | None:
+    """The constant weight of a Conv (group 1), Gemm (transA 0) or MatMul as an [out, in] matrix; alpha not applied.
+
+    Returns:
+        The matrix, or None when the node has no such weight (another op, a computed or grouped weight).
+    """
+    layout = layout_of(node)
+    return None if layout is None else layout.matrix(node)
+
+
+def basis_matrix(node: gs.Node) -> np.ndarray | None:
+    """The weight a basis split factors, as an [out, in] matrix; None when the op is not split."""
+    layout = layout_of(node)
+    return layout.basis_matrix(node) if layout is not None and layout.split else None
+
+
+def affine(node: gs.Node) -> tuple[np.ndarray, np.ndarray | None]:
+    """The op as y = W x + b along its channel axis: W [out, in] with alpha applied, b with beta (None: no bias).
+
+    Raises:
+        KeyError: `node` has no weight layout; AttributeError when its weight is not a matrix (check
+            `weight_matrix` first).
+    """
+    return LAYOUTS[node.op].affine(node)
+
+
+def bias_input(node: gs.Node) -> int | None:
+    """Input index of `node`'s per-output-channel bias, or None when its op has none."""
+    layout = layout_of(node)
+    return None if layout is None else layout.bias
+
+
+def weight_out_axis(node: gs.Node) -> int | None:
+    """Axis of the constant weight that holds the output channels (None: not a plain producer)."""
+    layout = layout_of(node)
+    axes = None if layout is None else layout.axes(node)
+    return None if axes is None else axes[0]
+
+
+def output_channel_axis(node: gs.Node, rank: int | None = None) -> int:
+    """Axis of a producer's output that carries its channels (see `Layout.channel_axis`)."""
+    layout = layout_of(node)
+    return 1 if layout is None else layout.channel_axis(node, rank)
+
+
+def macs_per_weight(node: gs.Node, out_shape: list | None) -> int:
+    """Multiply-accumulates per sample for each weight element of `node` (0 for ops without weights).
+
+    Args:
+        node: The node.
+        out_shape: Its output's dims (None: unknown, gives 0; a None dim counts as 1).
+    """
+    layout = layout_of(node)
+    if layout is None or out_shape is None:
+        return 0
+    return layout.macs_per_weight(node, [1 if d is None else int(d) for d in out_shape])
+
+
+def weight_inputs(node: gs.Node) -> tuple[int, ...]:
+    """Input indices of `node` that hold weights (empty for ops without)."""
+    layout = layout_of(node)
+    return () if layout is None else layout.weights
