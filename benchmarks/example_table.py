@@ -16,10 +16,10 @@ import tempfile
 import numpy as np
 import onnx
 
-from onnxprune import prune
 from onnxprune.bench import time_models
 from onnxprune.calibration import criteria
 from onnxprune.calibration.runner import run_batches, split_calibration
+from onnxprune.pipeline import prune
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples"

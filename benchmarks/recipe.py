@@ -18,7 +18,7 @@ import time
 
 import onnx
 
-from onnxprune import prune
+from onnxprune.pipeline import prune
 
 HERE = pathlib.Path(__file__).resolve().parent
 EPOCHS = {"resnet20": 8, "vgg": 5, "mobilenetv2": 5}  # the cached suite models (full config / lite config)

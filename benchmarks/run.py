@@ -26,10 +26,10 @@ import numpy as np
 import onnx
 
 from benchmarks.measure import peak_rss_mb, peak_rss_reset
-from onnxprune import prune
 from onnxprune.bench import time_models
 from onnxprune.budget import count
 from onnxprune.calibration.runner import run_batches
+from onnxprune.pipeline import prune
 
 HERE = pathlib.Path(__file__).resolve().parent
 

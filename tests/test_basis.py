@@ -9,12 +9,13 @@ import pytest
 from light_zoo import load
 from models import ZOO, Builder, chain, flatten_gemm
 
-from onnxprune import decompose, prune
+from onnxprune import decompose
 from onnxprune.graph import to_graph
 from onnxprune.passes.basis import decompose_basis, find_basis_pairs, merge_unprofitable
 from onnxprune.passes.cleanup import cleanup
 from onnxprune.passes.groups import find_channel_groups
 from onnxprune.passes.remove import remove_channels
+from onnxprune.pipeline import prune
 from onnxprune.rules import const
 from onnxprune.testing import apply_pass, assert_outputs_close, mask_channels, ort_run, random_feeds
 

@@ -7,8 +7,9 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune import pipeline, prune
+from onnxprune import pipeline
 from onnxprune.latency import simd_width
+from onnxprune.pipeline import prune
 from onnxprune.testing import ort_run, random_feeds
 
 EXAMPLE = Path(__file__).parent.parent / "examples"

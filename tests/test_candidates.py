@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxprune import prune
+from onnxprune.pipeline import prune
 
 EXAMPLE = Path(__file__).parent.parent / "examples"
 

@@ -10,11 +10,12 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune import BudgetError, decompose, prune
+from onnxprune import BudgetError, decompose
 from onnxprune.graph import to_graph
 from onnxprune.passes.cleanup import cleanup
 from onnxprune.passes.groups import find_channel_groups
 from onnxprune.passes.remove import remove_channels
+from onnxprune.pipeline import prune
 from onnxprune.testing import (
     apply_pass,
     assert_outputs_close,

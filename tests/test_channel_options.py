@@ -7,7 +7,6 @@ import onnx
 import pytest
 from models import basic_residual, chain
 
-from onnxprune import prune
 from onnxprune.budget import CostModel, channel_choices, rank_choices
 from onnxprune.calibration import criteria
 from onnxprune.calibration.runner import channel_statistics, stream
@@ -15,6 +14,7 @@ from onnxprune.graph import to_graph, to_model
 from onnxprune.passes.basis import decompose_basis
 from onnxprune.passes.cleanup import cleanup
 from onnxprune.passes.groups import find_channel_groups
+from onnxprune.pipeline import prune
 from onnxprune.rules.layouts import weight_matrix
 from onnxprune.testing import ort_run, random_feeds
 

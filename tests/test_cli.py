@@ -502,7 +502,8 @@ def test_first_log_line_names_the_criterion_used(calibrated, expected, model_fil
 
 
 def test_exclude_protects_matching_nodes_and_refuses_a_pattern_that_matches_none():
-    from onnxprune import OnnxPruneError, prune
+    from onnxprune import OnnxPruneError
+    from onnxprune.pipeline import prune
 
     model = chain()
     _, report = prune(model, remove_ratio=0.3, method="channel", exclude=["conv1?"])
@@ -530,7 +531,7 @@ def test_cache_clear_deletes_the_latency_measurements_and_help_says_where_they_a
 
 @pytest.mark.parametrize("method", ["basis", "auto", "channel"])
 def test_report_counts_bases_apart_from_channels_and_lists_only_nodes_of_the_output(method):
-    from onnxprune import prune
+    from onnxprune.pipeline import prune
 
     pruned, report = prune(onnx.load(EXAMPLE / "digits_resnet.onnx"), remove_ratio=0.3, method=method)
     removed = report.facts["removed"].values()

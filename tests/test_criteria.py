@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from models import Builder
 
-from onnxprune import prune
 from onnxprune.calibration import criteria
 from onnxprune.calibration.runner import channel_statistics
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph import to_graph, to_model
 from onnxprune.passes.groups import find_channel_groups
+from onnxprune.pipeline import prune
 
 
 def _informative_vs_loud(n=400, seed=0):

@@ -6,10 +6,11 @@ import pytest
 from models import Builder, chain
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune import BudgetError, prune
+from onnxprune import BudgetError
 from onnxprune.errors import InvalidModelError
 from onnxprune.graph import load, to_graph
 from onnxprune.passes.groups import find_channel_groups
+from onnxprune.pipeline import prune
 from onnxprune.testing import ort_run, random_feeds
 
 

@@ -7,13 +7,14 @@ import numpy as np
 import onnx
 from models import Builder
 
-from onnxprune import latency, pipeline, prune
+from onnxprune import latency, pipeline
 from onnxprune.budget import CostModel
 from onnxprune.graph import to_graph
 from onnxprune.latency import cache_path, split_rank_limit
 from onnxprune.passes.basis import decompose_basis, find_basis_pairs, merge_unprofitable, param_breakeven
 from onnxprune.passes.groups import find_channel_groups
 from onnxprune.passes.remove import remove_channels
+from onnxprune.pipeline import prune
 from onnxprune.testing import apply_pass, ort_run, random_feeds
 
 EXAMPLE = "examples/digits_resnet.onnx"

@@ -5,7 +5,8 @@ import onnx
 import pytest
 from light_zoo import NAMES, load
 
-from onnxprune import BudgetError, prune
+from onnxprune import BudgetError
+from onnxprune.pipeline import prune
 from onnxprune.testing import ort_run, random_feeds
 
 

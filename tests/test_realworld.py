@@ -59,10 +59,10 @@ def test_the_recognisers_ctc_head_is_tracked_split_and_refitted_as_class_scores(
     pytest.importorskip("ddddocr", reason="needs ddddocr: pip install '.[realworld]'")
     import onnx
 
+    from onnxprune.calibration.refit import _class_scores
     from onnxprune.graph import to_graph
     from onnxprune.passes.basis import decompose_basis
     from onnxprune.passes.cleanup import cleanup
-    from onnxprune.passes.compensate import _class_scores
     from onnxprune.passes.groups import find_channel_groups
 
     graph = to_graph(onnx.load(realworld.SUBJECTS["recogniser"].path()))

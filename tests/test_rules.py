@@ -417,7 +417,7 @@ def test_reshape_targets_computed_from_shape_become_constants_of_the_same_meanin
     ],
 )
 def test_a_last_layer_s_scores_are_class_scores_only_through_ops_that_keep_them(after, expected):
-    from onnxprune.passes.compensate import _class_scores
+    from onnxprune.calibration.refit import _class_scores
 
     b = Builder(47)
     logits = b.gemm("x", 12, 10)
@@ -433,7 +433,7 @@ PATTERN_MATCHES = {
     ("passes/cleanup.py", "Constant"),  # Constant nodes become initializers
     ("graph.py", "Constant"),  # parameters held in Constant nodes are counted
     ("pipeline.py", "Constant"),  # likewise, for the weights' report
-    ("passes/compensate.py", "Add"),  # a residual sum, the refit target of a block's last layer
+    ("calibration/refit.py", "Add"),  # a residual sum, the refit target of a block's last layer
 }
 
 

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from models import Builder
 
-from onnxprune import prune
 from onnxprune.calibration.sensitivity import layer_sensitivity
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph import to_graph, to_model
 from onnxprune.passes.groups import find_channel_groups
+from onnxprune.pipeline import prune
 
 
 def _loud_and_quiet():

@@ -1,20 +1,24 @@
 """onnxprune: post-training structured pruning of ONNX models, without a training framework."""
 
+from onnxprune.api import DEFAULTS, prune
 from onnxprune.errors import (
     BudgetError,
     CalibrationError,
+    GuardError,
     InvalidModelError,
     OnnxPruneError,
     PassError,
     PruneBug,
     UnsupportedModelError,
 )
-from onnxprune.pipeline import decompose, prune
+from onnxprune.pipeline import decompose
 from onnxprune.result import PassResult, Report
 
 __all__ = [
+    "DEFAULTS",
     "BudgetError",
     "CalibrationError",
+    "GuardError",
     "InvalidModelError",
     "OnnxPruneError",
     "PassError",

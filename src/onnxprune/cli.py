@@ -13,11 +13,12 @@ import click
 import numpy as np
 
 from onnxprune import graph as graph_io
+from onnxprune.api import DEFAULTS
 from onnxprune.budget import TARGETS
 from onnxprune.calibration import criteria
 from onnxprune.calibration.data import ImageOptions, load_calibration
 from onnxprune.errors import GuardError, OnnxPruneError
-from onnxprune.pipeline import MAX_DROP, METHODS, SPEED_MARGIN, decompose, default_criterion, prune_guarded
+from onnxprune.pipeline import METHODS, SPEED_MARGIN, decompose, default_criterion, prune_guarded
 from onnxprune.shapes import format_shapes, parse_shapes
 
 log = logging.getLogger("onnxprune")
@@ -28,14 +29,14 @@ _OUT = click.argument("output_path", metavar="OUT", type=click.Path(path_type=pa
 _MIN_RANK = click.option(
     "--min-rank",
     type=click.IntRange(min=1),
-    default=8,
+    default=DEFAULTS["min_rank"],
     show_default=True,
     help="Layers of smaller rank are not split into basis + scaling.",
 )
 _THREADS = click.option(
     "--threads",
     type=click.IntRange(min=0),
-    default=0,
+    default=DEFAULTS["threads"],
     show_default=True,
     help="Intra-op threads (0: onnxruntime's default); also used for latency decisions.",
 )
@@ -68,7 +69,7 @@ def cli() -> None:
 @click.option(
     "--target",
     type=click.Choice(TARGETS),
-    default="params",
+    default=DEFAULTS["target"],
     show_default=True,
     help="What --ratio counts: parameters, multiply-accumulates (flops), or the latency measured at --latency-batch "
     "(0.5 asks for a 2x faster model).",
@@ -76,7 +77,7 @@ def cli() -> None:
 @click.option(
     "--method",
     type=click.Choice(METHODS),
-    default="best",
+    default=DEFAULTS["method"],
     show_default=True,
     help="best: with --calib and --latency-batch, both basis and channel removal (channel counts rounded to the "
     "processor's vector width), the one measured no slower and most faithful on fit samples written, else basis; "
@@ -131,7 +132,7 @@ def cli() -> None:
 @click.option(
     "--max-drop",
     type=float,
-    default=MAX_DROP,
+    default=DEFAULTS["max_drop"],
     show_default=True,
     help="With --calib: if held-out top-1 agreement (cosine for outputs that are not class scores) falls under "
     "1 - X, write nothing, exit 1 and say which ratio holds.",
@@ -140,7 +141,7 @@ def cli() -> None:
 @click.option(
     "--latency-batch",
     type=click.IntRange(min=0),
-    default=1,
+    default=DEFAULTS["latency_batch"],
     show_default=True,
     help="Batch size the allocation times layers at and keeps the model no slower at (the result is also timed at 32; "
     "0: decide by parameters alone, no timing).",
@@ -149,14 +150,14 @@ def cli() -> None:
 @click.option(
     "--round-to",
     type=click.IntRange(min=1),
-    default=1,
+    default=DEFAULTS["round_to"],
     show_default=True,
     help="Keep channel counts and ranks at multiples of N (e.g. 8, which CPU kernels like).",
 )
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
-    default=32,
+    default=DEFAULTS["batch_size"],
     show_default=True,
     help="Calibration samples per onnxruntime run.",
 )
@@ -186,7 +187,7 @@ def cli() -> None:
 @click.option(
     "--seed",
     type=int,
-    default=0,
+    default=DEFAULTS["seed"],
     show_default=True,
     help="Seed for every random choice: the --calib-size subset, the fit / held-out split, sub-sampled positions.",
 )

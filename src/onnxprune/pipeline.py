@@ -25,6 +25,7 @@ from onnxprune.budget import (
 )
 from onnxprune.calibration import criteria
 from onnxprune.calibration.data import as_samples, fixed_batch
+from onnxprune.calibration.refit import refit
 from onnxprune.calibration.runner import (
     channel_statistics,
     fidelity,
@@ -45,7 +46,6 @@ from onnxprune.passes.basis import (
     whitenable,
 )
 from onnxprune.passes.cleanup import cleanup
-from onnxprune.passes.compensate import refit
 from onnxprune.passes.groups import find_channel_groups
 from onnxprune.passes.remove import remove_channels
 from onnxprune.progress import steps

@@ -5,13 +5,13 @@ import onnx
 import pytest
 from models import Builder
 
-from onnxprune import prune
+from onnxprune.calibration import refit as compensate
+from onnxprune.calibration.refit import refit
 from onnxprune.graph import reinfer_shapes, to_graph, to_model
-from onnxprune.passes import compensate
 from onnxprune.passes.basis import decompose_basis, find_basis_pairs
-from onnxprune.passes.compensate import refit
 from onnxprune.passes.groups import find_channel_groups
 from onnxprune.passes.remove import remove_channels
+from onnxprune.pipeline import prune
 from onnxprune.rules import const, layouts
 from onnxprune.testing import ort_run
 

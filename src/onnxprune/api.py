@@ -1,0 +1,89 @@
+"""The Python API: ``onnxprune.prune`` makes the model ``onnxprune IN OUT --ratio R`` makes, with the same defaults.
+
+The command line and this function share their defaults (`DEFAULTS`: the CLI's options read them), so the same
+request gives the same model. Models and calibration data may be given in memory or as paths; bad input raises
+`OnnxPruneError` with the one line the CLI would print.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+import onnx
+
+from onnxprune import graph as graph_io
+from onnxprune.calibration.data import Samples, load_calibration, model_inputs
+from onnxprune.errors import OnnxPruneError
+from onnxprune.pipeline import MAX_DROP, prune_guarded
+from onnxprune.result import Report
+
+DEFAULTS = {
+    "target": "params",  # what --ratio removes: params, flops (MACs) or latency
+    "method": "best",  # basis result, timed against channel results when it is not clearly faster
+    "max_drop": MAX_DROP,  # with calibration data: largest fall of held-out agreement before nothing is returned
+    "latency_batch": 1,  # the batch the split layers and the finished model are timed at (0: parameters alone)
+    "round_to": 1,  # kept channel counts rounded to a multiple of this
+    "batch_size": 32,  # samples per onnxruntime run
+    "min_rank": 8,  # layers of smaller rank are not split
+    "seed": 0,  # drives every random choice (the fit / held-out split, sub-sampled rows)
+    "threads": 0,  # onnxruntime intra-op threads for timing (0: its default)
+}
+
+
+def prune(
+    model: onnx.ModelProto | str | os.PathLike,
+    *,
+    ratio: float,
+    calib: np.ndarray | dict[str, np.ndarray] | str | os.PathLike | None = None,
+    force: bool = False,
+    **options,
+) -> tuple[onnx.ModelProto, Report]:
+    """Remove `ratio` of the model's parameters (or MACs, or measured latency) as the command line does.
+
+    Args:
+        model: An ONNX model, or the path of one.
+        ratio: Fraction to remove, in [0, 1).
+        calib: Calibration samples: an array ``[N, ...]`` for a model with one input, a dict input name -> array,
+            or a path (``.npy``, ``.npz``, a folder of images or arrays) as ``--calib`` takes.
+        force: Return a result that fails the held-out check instead of raising `GuardError`.
+        **options: Any option of ``pipeline.prune`` (``target``, ``method``, ``criterion``, ``exclude``,
+            ``latency_batch``, ``max_drop``, ``labels``, ``shapes``, ``compensate``...); the ones not given take
+            `DEFAULTS`, the command line's.
+
+    Returns:
+        (pruned model, report): ``report.facts`` holds what the CLI's summary prints (``fidelity``, ``guard``...).
+
+    Raises:
+        OnnxPruneError: The model, the data or an option is invalid (the CLI's exit 2).
+        BudgetError: The request cannot be reached; the message says how far it can go.
+        GuardError: With `calib`, the result fails the held-out check (``max_drop``) and `force` is off.
+    """
+    model = _model(model)
+    data = _calibration(calib, model, seed=options.get("seed", DEFAULTS["seed"]))
+    settings = {**DEFAULTS, **options}
+    return prune_guarded(model, remove_ratio=ratio, calib=data, force=force, **settings)
+
+
+def _model(model) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return graph_io.load(pathlib.Path(model))
+    raise OnnxPruneError(f"model: expected an onnx.ModelProto or the path of a model, got {type(model).__name__}")
+
+
+def _calibration(calib, model: onnx.ModelProto, *, seed: int) -> Samples | dict | None:
+    if calib is None or isinstance(calib, (Samples, dict)):
+        return calib
+    if isinstance(calib, (str, os.PathLike)):
+        return load_calibration(pathlib.Path(calib), model, seed=seed)
+    if isinstance(calib, np.ndarray):
+        inputs = list(model_inputs(model))
+        if len(inputs) != 1:
+            raise OnnxPruneError(
+                f"calib: the model has {len(inputs)} inputs ({', '.join(inputs)}): give a dict input name -> array"
+            )
+        return {inputs[0]: calib}
+    raise OnnxPruneError(f"calib: expected an array, a dict of arrays or a path, got {type(calib).__name__}")
