@@ -77,3 +77,18 @@ def test_bad_input_is_one_clear_error(model, calib, error, words):
     with pytest.raises(error) as info:
         onnxprune.prune(model, ratio=0.5, calib=calib)
     assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_api_report_is_the_cli_report_document():
+    """`Report.to_dict` is what `--report` writes: plain JSON values, valid against the shipped schema."""
+    import importlib.resources
+    import json
+
+    from jsonschema import Draft202012Validator
+
+    x = np.load(EXAMPLE / "digits_calib.npy")[:100]
+    _, report = onnxprune.prune(EXAMPLE / "digits_resnet.onnx", ratio=0.2, calib=x, method="channel", latency_batch=0)
+    doc = json.loads(json.dumps(report.to_dict()))  # no numpy left: dumps needs no converter
+    schema = json.loads((importlib.resources.files("onnxprune") / "report.schema.json").read_text())
+    Draft202012Validator(schema).validate(doc)
+    assert doc["schema_version"] == 1 and doc["input"] is None and "fidelity" in doc

@@ -286,11 +286,11 @@ def prune_command(
         )
     except GuardError as err:  # nothing is written but the report asked for: it says what was measured
         if report_path is not None and err.report is not None:
-            _write_json(report_path, _json_report(err.report, input_path, None))
+            _write_json(report_path, err.report.to_dict(str(input_path), None))
         raise
     graph_io.save(pruned, output_path)
     if report_path is not None:
-        _write_json(report_path, _json_report(report, input_path, output_path))
+        _write_json(report_path, report.to_dict(str(input_path), str(output_path)))
     if not quiet:
         _print_summary(report, input_path, output_path, verbose=verbose)
 
@@ -482,19 +482,6 @@ def _load_labels(path: pathlib.Path, data: dict | None) -> np.ndarray:
     return labels[:n]
 
 
-REPORT_SCHEMA_VERSION = 1  # raise it on a change that breaks a reader of report.schema.json (shipped with the package)
-
-
-def _json_report(report, input_path: pathlib.Path, output_path: pathlib.Path | None) -> dict:
-    """The `--report` document: see src/onnxprune/report.schema.json (output None: the guard refused the result)."""
-    facts = {"schema_version": REPORT_SCHEMA_VERSION, **report.facts}
-    facts["input"], facts["output"] = str(input_path), None if output_path is None else str(output_path)
-    facts["layers"] = [{"name": k, **v} for k, v in report.layers.items()]
-    facts["skipped"] = [{"node": s.node, "reason": s.reason} for s in report.skipped]
-    facts["counts"] = dict(report.counts)
-    return facts
-
-
 def _write_json(path: pathlib.Path, data: dict) -> None:
     """Write atomically, as `graph.save` does (`graph.atomic_write`)."""
     text = json.dumps(data, indent=2, default=_jsonable)  # a value that cannot be written fails before any file
@@ -508,8 +495,6 @@ def _write_json(path: pathlib.Path, data: dict) -> None:
 def _jsonable(value):
     if isinstance(value, np.generic):
         return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 

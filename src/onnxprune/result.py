@@ -6,7 +6,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx_graphsurgeon as gs
+
+SCHEMA_VERSION = 1  # of `Report.to_dict`; raise it on a change that breaks a reader of report.schema.json
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,36 @@ class Report:
             else:
                 self.facts[key] = value
         return self
+
+    def to_dict(self, input_path: str | None = None, output_path: str | None = None) -> dict[str, Any]:
+        """The report as the JSON document ``--report`` writes (src/onnxprune/report.schema.json).
+
+        Args:
+            input_path: The pruned model's file, when it came from one.
+            output_path: Where the result was written (None: not written, e.g. the guard refused it).
+
+        Returns:
+            Plain Python values only (numpy arrays and scalars converted): ``json.dumps`` takes it as it is.
+        """
+        doc = {"schema_version": SCHEMA_VERSION, **self.facts}
+        doc["input"], doc["output"] = input_path, output_path
+        doc["layers"] = [{"name": k, **v} for k, v in self.layers.items()]
+        doc["skipped"] = [{"node": s.node, "reason": s.reason} for s in self.skipped]
+        doc["counts"] = dict(self.counts)
+        return _plain(doc)
+
+
+def _plain(value: Any) -> Any:
+    """`value` with numpy arrays, scalars and tuples made lists and Python numbers, recursively."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 @dataclass
