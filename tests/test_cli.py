@@ -446,6 +446,24 @@ def test_refusals_never_suggest_the_method_just_used(method, tmp_path, capsys):
     assert "cannot be reached" in err and f"--method {method}" not in err and "lower --ratio" in err
 
 
+def test_a_refusal_with_verbose_lists_the_blocked_groups_under_its_line(tmp_path, capsys):
+    """A new user asked -v why 0.9 could not be reached and got the same one line: the reasons are listed now."""
+    shuffle = tmp_path / "shuffle.onnx"
+    onnx.save(channel_shuffle(), shuffle)
+    args = [shuffle, tmp_path / "o.onnx", "--ratio", "0.9", "--method", "channel"]
+    code, _, err = run(args, capsys)
+    _one_line_exit_2(code, err)
+    code, _, err = run([*args, "-v"], capsys)
+    lines = err.strip().splitlines()
+    lines = lines[next(i for i, line in enumerate(lines) if line.startswith("onnxprune: error")) :]  # after -v's log
+    assert code == 2 and "cannot be reached" in lines[0] and "(2 groups blocked)" in lines[0]
+    assert lines[1:] == [
+        "  blocked conv2: Reshape 'reshape10': Reshape splits the channel axis",
+        "  blocked gemm26: reaches graph output 'gemm26_out'",
+    ]
+    assert not (tmp_path / "o.onnx").exists()
+
+
 def _facts(requested, achieved, planned, **extra):
     from onnxprune.result import Report
 

@@ -17,7 +17,7 @@ from onnxprune.api import DEFAULTS
 from onnxprune.budget import TARGETS
 from onnxprune.calibration import criteria
 from onnxprune.calibration.data import ImageOptions, load_calibration
-from onnxprune.errors import GuardError, OnnxPruneError
+from onnxprune.errors import BudgetError, GuardError, OnnxPruneError
 from onnxprune.pipeline import METHODS, SPEED_MARGIN, decompose, default_criterion, prune_guarded
 from onnxprune.shapes import format_shapes, parse_shapes
 
@@ -639,6 +639,9 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         click.echo(f"onnxprune: error: {err}", err=True)
+        if isinstance(err, BudgetError) and ("-v" in args or "--verbose" in args):
+            for name, why in err.blocked.items():
+                click.echo(f"  blocked {name}: {why}", err=True)
         return 2
     except Exception as err:  # a bug: say so in one line, traceback only on request
         if debug:

@@ -25,12 +25,21 @@ class BudgetError(OnnxPruneError):
     Attributes:
         reachable: The largest share that can be removed this way, when it is known; else None.
         head: The message without the suggestions of what to try instead.
+        blocked: Group name -> why its channels cannot be removed (``onnxprune -v`` lists them under the error).
     """
 
-    def __init__(self, message: str, *, reachable: float | None = None, head: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        reachable: float | None = None,
+        head: str | None = None,
+        blocked: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.reachable = reachable
         self.head = head if head is not None else message
+        self.blocked = dict(blocked or {})
 
 
 class PruneBug(Exception):

@@ -152,7 +152,9 @@ def _basis_or_joint(model: onnx.ModelProto, *, method: str, **options) -> tuple[
         basis = method == "basis" and options.get("target") != "latency" and not options.get("channel_options")
         if basis and options.get("calib") is None and err.reachable is not None:
             hint = "; --calib would offer whole channels (such as recurrent units) beside the ranks"
-            raise BudgetError(str(err) + hint, reachable=err.reachable, head=err.head + hint) from err
+            raise BudgetError(
+                str(err) + hint, reachable=err.reachable, head=err.head + hint, blocked=err.blocked
+            ) from err
         if not basis or options.get("calib") is None:
             raise
         reach = f"at most {err.reachable:.3f}" if err.reachable is not None else "not that far"
@@ -642,7 +644,8 @@ def _neither(basis: BudgetError, channel: list[BudgetError], latency_batch: int)
     said = f"at most {max(reach):.3f}" if reach else "not that much either"
     head = f"{basis.head}; channel removal, tried as well, reaches {said}"
     tail = "; lower --ratio" + (" or --latency-batch 0" if latency_batch else "")
-    return BudgetError(head + tail, reachable=max([*reach, basis.reachable or 0.0]), head=head)
+    blocked = {k: v for err in (basis, *channel) for k, v in err.blocked.items()}
+    return BudgetError(head + tail, reachable=max([*reach, basis.reachable or 0.0]), head=head, blocked=blocked)
 
 
 CLEAR_SPEEDUP = 1.10  # method best: a basis result this much faster at every batch compared is written unchallenged
@@ -731,6 +734,7 @@ def _hinted(method: str, latency_batch: int, fn: Callable, target: str = "params
                 f"{head}; {_alternatives(method, latency_batch, lower=lower, target=target)}",
                 reachable=err.reachable,
                 head=head,
+                blocked=err.blocked or (report.facts.get("blocked") if report is not None else None),
             ) from err
 
     return call
@@ -784,7 +788,9 @@ def _check_ratio(report: Report, *, method: str, latency_batch: int, round_to: i
         why = f"the allocation planned {planned or 0.0:.3f} from per-layer timings; the model measured {achieved:.3f}"
         line = f"--ratio {requested:.2f} of the latency: {why}"
     elif abs(off) > RATIO_FAR and not (round_to > 1 and off > 0):
-        raise BudgetError(f"{line}; nothing written; {_alternatives(method, latency_batch)}")
+        raise BudgetError(
+            f"{line}; nothing written; {_alternatives(method, latency_batch)}", blocked=facts.get("blocked")
+        )
     facts["ratio_note"] = line  # printed in the summary and written to the JSON report
     log.debug("%s", line)
 
