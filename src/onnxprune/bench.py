@@ -103,7 +103,34 @@ def time_models(
     runs: int = 30,
     seed: int = 0,
 ) -> list[Timing]:
-    """Time every model at every batch size, in alternating blocks of runs so drift hits all alike (`alternate`)."""
+    """Time every model at every batch size, in alternating blocks of runs so drift hits all alike (`alternate`).
+
+    Per batch size, each model gets random feeds (standard normal for float inputs, integers in [1, 10) otherwise)
+    and `warmup` untimed runs, then all are timed together: at least `runs` runs and `BLOCKS` blocks each.
+
+    Args:
+        paths: Model files; the first is the reference of every ``speedup``.
+        batches: Batch sizes; each replaces the first dim of every input not named in `shapes`.
+        provider: A key of `PROVIDERS`: "cpu", "cuda" or "tensorrt" (a GPU provider with CPU as fallback).
+        opt_level: A key of `OPT_LEVELS`: "disable", "basic", "extended" or "all".
+        threads: Intra-op threads (0: onnxruntime's default).
+        shapes: Input name -> full dims, batch included, used as given at every batch size (for inputs with dynamic
+            dims after the first).
+        warmup: Untimed runs per model and batch size.
+        runs: Least timed runs per model and batch size.
+        seed: Seed of the random feeds.
+
+    Returns:
+        One `Timing` per batch size and model, batch by batch, models in `paths` order: times in ms, ``macs`` the
+        MACs per sample times the batch size, ``file_mb`` the size of the .onnx file alone in MiB (2^20 bytes),
+        ``speedup`` the first model's median over this one's at the same batch size.
+
+    Raises:
+        InvalidModelError: A file is not a valid ONNX model (`graph.load`).
+        UnsupportedModelError: A model's default-domain opset is below 7 (counting its parameters and MACs).
+        OnnxPruneError: `provider` is not available in this onnxruntime, or an input has a dynamic dim after the
+            first that `shapes` does not give.
+    """
     from onnxprune.budget import count  # local: the counter imports the passes, bench does not need them otherwise
 
     models = [load(p) for p in paths]
@@ -141,7 +168,15 @@ def time_models(
 
 
 def table(timings: list[Timing]) -> str:
-    """The timings as an aligned text table."""
+    """The timings as an aligned text table.
+
+    Args:
+        timings: The rows, as `time_models` returns them.
+
+    Returns:
+        A header line, a rule and one line per timing (model names cut to 28 characters, times in ms, speed-up as
+        ``1.30x``), joined by newlines, with no newline at the end.
+    """
     head = (
         f"{'model':<28} {'batch':>5} {'params':>12} {'MACs':>15} {'MB':>7} {'median ms':>10} {'p10':>8} "
         f"{'p90':>8} {'speed-up':>8}"

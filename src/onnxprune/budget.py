@@ -85,7 +85,18 @@ class CostModel:
         self._paired = {i for pair in self.pairs for i in pair[:2]}
 
     def count(self, alive: np.ndarray | None = None) -> tuple[int, int]:
-        """(parameters, MACs per sample) with only the `alive` classes kept (all when None)."""
+        """(parameters, MACs per sample) with only the `alive` classes kept (all when None).
+
+        Each weight counts its size times the kept share along every axis it is sliced on. A basis pair counts as
+        split where that holds fewer parameters than the merged op and its kept rank is within its limit, else as
+        the merged op.
+
+        Args:
+            alive: ``[n_classes]`` bool, True for a kept class; None: every class kept.
+
+        Returns:
+            (parameters, MACs per sample), each rounded to an int.
+        """
         kept: dict[str, float] = {}
 
         def kept_of(name: str, full: int) -> float:
@@ -114,7 +125,16 @@ class CostModel:
         return int(round(params)), int(round(macs))
 
     def fraction(self, term: _Term, alive: np.ndarray | None, skip: str | None = None) -> float:
-        """Kept share of `term` under `alive` (1 when None), leaving out the axis selected by tensor `skip`."""
+        """Kept share of `term` under `alive` (1 when None), leaving out the axis selected by tensor `skip`.
+
+        Args:
+            term: One weight's term (an entry of ``terms``, or a pair's merged term).
+            alive: ``[n_classes]`` bool, True for a kept class; None: every class kept.
+            skip: Name of the tracked tensor whose axis is left out (e.g. a pair's mid tensor), or None.
+
+        Returns:
+            The product over the term's other sliced axes of the kept share of each: a fraction in [0, 1].
+        """
         if alive is None:
             return 1.0
         frac = 1.0
@@ -124,7 +144,16 @@ class CostModel:
         return frac
 
     def savings(self, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-        """Parameters and MACs each class alone frees at full size (first-order, for ranking)."""
+        """Parameters and MACs each class alone frees at full size (first-order, for ranking).
+
+        Args:
+            n_classes: Number of channel classes (``analysis.n_classes``).
+
+        Returns:
+            (parameters, MACs per sample), each ``[n_classes]`` float64: per class, summed over the weights and
+            each of their sliced axes, the weight's size times the share of that axis's positions the class holds
+            (every axis alone, basis pairs as split).
+        """
         params = np.zeros(n_classes)
         macs = np.zeros(n_classes)
         for term in self.terms:
@@ -171,6 +200,26 @@ def allocate(
     Importance is normalised by its mean within each group, so scores compare across layers, then multiplied by the
     group's measured sensitivity `weights` (default 1); each tracked tensor keeps at least one channel. The cut in
     the ranked list is found by bisection on exact counts.
+
+    Args:
+        analysis: Channel groups of the graph.
+        cost: Its cost model.
+        importance: ``[n_classes]`` score per class (larger means keep).
+        remove_ratio: Fraction of `total_before` to remove, in [0, 1).
+        target: "params" (rank and count by parameters) or "flops" (by MACs).
+        total_before: The original model's parameters, or MACs per sample: the ratio's base.
+        protected: Names of groups never pruned.
+        round_to: Each pruned group's kept count is rounded up to a multiple of this (1: no rounding).
+        weights: Sensitivity weight per group name (default 1); a larger weight makes its classes costlier to remove.
+
+    Returns:
+        The allocation: ``plan`` (group name -> sorted kept indices, int64, for each group that loses channels),
+        ``alive``, ``achieved`` (the fraction of `total_before` removed: the shortest prefix of the ranking that
+        reaches the request, moved closer when it overshoots by more than `TOLERANCE` and there is no rounding),
+        ``reachable`` (the fraction removed when every ranked class goes); ``latency`` None.
+
+    Raises:
+        BudgetError: `remove_ratio` is more than 0.01 above the reachable fraction (``reachable`` set).
     """
     n = analysis.n_classes
     saved_params, saved_macs = cost.savings(n)
@@ -339,7 +388,14 @@ class Choice:
         return len(self.error) - 1
 
     def option_at(self, alive: np.ndarray | None) -> int:
-        """The option `alive` stands for (0 when this layer is whole, or split at a rank that does not pay)."""
+        """The option `alive` stands for (0 when this layer is whole, or split at a rank that does not pay).
+
+        Args:
+            alive: ``[n_classes]`` bool, True for a kept class; None: every class kept.
+
+        Returns:
+            The number of this layer's classes kept when it is between 1 and `max_rank`, else 0.
+        """
         if alive is None:
             return 0
         kept = int(alive[self.classes].sum())
@@ -367,13 +423,20 @@ def rank_choices(
     Args:
         analysis: Channel groups of the split graph.
         cost: Its cost model (pairs with their dense alternative).
-        importance: Per class score (larger means keep).
+        importance: ``[n_classes]`` score per class (larger means keep).
         target: "params", "flops" or "latency" (then `latencies` must cover every pair).
         protected: Groups never pruned.
         weights: Sensitivity weight per group (default 1).
         latencies: Per pair's mid tensor: (dense seconds, {rank: split seconds}) from ``latency.layer_latency``.
         alive: The channels the costs are taken at (None: all); a layer's costs shrink with its kept inputs and
             outputs.
+
+    Returns:
+        One `Choice` of kind "rank" per split layer offered, in ``cost.pairs`` order, with options 0 .. max_rank
+        (max_rank: the largest rank at which the split holds fewer parameters than the dense op, at most the full
+        rank). Layers whose basis group is missing, protected, has a blocked class or does not hold exactly the
+        classes of the pair's mid tensor, whose split never holds fewer parameters, or (with `latencies`) that were
+        not timed are left out.
     """
     group_of = {int(c): g for g in analysis.groups for c in g.classes}
     choices = []
@@ -454,11 +517,16 @@ def channel_choices(
     Args:
         analysis: Channel groups of the split graph.
         cost: Its cost model.
-        saliency: Per class output-energy contribution (larger means keep).
+        saliency: ``[n_classes]`` output-energy contribution per class (larger means keep).
         target: "params" or "flops".
         groups: Names of the groups offered (each keeps at least one channel; blocked channels stay).
         weights: Sensitivity weight per group (default 1).
         alive: The state the costs are taken at (None: nothing removed).
+
+    Returns:
+        One `Choice` of kind "channel" per group offered, in `groups` order, with options 0 .. n - 1 over its n
+        removable classes ranked by saliency. A group with any blocked class, fewer than two classes, no positive
+        saliency, or whose count does not fall as channels go is left out.
     """
     index = 0 if target == "params" else 1
     by_name = {g.name: g for g in analysis.groups}
@@ -520,7 +588,9 @@ def allocate_ranks(
         The allocation; ``achieved`` is the removed fraction (predicted, for a latency target).
 
     Raises:
-        BudgetError: The request is more than one point above what these layers can give within the latency budget.
+        BudgetError: The request is more than one point above what these layers can give (``reachable`` set); or,
+            with `latency_budget`, no choice of options meets the request within it, or meeting it within the
+            budget means removing more than `FAR` (3 points) above the request.
     """
     wanted = total_before * (1.0 - remove_ratio)
     cheapest = [int(np.argmin(c.cost)) for c in choices]
@@ -703,6 +773,10 @@ def count(model: onnx.ModelProto, *, shapes: dict[str, list[int]] | None = None)
 
     Returns:
         (parameters, MACs per sample).
+
+    Raises:
+        UnsupportedModelError: The model's default-domain opset is below 7.
+        InvalidModelError: The model cannot be read into a graph.
     """
     if shapes:
         model = fix_input_shapes(model, shapes)

@@ -27,7 +27,23 @@ TWO_GB = 2**31 - 1
 
 
 def load(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read an ONNX file (external data too) and check it; every failure is one InvalidModelError line."""
+    """Read an ONNX file (external data too) and check it; every failure is one InvalidModelError line.
+
+    External data must lie in the model's folder or below it. Each initializer's declared shape is checked against
+    the bytes stored before anything uses it, once for the file and again once the external data is in.
+
+    Args:
+        path: The .onnx file.
+
+    Returns:
+        The model, its external tensors read into it, accepted by the ONNX checker.
+
+    Raises:
+        InvalidModelError: The file is missing, a folder, empty or not readable (permissions); it does not parse
+            as an ONNX protobuf, or holds no nodes; an initializer's declared shape is negative, absurd (over 2^36
+            elements) or does not match its bytes, or its data type is unknown; external data lies outside the
+            model's folder, is missing or cannot be read; or the ONNX checker rejects the model.
+    """
     path = pathlib.Path(path)
     if not path.exists():
         raise InvalidModelError(f"{path}: no such file")
@@ -106,6 +122,12 @@ def oversized(model: onnx.ModelProto) -> bool:
     """True when the proto cannot be serialised in one piece (over protobuf's 2 GB limit).
 
     ByteSize walks every byte (seconds on a 2 GB model), so the weights' declared sizes decide the clear cases.
+
+    Args:
+        model: The model.
+
+    Returns:
+        True when the model cannot be serialised in one piece (over 2^31 - 1 bytes, or the encoder refuses it).
     """
     payload = _tensor_bytes(model)
     if payload > TWO_GB:
@@ -121,7 +143,17 @@ def oversized(model: onnx.ModelProto) -> bool:
 def check(
     model: onnx.ModelProto, *, where: str = "model", full: bool = False, path: pathlib.Path | None = None
 ) -> None:
-    """Run the ONNX checker (on `path`, the file it was read from, when the proto is over 2 GB); one-line errors."""
+    """Run the ONNX checker (on `path`, the file it was read from, when the proto is over 2 GB); one-line errors.
+
+    Args:
+        model: The model to check.
+        where: What the error message calls the model (its path, "output model"...).
+        full: Run the checker's full check (``full_check``: shape inference included).
+        path: The file `model` was read from; checked instead of the proto when that is over 2 GB (`oversized`).
+
+    Raises:
+        InvalidModelError: The checker rejects the model; the message holds the first line of its complaint.
+    """
     try:
         if path is not None and oversized(model):
             onnx.checker.check_model(str(path), full_check=full)
@@ -143,7 +175,18 @@ def check(
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape inference with data propagation (Shape -> Gather -> Reshape chains resolve where they can)."""
+    """Shape inference with data propagation (Shape -> Gather -> Reshape chains resolve where they can).
+
+    Over 2 GB (`oversized`) inference runs with the large initializers set aside; in the model it then returns,
+    those initializers are placeholders (external, location "set-aside", no bytes): read its shapes only.
+
+    Args:
+        model: The model; left as it was.
+
+    Returns:
+        A new model with the inferred shapes in ``value_info``, or `model` itself when inference fails (logged at
+        debug level, not raised).
+    """
     try:
         if oversized(model):
             with _weights_set_aside(model):
@@ -155,7 +198,22 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    """Import a model into onnx-graphsurgeon with inferred shapes; unnamed nodes get unique names."""
+    """Import a model into onnx-graphsurgeon with inferred shapes; unnamed nodes get unique names.
+
+    Initializers that old exporters list as graph inputs are dropped from the inputs, and an IR version below 4 is
+    raised to 4 (shape inference needs it). Over 2 GB, shapes are inferred on a weightless view and copied over.
+
+    Args:
+        model: The model. Not modified, except over 2 GB (`oversized`), where those two edits are made to it in
+            place.
+
+    Returns:
+        The graph, with the shapes inference found and a name on every node (``<op>_<index>`` for unnamed ones).
+
+    Raises:
+        UnsupportedModelError: The default domain's opset is below 7.
+        InvalidModelError: onnx-graphsurgeon cannot import the model.
+    """
     model = _strip_initializer_inputs(model)
     if model.ir_version < 4:  # IR 3 wants every initializer listed as an input: shape inference needs IR >= 4 now
         model = onnx.ModelProto.FromString(model.SerializeToString()) if not oversized(model) else model
@@ -229,7 +287,16 @@ def _strip_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-    """Export `graph` with the template's opsets, IR version and metadata; re-infer shapes."""
+    """Export `graph` with the template's opsets, IR version and metadata; re-infer shapes.
+
+    Args:
+        graph: The graph to export (no type check).
+        template: The model whose opset imports, IR version (at least 4), producer name and version, domain, model
+            version, doc string and metadata props the export takes.
+
+    Returns:
+        The model, shapes inferred again (`infer_shapes`, which see for a model over 2 GB).
+    """
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = max(template.ir_version, 4)  # IR < 4 needs initializers listed as inputs; we strip those
     del model.opset_import[:]
@@ -242,19 +309,45 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def reinfer_shapes(graph: gs.Graph, template: onnx.ModelProto) -> gs.Graph:
-    """A fresh import of `graph` with every shape inferred again (after a pass that reset them)."""
+    """A fresh import of `graph` with every shape inferred again (after a pass that reset them).
+
+    Args:
+        graph: The graph to export and import again.
+        template: The model whose opsets and metadata the export takes (`to_model`).
+
+    Returns:
+        The new graph (`to_graph`).
+
+    Raises:
+        UnsupportedModelError: The template's default-domain opset is below 7.
+        InvalidModelError: The exported model cannot be imported again.
+    """
     return to_graph(to_model(graph, template))
 
 
 def refresh_shapes(graph: gs.Graph) -> None:
-    """Infer every intermediate shape of `graph` again, in place (after an edit that makes more of them known)."""
+    """Infer every intermediate shape of `graph` again, in place (after an edit that makes more of them known).
+
+    Args:
+        graph: The graph; edited in place. Intermediate tensors lose their shape and dtype (`reset_shapes`), then
+            take those inference finds (graph outputs too); where it finds none, or fails, they stay unknown.
+    """
     model = gs.export_onnx(graph, do_type_check=False)
     reset_shapes(graph)
     _set_shapes(graph, infer_shapes(model))
 
 
 def unique_name(graph: gs.Graph, base: str) -> str:
-    """A tensor/node name derived from `base` that the graph does not use yet."""
+    """A tensor/node name derived from `base` that the graph does not use yet.
+
+    Args:
+        graph: The graph whose tensor and node names are taken.
+        base: The name wanted.
+
+    Returns:
+        `base`, or `base_1`, `base_2`... whichever is free; not reserved, so a second call may return it again
+        (`Namer` remembers).
+    """
     return Namer(graph).fresh_name(base)
 
 
@@ -265,7 +358,14 @@ class Namer:
         self._taken = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
 
     def fresh_name(self, base: str) -> str:
-        """`base`, or `base_1`, `base_2`... whichever is still free."""
+        """`base`, or `base_1`, `base_2`... whichever is still free.
+
+        Args:
+            base: The name wanted.
+
+        Returns:
+            The name, now taken for later calls of this `Namer`.
+        """
         name, i = base, 1
         while name in self._taken:
             name, i = f"{base}_{i}", i + 1
@@ -274,7 +374,12 @@ class Namer:
 
 
 def reset_shapes(graph: gs.Graph) -> None:
-    """Forget inferred shapes of intermediate tensors so stale channel counts cannot survive export."""
+    """Forget inferred shapes of intermediate tensors so stale channel counts cannot survive export.
+
+    Args:
+        graph: The graph; edited in place: every variable other than a graph input or output gets shape and dtype
+            None.
+    """
     keep = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Variable) and tensor.name not in keep:
@@ -283,7 +388,16 @@ def reset_shapes(graph: gs.Graph) -> None:
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Write atomically (`atomic_write`). External data above 2 GB, next to it."""
+    """Write atomically (`atomic_write`). External data above 2 GB, next to it.
+
+    Args:
+        model: The model; not modified.
+        path: The .onnx file to write. A model over 2 GB (`oversized`) has its tensors from about 1 KB up written
+            to one file beside it, named after it with ``.data`` appended (``model.onnx.data``).
+
+    Raises:
+        OnnxPruneError: The folder cannot be written (disk full, quota, permissions); nothing half-written is left.
+    """
     path = pathlib.Path(path)
     data_name = path.name + ".data"
 
@@ -384,7 +498,15 @@ def session(
 
 
 def validate(model: onnx.ModelProto, *, where: str = "output model") -> None:
-    """Full checker and an onnxruntime session must both accept the model (over 2 GB: as a file with its data)."""
+    """Full checker and an onnxruntime session must both accept the model (over 2 GB: as a file with its data).
+
+    Args:
+        model: The model; not modified (over 2 GB, a copy is saved to a temporary folder).
+        where: What the error message calls the model.
+
+    Raises:
+        InvalidModelError: The full ONNX checker rejects the model, or onnxruntime cannot build a session for it.
+    """
     if not oversized(model):
         check(model, where=where, full=True)
         _session_accepts(model, where)

@@ -31,7 +31,11 @@ MARGIN = 0.02  # a split must be this much faster: noise should tip the decision
 
 
 def cache_path() -> pathlib.Path:
-    """Where measurements are kept: $ONNXPRUNE_CACHE, else ~/.cache/onnxprune/latency.json."""
+    """Where measurements are kept: $ONNXPRUNE_CACHE, else ~/.cache/onnxprune/latency.json.
+
+    Returns:
+        The JSON file's path (the file may not exist yet).
+    """
     default = pathlib.Path.home() / ".cache" / "onnxprune" / "latency.json"
     return pathlib.Path(os.environ.get(CACHE_ENV, default))
 
@@ -45,6 +49,9 @@ def _load_cache() -> dict:
 
 def clear_cache() -> int | None:
     """Delete the measurement cache at `cache_path()`: the number of entries it held, or None when there was none.
+
+    Returns:
+        The number of entries the file held (0 when it was not readable JSON), or None when there was no file.
 
     Raises:
         OnnxPruneError: The file exists but cannot be removed.
@@ -124,6 +131,12 @@ def split_rank_limit(
         max_rank: Upper bound (the rank below which the split saves parameters).
         threads: Intra-op threads, as the model will run.
         runs: Timed runs per measurement (the minimum is kept).
+
+    Returns:
+        The rank r in [0, max_rank] that bisection lands on (each step times one rank): split at r, the pair ran
+        more than `MARGIN` (2 %) faster than the merged op (r = 0 trivially) and at r + 1 it did not (or r =
+        max_rank). Read from the cache when this layer was measured on this machine before; a cache that cannot be
+        written is only logged.
     """
     key = hashlib.sha1(
         json.dumps(
@@ -242,7 +255,18 @@ def layer_latency(
 
 
 def model_latency(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, threads: int = 0) -> float:
-    """Fastest of several onnxruntime runs of the whole model on `feeds` (CPU, all optimisations), in seconds."""
+    """Fastest of several onnxruntime runs of the whole model on `feeds` (CPU, all optimisations), in seconds.
+
+    Three untimed runs, one to gauge the speed, then between 5 and 50 timed runs: as many as fit in about 0.5 s.
+
+    Args:
+        model: The model.
+        feeds: Input name -> array: one batch.
+        threads: Intra-op threads (0: onnxruntime's default).
+
+    Returns:
+        The fastest timed run, in seconds.
+    """
     sess = session(model, optimize=True, threads=threads)
     for _ in range(3):
         sess.run(None, feeds)
@@ -314,6 +338,15 @@ def compare_latency(
 
     CPU, all graph optimisations, `threads` intra-op threads, about `COMPARE_SECONDS` per model: with blocks, the
     ratio of the two medians moved by about ±2 % from one check to the next on the 2-core machine (±10 % run by run).
+
+    Args:
+        first: One model.
+        second: The other model, run on the same feeds.
+        feeds: Input name -> array: one batch, fed to both.
+        threads: Intra-op threads of each session (0: onnxruntime's default).
+
+    Returns:
+        (median seconds per run of `first`, median seconds per run of `second`).
     """
     sessions = [session(m, optimize=True, threads=threads) for m in (first, second)]
     times = alternate(sessions, [feeds, feeds], runs=5, blocks=max(1, round(COMPARE_SECONDS / BLOCK_SECONDS)))

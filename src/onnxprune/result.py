@@ -30,11 +30,27 @@ class Report:
     facts: dict[str, Any] = field(default_factory=dict)
 
     def skip(self, node: gs.Node | str, reason: str) -> None:
-        """Record that `node` was left alone because of `reason`."""
+        """Record that `node` was left alone because of `reason`.
+
+        Args:
+            node: The node, or the name of a node or group.
+            reason: Why, in one line.
+        """
         self.skipped.append(Skip(node if isinstance(node, str) else node.name, reason))
 
     def merge(self, other: Report) -> Report:
-        """Add `other` into this report, in place, and return self."""
+        """Add `other` into this report, in place, and return self.
+
+        Counts add up, skipped entries are appended, per-layer changes are updated layer by layer, and facts are
+        replaced key by key, except ``"kept"`` (tensor -> kept indices): for a tensor both reports shrink, the kept
+        indices become ``first[second]`` (`other`'s selection indexes this report's).
+
+        Args:
+            other: The report to add; not modified.
+
+        Returns:
+            This report.
+        """
         self.counts.update(other.counts)
         self.skipped.extend(other.skipped)
         for name, change in other.layers.items():

@@ -36,7 +36,14 @@ LABEL_CRITERIA = ("cmi", "discriminant")  # criteria that read pooled features a
 
 
 def criterion(name: str) -> Callable[[Criterion], Criterion]:
-    """Register a criterion under `name`."""
+    """Register a criterion under `name`.
+
+    Args:
+        name: The name `importance` and ``--criterion`` take; a later registration under it replaces this one.
+
+    Returns:
+        A decorator that registers the function it is given and returns it unchanged.
+    """
 
     def register(fn: Criterion) -> Criterion:
         _CRITERIA[name] = fn
@@ -46,7 +53,11 @@ def criterion(name: str) -> Callable[[Criterion], Criterion]:
 
 
 def names() -> list[str]:
-    """Registered criteria."""
+    """Registered criteria.
+
+    Returns:
+        Their names, sorted.
+    """
     return sorted(_CRITERIA)
 
 
@@ -57,6 +68,17 @@ def importance(name: str, context: Context) -> np.ndarray:
     which is the singular value s_k for a fresh split (the basis filters themselves all have norm 1), times the
     RMS response of the basis filter on calibration data when there is some; s_k^2 E[z_k^2] is then exactly the
     output error its removal causes.
+
+    Args:
+        name: A registered criterion (`names`).
+        context: What the criterion reads.
+
+    Returns:
+        ``[n_classes]`` float64 scores.
+
+    Raises:
+        CalibrationError: The criterion needs calibration data the context lacks ("energy": ``energy``; "cmi" and
+            "discriminant": ``pooled`` and ``labels``).
     """
     scores = _CRITERIA[name](context)
     nodes = {n.name: n for n in context.graph.nodes}
@@ -269,13 +291,29 @@ def _tensor_of(analysis: ChannelGraph, flow) -> str | None:
 
 
 def energy_tensors(analysis: ChannelGraph) -> dict[str, int]:
-    """Tensor -> channel axis of every producer output: what the energy criterion measures."""
+    """Tensor -> channel axis of every producer output: what the energy criterion measures.
+
+    Args:
+        analysis: The channel analysis of the graph.
+
+    Returns:
+        Tensor name -> its channel axis (``Flow.axis``), for every tracked output of a producer step.
+    """
     made = {id(s.outputs[0]) for s in analysis.steps.values() if s.kind is Kind.PRODUCER}
     return {t: f.axis for t, f in analysis.flows.items() if id(f) in made}
 
 
 def consumer_inputs(graph: gs.Graph, analysis: ChannelGraph) -> dict[str, int]:
-    """Tensor -> channel axis of every tracked tensor a matrix op (Conv, Gemm, MatMul) reads (for `consumer_energy`)."""
+    """Tensor -> channel axis of every tracked tensor a matrix op (Conv, Gemm, MatMul) reads (for `consumer_energy`).
+
+    Args:
+        graph: The graph.
+        analysis: Its channel analysis.
+
+    Returns:
+        Tensor name -> its channel axis (``Flow.axis``), for each tracked data input of a node with a constant
+        weight matrix (``layouts.weight_matrix``).
+    """
     found = {}
     for node in graph.nodes:
         if layouts.weight_matrix(node) is not None and node.inputs[0].name in analysis.flows:
@@ -291,6 +329,10 @@ def consumer_energy(context: Context) -> np.ndarray:
     change is ||W[:, j]||^2 E[x_j^2], summed over the kernel taps of a Conv. A split layer is read through its
     scaling op (W = S B), so the singular values weigh the columns. Zero for classes no matrix op reads, or where
     the input's energy was not measured (`consumer_inputs`).
+
+    Args:
+        context: The graph, its analysis, its basis pairs and ``energy`` (E[x_c^2] of the tensors `consumer_inputs`
+            lists).
 
     Returns:
         [n_classes] scores, in output-energy units (their sum over a group is that of its readers' outputs, about).
@@ -315,7 +357,15 @@ def consumer_energy(context: Context) -> np.ndarray:
 
 
 def collect_bn_gamma(graph: gs.Graph) -> dict[str, np.ndarray]:
-    """BN scale per producer it directly follows, read before BN is folded away."""
+    """BN scale per producer it directly follows, read before BN is folded away.
+
+    Args:
+        graph: The graph, before BatchNormalization is folded.
+
+    Returns:
+        Node name -> gamma (float64 ``[C]``) of the BatchNormalization that reads its output, for each one with a
+        constant scale whose data input is made by a node (of any op; not a graph input).
+    """
     found = {}
     for node in graph.nodes:
         if node.op != "BatchNormalization" or const(node.inputs[1]) is None:

@@ -49,7 +49,16 @@ _DTYPES = {
 
 
 def model_inputs(model: onnx.ModelProto) -> dict[str, tuple[list, type]]:
-    """Graph inputs that are not initializers: name -> (dims, numpy dtype); symbolic dims are None."""
+    """Graph inputs that are not initializers: name -> (dims, numpy dtype); symbolic dims are None.
+
+    Args:
+        model: The model whose graph inputs are read.
+
+    Returns:
+        Input name -> (dims, dtype), in the graph's order: dims a list (None for a symbolic or unknown dim, empty
+        when the input has no shape); dtype float32, float16, float64, int64 or int32, or None for any other element
+        type.
+    """
     inits = {t.name for t in model.graph.initializer}
     found = {}
     for inp in model.graph.input:

@@ -197,7 +197,15 @@ def _top1(model: onnx.ModelProto, data: Samples, batch_size: int) -> tuple[str, 
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of `model` that also outputs the intermediate tensors `names`."""
+    """A copy of `model` that also outputs the intermediate tensors `names`.
+
+    Args:
+        model: The model; not modified.
+        names: Tensor names; each one that is not a graph output yet is added as one, without type or shape.
+
+    Returns:
+        The copy.
+    """
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     present = {o.name for o in copy.graph.output}
@@ -263,6 +271,17 @@ def channel_statistics(
 
     With `pooled`, also each sample's spatially averaged channel values ([N, C] per tensor), the features the label
     criteria read: memory grows with samples x channels, never with spatial size.
+
+    Args:
+        model: The model to run.
+        data: The samples.
+        axes: Tensor name -> its channel axis (with `pooled`, the batch must be axis 0).
+        pooled: Also return the per-sample averages.
+        batch_size: Samples per onnxruntime run when the model's batch dim is dynamic.
+
+    Returns:
+        (energy, pooled): tensor name -> ``[C]`` float64 mean of x_c^2 over every sample and position; and, with
+        `pooled`, tensor name -> ``[N, C]`` float64 per-sample averages in iteration order (else an empty dict).
     """
     names = list(axes)
     sums = {k: 0.0 for k in names}
@@ -288,6 +307,12 @@ def row_budget(samples: int) -> int:
 
     A budget per batch would make a model with a fixed batch of 1 accumulate 32 times the rows of a dynamic one, and
     the K x K second moments of a wide layer cost rows x K^2.
+
+    Args:
+        samples: Samples in the batch (fewer than 1 count as 1).
+
+    Returns:
+        `ROWS_PER_SAMPLE` (128) rows per sample.
     """
     return ROWS_PER_SAMPLE * max(int(samples), 1)
 
@@ -345,7 +370,8 @@ def fidelity(
         original: The reference model.
         pruned: The model measured.
         data: The samples.
-        labels: True class per sample in iteration order, to report accuracy as well.
+        labels: ``[N]`` true class per sample in iteration order, to report accuracy as well (used only when it
+            holds one label per sample).
         batch_size: Samples per run when the model's batch dim is dynamic.
         label: The progress bar's title.
 
@@ -354,6 +380,10 @@ def fidelity(
         `sequence_outputs` {"cosine", "relative_error", "sequence_agreement", "frame_agreement"}: the share of
         samples whose best path reads the same (CTC decoding, the original's most frequent frame class as the blank)
         and of positions whose top-1 is the same. Cosine and error are per sample in every case.
+
+    Raises:
+        CalibrationError: `data` is a dict that does not match the original model's inputs, or too few samples for
+            its fixed batch (`as_samples`).
     """
     data = as_samples(data, original)
     names = [o.name for o in original.graph.output]
@@ -427,6 +457,17 @@ def sequence_outputs(model: onnx.ModelProto) -> dict[str, int]:
     take a Softmax / LogSoftmax over it (`rules.keeps_class_axis`); a detector's output, whose last axis is a Concat
     of boxes, objectness and classes, is not one. `fidelity` reads the rank-3 ones as a class per position of a
     sequence (a CTC text recogniser's head).
+
+    Args:
+        model: The model; not modified.
+
+    Returns:
+        Output name -> number of classes (the out size of the first matrix op met within 8 nodes back along the
+        first inputs), for the outputs that qualify, whatever their rank.
+
+    Raises:
+        UnsupportedModelError: The model's default-domain opset is below 7 (`graph.to_graph`).
+        InvalidModelError: The model cannot be read into a graph.
     """
     from onnxprune.graph import to_graph
 
@@ -451,6 +492,14 @@ def sequences(x: np.ndarray, m: int) -> np.ndarray | None:
     """A rank-3 output of `m` samples as ``[m, T, C]``: batch first ``[m, T, C]`` or time first ``[T, m, C]``.
 
     None when neither leading axis is the batch, or the sequence is a single position (a plain classifier).
+
+    Args:
+        x: One batch of an output.
+        m: Samples in the batch.
+
+    Returns:
+        ``[m, T, C]`` (`x` itself when batch first, else a view with the axes moved), or None: also for an array that
+        is not float or whose last axis is under 2. Batch first wins when both leading axes are `m`.
     """
     if x.ndim != 3 or x.dtype.kind != "f" or x.shape[-1] < 2:
         return None
@@ -462,6 +511,14 @@ def sequences(x: np.ndarray, m: int) -> np.ndarray | None:
 
 
 def decode(path: np.ndarray, blank: int) -> tuple[int, ...]:
-    """A best path read as CTC does (Graves et al. 2006): repeated labels merged, then the blank dropped."""
+    """A best path read as CTC does (Graves et al. 2006): repeated labels merged, then the blank dropped.
+
+    Args:
+        path: ``[T]`` class per position (the top-1 of each frame).
+        blank: The blank class.
+
+    Returns:
+        The labels read, as ints.
+    """
     merged = [int(c) for i, c in enumerate(path) if i == 0 or c != path[i - 1]]
     return tuple(c for c in merged if c != blank)

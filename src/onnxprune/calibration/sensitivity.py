@@ -46,6 +46,19 @@ def layer_sensitivity(
     Probes use the first `SAMPLES` samples, fewer (at least `CUT_MIN_SAMPLES`) when all of them would take longer
     than `CUT_BUDGET_S` at the speed the reference pass measured (a 416x416 detector: 60 probes of 26 samples took
     6 minutes).
+
+    Args:
+        graph: The graph the groups belong to; not modified.
+        template: Model whose opsets and metadata exports of `graph` take.
+        groups: The groups to probe; those with fewer than two removable classes are skipped.
+        scores: ``[n_classes]`` importance per class (larger means keep); each probe removes a group's lowest first.
+        data: Calibration samples.
+        levels: Shares of a group's removable classes removed, one probe each (at least one class, never all).
+        batch_size: Samples per onnxruntime run when the model's batch dim is dynamic.
+
+    Returns:
+        Group name -> the mean relative change of its probes divided by the median of those means over the groups,
+        clipped to `WEIGHT_RANGE`; a group that a fresh analysis of the exported graph does not find is left out.
     """
     data = as_samples(data).head(SAMPLES)
     reference = to_model(graph, template)
@@ -174,6 +187,9 @@ class CutProbe:
 
         Returns:
             The relative squared change (0 when nothing is cut).
+
+        Raises:
+            ValueError: `plan` removes a blocked class of a group.
         """
         feeds = dict(self.ones)
         by_group = {group: mask for mask, (group, _, _) in self.masks.items()}
@@ -205,7 +221,14 @@ class CutProbe:
         return _relative_to_median(self.ratios(cuts), CUT_WEIGHT_RANGE, "most sensitive at the planned cut")
 
     def ratios(self, cuts: dict[str, tuple[np.ndarray, float]]) -> dict[str, float]:
-        """Measured `change` of each layer in `cuts` cut alone, over its predicted local error (see `weights`)."""
+        """Measured `change` of each layer in `cuts` cut alone, over its predicted local error (see `weights`).
+
+        Args:
+            cuts: Group name -> (kept positions of the group, predicted relative error of that layer at that cut).
+
+        Returns:
+            Group name -> measured change over predicted error, for the groups with a positive prediction and a mask.
+        """
         masked = {group for group, _, _ in self.masks.values()}
         todo = [(g, keep, predicted) for g, (keep, predicted) in cuts.items() if predicted > 0 and g in masked]
         return {g: self.change({g: keep}) / predicted for g, keep, predicted in steps(todo, "sensitivity probes")}

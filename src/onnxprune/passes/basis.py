@@ -47,7 +47,13 @@ def decompose_basis(
     Args:
         graph: Topologically sorted graph; edited in place.
         min_channels: Layers whose rank min(out, in) is smaller are skipped (and reported).
-        covariances: Input-patch covariances E[p p^T] by Conv node name, for a data-aware basis.
+        covariances: Input-patch covariances E[p p^T] by node name (the layers `whitenable` lists), for a
+            data-aware basis: ``[K, K]``, K the in size of the layer's weight matrix; one of another size is ignored.
+
+    Returns:
+        The result: ``report.facts["pairs"]`` lists the `BasisPair` made per split; ``report.counts`` counts
+        ``decomposed``, ``whitened`` and ``shared_left_whole`` (weights read by several nodes); ``report.skipped``
+        names the layers left whole and why.
     """
     report = Report()
     made: list[BasisPair] = []
@@ -104,6 +110,12 @@ def thin_svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     dense SVD on 2 cores (measured, 4096 x 25088: 17 s against 80 s). The Gram matrix squares the condition number,
     so the rows of V^T are orthonormal to about ``eps (s_max / s_min)^2``; when s_min is under `GRAM_SVD_RTOL`
     s_max the dense SVD is used instead.
+
+    Args:
+        matrix: The ``[m, n]`` matrix; the Gram route from `GRAM_SVD_MIN_SIZE` entries on.
+
+    Returns:
+        (U ``[m, r]``, s ``[r]``, V^T ``[r, n]``) with r = min(m, n) and s descending.
     """
     m, n = matrix.shape
     if m * n < GRAM_SVD_MIN_SIZE:
@@ -145,7 +157,19 @@ def _split(graph: gs.Graph, node: gs.Node, matrix: np.ndarray, cov: np.ndarray |
 
 
 def find_basis_pairs(graph: gs.Graph) -> list[BasisPair]:
-    """Basis ops (orthonormal filters, no bias) that feed only a 1x1 scaling op: split layers, ours or re-exported."""
+    """Basis ops (orthonormal filters, no bias) that feed only a 1x1 scaling op: split layers, ours or re-exported.
+
+    A basis op is a splittable op (``Layout.split``) with a constant weight whose matrix rows [r, K] (r <= K) are
+    orthonormal within `ORTHONORMAL_TOLERANCE`, no bias or an all-zero constant one, and one output that is not a
+    graph output and is read by one node only: one of its layout's scaling ops, pointwise, reading it as its data
+    input.
+
+    Args:
+        graph: The graph to search.
+
+    Returns:
+        The pairs, in node order.
+    """
     pairs = []
     for node in graph.nodes:
         if not _splittable(node) or len(node.outputs) != 1:
@@ -180,6 +204,13 @@ def whitenable(graph: gs.Graph, min_rank: int) -> dict[str, tuple[str, Rows]]:
 
     Those whose layout allows it (``Layout.whiten``), whose patches are known, and whose rank min(out, in) is at least
     `min_rank` (smaller ones are not split).
+
+    Args:
+        graph: The graph, before the split.
+        min_rank: Least rank min(out, in) of a layer kept (``decompose_basis``'s `min_channels`).
+
+    Returns:
+        Node name -> (name of its input tensor, the map from an input batch to its patch rows ``[positions, K]``).
     """
     found = {}
     for node in graph.nodes:
@@ -191,7 +222,15 @@ def whitenable(graph: gs.Graph, min_rank: int) -> dict[str, tuple[str, Rows]]:
 
 
 def pair_sizes(graph: gs.Graph, pair: BasisPair) -> tuple[int, int, int]:
-    """(rank r, in size K, out size Co) of a pair as it is now."""
+    """(rank r, in size K, out size Co) of a pair as it is now.
+
+    Args:
+        graph: The graph that holds both ops of `pair`.
+        pair: The pair.
+
+    Returns:
+        (r, K, Co): the rows and columns of the basis matrix, and the rows of the scaling matrix.
+    """
     nodes = {n.name: n for n in graph.nodes}
     basis = basis_matrix(nodes[pair.basis])
     scaling = layout_of(nodes[pair.scaling]).matrix(nodes[pair.scaling])
@@ -199,7 +238,15 @@ def pair_sizes(graph: gs.Graph, pair: BasisPair) -> tuple[int, int, int]:
 
 
 def param_breakeven(k: int, co: int) -> int:
-    """Largest rank at which a split of a [co, k] layer holds fewer weights than the layer: r (k + co) < co k."""
+    """Largest rank at which a split of a [co, k] layer holds fewer weights than the layer: r (k + co) < co k.
+
+    Args:
+        k: The layer's in size (columns of its [co, k] matrix).
+        co: Its out size (rows).
+
+    Returns:
+        The largest such r, at least 0.
+    """
     return max(0, -(-co * k // (k + co)) - 1)
 
 
@@ -212,10 +259,13 @@ def merge_unprofitable(
         graph: Graph to edit in place.
         pairs: The pairs to consider, as found before pruning (pruning an input channel of a basis op leaves its
             filters no longer orthonormal, so they cannot be found again afterwards). Found anew when None.
-        limits: Largest rank each pair (by basis name) may keep split, e.g. from measured latency; the parameter
-            break-even when absent.
+        limits: Largest rank each pair (by basis name) may keep split, e.g. from measured latency. The parameter
+            break-even (`param_breakeven`) holds as well, and alone where a pair has no limit.
 
-    ``report.facts["merged"]`` maps each merged node's name to the pair it replaces and the rank it holds.
+    Returns:
+        The result: ``report.facts["merged"]`` maps each merged node's name to the pair it replaces and the rank it
+        holds (``basis``, ``scaling``, ``rank``); ``report.layers`` has, per basis op kept split, its ``rank`` and
+        ``full_rank``; ``report.counts["merged_back"]`` counts the merges.
     """
     report = Report()
     merged = report.facts.setdefault("merged", {})

@@ -43,11 +43,29 @@ class ChannelGraph:
         return int(self.class_of.max()) + 1 if len(self.class_of) else 0
 
     def classes(self, tensor: str) -> np.ndarray:
-        """Class of each position of a tracked tensor's channel axis."""
+        """Class of each position of a tracked tensor's channel axis.
+
+        Args:
+            tensor: Name of a tracked tensor (a key of ``flows``).
+
+        Returns:
+            ``[channels]`` int64 class ids, in the order of the positions.
+        """
         return self.class_of[self.flows[tensor].ids]
 
     def alive(self, plan: dict[str, np.ndarray]) -> np.ndarray:
-        """Boolean per class: False for the classes `plan` removes (plan: group name -> kept indices)."""
+        """Boolean per class: False for the classes `plan` removes (plan: group name -> kept indices).
+
+        Args:
+            plan: Group name -> kept indices into that group's ``classes`` (0 .. len - 1; others are ignored).
+
+        Returns:
+            ``[n_classes]`` bool, True for every class kept.
+
+        Raises:
+            KeyError: `plan` names a group that is not in ``groups``.
+            ValueError: `plan` removes a blocked class of a group.
+        """
         alive = np.ones(self.n_classes, dtype=bool)
         by_name = {g.name: g for g in self.groups}
         for name, keep in plan.items():
@@ -62,7 +80,15 @@ class ChannelGraph:
         return alive
 
     def keep(self, tensor: str, alive: np.ndarray) -> np.ndarray:
-        """Positions of `tensor`'s channel axis that stay."""
+        """Positions of `tensor`'s channel axis that stay.
+
+        Args:
+            tensor: Name of a tracked tensor.
+            alive: ``[n_classes]`` bool, True for a kept class (as `alive` returns it).
+
+        Returns:
+            Ascending int64 positions whose class is kept.
+        """
         return np.flatnonzero(alive[self.classes(tensor)]).astype(np.int64)
 
 
@@ -121,6 +147,14 @@ def find_channel_groups(graph: gs.Graph) -> ChannelGraph:
 
     A group that reaches a graph output, an op without a rule or a node that mixes channels is blocked and
     keeps the first reason found; nothing is guessed.
+
+    Args:
+        graph: Topologically sorted graph (the rules read its inferred shapes).
+
+    Returns:
+        The analysis: a step per node that has a rule, a flow per tracked tensor, the class of every channel id, and
+        the groups (one per set of producer nodes, ordered by the lowest channel id of their first class), each with
+        its blocked classes and why; ``blockers`` lists the nodes that stopped tracked channels.
     """
     walker = _Walker(_opset(graph))
     steps: dict[str, Step] = {}
