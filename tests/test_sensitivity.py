@@ -124,3 +124,12 @@ def test_cut_probes_take_fewer_samples_past_the_time_budget():
     facts = {}
     weights = cut_sensitivity(graph, model, cuts, data, budget_s=0.0, facts=facts)
     assert facts["samples"] == CUT_MIN_SAMPLES and len(weights) == 4
+
+
+def test_a_probe_with_nothing_to_mask_measures_no_change():
+    """Its docstring promised 0 when nothing is cut; with no maskable group it raised AttributeError instead."""
+    from onnxprune.calibration.sensitivity import CutProbe
+
+    model, graph, _ = _split_example()
+    probe = CutProbe(graph, model, [], {"image": np.load("examples/digits_calib.npy")[:4]})
+    assert probe.samples == 0 and probe.change({"no such group": np.arange(1)}) == 0.0

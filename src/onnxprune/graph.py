@@ -177,20 +177,26 @@ def check(
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape inference with data propagation (Shape -> Gather -> Reshape chains resolve where they can).
 
-    Over 2 GB (`oversized`) inference runs with the large initializers set aside; in the model it then returns,
-    those initializers are placeholders (external, location "set-aside", no bytes): read its shapes only.
+    Over 2 GB (`oversized`) inference runs on a view with the large initializers set aside, and the shapes it finds
+    are written into `model` itself (its ``value_info`` and output types): a copy would double the memory, and the
+    view's initializers are placeholders without their bytes.
 
     Args:
-        model: The model; left as it was.
+        model: The model; left as it was, except over 2 GB (see above).
 
     Returns:
-        A new model with the inferred shapes in ``value_info``, or `model` itself when inference fails (logged at
-        debug level, not raised).
+        A model with the inferred shapes in ``value_info`` (a new one; `model` itself over 2 GB), or `model` when
+        inference fails (logged at debug level, not raised).
     """
     try:
         if oversized(model):
             with _weights_set_aside(model):
-                return onnx.shape_inference.infer_shapes(model, data_prop=True)
+                inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+            del model.graph.value_info[:]
+            model.graph.value_info.extend(inferred.graph.value_info)
+            for out, found in zip(model.graph.output, inferred.graph.output, strict=True):
+                out.type.CopyFrom(found.type)
+            return model
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except (onnx.shape_inference.InferenceError, RuntimeError, ValueError, UnicodeError, TypeError) as err:
         log.debug("shape inference failed: %s", err)
@@ -220,7 +226,7 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
         model.ir_version = 4
     for domain in model.opset_import:
         if domain.domain in ("", "ai.onnx") and domain.version < 7:
-            raise UnsupportedModelError(f"opset {domain.version} is too old; convert the model to opset 9 or newer")
+            raise UnsupportedModelError(f"opset {domain.version} is too old; convert the model to opset 7 or newer")
     try:
         if oversized(model):  # infer on a weightless view, import the real weights, then copy the shapes over
             graph = gs.import_onnx(model)

@@ -191,6 +191,8 @@ class CutProbe:
         Raises:
             ValueError: `plan` removes a blocked class of a group.
         """
+        if not self.masks:  # no group of `plan` could be masked: nothing is cut
+            return 0.0
         feeds = dict(self.ones)
         by_group = {group: mask for mask, (group, _, _) in self.masks.items()}
         for group, keep in plan.items():

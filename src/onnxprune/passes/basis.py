@@ -81,7 +81,7 @@ def decompose_basis(
         report.counts["whitened"] += int(cov is not None and len(cov) == matrix.shape[1])
     graph.cleanup().toposort()
     report.facts["pairs"] = made
-    return PassResult(graph, modified=bool(report.counts), report=report)
+    return PassResult(graph, modified=bool(made), report=report)  # counts also hold layers left whole
 
 
 WHITEN_DAMPING = 1e-6  # relative diagonal loading, so a rank-deficient covariance still factors
@@ -281,7 +281,7 @@ def merge_unprofitable(
         merged[name] = {"basis": pair.basis, "scaling": pair.scaling, "rank": r}
         report.counts["merged_back"] += 1
     graph.cleanup().toposort()
-    return PassResult(graph, modified=bool(report.counts), report=report)
+    return PassResult(graph, modified=bool(merged), report=report)
 
 
 def _merge(graph: gs.Graph, basis: gs.Node, scaling: gs.Node) -> str:
