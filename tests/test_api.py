@@ -60,7 +60,8 @@ def test_the_api_takes_a_model_and_an_array_in_memory(monkeypatch):
     with pytest.raises(_Stop):
         onnxprune.prune(model, ratio=0.5, calib=x, method="channel", latency_batch=0)
     got, kwargs = calls[0]
-    assert got is model and kwargs["calib"] == {model.graph.input[0].name: x}
+    (batch,) = list(kwargs["calib"].batches(len(x)))
+    assert got is model and np.array_equal(batch[model.graph.input[0].name], x)
     assert kwargs["method"] == "channel" and kwargs["latency_batch"] == 0 and kwargs["remove_ratio"] == 0.5
 
 
@@ -92,3 +93,29 @@ def test_the_api_report_is_the_cli_report_document():
     schema = json.loads((importlib.resources.files("onnxprune") / "report.schema.json").read_text())
     Draft202012Validator(schema).validate(doc)
     assert doc["schema_version"] == 1 and doc["input"] is None and "fidelity" in doc
+
+
+def test_the_cli_s_options_are_keywords_and_wrong_ones_are_named(monkeypatch):
+    """A new user passed the README table's options by their CLI names: raw TypeErrors from an internal function."""
+    x = np.load(EXAMPLE / "digits_calib.npy")
+    calls = _captured(monkeypatch, api)
+    with pytest.raises(_Stop):
+        onnxprune.prune(
+            EXAMPLE / "digits_resnet.onnx",
+            ratio=0.5,
+            calib=x,
+            calib_size=100,
+            no_compensate=True,
+            shape="image:1x1x16x16",
+            labels=EXAMPLE / "digits_labels.npy",
+            exclude="conv*",
+        )
+    kwargs = calls[0][1]
+    assert len(kwargs["calib"]) == 100 and kwargs["compensate"] is False and kwargs["exclude"] == ("conv*",)
+    assert kwargs["shapes"] == {"image": [1, 1, 16, 16]} and len(kwargs["labels"]) == len(x)
+    for wrong, words in [
+        ({"metod": "channel"}, "unknown option 'metod'; the options are:"),
+        ({"report": "r.json"}, "report.to_dict()"),
+    ]:
+        with pytest.raises(OnnxPruneError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            onnxprune.prune(EXAMPLE / "digits_resnet.onnx", ratio=0.5, **wrong)

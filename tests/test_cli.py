@@ -506,9 +506,16 @@ def test_ratio_reached_by_folding_alone_is_noted_not_refused():
     assert "folding BatchNorm and constants alone removes 0.075" in report.facts["ratio_note"]
 
 
-@pytest.mark.parametrize("calibrated, expected", [(False, "criterion l2"), (True, "criterion cmi")])
-def test_first_log_line_names_the_criterion_used(calibrated, expected, model_file, tmp_path, capsys):
-    args = [model_file, tmp_path / "o.onnx", "--ratio", "0", "--method", "channel", "--latency-batch", "0", "-v"]
+@pytest.mark.parametrize(
+    "method, calibrated, expected",
+    [
+        ("channel", False, "criterion l2"),
+        ("channel", True, "criterion cmi"),
+        ("best", True, "criterion energy for bases, cmi for channels"),  # said "energy" while channels were written
+    ],
+)
+def test_first_log_line_names_the_criterion_used(method, calibrated, expected, model_file, tmp_path, capsys):
+    args = [model_file, tmp_path / "o.onnx", "--ratio", "0", "--method", method, "--latency-batch", "0", "-v"]
     if calibrated:
         calib = tmp_path / "calib.npy"
         np.save(calib, np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32))

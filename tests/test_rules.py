@@ -469,3 +469,21 @@ def test_only_the_op_registry_branches_on_op_names():
     }
     assert named <= PATTERN_MATCHES, f"op names outside the registry: {sorted(named - PATTERN_MATCHES)}"
     assert _op_names_compared(root / "rules" / "layouts.py") == set(), "layouts dispatch through LAYOUTS only"
+
+
+def test_removals_through_depth_to_space_are_counted_in_the_producer_s_filters():
+    """A DepthToSpace output channel is 4 of the producer's filters (blocksize 2): the report counts filters, as the
+    weight loses them (a new user read "removed 1 of 4" where conv1 had lost 4 of its 16 filters)."""
+    from onnxprune.pipeline import prune
+
+    b = Builder(8)
+    x = b.node("DepthToSpace", [b.relu(b.conv("x", 3, 16))], blocksize=2)
+    model = b.model([("x", [3, 8, 8])], [b.head(b.relu(b.conv(x, 4, 8)), 8)])
+    pruned, report = prune(model, remove_ratio=0.46, method="channel")  # one of 4 classes: 0.466 (coarse)
+    first = next(n for n in model.graph.node if n.op_type == "Conv")
+    row = report.facts["removed"][first.name]
+    after = {t.name: t.dims[0] for t in pruned.graph.initializer}
+    weight = next(t for t in model.graph.initializer if t.name == first.input[1])
+    kept = next(n for n in pruned.graph.node if n.name == first.name)
+    assert row["of"] == weight.dims[0] == 16 and row["removed"] % 4 == 0 and row["removed"] > 0
+    assert after[kept.input[1]] == 16 - row["removed"]

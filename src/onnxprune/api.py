@@ -7,6 +7,7 @@ request gives the same model. Models and calibration data may be given in memory
 
 from __future__ import annotations
 
+import inspect
 import os
 import pathlib
 
@@ -14,10 +15,19 @@ import numpy as np
 import onnx
 
 from onnxprune import graph as graph_io
-from onnxprune.calibration.data import Samples, load_calibration, model_inputs
+from onnxprune.calibration.data import (
+    ImageOptions,
+    Samples,
+    as_samples,
+    load_calibration,
+    load_labels,
+    model_inputs,
+    subset,
+)
 from onnxprune.errors import OnnxPruneError
-from onnxprune.pipeline import MAX_DROP, prune_guarded
+from onnxprune.pipeline import MAX_DROP, prune_guarded, prune_one
 from onnxprune.result import Report
+from onnxprune.shapes import parse_shapes
 
 DEFAULTS = {
     "target": "params",  # what --ratio removes: params, flops (MACs) or latency
@@ -61,9 +71,47 @@ def prune(
         GuardError: With `calib`, the result fails the held-out check (``max_drop``) and `force` is off.
     """
     model = _model(model)
-    data = _calibration(calib, model, seed=options.get("seed", DEFAULTS["seed"]))
-    settings = {**DEFAULTS, **options}
-    return prune_guarded(model, remove_ratio=ratio, calib=data, force=force, **settings)
+    options = _spelled(options)
+    images = {k[len("image_") :]: options.pop(k) for k in list(options) if k.startswith("image_")}
+    limit = options.pop("calib_size", None)
+    seed = options.get("seed", DEFAULTS["seed"])
+    data = _calibration(calib, model, seed=seed, limit=limit, images=images)
+    if isinstance(options.get("labels"), (str, os.PathLike)):
+        options["labels"] = load_labels(options["labels"], data)
+    return prune_guarded(model, remove_ratio=ratio, calib=data, force=force, **{**DEFAULTS, **options})
+
+
+OPTIONS = sorted(
+    ({*inspect.signature(prune_one).parameters} - {"model", "remove_ratio", "calib"})
+    | {"max_drop", "calib_size", "no_compensate", "shape", *(f"image_{f}" for f in ImageOptions.__dataclass_fields__)}
+)
+COMMAND_LINE_ONLY = {  # options of the CLI that have another spelling in Python
+    "report": "report.to_dict() is the --report document",
+    "overwrite": "onnx.save writes the model where you choose",
+    "quiet": "nothing is printed from Python",
+    "verbose": "logging.basicConfig(level=logging.DEBUG) shows every step",
+    "debug": "exceptions propagate from Python",
+}
+
+
+def _spelled(options: dict) -> dict:
+    """The options in `prune_one`'s spelling: the CLI's names accepted, strings parsed as the CLI parses them."""
+    for name in options:
+        if name in COMMAND_LINE_ONLY:
+            raise OnnxPruneError(f"{name}: a command-line option; from Python, {COMMAND_LINE_ONLY[name]}")
+        if name not in OPTIONS:
+            raise OnnxPruneError(f"unknown option {name!r}; the options are: {', '.join(OPTIONS)}")
+    out = dict(options)
+    if "no_compensate" in out:
+        out["compensate"] = not out.pop("no_compensate")
+    if "shape" in out:
+        out["shapes"] = out.pop("shape")
+    if isinstance(out.get("shapes"), (str, list, tuple)):  # "image:1x3x224x224", as --shape takes it
+        specs = out["shapes"]
+        out["shapes"] = parse_shapes((specs,) if isinstance(specs, str) else tuple(specs))
+    if isinstance(out.get("exclude"), str):
+        out["exclude"] = (out["exclude"],)
+    return out
 
 
 def _model(model) -> onnx.ModelProto:
@@ -74,16 +122,29 @@ def _model(model) -> onnx.ModelProto:
     raise OnnxPruneError(f"model: expected an onnx.ModelProto or the path of a model, got {type(model).__name__}")
 
 
-def _calibration(calib, model: onnx.ModelProto, *, seed: int) -> Samples | dict | None:
-    if calib is None or isinstance(calib, (Samples, dict)):
-        return calib
+def _calibration(calib, model: onnx.ModelProto, *, seed: int, limit: int | None, images: dict) -> Samples | None:
+    if calib is None:
+        if images or limit:
+            raise OnnxPruneError("calib_size and image_* options need calib")
+        return None
     if isinstance(calib, (str, os.PathLike)):
-        return load_calibration(pathlib.Path(calib), model, seed=seed)
+        size = images.get("size")
+        if isinstance(size, str):
+            images["size"] = tuple(int(v) for v in size.lower().split("x"))
+        try:
+            options = ImageOptions(**images)
+        except TypeError as err:
+            raise OnnxPruneError(f"image options: {err}") from err
+        return load_calibration(pathlib.Path(calib), model, limit=limit, image_options=options, seed=seed)
+    if images:
+        raise OnnxPruneError("image_* options apply to a folder of images given as calib (a path)")
     if isinstance(calib, np.ndarray):
         inputs = list(model_inputs(model))
         if len(inputs) != 1:
             raise OnnxPruneError(
                 f"calib: the model has {len(inputs)} inputs ({', '.join(inputs)}): give a dict input name -> array"
             )
-        return {inputs[0]: calib}
+        calib = {inputs[0]: calib}
+    if isinstance(calib, (Samples, dict)):
+        return subset(as_samples(calib, model), limit, seed=seed)
     raise OnnxPruneError(f"calib: expected an array, a dict of arrays or a path, got {type(calib).__name__}")

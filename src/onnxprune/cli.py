@@ -16,7 +16,7 @@ from onnxprune import graph as graph_io
 from onnxprune.api import DEFAULTS
 from onnxprune.budget import TARGETS
 from onnxprune.calibration import criteria
-from onnxprune.calibration.data import ImageOptions, load_calibration
+from onnxprune.calibration.data import ImageOptions, load_calibration, load_labels
 from onnxprune.errors import BudgetError, GuardError, OnnxPruneError
 from onnxprune.pipeline import METHODS, SPEED_MARGIN, decompose, default_criterion, prune_guarded
 from onnxprune.shapes import format_shapes, parse_shapes
@@ -252,12 +252,18 @@ def prune_command(
     data = (
         load_calibration(calib, model, limit=calib_size, image_options=images, seed=seed) if calib is not None else None
     )
-    truth = _load_labels(labels, data) if labels is not None else None
+    truth = load_labels(labels, data) if labels is not None else None
     log.info(
         "pruning %s (%s, criterion %s, %s %.2f)",
         input_path.name,
         method,
-        criterion or default_criterion(method, calibrated=data is not None),
+        criterion
+        or (
+            f"{default_criterion('basis', calibrated=data is not None)} for bases, "
+            f"{default_criterion('channel', calibrated=data is not None)} for channels"
+            if method == "best"
+            else default_criterion(method, calibrated=data is not None)
+        ),
         target,
         remove_ratio,
     )
@@ -467,19 +473,6 @@ def _floats(text: str | None, option: str) -> tuple[float, ...]:
         return tuple(float(v) for v in text.split(","))
     except ValueError as err:
         raise OnnxPruneError(f"{option} {text!r}: expected comma-separated numbers") from err
-
-
-def _load_labels(path: pathlib.Path, data: dict | None) -> np.ndarray:
-    if data is None:
-        raise OnnxPruneError("--labels needs --calib")
-    try:
-        labels = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise OnnxPruneError(f"labels {path}: cannot read ({err})") from err
-    n = data.total  # samples as loaded, before any --calib-size subset: the labels follow the file's order
-    if labels.ndim != 1 or len(labels) < n:
-        raise OnnxPruneError(f"labels {path}: expected a 1-D array of {n} labels, got shape {list(labels.shape)}")
-    return labels[:n]
 
 
 def _write_json(path: pathlib.Path, data: dict) -> None:

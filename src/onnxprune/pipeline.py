@@ -1292,13 +1292,15 @@ def _prune_stage(
     report.facts["reachable"] = allocation.reachable
     report.facts["ratio_planned"] = allocation.achieved
     kinds = report.facts.setdefault("removed", {})
+    nodes = {n.name: n for n in graph.nodes}
     for name, keep in allocation.plan.items():
         group = next(g for g in analysis.groups if g.name == name)
-        kinds[name] = {
-            "kind": "basis" if name in basis_groups else "channel",
-            "removed": int(len(group.classes) - len(keep)),
-            "of": int(len(group.classes)),
-        }
+        of, removed = len(group.classes), len(group.classes) - len(keep)
+        out = nodes[group.producers[0]].outputs[0].name if group.producers else None
+        if out in analysis.flows:  # counted on the producer's output: a class may hold several of its channels
+            of = len(analysis.flows[out].ids)  # (DepthToSpace unites the b^2 channels one output channel reads)
+            removed = of - len(analysis.keep(out, analysis.alive({name: keep})))
+        kinds[name] = {"kind": "basis" if name in basis_groups else "channel", "removed": int(removed), "of": int(of)}
     removal = run_passes(graph, [partial(remove_channels, plan=allocation.plan, analysis=analysis)]).report
     bases = sum(kinds[name]["removed"] for name in allocation.plan if name in basis_groups)
     if bases:  # remove_channels counts every index it drops; on a basis edge those are basis vectors, not channels

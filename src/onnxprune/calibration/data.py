@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxprune.errors import CalibrationError
+from onnxprune.errors import CalibrationError, OnnxPruneError
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,22 @@ def as_samples(data: Samples | dict[str, np.ndarray], model: onnx.ModelProto | N
     return _fill_batches("calibration data", Samples.from_arrays(checked, batch=fixed_batch(model)))
 
 
+def subset(samples: Samples, limit: int | None, *, seed: int = 0) -> Samples:
+    """At most `limit` of `samples`: a seeded random subset, in the samples' order (``--calib-size``).
+
+    Args:
+        samples: The samples.
+        limit: How many to keep (None or 0: all).
+        seed: Seed of the draw.
+
+    Returns:
+        The subset (`samples` itself when it holds no more than `limit`).
+    """
+    if not limit or limit >= len(samples):
+        return samples
+    return samples.take(np.sort(np.random.default_rng(seed).choice(len(samples), limit, replace=False)))
+
+
 def load_calibration(
     path: str | pathlib.Path,
     model: onnx.ModelProto,
@@ -265,9 +281,7 @@ def load_calibration(
         for g in groups.values()
     ]
     samples = Samples(merged, batch=batch, total=start)
-    if limit and limit < len(samples):
-        chosen = np.sort(np.random.default_rng(seed).choice(len(samples), limit, replace=False))
-        samples = samples.take(chosen)
+    samples = subset(samples, limit, seed=seed)
     if len(samples.groups) > 1:
         log.info("calibration data: %d sample shapes, streamed shape by shape", len(samples.groups))
     return _fill_batches(path, samples)
@@ -383,3 +397,28 @@ def _check(path: pathlib.Path | str, data: dict[str, np.ndarray], inputs: dict) 
         if data[name].dtype.kind == "f" and not np.all(np.isfinite(data[name])):
             raise CalibrationError(f"{path}: input '{name}' holds NaN or Inf")
     return data
+
+
+def load_labels(path: str | pathlib.Path, data: Samples | None) -> np.ndarray:
+    """Class labels (``--labels FILE.npy``) for the calibration samples, in the file's order.
+
+    Args:
+        path: A ``.npy`` file holding a 1-D array with at least one label per sample.
+        data: The calibration samples as loaded (before any ``--calib-size`` subset).
+
+    Returns:
+        The first ``data.total`` labels.
+
+    Raises:
+        OnnxPruneError: No calibration data, an unreadable file, or too few labels / not 1-D.
+    """
+    if data is None:
+        raise OnnxPruneError("--labels needs --calib")
+    try:
+        labels = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise OnnxPruneError(f"labels {path}: cannot read ({err})") from err
+    n = data.total  # samples as loaded, before any --calib-size subset: the labels follow the file's order
+    if labels.ndim != 1 or len(labels) < n:
+        raise OnnxPruneError(f"labels {path}: expected a 1-D array of {n} labels, got shape {list(labels.shape)}")
+    return labels[:n]
