@@ -724,6 +724,8 @@ def test_ctrl_c_during_a_calibrated_prune_exits_130_and_writes_nothing(tmp_path)
         + ["--calib", str(EXAMPLE / "digits_calib.npy"), "-v"],
         stderr=subprocess.PIPE,
         text=True,
+        # a terminal's Ctrl-C: a run started in the background (CI launched with `&`) inherits SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     for line in proc.stderr:  # wait until the prune itself has started
         if line.startswith("pruning "):
