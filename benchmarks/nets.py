@@ -115,7 +115,25 @@ class MobileNetV2(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
 
 
-ARCHITECTURES = {"resnet20": ResNet, "vgg": VGG, "mobilenetv2": MobileNetV2}
+class VGGFC(VGG):
+    """The VGG stack with a VGG-16-style classifier: flatten (no global pooling), two wide fully connected layers.
+
+    At 32x32 the flattened features are 256 x 2 x 2 = 1024; with `width` 2048 the classifier holds 6.4 M of the
+    7.5 M parameters, the share the FC layers hold in VGG-16 and AlexNet (the tensor-train issue's target).
+    """
+
+    def __init__(self, classes: int, width: int = 2048, channels: int = 1) -> None:
+        super().__init__(classes, channels=channels)
+        self.classifier = nn.Sequential(
+            nn.Linear(1024, width), nn.ReLU(), nn.Dropout(0.3), nn.Linear(width, width), nn.ReLU(), nn.Dropout(0.3),
+            nn.Linear(width, classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+ARCHITECTURES = {"resnet20": ResNet, "vgg": VGG, "vggfc": VGGFC, "mobilenetv2": MobileNetV2}
 
 
 def build(arch: str, classes: int, **kw) -> nn.Module:

@@ -82,7 +82,8 @@ def cli() -> None:
     help="best: with --calib and --latency-batch, both basis and channel removal (channel counts rounded to the "
     "processor's vector width), the one measured no slower and most faithful on fit samples written, else basis; "
     "channel: whole filters; basis: SVD basis vectors; double: channels then bases; auto: channels and bases "
-    "ranked together by error per parameter saved.",
+    "ranked together by error per parameter saved; tt: large Gemm/MatMul/Gather weights as tensor trains "
+    "(parameters only; measured less accurate than basis on trained layers, benchmarks/README.md).",
 )
 @_MIN_RANK
 @click.option(
@@ -515,6 +516,12 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
             else ""
         ),
     ]
+    if f["method"] == "tt":  # no channel groups and no criterion: layers written as tensor trains
+        lines[0] = lines[0].replace(f", criterion {f['criterion']}", "")
+        lines[3] = (
+            f"  layers  {f['groups_pruned']} written as tensor trains, "
+            f"{report.counts.get('refitted_cores', 0)} last cores refitted on the calibration data"
+        )
     for name, fid in f.get("fidelity", {}).items():
         parts = [f"cosine {fid['cosine']:.4f}", f"rel. error {fid['relative_error']:.4f}"]
         if "top1_agreement" in fid:
@@ -590,6 +597,17 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
         lines.append(
             f"  speed   measured slower than the original ({times}, timed while pruning); "
             "check with `onnxprune bench`; --target latency plans for speed"
+        )
+    for name, layer in report.layers.items():
+        if layer.get("op") == "tensor-train":
+            lines.append(
+                f"  tt      {name}: bond dimensions {layer['ranks']} of {layer['full_ranks']}, weights "
+                f"{layer['dense']:,} -> {layer['kept']:,}, relative weight error {layer['relative_error']:.3f}"
+            )
+    if f["method"] == "tt" and f["macs_before"] is not None and f["macs_after"] > f["macs_before"]:
+        lines.append(
+            f"  speed   the tensor trains do {f['macs_after'] / max(f['macs_before'], 1):.1f}x the model's MACs: "
+            "smaller, not faster (--method tt plans for parameters only); check with `onnxprune bench`"
         )
     if "ratio_note" in f:  # more than 1 point from the request: why, in one line
         lines.append(f"  ratio   {f['ratio_note']}")

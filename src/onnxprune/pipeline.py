@@ -25,7 +25,7 @@ from onnxprune.budget import (
 )
 from onnxprune.calibration import criteria
 from onnxprune.calibration.data import as_samples, fixed_batch
-from onnxprune.calibration.refit import refit
+from onnxprune.calibration.refit import TrainEnd, refit, refit_tensor_trains
 from onnxprune.calibration.runner import (
     channel_statistics,
     fidelity,
@@ -48,6 +48,7 @@ from onnxprune.passes.basis import (
 from onnxprune.passes.cleanup import cleanup
 from onnxprune.passes.groups import find_channel_groups
 from onnxprune.passes.remove import remove_channels
+from onnxprune.passes.tt import TT_MIN_WEIGHTS, allocate_bonds, decompose_tt, tt_layers
 from onnxprune.progress import steps
 from onnxprune.result import PassResult, Report, Skip
 from onnxprune.rules import layouts
@@ -56,7 +57,7 @@ from onnxprune.testing import random_feeds
 
 log = logging.getLogger(__name__)
 
-METHODS = ("best", "basis", "channel", "auto", "double")
+METHODS = ("best", "basis", "channel", "auto", "double", "tt")
 SYNTHETIC_SAMPLES = 8  # random inputs the outputs are compared on when there is no calibration data
 DOUBLE_CHANNEL_SHARE = 0.5  # --method double: the part of the request taken by channels before bases
 
@@ -255,6 +256,8 @@ def prune_one(
         raise OnnxPruneError("--target latency needs --latency-batch of at least 1 (the batch the latency is timed at)")
     if target == "latency" and method != "basis":
         raise OnnxPruneError(f"--target latency is supported for --method best and basis, not {method}")
+    if method == "tt" and target != "params":
+        raise OnnxPruneError(f"--method tt removes parameters: use --target params, not {target}")
     if sensitivity is True and calib is None:
         raise OnnxPruneError("--sensitivity needs calibration data (--calib) to measure the outputs on")
     if criterion in ("energy", *criteria.LABEL_CRITERIA) and calib is None:
@@ -299,11 +302,17 @@ def prune_one(
     report = run_passes(graph, [cleanup]).report
     cleaned = CostModel(graph).count()[0 if target == "params" else 1]
     report.facts["ratio_free"] = 1 - cleaned / total if total else 0.0  # what folding BN and constants alone removes
-    stages = {"channel": ["channel"], "basis": ["basis"], "auto": ["auto"], "double": ["channel", "basis"]}[method]
+    stages = {"channel": ["channel"], "basis": ["basis"], "auto": ["auto"], "double": ["channel", "basis"], "tt": []}
+    stages = stages[method]
     plans = 0
     curves = None
     pairs = find_basis_pairs(graph)
     limits: dict[str, int] = {}
+    ends: list[TrainEnd] = []
+    if method == "tt":
+        graph = reinfer_shapes(graph, model)
+        ends = _tensor_trains(graph, report, remove=remove_ratio * total - (total - cleaned), exclude=exclude)
+        plans = len(ends)
 
     def finish(graph: gs.Graph, kept: dict | None) -> tuple[gs.Graph, Report]:
         """Merge back the splits that do not pay, clean up and refit: the pruned graph as it will be written."""
@@ -322,6 +331,18 @@ def prune_one(
                 seed=seed,
             )
             tail.merge(run_passes(graph, [refit_pass]).report)
+            if ends:
+                graph = reinfer_shapes(graph, model)
+                cores = partial(
+                    refit_tensor_trains,
+                    template=model,
+                    original=model,
+                    fit=fit,
+                    held=held,
+                    ends=ends,
+                    batch_size=batch_size,
+                )
+                tail.merge(run_passes(graph, [cores]).report)
         return graph, tail
 
     finished: dict = {}  # plan key -> (finished graph, its report), for the candidates already taken to the end
@@ -489,6 +510,45 @@ def prune_one(
     report.facts.pop("kept", None)
     _check_ratio(report, method=method, latency_batch=latency_batch, round_to=round_to)
     return out, report
+
+
+def _tensor_trains(
+    graph: gs.Graph,
+    report: Report,
+    *,
+    remove: float,
+    exclude: Sequence[str],
+) -> list[TrainEnd]:
+    """``method="tt"``: write the eligible large layers as tensor trains that remove `remove` weights (in place).
+
+    The bonds are allocated over all layers by relative error per weight saved (``passes.tt.allocate_bonds``); the
+    refit of the last cores (``calibration.refit.refit_tensor_trains``) is the data-aware step. (Taking each TT of
+    W diag(rms of its inputs) instead was measured on the trained VGG-FC: no better, benchmarks/README.md.)
+
+    Returns:
+        The ends of the trains written, for the last-core refit.
+
+    Raises:
+        BudgetError: The eligible layers cannot remove `remove` weights even at bond dimension 1.
+    """
+    layers, found = tt_layers(graph)
+    report.merge(found)
+    for layer in [t for t in layers if any(fnmatch.fnmatch(t.node, pat) for pat in exclude)]:
+        report.skip(layer.node, "excluded (--exclude)")
+        layers.remove(layer)
+    if not layers:
+        raise BudgetError(
+            f"no layer can be written as a tensor train (Gemm/MatMul with a constant weight, or Gather of a table, "
+            f"of at least {TT_MIN_WEIGHTS:,} weights whose sizes factor); use --method basis or channel"
+        )
+    ranks = allocate_bonds(layers, int(np.ceil(max(0.0, remove))))
+    made = run_passes(graph, [partial(decompose_tt, layers=layers, ranks=ranks)]).report
+    report.merge(made)
+    return [
+        TrainEnd(made.layers[t.node]["last_core"], made.layers[t.node]["output"], t.linear.bias)
+        for t in layers
+        if t.node in made.layers and made.layers[t.node]["last_core"]
+    ]
 
 
 def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **options) -> tuple[onnx.ModelProto, Report]:

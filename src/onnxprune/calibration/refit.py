@@ -495,3 +495,122 @@ def _solve_low_rank(
     if not (np.all(np.isfinite(scaling)) and np.all(np.isfinite(basis))):
         return None
     return scaling, basis, bias
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainEnd:
+    """The end of a tensor train (``passes.tt.write_tt``) that `refit_tensor_trains` fits.
+
+    Attributes:
+        last_core: Name of the MatMul by the last core: input [..., rest, r n], output [..., rest, m].
+        output: Name of the layer's output tensor ([..., M] = [..., rest * m], bias included), as in the original.
+        bias: The layer's bias [M] (kept as it is), or None.
+    """
+
+    last_core: str
+    output: str
+    bias: np.ndarray | None
+
+
+def refit_tensor_trains(
+    graph: gs.Graph,
+    *,
+    template: onnx.ModelProto,
+    original: onnx.ModelProto,
+    fit: dict[str, np.ndarray],
+    held: dict[str, np.ndarray],
+    ends: list[TrainEnd],
+    ridge: float = 1e-4,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> PassResult:
+    """Refit, in place, the last core of each tensor train to the original layer's output, sequentially.
+
+    Given the other cores, the layer is linear in its last core G_d: with z the rows [r_{d-1} n_d] that reach the
+    last MatMul (on the already-compressed model) and y the original model's output of the layer (minus the bias,
+    its rows [m_d] in the same order), ``G = argmin E||z G - y||^2 + ridge`` (one alternating-least-squares step of
+    Oseledets & Dolgov 2012 on the core that sees the data last; DESIGN §3, Compensation). When the output feeds
+    only a Relu or Clip, a second fit is made with the clipped targets pushed to the first fit's prediction, as
+    `refit` does. A refit that is worse on the held-out samples is not kept.
+
+    Args:
+        graph: The graph with the tensor trains; edited in place.
+        template: Model whose opsets and metadata exports of `graph` take.
+        original: The unpruned model; its tensor named like each train's output is the target.
+        fit: Calibration samples to fit on.
+        held: Held-out samples on which a refit must not be worse than the core it replaces.
+        ends: The trains (`TrainEnd`).
+        ridge: Regularisation, relative to the mean diagonal of E[z z^T].
+        batch_size: Samples per onnxruntime run.
+        seed: Unused draws are seeded by it (kept for a uniform signature).
+
+    Returns:
+        The result: ``report.counts["refitted_cores"]``, ``report.layers[last core]`` with the held-out errors.
+    """
+    del seed
+    report = Report()
+    original_names = {t for n in original.graph.node for t in n.output}
+    nodes = {n.name: n for n in graph.nodes}
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+    todo = [e for e in ends if e.last_core in nodes and e.output in original_names]
+    todo.sort(key=lambda e: order[e.last_core])
+    reference = to_graph(original)
+    runs = Runs(
+        current_fit=Frontier(graph, template, fit, batch_size=batch_size),
+        original_fit=Frontier(reference, original, fit, batch_size=batch_size),
+        current_held=Frontier(graph, template, held, batch_size=batch_size),
+        original_held=Frontier(reference, original, held, batch_size=batch_size),
+    )
+    for end in steps(todo, "refit tensor trains"):
+        node = nodes[end.last_core]
+        old = const(node.inputs[1]).astype(np.float64)  # [r n, m]
+        source = node.inputs[0].name
+        out = next((t for n in graph.nodes for t in n.outputs if t.name == end.output), None)
+        clip = None if out is None or out in graph.outputs else _clip_bounds(out)
+        target = Target(end.output, clip=clip)
+        solved = None
+        for _ in range(2 if clip else 1):
+            zz = yz = 0.0
+            for zb, yb in runs.fit(source, target):
+                z, y, bias = _core_rows(zb[source], yb[end.output], end.bias, old.shape)
+                if solved is not None:  # where the original is clipped, aim at the first fit pushed to the bound
+                    y = _fit_target(target, y + bias, np.zeros((1, 1)), z @ solved + bias) - bias
+                zz, yz = zz + z.T @ z, yz + y.T @ z
+            step = _solve(zz, yz, old.shape[0], ridge) if np.ndim(zz) == 2 else None
+            if step is None:
+                break
+            solved = step.T  # [r n, m]
+        if solved is None:
+            report.skip(node, "least-squares system of the last core is singular")
+            continue
+        errors = np.zeros(2)
+        lo, hi = clip or (-np.inf, np.inf)
+        for zb, yb in runs.held(source, target):
+            z, y, bias = _core_rows(zb[source], yb[end.output], end.bias, old.shape)
+            for i, w in enumerate((old, solved)):
+                errors[i] += float(np.sum((np.clip(z @ w + bias, lo, hi) - np.clip(y + bias, lo, hi)) ** 2))
+        before, after = float(errors[0]), float(errors[1])
+        if after >= before:
+            report.skip(node, f"core refit kept out: held-out error {after:.4g} >= {before:.4g}")
+            report.counts["refits_rejected"] += 1
+            continue
+        dtype = const(node.inputs[1]).dtype
+        node.inputs[1] = gs.Constant(unique_name(graph, f"{node.name}/weight_refit"), solved.astype(dtype))
+        report.counts["refitted_cores"] += 1
+        report.layers[node.name] = {"refit_error_before": before, "refit_error_after": after}
+        log.debug("tensor-train refit %s: held-out layer error %.4g -> %.4g", node.name, before, after)
+    report.counts["refit_segments"] += runs.segments
+    return PassResult(graph, modified=bool(report.counts.get("refitted_cores")), report=report)
+
+
+def _core_rows(
+    z: np.ndarray, y: np.ndarray, bias: np.ndarray | None, core: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | float]:
+    """One batch as rows of the last core's product: inputs [rows, r n], targets less the bias [rows, m], the bias.
+
+    `core` is the shape [r n, m] of the last core's matrix; the layer output [..., M] is [..., M / m, m] in rows.
+    """
+    k, m = core
+    y = y.astype(np.float64).reshape(-1, m)
+    tiled = 0.0 if bias is None else np.tile(bias.reshape(-1, m), (len(y) * m // bias.size, 1))
+    return z.reshape(-1, k).astype(np.float64), y - tiled, tiled

@@ -12,6 +12,7 @@ Sources: ONNX operator specs Conv, ConvTranspose, Gemm, MatMul (opset 1-22), LST
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -64,6 +65,26 @@ def im2col(
             hi, wj = i * dilations[0], j * dilations[1]
             cols[:, :, i, j] = xp[:, :, hi : hi + strides[0] * ho : strides[0], wj : wj + strides[1] * wo : strides[1]]
     return cols.transpose(0, 4, 5, 1, 2, 3).reshape(n * ho * wo, c * kh * kw)
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A node as one matrix applied to its data input, the view a tensor-train rewrite replaces.
+
+    Attributes:
+        matrix: ``[out, in]`` float64, alpha applied. For a lookup, the table ``[rows, width]`` itself.
+        bias: ``[out]`` float64 added to every output row (beta applied), or None.
+        data: Input index of the data (a lookup: of the indices).
+        lookup: True for a table lookup ``y = matrix[ids]`` (Gather on axis 0), False for ``y = x matrix^T + bias``
+            on the last axis of x.
+        transposed: The data input is given transposed, ``[in, rows]`` (Gemm with transA).
+    """
+
+    matrix: np.ndarray
+    bias: np.ndarray | None
+    data: int = 0
+    lookup: bool = False
+    transposed: bool = False
 
 
 class Layout:
@@ -147,6 +168,10 @@ class Layout:
     def macs_per_weight(self, node: gs.Node, out_dims: list[int]) -> int:
         """Multiply-accumulates per sample for each weight element, given the output's dims (unknown ones as 1)."""
         return 0
+
+    def linear(self, node: gs.Node) -> Linear | None:
+        """`node` as one constant matrix applied to its data input (`Linear`); None where it is not one."""
+        return None
 
     def timing(self, node: gs.Node, k: int, co: int) -> tuple[str, list[int]] | None:
         """(op, dense weight shape) to time a split layer whose basis op is `node` (K inputs, Co outputs) dense.
@@ -272,6 +297,19 @@ class _GemmLayout(Layout):
     def untransposed(self, node):
         return {**node.attrs, "transB": 0}
 
+    def linear(self, node):
+        w = const(input_of(node, 1))
+        if w is None or w.ndim != 2:
+            return None
+        matrix = (w if node.attrs.get("transB", 0) else w.T).astype(np.float64)
+        if gemm_bias_error(node, matrix.shape[0]) or (input_of(node, 2) is not None and const(node.inputs[2]) is None):
+            return None
+        alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+        bias = const(input_of(node, 2)) if input_of(node, 2) is not None else None
+        if bias is not None:
+            bias = beta * np.broadcast_to(bias.astype(np.float64).reshape(-1), (matrix.shape[0],)).copy()
+        return Linear(alpha * matrix, bias, transposed=bool(node.attrs.get("transA", 0)))
+
     def scaling_layer(self, node, scaling):
         return "Gemm", {k: v for k, v in node.attrs.items() if k in ("alpha", "beta")}, scaling.T
 
@@ -303,6 +341,12 @@ class _MatMulLayout(Layout):
     def from_matrix(self, node, matrix):
         return matrix.T, {}
 
+    def linear(self, node):
+        w, x = self.matrix(node), node.inputs[0].shape
+        if w is None or x is None or len(x) < 2:  # a 1-D data input has no rows
+            return None
+        return Linear(w.astype(np.float64), None)
+
     def patches(self, node):
         return (lambda x: channels_last(x, x.ndim - 1)) if self.matrix(node) is not None else None
 
@@ -328,11 +372,24 @@ class _RecurrentLayout(Layout):
         return out_dims[1] if node.attrs.get("layout", 0) else out_dims[0]
 
 
+class _GatherLayout(Layout):
+    """Gather of a constant table [rows, width] on axis 0: an embedding lookup. No weight for the channel rules."""
+
+    weights = ()
+
+    def linear(self, node):
+        table = const(input_of(node, 0))
+        if table is None or table.ndim != 2 or int(node.attrs.get("axis", 0)) not in (0, -2):
+            return None
+        return Linear(table.astype(np.float64), None, data=1, lookup=True)
+
+
 LAYOUTS: dict[str, Layout] = {
     "Conv": _ConvLayout(),
     "ConvTranspose": _ConvTransposeLayout(),
     "Gemm": _GemmLayout(),
     "MatMul": _MatMulLayout(),
+    "Gather": _GatherLayout(),
     **{op: _RecurrentLayout() for op in GATES},
 }
 
@@ -398,6 +455,12 @@ def macs_per_weight(node: gs.Node, out_shape: list | None) -> int:
     if layout is None or out_shape is None:
         return 0
     return layout.macs_per_weight(node, [1 if d is None else int(d) for d in out_shape])
+
+
+def linear(node: gs.Node) -> Linear | None:
+    """`node` as one constant matrix applied to its data input (Gemm, MatMul, Gather of a table); None otherwise."""
+    layout = layout_of(node)
+    return None if layout is None else layout.linear(node)
 
 
 def weight_inputs(node: gs.Node) -> tuple[int, ...]:

@@ -1,0 +1,166 @@
+"""Tensor trains: TT-SVD is exact at full bond dimension, the ONNX contraction equals the layer, --method tt end to end."""
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from models import Builder, flatten_gemm
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.cli import main
+from onnxprune.errors import BudgetError, OnnxPruneError
+from onnxprune.graph import to_graph, to_model
+from onnxprune.passes.tt import (
+    TTLayer,
+    allocate_bonds,
+    decompose_tt,
+    tt_layers,
+    tt_matrix,
+    tt_modes,
+    tt_params,
+    tt_svd,
+)
+from onnxprune.pipeline import prune
+from onnxprune.rules.layouts import Linear
+from onnxprune.testing import assert_outputs_close, ort_run
+
+RNG = np.random.default_rng(0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(out_size=st.integers(4, 90), in_size=st.integers(4, 90), seed=st.integers(0, 2**16))
+def test_tt_svd_at_full_bond_dimension_reproduces_the_matrix(out_size, in_size, seed):
+    modes = tt_modes(out_size, in_size)
+    if modes is None:  # a prime size: no modes, and tt_layers says so
+        assert any(all(n % k for k in range(2, n)) for n in (out_size, in_size))
+        return
+    assert int(np.prod(modes[0])) == out_size and int(np.prod(modes[1])) == in_size
+    w = np.random.default_rng(seed).standard_normal((out_size, in_size))
+    cores, spectra = tt_svd(w, *modes)
+    assert len(cores) == len(modes[0]) and len(spectra) == len(cores) - 1
+    assert np.linalg.norm(tt_matrix(cores) - w) <= 1e-10 * np.linalg.norm(w)
+
+
+def test_a_truncation_errs_at_most_the_singular_values_it_drops():
+    w = RNG.standard_normal((64, 96))
+    modes = tt_modes(64, 96)
+    for ranks in [(3, 5), (10, 2), (1, 1), (16, 12)]:
+        cores, spectra = tt_svd(w, *modes, ranks)
+        dropped = sum(float(np.sum(s[r:] ** 2)) for s, r in zip(spectra, ranks, strict=True))
+        error = np.linalg.norm(tt_matrix(cores) - w) ** 2
+        assert error <= dropped * (1 + 1e-9) + 1e-12, (ranks, error, dropped)
+        assert sum(c.size for c in cores) == tt_params(tuple(c.shape[-1] for c in cores[:-1]), *modes)
+
+
+def _layer(op, attrs, x_shape, weight, extra=(), ids=False):
+    inits = [numpy_helper.from_array(weight, "W")]
+    inits += [numpy_helper.from_array(e, f"C{i}") for i, e in enumerate(extra)]
+    if ids:
+        node = helper.make_node("Gather", ["W", "x"], ["y"], **attrs)
+        x = helper.make_tensor_value_info("x", TensorProto.INT64, x_shape)
+    else:
+        node = helper.make_node(op, ["x", "W", *[f"C{i}" for i in range(len(extra))]], ["y"], **attrs)
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)
+    graph = helper.make_graph([node], "layer", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+W = RNG.standard_normal((48, 60)).astype(np.float32)
+BIAS = RNG.standard_normal(60).astype(np.float32)
+LAYERS = {
+    "gemm alpha beta": (_layer("Gemm", {"alpha": 0.5, "beta": 2.0}, ["b", 48], W, [BIAS]), ["b", 48]),
+    "gemm transB, bias [1, M]": (_layer("Gemm", {"transB": 1}, ["b", 48], W.T.copy(), [BIAS[None]]), ["b", 48]),
+    "gemm transA transB": (_layer("Gemm", {"transA": 1, "transB": 1}, [48, "b"], W.T.copy(), [BIAS]), [48, "b"]),
+    "gemm transA": (_layer("Gemm", {"transA": 1}, [48, "b"], W), [48, "b"]),
+    "matmul": (_layer("MatMul", {}, ["b", 48], W), ["b", 48]),
+    "matmul 3-d input": (_layer("MatMul", {}, ["b", "s", 48], W), ["b", 7, 48]),
+    "gather (negative ids wrap)": (
+        _layer("Gather", {}, ["b", "s"], RNG.standard_normal((100, 24)).astype(np.float32), ids=True),
+        ["b", 9],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", LAYERS)
+def test_the_onnx_tensor_train_at_full_bond_dimension_equals_the_layer(case):
+    model, shape = LAYERS[case]
+    graph = to_graph(model)
+    layers, report = tt_layers(graph, min_weights=1)
+    assert len(layers) == 1, report.skipped
+    made = decompose_tt(graph, layers, {layers[0].node: layers[0].full_ranks}).report
+    assert made.layers[layers[0].node]["relative_error"] < 1e-10
+    out = to_model(graph, model)
+    onnx.checker.check_model(out, full_check=True)
+    assert "Gemm" not in {n.op_type for n in out.graph.node}
+    for batch in (1, 5):  # dynamic batch: the leading dims stay symbolic
+        dims = [batch if d == "b" else d for d in shape]
+        if "gather" in case:
+            feeds = {"x": RNG.integers(-100, 100, dims)}
+        else:
+            feeds = {"x": RNG.standard_normal(dims).astype(np.float32)}
+        want = ort_run(model, feeds)
+        got = ort_run(out, feeds)
+        scale = float(np.abs(want["y"]).max())
+        assert_outputs_close(got, want, rtol=0, atol=1e-5 * scale)
+
+
+def test_the_bonds_remove_what_is_asked_and_refuse_what_cannot_be():
+    w = RNG.standard_normal((256, 512))
+    modes = tt_modes(256, 512)
+    layer = TTLayer("a", Linear(w, None), *modes, spectra=tt_svd(w, *modes)[1])
+    for remove in (10_000, 60_000, 120_000):
+        ranks = allocate_bonds([layer], remove)
+        assert w.size - layer.params(ranks["a"]) >= remove
+    with pytest.raises(BudgetError, match="at most"):
+        allocate_bonds([layer], w.size)
+
+
+def _mlp(width=256, seed=0):
+    b = Builder(seed)
+    x = b.node("Relu", [b.gemm("x", 64, width)])
+    x = b.node("Relu", [b.gemm(x, width, width)])
+    return b.model([("x", [64])], [b.gemm(x, width, 10)])
+
+
+def test_method_tt_removes_the_ratio_and_writes_a_valid_model():
+    model = _mlp()
+    out, report = prune(model, remove_ratio=0.3, method="tt")
+    onnx.checker.check_model(out, full_check=True)
+    weights = sum(numpy_helper.to_array(i).size for i in out.graph.initializer if i.data_type == TensorProto.FLOAT)
+    assert report.facts["params_after"] == weights
+    assert report.facts["params_removed"] >= 0.3 - 0.01
+    trains = {k: v for k, v in report.layers.items() if v.get("op") == "tensor-train"}
+    assert trains and all(k in {n.name for n in out.graph.node} for k in trains)
+    for batch in (1, 3):
+        ort_run(out, {"x": RNG.standard_normal((batch, 64)).astype(np.float32)})
+
+
+def test_the_last_core_refit_lowers_the_held_out_error():
+    model = _mlp(seed=1)
+    basis = RNG.standard_normal((6, 64)).astype(np.float32)  # inputs on a 6-dim subspace: the refit can use that
+    calib = {"x": RNG.standard_normal((160, 6)).astype(np.float32) @ basis}
+    _, plain = prune(model, remove_ratio=0.3, method="tt", calib=calib, compensate=False)
+    _, fitted = prune(model, remove_ratio=0.3, method="tt", calib=calib)
+    assert fitted.counts["refitted_cores"] >= 1
+    errors = [v for k, v in fitted.layers.items() if "refit_error_after" in v]
+    assert all(e["refit_error_after"] < e["refit_error_before"] for e in errors)
+    (name,) = fitted.facts["fidelity"]
+    assert fitted.facts["fidelity"][name]["relative_error"] < plain.facts["fidelity"][name]["relative_error"]
+
+
+def test_method_tt_says_why_it_cannot_run():
+    with pytest.raises(OnnxPruneError, match="--target params"):
+        prune(_mlp(), remove_ratio=0.3, method="tt", target="flops")
+    with pytest.raises(BudgetError, match="no layer can be written as a tensor train"):
+        prune(flatten_gemm(), remove_ratio=0.3, method="tt")
+
+
+def test_the_command_line_writes_tensor_trains_and_says_they_are_not_faster(tmp_path, capsys):
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(_mlp(), src)
+    code = main([str(src), str(out), "--method", "tt", "--ratio", "0.3", "--force"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "written as tensor trains" in printed and "bond dimensions" in printed
+    onnx.checker.check_model(onnx.load(out), full_check=True)
