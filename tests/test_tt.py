@@ -1,4 +1,4 @@
-"""Tensor trains: TT-SVD is exact at full bond dimension, the ONNX contraction equals the layer, --method tt end to end."""
+"""Tensor trains: TT-SVD exact at full bond dimension, the ONNX contraction equals the layer, --method tt end to end."""
 
 import numpy as np
 import onnx
@@ -12,6 +12,7 @@ from onnxprune.cli import main
 from onnxprune.errors import BudgetError, OnnxPruneError
 from onnxprune.graph import to_graph, to_model
 from onnxprune.passes.tt import (
+    ORDERINGS,
     TTLayer,
     allocate_bonds,
     decompose_tt,
@@ -30,8 +31,9 @@ RNG = np.random.default_rng(0)
 
 @settings(max_examples=25, deadline=None)
 @given(out_size=st.integers(4, 90), in_size=st.integers(4, 90), seed=st.integers(0, 2**16))
-def test_tt_svd_at_full_bond_dimension_reproduces_the_matrix(out_size, in_size, seed):
-    modes = tt_modes(out_size, in_size)
+@pytest.mark.parametrize("ordering", ORDERINGS)
+def test_tt_svd_at_full_bond_dimension_reproduces_the_matrix(ordering, out_size, in_size, seed):
+    modes = tt_modes(out_size, in_size, ordering)
     if modes is None:  # a prime size: no modes, and tt_layers says so
         assert any(all(n % k for k in range(2, n)) for n in (out_size, in_size))
         return
@@ -62,7 +64,8 @@ def _layer(op, attrs, x_shape, weight, extra=(), ids=False):
     else:
         node = helper.make_node(op, ["x", "W", *[f"C{i}" for i in range(len(extra))]], ["y"], **attrs)
         x = helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)
-    graph = helper.make_graph([node], "layer", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([node], "layer", [x], [y], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -82,12 +85,16 @@ LAYERS = {
 }
 
 
+@pytest.mark.parametrize("ordering", ORDERINGS)
 @pytest.mark.parametrize("case", LAYERS)
-def test_the_onnx_tensor_train_at_full_bond_dimension_equals_the_layer(case):
+def test_the_onnx_tensor_train_at_full_bond_dimension_equals_the_layer(case, ordering):
     model, shape = LAYERS[case]
     graph = to_graph(model)
-    layers, report = tt_layers(graph, min_weights=1)
-    assert len(layers) == 1, report.skipped
+    found, report = tt_layers(graph, min_weights=1)
+    assert len(found) == 1, report.skipped
+    view = found[0].linear
+    modes = tt_modes(*view.matrix.shape, ordering)
+    layers = [TTLayer(found[0].node, view, *modes, spectra=tt_svd(view.matrix, *modes)[1], ordering=ordering)]
     made = decompose_tt(graph, layers, {layers[0].node: layers[0].full_ranks}).report
     assert made.layers[layers[0].node]["relative_error"] < 1e-10
     out = to_model(graph, model)

@@ -518,9 +518,10 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
     ]
     if f["method"] == "tt":  # no channel groups and no criterion: layers written as tensor trains
         lines[0] = lines[0].replace(f", criterion {f['criterion']}", "")
-        lines[3] = (
-            f"  layers  {f['groups_pruned']} written as tensor trains, "
-            f"{report.counts.get('refitted_cores', 0)} last cores refitted on the calibration data"
+        lines[3] = f"  layers  {f['groups_pruned']} written as tensor trains" + (
+            f", {report.counts.get('refitted_cores', 0)} last cores refitted on the calibration data"
+            if "fidelity" in f
+            else ""
         )
     for name, fid in f.get("fidelity", {}).items():
         parts = [f"cosine {fid['cosine']:.4f}", f"rel. error {fid['relative_error']:.4f}"]

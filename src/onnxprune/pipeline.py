@@ -531,7 +531,8 @@ def _tensor_trains(
     Raises:
         BudgetError: The eligible layers cannot remove `remove` weights even at bond dimension 1.
     """
-    layers, found = tt_layers(graph)
+    wanted = int(np.ceil(max(0.0, remove)))
+    layers, found = tt_layers(graph, remove=wanted)
     report.merge(found)
     for layer in [t for t in layers if any(fnmatch.fnmatch(t.node, pat) for pat in exclude)]:
         report.skip(layer.node, "excluded (--exclude)")
@@ -541,7 +542,7 @@ def _tensor_trains(
             f"no layer can be written as a tensor train (Gemm/MatMul with a constant weight, or Gather of a table, "
             f"of at least {TT_MIN_WEIGHTS:,} weights whose sizes factor); use --method basis or channel"
         )
-    ranks = allocate_bonds(layers, int(np.ceil(max(0.0, remove))))
+    ranks = allocate_bonds(layers, wanted)
     made = run_passes(graph, [partial(decompose_tt, layers=layers, ranks=ranks)]).report
     report.merge(made)
     return [
