@@ -44,6 +44,17 @@ def test_tt_svd_at_full_bond_dimension_reproduces_the_matrix(ordering, out_size,
     assert np.linalg.norm(tt_matrix(cores) - w) <= 1e-10 * np.linalg.norm(w)
 
 
+@pytest.mark.parametrize("ordering", ORDERINGS)
+def test_a_rank_deficient_weight_gets_bonds_of_its_rank_quickly(ordering):
+    # a constant 2048 x 2048 weight (light models fill theirs so): unfoldings past the Gram threshold, rank 1;
+    # the dense-SVD fallback of an ill-conditioned Gram took over 10 minutes on AlexNet's FC layers
+    w = np.full((2048, 2048), 0.5) + np.outer(np.arange(2048), np.ones(2048)) * 1e-3
+    modes = tt_modes(*w.shape, ordering)
+    cores, spectra = tt_svd(w, *modes)
+    assert max(c.shape[-1] for c in cores) <= 2
+    assert np.linalg.norm(tt_matrix(cores) - w) <= 1e-9 * np.linalg.norm(w)
+
+
 def test_a_truncation_errs_at_most_the_singular_values_it_drops():
     w = RNG.standard_normal((64, 96))
     modes = tt_modes(64, 96)
