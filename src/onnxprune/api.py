@@ -7,7 +7,6 @@ request gives the same model. Models and calibration data may be given in memory
 
 from __future__ import annotations
 
-import inspect
 import os
 import pathlib
 
@@ -25,7 +24,7 @@ from onnxprune.calibration.data import (
     subset,
 )
 from onnxprune.errors import OnnxPruneError
-from onnxprune.pipeline import MAX_DROP, prune_guarded, prune_one
+from onnxprune.pipeline import MAX_DROP, Options, prune_guarded
 from onnxprune.result import Report
 from onnxprune.shapes import parse_shapes
 
@@ -82,7 +81,7 @@ def prune(
 
 
 OPTIONS = sorted(
-    ({*inspect.signature(prune_one).parameters} - {"model", "remove_ratio", "calib"})
+    ({*Options.__dataclass_fields__} - {"remove_ratio"})
     | {"max_drop", "calib_size", "no_compensate", "shape", *(f"image_{f}" for f in ImageOptions.__dataclass_fields__)}
 )
 COMMAND_LINE_ONLY = {  # options of the CLI that have another spelling in Python

@@ -7,6 +7,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -24,7 +25,7 @@ from onnxprune.budget import (
     rank_choices,
 )
 from onnxprune.calibration import criteria
-from onnxprune.calibration.data import as_samples, fixed_batch
+from onnxprune.calibration.data import Samples, as_samples, fixed_batch
 from onnxprune.calibration.refit import TrainEnd, refit, refit_tensor_trains
 from onnxprune.calibration.runner import (
     channel_statistics,
@@ -172,28 +173,74 @@ def _basis_or_joint(model: onnx.ModelProto, *, method: str, **options) -> tuple[
         return out, report
 
 
+@dataclass(frozen=True)
+class Options:
+    """The options of one `prune_one` run (their meaning: `prune_one`), checked against the model and data.
+
+    ``Options(**kwargs)`` raises TypeError for a name it does not know; `check` raises OnnxPruneError, one line, for
+    a value out of range or one that does not fit the model or the calibration data.
+    """
+
+    remove_ratio: float
+    target: str = "params"
+    method: str = "basis"
+    criterion: str | None = None
+    exclude: Sequence[str] = ()
+    min_rank: int = 8
+    compensate: bool = True
+    labels: np.ndarray | None = None
+    batch_size: int = 32
+    latency_batch: int = 0
+    threads: int = 0
+    whiten: bool | None = None
+    round_to: int = 1
+    sensitivity: bool | None = None
+    sensitivity_rounds: int = 2
+    seed: int = 0
+    shapes: dict[str, list[int]] | None = None
+    channel_options: bool = False
+
+    def check(self, model: onnx.ModelProto, calib: Samples | None) -> None:
+        """Raise OnnxPruneError naming the first option that cannot run on `model` with `calib` (None: no data).
+
+        Raises:
+            OnnxPruneError: The ratio is outside [0, 1), a name is not one of its choices, or an option needs what is
+                not there (calibration data, a latency batch, labels for every sample, a node an --exclude matches).
+        """
+        criterion = self.criterion or default_criterion(self.method, calibrated=calib is not None)
+        if not 0.0 <= self.remove_ratio < 1.0:
+            raise OnnxPruneError(f"--ratio must be in [0, 1), got {self.remove_ratio}")
+        if self.target not in TARGETS:
+            raise OnnxPruneError(f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.method not in METHODS:
+            raise OnnxPruneError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.target == "latency" and not self.latency_batch:
+            raise OnnxPruneError(
+                "--target latency needs --latency-batch of at least 1 (the batch the latency is timed at)"
+            )
+        if self.target == "latency" and self.method != "basis":
+            raise OnnxPruneError(f"--target latency is supported for --method best and basis, not {self.method}")
+        if self.method == "tt" and self.target != "params":
+            raise OnnxPruneError(f"--method tt removes parameters: use --target params, not {self.target}")
+        if self.sensitivity is True and calib is None:
+            raise OnnxPruneError("--sensitivity needs calibration data (--calib) to measure the outputs on")
+        if criterion in ("energy", *criteria.LABEL_CRITERIA) and calib is None:
+            raise OnnxPruneError(f"--criterion {criterion} needs calibration data (--calib)")
+        if criterion not in criteria.names():
+            raise OnnxPruneError(f"--criterion must be one of {', '.join(criteria.names())}, got {criterion!r}")
+        labels = self.labels
+        if labels is not None and calib is not None and (np.ndim(labels) != 1 or len(labels) < calib.total):
+            raise OnnxPruneError(
+                f"labels: expected a 1-D array of {calib.total} labels, got shape {list(np.shape(labels))}"
+            )
+        _check_exclude(model, self.exclude)
+
+
+STAGES = {"channel": ("channel",), "basis": ("basis",), "auto": ("auto",), "double": ("channel", "basis"), "tt": ()}
+
+
 def prune_one(
-    model: onnx.ModelProto,
-    *,
-    remove_ratio: float,
-    target: str = "params",
-    method: str = "basis",
-    criterion: str | None = None,
-    exclude: Sequence[str] = (),
-    min_rank: int = 8,
-    calib: dict[str, np.ndarray] | None = None,
-    compensate: bool = True,
-    labels: np.ndarray | None = None,
-    batch_size: int = 32,
-    latency_batch: int = 0,
-    threads: int = 0,
-    whiten: bool | None = None,
-    round_to: int = 1,
-    sensitivity: bool | None = None,
-    sensitivity_rounds: int = 2,
-    seed: int = 0,
-    shapes: dict[str, list[int]] | None = None,
-    channel_options: bool = False,
+    model: onnx.ModelProto, *, calib: dict[str, np.ndarray] | Samples | None = None, **options
 ) -> tuple[onnx.ModelProto, Report]:
     """Remove `remove_ratio` of the model's parameters (or MACs) and return the new model and its report.
 
@@ -242,113 +289,123 @@ def prune_one(
     `exclude` holds fnmatch patterns of node names whose output channels are never pruned (a split layer's
     ``X_basis`` / ``X_scaling`` also match as ``X``); a pattern that matches no node raises OnnxPruneError.
     """
-    calib = as_samples(calib, model) if calib is not None else None
-    whiten = (not compensate) if whiten is None else whiten
-    given_criterion = criterion
-    criterion = criterion or default_criterion(method, calibrated=calib is not None)
-    if not 0.0 <= remove_ratio < 1.0:
-        raise OnnxPruneError(f"--ratio must be in [0, 1), got {remove_ratio}")
-    if target not in TARGETS:
-        raise OnnxPruneError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
-    if method not in METHODS:
-        raise OnnxPruneError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    if target == "latency" and not latency_batch:
-        raise OnnxPruneError("--target latency needs --latency-batch of at least 1 (the batch the latency is timed at)")
-    if target == "latency" and method != "basis":
-        raise OnnxPruneError(f"--target latency is supported for --method best and basis, not {method}")
-    if method == "tt" and target != "params":
-        raise OnnxPruneError(f"--method tt removes parameters: use --target params, not {target}")
-    if sensitivity is True and calib is None:
-        raise OnnxPruneError("--sensitivity needs calibration data (--calib) to measure the outputs on")
-    if criterion in ("energy", *criteria.LABEL_CRITERIA) and calib is None:
-        raise OnnxPruneError(f"--criterion {criterion} needs calibration data (--calib)")
-    if criterion not in criteria.names():
-        raise OnnxPruneError(f"--criterion must be one of {', '.join(criteria.names())}, got {criterion!r}")
-    if labels is not None and calib is not None and (np.ndim(labels) != 1 or len(labels) < calib.total):
-        raise OnnxPruneError(
-            f"labels: expected a 1-D array of {calib.total} labels, got shape {list(np.shape(labels))}"
-        )
-    _check_exclude(model, exclude)
-    count_shapes, shape_source = choose_shapes(model, given=shapes, data=calib)
-    if count_shapes is None and target == "flops":
-        raise OnnxPruneError(f"--target flops: MACs cannot be counted: {shape_source}")
-    start = time.perf_counter()
-    fit, held, split_facts = (
-        split_calibration(model, calib, seed=seed, batch_size=batch_size) if calib is not None else (None, None, {})
-    )
-    fit_labels = None
-    if fit is not None and criterion in criteria.LABEL_CRITERIA:  # the user's labels, else the model's own top-1
-        fit_labels = labels[fit.index] if labels is not None else predicted(model, calib, fit, batch_size=batch_size)
-        if fit_labels is None and given_criterion is not None:
-            raise OnnxPruneError(
-                f"--criterion {criterion} needs class labels: no output of the model is shaped like class scores "
-                "[N, classes]; give --labels, or use --criterion energy"
-            )
-        if fit_labels is None:  # a detector or a sequence model: no classes to be informative about
-            _warn_once(
-                "criterion",
-                f"warning: criterion energy instead of {criterion}: no output of the model is shaped like class scores",
-            )
-            criterion = "energy"
-    params_before, macs_before = count(model, shapes=count_shapes)
-    total = params_before if target == "params" else macs_before
-    latency_before = None
-    if target == "latency":
-        feeds = _synthetic_feeds(model, count_shapes, batch=latency_batch, seed=seed)
-        latency_before = model_latency(model, feeds, threads=threads)
-        total = latency_before
-    graph = to_graph(model)
-    bn_gamma = criteria.collect_bn_gamma(graph)
-    report = run_passes(graph, [cleanup]).report
-    cleaned = CostModel(graph).count()[0 if target == "params" else 1]
-    report.facts["ratio_free"] = 1 - cleaned / total if total else 0.0  # what folding BN and constants alone removes
-    stages = {"channel": ["channel"], "basis": ["basis"], "auto": ["auto"], "double": ["channel", "basis"], "tt": []}
-    stages = stages[method]
-    plans = 0
-    curves = None
-    pairs = find_basis_pairs(graph)
-    limits: dict[str, int] = {}
-    ends: list[TrainEnd] = []
-    if method == "tt":
-        graph = reinfer_shapes(graph, model)
-        ends = _tensor_trains(graph, report, remove=remove_ratio * total - (total - cleaned), exclude=exclude)
-        plans = len(ends)
+    run = _Run(model, Options(**options), as_samples(calib, model) if calib is not None else None)
+    run.prepare()
+    if run.opts.method == "tt":
+        run.tensor_trains()
+    for i, stage in enumerate(STAGES[run.opts.method]):
+        run.prune_stage(i, stage)
+    run.finish_plan()
+    return run.measure()
 
-    def finish(graph: gs.Graph, kept: dict | None) -> tuple[gs.Graph, Report]:
+
+class _Run:
+    """The state one `prune_one` call carries from stage to stage: the graph, its report, the data and the counts.
+
+    The stages, in order: `prepare` (checks, calibration split, counts, clean-up), `tensor_trains` (``tt``), one
+    `prune_stage` per stage of the method (split, statistics, allocation and removal), `finish_plan` (merge-back,
+    clean-up and refit of the plan chosen), `measure` (validation, fidelity, counts, the ratio check).
+    """
+
+    def __init__(self, model: onnx.ModelProto, opts: Options, calib: Samples | None) -> None:
+        opts.check(model, calib)
+        self.model, self.opts, self.calib = model, opts, calib
+        self.whiten = (not opts.compensate) if opts.whiten is None else opts.whiten
+        self.criterion = opts.criterion or default_criterion(opts.method, calibrated=calib is not None)
+        self.plans = 0
+        self.curves: dict | None = None
+        self.limits: dict[str, int] = {}
+        self.ends: list[TrainEnd] = []
+        self.finished: dict = {}  # plan key -> (finished graph, its report), for the candidates taken to the end
+
+    def prepare(self) -> None:
+        """Shapes to count at, the fit / held-out split, labels for the label criteria, counts before, clean-up."""
+        model, opts, calib = self.model, self.opts, self.calib
+        self.count_shapes, self.shape_source = choose_shapes(model, given=opts.shapes, data=calib)
+        if self.count_shapes is None and opts.target == "flops":
+            raise OnnxPruneError(f"--target flops: MACs cannot be counted: {self.shape_source}")
+        self.start = time.perf_counter()
+        self.fit, self.held, self.split_facts = (
+            split_calibration(model, calib, seed=opts.seed, batch_size=opts.batch_size)
+            if calib is not None
+            else (None, None, {})
+        )
+        self.fit_labels = None
+        if self.fit is not None and self.criterion in criteria.LABEL_CRITERIA:  # the labels, else the own top-1
+            self.fit_labels = (
+                opts.labels[self.fit.index]
+                if opts.labels is not None
+                else predicted(model, calib, self.fit, batch_size=opts.batch_size)
+            )
+            if self.fit_labels is None and opts.criterion is not None:
+                raise OnnxPruneError(
+                    f"--criterion {self.criterion} needs class labels: no output of the model is shaped like class "
+                    "scores [N, classes]; give --labels, or use --criterion energy"
+                )
+            if self.fit_labels is None:  # a detector or a sequence model: no classes to be informative about
+                _warn_once(
+                    "criterion",
+                    f"warning: criterion energy instead of {self.criterion}: no output of the model is shaped like "
+                    "class scores",
+                )
+                self.criterion = "energy"
+        self.params_before, self.macs_before = count(model, shapes=self.count_shapes)
+        self.total = self.params_before if opts.target == "params" else self.macs_before
+        self.latency_before = None
+        if opts.target == "latency":
+            feeds = _synthetic_feeds(model, self.count_shapes, batch=opts.latency_batch, seed=opts.seed)
+            self.latency_before = model_latency(model, feeds, threads=opts.threads)
+            self.total = self.latency_before
+        self.graph = to_graph(model)
+        self.bn_gamma = criteria.collect_bn_gamma(self.graph)
+        self.report = run_passes(self.graph, [cleanup]).report
+        self.cleaned = CostModel(self.graph).count()[0 if opts.target == "params" else 1]
+        total = self.total
+        self.report.facts["ratio_free"] = 1 - self.cleaned / total if total else 0.0  # what folding alone removes
+        self.pairs = find_basis_pairs(self.graph)
+
+    def tensor_trains(self) -> None:
+        """``method="tt"``: the eligible large layers written as tensor trains (`_tensor_trains`)."""
+        self.graph = reinfer_shapes(self.graph, self.model)
+        remove = self.opts.remove_ratio * self.total - (self.total - self.cleaned)
+        self.ends = _tensor_trains(self.graph, self.report, remove=remove, exclude=self.opts.exclude)
+        self.plans = len(self.ends)
+
+    def finish(self, graph: gs.Graph, kept: dict | None) -> tuple[gs.Graph, Report]:
         """Merge back the splits that do not pay, clean up and refit: the pruned graph as it will be written."""
-        tail = run_passes(graph, [partial(merge_unprofitable, pairs=pairs, limits=limits), cleanup]).report
-        if fit is not None and compensate:
+        opts, model = self.opts, self.model
+        tail = run_passes(graph, [partial(merge_unprofitable, pairs=self.pairs, limits=self.limits), cleanup]).report
+        if self.fit is None or not opts.compensate:
+            return graph, tail
+        graph = reinfer_shapes(graph, model)
+        refit_pass = partial(
+            refit,
+            template=model,
+            original=model,
+            fit=self.fit,
+            held=self.held,
+            pairs=self.pairs,
+            kept=kept,
+            batch_size=opts.batch_size,
+            seed=opts.seed,
+        )
+        tail.merge(run_passes(graph, [refit_pass]).report)
+        if self.ends:
             graph = reinfer_shapes(graph, model)
-            refit_pass = partial(
-                refit,
+            cores = partial(
+                refit_tensor_trains,
                 template=model,
                 original=model,
-                fit=fit,
-                held=held,
-                pairs=pairs,
-                kept=kept,
-                batch_size=batch_size,
-                seed=seed,
+                fit=self.fit,
+                held=self.held,
+                ends=self.ends,
+                batch_size=opts.batch_size,
             )
-            tail.merge(run_passes(graph, [refit_pass]).report)
-            if ends:
-                graph = reinfer_shapes(graph, model)
-                cores = partial(
-                    refit_tensor_trains,
-                    template=model,
-                    original=model,
-                    fit=fit,
-                    held=held,
-                    ends=ends,
-                    batch_size=batch_size,
-                )
-                tail.merge(run_passes(graph, [cores]).report)
+            tail.merge(run_passes(graph, [cores]).report)
         return graph, tail
 
-    finished: dict = {}  # plan key -> (finished graph, its report), for the candidates already taken to the end
-
-    def evaluate(graph: gs.Graph, candidates: list, order: list[int]) -> tuple[int, dict[int, list[float]]]:
-        """The candidate plan whose finished model agrees best with the original on fit samples (see `prune`).
+    def evaluate(self, graph: gs.Graph, candidates: list, order: list[int]) -> tuple[int, dict[int, list[float]]]:
+        """The candidate plan whose finished model agrees best with the original on fit samples (see `prune_one`).
 
         Candidates are finished in `order` while the next is expected to end within `SELECT_BUDGET_S`; with only one
         finished nothing is measured and it is returned.
@@ -367,73 +424,82 @@ def prune_one(
             seen.add(key)
             copy = graph.copy()
             removal = remove_channels(copy, plan=candidates[i].plan, analysis=find_channel_groups(copy))
-            done[i], tail = finish(copy, removal.report.facts.get("kept"))
-            finished[_plan_key(removal.report.facts.get("kept") or {})] = (done[i], tail)
+            done[i], tail = self.finish(copy, removal.report.facts.get("kept"))
+            self.finished[_plan_key(removal.report.facts.get("kept") or {})] = (done[i], tail)
         if len(done) < 2:
             return order[0], {}
-        data, scores = fit.head(SELECT_SAMPLES), {}
+        data, scores = self.fit.head(SELECT_SAMPLES), {}
         for i, g in done.items():
-            found = fidelity(model, to_model(g, model), data, batch_size=batch_size, label="candidate plans")
+            batch = self.opts.batch_size
+            found = fidelity(self.model, to_model(g, self.model), data, batch_size=batch, label="candidate plans")
             scores[i] = [_worst(found)[0], min(f["cosine"] for f in found.values())]
         return max(scores, key=lambda i: tuple(scores[i])), scores
 
-    for i, stage in enumerate(stages):
-        wanted = remove_ratio * (DOUBLE_CHANNEL_SHARE if method == "double" and i == 0 else 1.0)
+    def prune_stage(self, i: int, stage: str) -> None:
+        """One stage of the method: split (basis, auto), statistics on the fit samples, allocation and removal."""
+        opts, model, fit = self.opts, self.model, self.fit
+        wanted = opts.remove_ratio * (DOUBLE_CHANNEL_SHARE if opts.method == "double" and i == 0 else 1.0)
         if i > 0:
-            graph = reinfer_shapes(graph, model)
+            self.graph = reinfer_shapes(self.graph, model)
         if stage in ("basis", "auto"):
             covs = None
-            if fit is not None and whiten:
-                graph = reinfer_shapes(graph, model)
+            if fit is not None and self.whiten:
+                self.graph = reinfer_shapes(self.graph, model)
+                eligible = whitenable(self.graph, opts.min_rank)
                 covs = patch_covariances(
-                    to_model(graph, model), fit, whitenable(graph, min_rank), batch_size=batch_size, seed=seed
+                    to_model(self.graph, model), fit, eligible, batch_size=opts.batch_size, seed=opts.seed
                 )
-            split = run_passes(graph, [partial(decompose_basis, min_channels=min_rank, covariances=covs)]).report
-            pairs = pairs + split.facts.pop("pairs", [])
-            report.merge(split)
-            if latency_batch:
-                concrete = _concrete_at(graph, model, count_shapes, latency_batch, seed)
-                timing = dict(batch=latency_batch, threads=threads, concrete=concrete)
+            decompose = partial(decompose_basis, min_channels=opts.min_rank, covariances=covs)
+            split = run_passes(self.graph, [decompose]).report
+            self.pairs = self.pairs + split.facts.pop("pairs", [])
+            self.report.merge(split)
+            if opts.latency_batch:
+                concrete = _concrete_at(self.graph, model, self.count_shapes, opts.latency_batch, opts.seed)
+                timing = dict(batch=opts.latency_batch, threads=opts.threads, concrete=concrete)
                 if stage == "basis":
-                    curves = _latency_curves(graph, pairs, **timing)
+                    self.curves = _latency_curves(self.graph, self.pairs, **timing)
                 else:
-                    limits.update(_latency_limits(graph, pairs, **timing))
+                    self.limits.update(_latency_limits(self.graph, self.pairs, **timing))
         energy, pooled = {}, {}
         if fit is not None:
-            graph = reinfer_shapes(graph, model)
-            found = find_channel_groups(graph)
+            self.graph = reinfer_shapes(self.graph, model)
+            found = find_channel_groups(self.graph)
             axes = criteria.energy_tensors(found)
-            axes.update({p.mid: _mid_axis(graph, p) for p in pairs})
-            if channel_options and stage == "basis" and target != "latency":  # what channel options' errors read
-                axes.update(criteria.consumer_inputs(graph, found))
+            axes.update({p.mid: _mid_axis(self.graph, p) for p in self.pairs})
+            if opts.channel_options and stage == "basis" and opts.target != "latency":  # what their errors read
+                axes.update(criteria.consumer_inputs(self.graph, found))
             energy, pooled = channel_statistics(
-                to_model(graph, model), fit, axes, pooled=criterion in criteria.LABEL_CRITERIA, batch_size=batch_size
+                to_model(self.graph, model),
+                fit,
+                axes,
+                pooled=self.criterion in criteria.LABEL_CRITERIA,
+                batch_size=opts.batch_size,
             )
-        plans += _hinted(method, latency_batch, _prune_stage, target)(
-            graph,
-            report,
+        self.plans += _hinted(opts.method, opts.latency_batch, _prune_stage, opts.target)(
+            self.graph,
+            self.report,
             stage=stage,
             remove_ratio=wanted,
-            target=target,
-            total=total,
-            criterion=criterion,
-            exclude=exclude,
-            bn_gamma=bn_gamma,
-            pairs=pairs,
+            target=opts.target,
+            total=self.total,
+            criterion=self.criterion,
+            exclude=opts.exclude,
+            bn_gamma=self.bn_gamma,
+            pairs=self.pairs,
             energy=energy,
             pooled=pooled,
-            labels=fit_labels,
-            limits=limits,
-            round_to=round_to,
-            curves=curves,
+            labels=self.fit_labels,
+            limits=self.limits,
+            round_to=opts.round_to,
+            curves=self.curves,
             probe=(
-                partial(layer_sensitivity, template=model, data=fit, batch_size=batch_size)
-                if sensitivity is True and stage != "basis"
+                partial(layer_sensitivity, template=model, data=fit, batch_size=opts.batch_size)
+                if opts.sensitivity is True and stage != "basis"
                 else None
             ),
             cut_probe=(
-                partial(CutProbe, template=model, data=fit, batch_size=batch_size)
-                if sensitivity is not False and fit is not None and stage == "basis"
+                partial(CutProbe, template=model, data=fit, batch_size=opts.batch_size)
+                if opts.sensitivity is not False and fit is not None and stage == "basis"
                 else None
             ),
             speed_check=(
@@ -441,75 +507,87 @@ def prune_one(
                     _speed_check,
                     template=model,
                     feeds=[
-                        _synthetic_feeds(model, count_shapes, batch=b, seed=seed)
-                        for b in _timed_batches(model, latency_batch)
+                        _synthetic_feeds(model, self.count_shapes, batch=b, seed=opts.seed)
+                        for b in _timed_batches(model, opts.latency_batch)
                     ],
-                    threads=threads,
+                    threads=opts.threads,
                 )
-                if latency_batch and stage == "basis" and target != "latency"
+                if opts.latency_batch and stage == "basis" and opts.target != "latency"
                 else None
             ),
-            seed=seed,
-            shapes=count_shapes if target == "flops" else None,
+            seed=opts.seed,
+            shapes=self.count_shapes if opts.target == "flops" else None,
             template=model,
-            rounds=sensitivity_rounds,
-            channel_options=channel_options,
-            evaluate=evaluate if fit is not None and stage == "basis" else None,
+            rounds=opts.sensitivity_rounds,
+            channel_options=opts.channel_options,
+            evaluate=self.evaluate if fit is not None and stage == "basis" else None,
         )
-    report.facts["split_rank_limits"] = limits
-    if fit is not None and compensate:
-        _warn_few_samples(reinfer_shapes(graph, model), pairs, report.facts.get("kept") or {}, len(fit))
-    key = _plan_key(report.facts.get("kept") or {})
-    graph, tail = finished[key] if key in finished else finish(graph, report.facts.get("kept"))
-    report.merge(tail)
-    out = to_model(graph, model)
-    validate(out)
-    _name_output_nodes(report, model, out)
-    if held is None:
-        feeds = _synthetic_feeds(model, count_shapes, batch=SYNTHETIC_SAMPLES, seed=seed)
-        drift = fidelity(model, out, feeds, batch_size=batch_size)
-        report.facts["synthetic_drift"] = {
-            "samples": SYNTHETIC_SAMPLES,
-            "cosine": min(d["cosine"] for d in drift.values()),
-            "relative_error": max(d["relative_error"] for d in drift.values()),
-        }
-    if held is not None and len(held):
-        truth = None if labels is None else labels[held.index]
-        report.facts["fidelity"] = fidelity(model, out, held, labels=truth, batch_size=batch_size)
-        report.facts["fidelity_samples"] = len(held)
-        report.facts.update(split_facts)
-    params_after, macs_after = count(out, shapes=count_shapes)
-    if count_shapes is None:  # a symbolic dim nothing resolves: no true MAC count
-        macs_before = macs_after = None
-    report.facts["macs_shape"] = count_shapes
-    report.facts["macs_shape_source"] = shape_source
-    ratio_achieved = 1 - (params_after / params_before if target == "params" else macs_after / macs_before)
-    if latency_before is not None:
-        feeds = _synthetic_feeds(model, count_shapes, batch=latency_batch, seed=seed)
-        before, after = model_latency(model, feeds, threads=threads), model_latency(out, feeds, threads=threads)
-        ratio_achieved = 1 - after / before
-        report.facts["latency"] = {"batch": latency_batch, "before_s": before, "after_s": after}
-    report.facts.update(
-        {
-            "params_before": params_before,
-            "params_after": params_after,
-            "macs_before": macs_before,
-            "macs_after": macs_after,
-            "ratio_achieved": ratio_achieved,
-            "params_removed": 1 - params_after / params_before if params_before else 0.0,
-            "macs_removed": None if macs_before is None else 1 - macs_after / macs_before if macs_before else 0.0,
-            "ratio_requested": remove_ratio,
-            "target": target,
-            "method": method,
-            "criterion": criterion,
-            "groups_pruned": plans,
-            "seconds": time.perf_counter() - start,
-        }
-    )
-    report.facts.setdefault("blocked", {})
-    report.facts.pop("kept", None)
-    _check_ratio(report, method=method, latency_batch=latency_batch, round_to=round_to)
-    return out, report
+
+    def finish_plan(self) -> None:
+        """The plan chosen taken to the end (merge-back, clean-up, refit), unless `evaluate` already did."""
+        self.report.facts["split_rank_limits"] = self.limits
+        kept = self.report.facts.get("kept") or {}
+        if self.fit is not None and self.opts.compensate:
+            _warn_few_samples(reinfer_shapes(self.graph, self.model), self.pairs, kept, len(self.fit))
+        key = _plan_key(kept)
+        self.graph, tail = self.finished[key] if key in self.finished else self.finish(self.graph, kept or None)
+        self.report.merge(tail)
+
+    def measure(self) -> tuple[onnx.ModelProto, Report]:
+        """The model written and its report: validation, fidelity (or drift on random inputs), counts, ratio check."""
+        opts, model, report, held = self.opts, self.model, self.report, self.held
+        out = to_model(self.graph, model)
+        validate(out)
+        _name_output_nodes(report, model, out)
+        if held is None:
+            feeds = _synthetic_feeds(model, self.count_shapes, batch=SYNTHETIC_SAMPLES, seed=opts.seed)
+            drift = fidelity(model, out, feeds, batch_size=opts.batch_size)
+            report.facts["synthetic_drift"] = {
+                "samples": SYNTHETIC_SAMPLES,
+                "cosine": min(d["cosine"] for d in drift.values()),
+                "relative_error": max(d["relative_error"] for d in drift.values()),
+            }
+        if held is not None and len(held):
+            truth = None if opts.labels is None else opts.labels[held.index]
+            report.facts["fidelity"] = fidelity(model, out, held, labels=truth, batch_size=opts.batch_size)
+            report.facts["fidelity_samples"] = len(held)
+            report.facts.update(self.split_facts)
+        params_before, macs_before = self.params_before, self.macs_before
+        params_after, macs_after = count(out, shapes=self.count_shapes)
+        if self.count_shapes is None:  # a symbolic dim nothing resolves: no true MAC count
+            macs_before = macs_after = None
+        report.facts["macs_shape"] = self.count_shapes
+        report.facts["macs_shape_source"] = self.shape_source
+        if opts.target == "params":
+            ratio_achieved = 1 - params_after / params_before
+        else:
+            ratio_achieved = 1 - macs_after / macs_before
+        if self.latency_before is not None:
+            feeds = _synthetic_feeds(model, self.count_shapes, batch=opts.latency_batch, seed=opts.seed)
+            before, after = (model_latency(m, feeds, threads=opts.threads) for m in (model, out))
+            ratio_achieved = 1 - after / before
+            report.facts["latency"] = {"batch": opts.latency_batch, "before_s": before, "after_s": after}
+        report.facts.update(
+            {
+                "params_before": params_before,
+                "params_after": params_after,
+                "macs_before": macs_before,
+                "macs_after": macs_after,
+                "ratio_achieved": ratio_achieved,
+                "params_removed": 1 - params_after / params_before if params_before else 0.0,
+                "macs_removed": None if macs_before is None else 1 - macs_after / macs_before if macs_before else 0.0,
+                "ratio_requested": opts.remove_ratio,
+                "target": opts.target,
+                "method": opts.method,
+                "criterion": self.criterion,
+                "groups_pruned": self.plans,
+                "seconds": time.perf_counter() - self.start,
+            }
+        )
+        report.facts.setdefault("blocked", {})
+        report.facts.pop("kept", None)
+        _check_ratio(report, method=opts.method, latency_batch=opts.latency_batch, round_to=opts.round_to)
+        return out, report
 
 
 def _tensor_trains(
