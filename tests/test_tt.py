@@ -134,6 +134,17 @@ def test_the_bonds_remove_what_is_asked_and_refuse_what_cannot_be():
         allocate_bonds([layer], w.size)
 
 
+def test_trains_the_request_does_not_need_stay_dense():
+    layers = []
+    for name, shape in (("a", (1024, 2048)), ("b", (512, 512))):  # rank 2: each saves almost all at full bonds
+        w = np.ones(shape) + np.outer(np.arange(shape[0]), np.ones(shape[1])) * 1e-3
+        modes = tt_modes(*shape)
+        layers.append(TTLayer(name, Linear(w, None), *modes, spectra=tt_svd(w, *modes)[1]))
+    assert set(allocate_bonds(layers, 100_000)) == {"b"}
+    assert set(allocate_bonds(layers, 1_000_000)) == {"a"}
+    assert set(allocate_bonds(layers, 2_300_000)) == {"a", "b"}
+
+
 def _mlp(width=256, seed=0):
     b = Builder(seed)
     x = b.node("Relu", [b.gemm("x", 64, width)])

@@ -280,7 +280,8 @@ def allocate_bonds(layers: list[TTLayer], remove: int) -> dict[str, tuple[int, .
 
     Each step lowers the bond whose next cut costs the least relative squared error (its dropped singular values
     squared over the layer's ||W||^2, Oseledets' bound) per weight saved; a layer counts as removed only by what its
-    cores hold less than its dense matrix. Steps are 1/32 of a bond's dimension (at least 1).
+    cores hold less than its dense matrix. Steps are 1/32 of a bond's dimension (at least 1). Then every train the
+    request does not need (the others remove enough without it) stays dense, least accurate first (then largest).
 
     Args:
         layers: The candidates (`tt_layers`).
@@ -332,7 +333,14 @@ def allocate_bonds(layers: list[TTLayer], remove: int) -> dict[str, tuple[int, .
         version[name] += 1
         done += saved(layer) - before
         push(layer)
-    return {name: tuple(r) for name, r in ranks.items() if saved(by_name[name]) > 0}
+    chosen = {name for name in ranks if saved(by_name[name]) > 0}
+    # a layer the others' cuts do not need stays dense (rank-deficient weights save much at full bond dimension):
+    # the least accurate trains go first, of equally accurate ones (exact trains) the one that overshoots most
+    for name in sorted(chosen, key=lambda n: (-round(by_name[n].bound(tuple(ranks[n])), 9), -saved(by_name[n]))):
+        if done - saved(by_name[name]) >= remove:
+            done -= saved(by_name[name])
+            chosen.discard(name)
+    return {name: tuple(ranks[name]) for name in chosen}
 
 
 def decompose_tt(graph: gs.Graph, layers: list[TTLayer], ranks: dict[str, tuple[int, ...]]) -> PassResult:
