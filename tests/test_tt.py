@@ -15,6 +15,7 @@ from onnxprune.passes.tt import (
     ORDERINGS,
     TTLayer,
     allocate_bonds,
+    capped,
     decompose_tt,
     tt_layers,
     tt_matrix,
@@ -193,3 +194,39 @@ def test_the_command_line_writes_tensor_trains_and_says_they_are_not_faster(tmp_
     assert code == 0, printed
     assert "written as tensor trains" in printed and "bond dimensions" in printed
     onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+def test_a_bond_is_capped_by_what_its_neighbours_can_feed():
+    out_modes, in_modes = (1, 1, 4, 4), (4, 4, 1, 1)  # every core 4 wide
+    assert capped((4, 1, 16), out_modes, in_modes) == (4, 1, 4)
+    assert capped((16, 16, 16), out_modes, in_modes) == (4, 16, 4)
+    assert tt_params((4, 1, 16), out_modes, in_modes) == tt_params((4, 1, 4), out_modes, in_modes)
+
+
+def test_exact_trains_that_remove_more_than_asked_are_written_with_a_note():
+    table = (RNG.standard_normal((4096, 8)) @ RNG.standard_normal((8, 128))).astype(np.float32)  # rank 8
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", 128])
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])
+    graph = helper.make_graph([helper.make_node("Gather", ["E", "ids"], ["y"])], "emb", [ids], [y])
+    graph.initializer.append(numpy_helper.from_array(table, "E"))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out, report = prune(model, remove_ratio=0.1, method="tt")
+    assert report.facts["ratio_achieved"] > 0.8 and "exact" in report.facts["ratio_note"]
+    assert report.facts["groups_pruned"] == 1  # a lookup counts as a train written
+    feeds = {"ids": RNG.integers(0, 4096, (2, 5))}
+    assert_outputs_close(ort_run(out, feeds), ort_run(model, feeds), rtol=0, atol=1e-4)
+
+
+def test_the_report_of_method_tt_follows_the_shipped_schema(tmp_path):
+    import importlib.resources
+    import json
+
+    from jsonschema import Draft202012Validator
+
+    src, out, doc = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(_mlp(), src)
+    assert main([str(src), str(out), "--method", "tt", "--ratio", "0.3", "--report", str(doc), "-q"]) == 0
+    schema = json.loads((importlib.resources.files("onnxprune") / "report.schema.json").read_text())
+    report = json.loads(doc.read_text())
+    Draft202012Validator(schema).validate(report)
+    assert any(layer.get("ordering") for layer in report["layers"])

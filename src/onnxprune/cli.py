@@ -597,7 +597,11 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
         times = ", ".join(f"{x:.2f}x at batch {b}" for b, x in slower.items())
         lines.append(
             f"  speed   measured slower than the original ({times}, timed while pruning); "
-            "check with `onnxprune bench`; --target latency plans for speed"
+            + (
+                "tensor trains plan for parameters only: the default method plans for speed"
+                if f["method"] == "tt"
+                else "check with `onnxprune bench`; --target latency plans for speed"
+            )
         )
     for name, layer in report.layers.items():
         if layer.get("op") == "tensor-train":
@@ -605,10 +609,15 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
                 f"  tt      {name}: bond dimensions {layer['ranks']} of {layer['full_ranks']}, weights "
                 f"{layer['dense']:,} -> {layer['kept']:,}, relative weight error {layer['relative_error']:.3f}"
             )
+    if f["method"] == "tt" and not f.get("speed_check"):  # not timed: the user must know it may be slower
+        lines.append(
+            "  speed   not timed (symbolic input dims with no --shape, or --latency-batch 0): tensor trains can be far "
+            "slower than the dense layers; check with `onnxprune bench` at your shapes"
+        )
     if f["method"] == "tt" and f["macs_before"] is not None and f["macs_after"] > f["macs_before"]:
         lines.append(
-            f"  speed   the tensor trains do {f['macs_after'] / max(f['macs_before'], 1):.1f}x the model's MACs: "
-            "smaller, not faster (--method tt plans for parameters only); check with `onnxprune bench`"
+            f"  MACs    the tensor trains do {f['macs_after'] / max(f['macs_before'], 1):.1f}x the model's MACs "
+            "(--method tt plans for parameters only)"
         )
     if "ratio_note" in f:  # more than 1 point from the request: why, in one line
         lines.append(f"  ratio   {f['ratio_note']}")

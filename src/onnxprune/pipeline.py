@@ -369,7 +369,8 @@ class _Run:
         self.graph = reinfer_shapes(self.graph, self.model)
         remove = self.opts.remove_ratio * self.total - (self.total - self.cleaned)
         self.ends = _tensor_trains(self.graph, self.report, remove=remove, exclude=self.opts.exclude)
-        self.plans = len(self.ends)
+        self.plans = self.report.counts["tensor_trains"]  # lookups too (they have no end to refit)
+        self.report.facts["groups"] = 0  # no channel groups are looked for
 
     def finish(self, graph: gs.Graph, kept: dict | None) -> tuple[gs.Graph, Report]:
         """Merge back the splits that do not pay, clean up and refit: the pruned graph as it will be written."""
@@ -567,6 +568,16 @@ class _Run:
             before, after = (model_latency(m, feeds, threads=opts.threads) for m in (model, out))
             ratio_achieved = 1 - after / before
             report.facts["latency"] = {"batch": opts.latency_batch, "before_s": before, "after_s": after}
+        if opts.method == "tt" and opts.latency_batch and self.count_shapes is not None:  # trains: time them
+            report.facts["speed_check"] = {
+                b: compare_latency(
+                    model,
+                    out,
+                    _synthetic_feeds(model, self.count_shapes, batch=b, seed=opts.seed),
+                    threads=opts.threads,
+                )
+                for b in _timed_batches(model, opts.latency_batch)
+            }
         report.facts.update(
             {
                 "params_before": params_before,
@@ -622,12 +633,16 @@ def _tensor_trains(
         )
     ranks = allocate_bonds(layers, wanted)
     made = run_passes(graph, [partial(decompose_tt, layers=layers, ranks=ranks)]).report
-    report.merge(made)
-    return [
+    ends = [
         TrainEnd(made.layers[t.node]["last_core"], made.layers[t.node]["output"], t.linear.bias)
         for t in layers
         if t.node in made.layers and made.layers[t.node]["last_core"]
     ]
+    for entry in made.layers.values():  # the refit's handles, not part of the report
+        entry.pop("last_core", None)
+        entry.pop("output", None)
+    report.merge(made)
+    return ends
 
 
 def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **options) -> tuple[onnx.ModelProto, Report]:
@@ -879,6 +894,9 @@ def _hinted(method: str, latency_batch: int, fn: Callable, target: str = "params
     return call
 
 
+EXACT_TRAIN = 1e-4  # relative weight error of a tensor train below which it stands for the layer exactly
+
+
 def _check_ratio(report: Report, *, method: str, latency_batch: int, round_to: int) -> None:
     """Within 1 point of the request, or say why in one line; far from it, refuse (nothing is written).
 
@@ -890,6 +908,13 @@ def _check_ratio(report: Report, *, method: str, latency_batch: int, round_to: i
     if abs(off) <= RATIO_TOLERANCE:
         return
     planned, free = facts.get("ratio_planned"), facts.get("ratio_free")
+    trains = [v["relative_error"] for v in report.layers.values() if v.get("op") == "tensor-train"]
+    if off > 0 and trains and max(trains) <= EXACT_TRAIN:  # low-rank weights: their exact trains save that much
+        facts["ratio_note"] = (
+            f"--ratio {requested:.2f}: reached {achieved:.3f} of the {facts['target']}: the tensor trains are exact "
+            f"(weight error at most {max(trains):.1e}) at bond dimensions that already remove that much"
+        )
+        return
     if off > 0 and free is not None and free >= requested - RATIO_TOLERANCE:
         facts["ratio_note"] = (
             f"--ratio {requested:.2f}: reached {achieved:.3f} of the {facts['target']}: folding BatchNorm and "

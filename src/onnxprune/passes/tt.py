@@ -174,9 +174,23 @@ def tt_matrix(cores: list[np.ndarray]) -> np.ndarray:
     return t.reshape(int(np.prod([c.shape[1] for c in cores])), -1)
 
 
+def capped(ranks: tuple[int, ...], out_modes: tuple[int, ...], in_modes: tuple[int, ...]) -> tuple[int, ...]:
+    """`ranks` with each bond at most what its neighbours can feed: r_k <= r_{k-1} m_k n_k and r_{k+1} m_{k+1} n_{k+1}.
+
+    A bond above either is no use (the train has that rank at most there), but its cores would hold the weights.
+    """
+    r = [1, *ranks, 1]
+    sizes = [m * n for m, n in zip(out_modes, in_modes, strict=True)]
+    for k in range(1, len(r) - 1):
+        r[k] = min(r[k], r[k - 1] * sizes[k - 1])
+    for k in range(len(r) - 2, 0, -1):
+        r[k] = min(r[k], r[k + 1] * sizes[k])
+    return tuple(r[1:-1])
+
+
 def tt_params(ranks: tuple[int, ...], out_modes: tuple[int, ...], in_modes: tuple[int, ...]) -> int:
-    """Weights held by cores of bond dimensions `ranks`: sum_k r_{k-1} m_k n_k r_k."""
-    r = (1, *ranks, 1)
+    """Weights held by cores of bond dimensions `ranks` (`capped` first): sum_k r_{k-1} m_k n_k r_k."""
+    r = (1, *capped(tuple(ranks), out_modes, in_modes), 1)
     return int(sum(r[k] * m * n * r[k + 1] for k, (m, n) in enumerate(zip(out_modes, in_modes, strict=True))))
 
 
@@ -340,7 +354,7 @@ def allocate_bonds(layers: list[TTLayer], remove: int) -> dict[str, tuple[int, .
         if done - saved(by_name[name]) >= remove:
             done -= saved(by_name[name])
             chosen.discard(name)
-    return {name: tuple(ranks[name]) for name in chosen}
+    return {name: capped(tuple(ranks[name]), by_name[name].out_modes, by_name[name].in_modes) for name in chosen}
 
 
 def decompose_tt(graph: gs.Graph, layers: list[TTLayer], ranks: dict[str, tuple[int, ...]]) -> PassResult:
