@@ -87,13 +87,7 @@ def refit(
     shrunk = set(kept or {})
     layers |= {n.name for n in graph.nodes if n.inputs and n.inputs[0].name in shrunk and _rows_of(n) is not None}
     ordered = sorted(layers, key=order.get)
-    reference = to_graph(original)
-    runs = Runs(
-        current_fit=Frontier(graph, template, fit, batch_size=batch_size),
-        original_fit=Frontier(reference, original, fit, batch_size=batch_size),
-        current_held=Frontier(graph, template, held, batch_size=batch_size),
-        original_held=Frontier(reference, original, held, batch_size=batch_size),
-    )
+    runs = Runs.of(graph, template, original, fit, held, batch_size=batch_size)
     for i, name in enumerate(steps(ordered, "refit")):
         node = nodes[name]
         later = {id(nodes[n]) for n in ordered[i:]}
@@ -262,6 +256,17 @@ class Runs:
     original_fit: Frontier
     current_held: Frontier
     original_held: Frontier
+
+    @classmethod
+    def of(cls, graph: gs.Graph, template: onnx.ModelProto, original: onnx.ModelProto, fit, held, *, batch_size: int):
+        """The four frontiers of `graph` (exported like `template`) and of `original` on `fit` and `held`."""
+        reference = to_graph(original)
+        return cls(
+            current_fit=Frontier(graph, template, fit, batch_size=batch_size),
+            original_fit=Frontier(reference, original, fit, batch_size=batch_size),
+            current_held=Frontier(graph, template, held, batch_size=batch_size),
+            original_held=Frontier(reference, original, held, batch_size=batch_size),
+        )
 
     def fit(self, source: str, target: Target) -> list[tuple[dict, dict]]:
         """Per fit batch: (the current model's input `source` and offset, the original model's target)."""
@@ -554,13 +559,7 @@ def refit_tensor_trains(
     order = {n.name: i for i, n in enumerate(graph.nodes)}
     todo = [e for e in ends if e.last_core in nodes and e.output in original_names]
     todo.sort(key=lambda e: order[e.last_core])
-    reference = to_graph(original)
-    runs = Runs(
-        current_fit=Frontier(graph, template, fit, batch_size=batch_size),
-        original_fit=Frontier(reference, original, fit, batch_size=batch_size),
-        current_held=Frontier(graph, template, held, batch_size=batch_size),
-        original_held=Frontier(reference, original, held, batch_size=batch_size),
-    )
+    runs = Runs.of(graph, template, original, fit, held, batch_size=batch_size)
     for end in steps(todo, "refit tensor trains"):
         node = nodes[end.last_core]
         old = const(node.inputs[1]).astype(np.float64)  # [r n, m]
