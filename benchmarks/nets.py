@@ -125,7 +125,12 @@ class VGGFC(VGG):
     def __init__(self, classes: int, width: int = 2048, channels: int = 1) -> None:
         super().__init__(classes, channels=channels)
         self.classifier = nn.Sequential(
-            nn.Linear(1024, width), nn.ReLU(), nn.Dropout(0.3), nn.Linear(width, width), nn.ReLU(), nn.Dropout(0.3),
+            nn.Linear(1024, width),
+            nn.ReLU(),
+            nn.Dropout(0.3),
+            nn.Linear(width, width),
+            nn.ReLU(),
+            nn.Dropout(0.3),
             nn.Linear(width, classes),
         )
 
