@@ -81,6 +81,35 @@ def test_the_original_top1_is_run_once_per_model_and_data(monkeypatch):
     assert len(calls) == 2
 
 
+def test_the_original_outputs_are_read_back_for_the_fidelity_of_a_subset(monkeypatch):
+    """The split runs the original on every sample; the held-out fidelity then reads the original's outputs back
+    instead of running it again, and measures exactly what a fresh run measures."""
+    from onnxprune.calibration import runner
+
+    model = onnx.load(EXAMPLE / "digits_resnet.onnx")
+    data = Samples.from_arrays({"image": np.load(EXAMPLE / "digits_calib.npy")[:40]})
+    pruned = prune(model, remove_ratio=0.3)[0]
+    monkeypatch.setattr(runner, "_TOP1", {})
+    monkeypatch.setattr(runner, "_REFERENCE", {})
+    monkeypatch.setattr(runner, "REFERENCE_BYTES", 0)  # nothing remembered: the original runs again
+    fresh = runner.fidelity(model, pruned, split_calibration(model, data, seed=0)[1], batch_size=7)
+    assert not runner._REFERENCE
+    monkeypatch.setattr(runner, "REFERENCE_BYTES", 1 << 20)
+    runs = []
+    real = runner.stream
+    monkeypatch.setattr(runner, "stream", lambda m, *a, **k: runs.append(m) or real(m, *a, **k))
+    monkeypatch.setattr(runner, "_TOP1", {})
+    monkeypatch.setattr(runner, "_REFERENCE", {})
+    held = split_calibration(model, data, seed=0)[1]
+    assert runs == [model]  # the split's top-1
+    again = runner.fidelity(model, pruned, held, batch_size=7)
+    assert runs == [model, pruned]
+    assert again == fresh
+    other = Samples.from_arrays({"image": np.load(EXAMPLE / "digits_calib.npy")[:40]})  # other data: run
+    runner.fidelity(model, pruned, other, batch_size=7)
+    assert runs[2:] == [pruned, model]
+
+
 def _pages(folder: Path, sizes, seed=0):
     rng = np.random.default_rng(seed)
     folder.mkdir()

@@ -655,6 +655,9 @@ def test_reports_of_real_runs_validate_against_the_shipped_schema(method, calibr
     Draft202012Validator(schema).validate(data)
     assert data["schema_version"] == 1
     assert ("fidelity" in data) == calibrated and ("synthetic_drift" in data) != calibrated
+    if calibrated:  # where the time went: the calibration passes and the refit, within the run's own time
+        assert {"calibration statistics", "refit", "held-out fidelity"} <= set(data["step_seconds"])
+        assert 0 < sum(data["step_seconds"].values()) <= data["seconds"]
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(rep.stat().st_mode) == 0o666 & ~mask  # as open() makes it, not mkstemp's 0o600

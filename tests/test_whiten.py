@@ -1,6 +1,9 @@
 """Data-aware bases: whitened split is exact at full rank and beats plain SVD at equal rank; streamed stats."""
 
 import numpy as np
+import onnx_graphsurgeon as gs
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from models import Builder
 
 from onnxprune.calibration.runner import channel_statistics, patch_covariances
@@ -8,7 +11,7 @@ from onnxprune.graph import to_graph
 from onnxprune.passes.basis import decompose_basis, whitenable
 from onnxprune.passes.groups import find_channel_groups
 from onnxprune.passes.remove import remove_channels
-from onnxprune.rules.layouts import im2col
+from onnxprune.rules.layouts import im2col, layout_of
 from onnxprune.testing import apply_pass, ort_run
 
 
@@ -70,3 +73,28 @@ def test_streamed_statistics_equal_the_batch_computation():
         energy, pooled = channel_statistics(model, data, {out: 1}, pooled=True, batch_size=batch)
         np.testing.assert_allclose(energy[out], full_energy, rtol=1e-5)
         np.testing.assert_allclose(pooled[out], full_pooled, rtol=1e-5, atol=1e-6)
+
+
+@given(
+    kernel=st.sampled_from([(1, 1), (3, 3), (2, 3), (5, 1)]),
+    stride=st.integers(1, 3),
+    pad=st.integers(0, 2),
+    dilation=st.integers(1, 2),
+    seed=st.integers(0, 1000),
+)
+@settings(max_examples=30, deadline=None)
+def test_patches_at_picked_positions_equal_the_full_im2col_rows(kernel, stride, pad, dilation, seed):
+    """The refit computes only the sub-sampled patch rows: they are the full im2col's rows at those positions, and
+    `Rows.count` is its row count."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((3, 4, 9, 8)).astype(np.float32)
+    geometry = {"strides": [stride, stride], "pads": [pad, 0, pad, 1], "dilations": [dilation, dilation]}
+    full = im2col(x, list(kernel), **geometry)
+    pick = rng.choice(len(full), min(len(full), 17), replace=False)
+    np.testing.assert_array_equal(im2col(x, list(kernel), **geometry, pick=pick), full[pick])
+    w = rng.standard_normal((5, 4, *kernel)).astype(np.float32)
+    attrs = {"kernel_shape": list(kernel), **geometry}
+    node = gs.Node("Conv", "conv", attrs=attrs, inputs=[gs.Variable("x"), gs.Constant("w", w)])
+    rows = layout_of(node).patches(node)
+    assert rows.count(x) == len(full)
+    np.testing.assert_array_equal(rows(x, pick), full[pick].astype(np.float64))

@@ -621,7 +621,9 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
         )
     if "ratio_note" in f:  # more than 1 point from the request: why, in one line
         lines.append(f"  ratio   {f['ratio_note']}")
-    lines.append(f"  time    {f['seconds']:.1f} s")
+    steps = sorted((f.get("step_seconds") or {}).items(), key=lambda kv: -kv[1])
+    longest = ", ".join(f"{label} {seconds:.0f} s" for label, seconds in steps[:STEPS_SHOWN] if seconds >= 1.0)
+    lines.append(f"  time    {f['seconds']:.1f} s" + (f"  (longest steps: {longest})" if longest else ""))
     if verbose:
         lines += [f"  blocked {name}: {why}" for name, why in f["blocked"].items()]
         lines += [f"  note    {s.node}: {s.reason}" for s in report.skipped]
@@ -629,6 +631,7 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
 
 
 FEW_HELD_OUT = 50  # fewer held-out samples than this: the summary says how coarse the agreement is
+STEPS_SHOWN = 3  # the longest steps named on the summary's time line
 
 
 def _kinds(facts: dict) -> str:

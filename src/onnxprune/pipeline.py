@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxprune import progress
 from onnxprune.budget import (
     TARGETS,
     Allocation,
@@ -67,24 +68,38 @@ _warned: set[str] = set()  # kinds of warning given during the outermost `prune`
 _calls = [0]  # how deep in those calls we are (the guard's bisection and method best call `prune` again)
 
 
-def _one_warning_each(fn: Callable) -> Callable:
-    """Each kind of `_warn_once` warning is given once per outermost call of `fn`."""
+def _outermost_call(fn: Callable) -> Callable:
+    """Per outermost call of `fn`: each kind of `_warn_once` warning once, and the seconds of each long step.
+
+    The steps' wall seconds (``progress.steps``, summed by label over every attempt the call made) go into the
+    report's ``step_seconds``, also when the guard refuses the result.
+    """
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        if not _calls[0]:
+        outermost = not _calls[0]
+        if outermost:
             _warned.clear()
         _calls[0] += 1
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            _calls[0] -= 1
+        report = None
+        with progress.timed() as spent:
+            try:
+                result = fn(*args, **kwargs)
+                report = result[1]
+                return result
+            except GuardError as e:
+                report = e.report
+                raise
+            finally:
+                _calls[0] -= 1
+                if outermost and report is not None:
+                    report.facts["step_seconds"] = {k: round(v, 3) for k, v in spent.items()}
 
     return call
 
 
 def _warn_once(kind: str, message: str) -> None:
-    """Log `message` unless a warning of `kind` was already given during this call (`_one_warning_each`)."""
+    """Log `message` unless a warning of `kind` was already given during this call (`_outermost_call`)."""
     if kind not in _warned:
         _warned.add(kind)
         log.warning("%s", message)
@@ -110,7 +125,7 @@ def run_passes(graph: gs.Graph, passes: Sequence[Callable[[gs.Graph], PassResult
     return PassResult(graph, modified, report)
 
 
-@_one_warning_each
+@_outermost_call
 def prune(
     model: onnx.ModelProto,
     *,
@@ -959,7 +974,7 @@ def _check_ratio(report: Report, *, method: str, latency_batch: int, round_to: i
     log.debug("%s", line)
 
 
-@_one_warning_each
+@_outermost_call
 def prune_guarded(
     model: onnx.ModelProto, *, remove_ratio: float, max_drop: float = MAX_DROP, force: bool = False, **options
 ) -> tuple[onnx.ModelProto, Report]:

@@ -8,6 +8,7 @@ stderr is not a terminal).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -20,6 +21,22 @@ log = logging.getLogger("onnxprune.progress")
 
 T = TypeVar("T")
 SHOW_AFTER_S = 1.0  # steps shorter than this leave no line in the log
+_spent: list[dict[str, float]] = []  # the open `timed` collections, innermost last
+
+
+@contextlib.contextmanager
+def timed() -> Iterator[dict[str, float]]:
+    """Collect the wall seconds of every `steps` step run inside, summed by label.
+
+    Yields:
+        Label -> seconds, filled as the steps end (a run's ``step_seconds`` in its report).
+    """
+    spent: dict[str, float] = {}
+    _spent.append(spent)
+    try:
+        yield spent
+    finally:
+        del _spent[next(i for i, d in enumerate(_spent) if d is spent)]  # by identity: equal dicts are not the same
 
 
 def steps(items: Iterable[T], label: str, *, total: int | None = None) -> Iterator[T]:
@@ -43,6 +60,8 @@ def steps(items: Iterable[T], label: str, *, total: int | None = None) -> Iterat
     else:
         yield from items
     seconds = time.perf_counter() - started
+    for spent in _spent:
+        spent[label] = spent.get(label, 0.0) + seconds
     if seconds >= SHOW_AFTER_S:
         log.info("%s: %s in %.1f s", label, f"{total} done" if total is not None else "done", seconds)
 

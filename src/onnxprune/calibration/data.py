@@ -82,14 +82,22 @@ class Samples:
         groups: The ``(index, arrays)`` groups, one per distinct input shape.
         batch: The batch size the model requires (its inputs' fixed first dim), or None when it is dynamic.
         total: How many samples the data held when loaded (before any subset); labels must cover them all.
+        origin: A token shared by the samples as loaded and every subset taken from them: position p means the
+            same sample in all of them (what is computed per sample can be looked up again by position).
     """
 
     def __init__(
-        self, groups: list[tuple[np.ndarray, dict[str, np.ndarray]]], *, batch: int | None = None, total: int = 0
+        self,
+        groups: list[tuple[np.ndarray, dict[str, np.ndarray]]],
+        *,
+        batch: int | None = None,
+        total: int = 0,
+        origin: object | None = None,
     ) -> None:
         self.groups = [(np.asarray(i, dtype=np.int64), a) for i, a in groups if len(i)]
         self.batch = batch
         self.total = total or len(self)
+        self.origin = object() if origin is None else origin
 
     @classmethod
     def from_arrays(cls, data: dict[str, np.ndarray], *, batch: int | None = None) -> Samples:
@@ -150,7 +158,7 @@ class Samples:
             local = positions[group_of == g] - offsets[g]
             index, arrays = self.groups[g]
             groups.append((index[local], {k: v[local] for k, v in arrays.items()}))
-        return Samples(groups, batch=self.batch, total=self.total)
+        return Samples(groups, batch=self.batch, total=self.total, origin=self.origin)
 
     def head(self, n: int) -> Samples:
         """The first `n` samples in iteration order.
@@ -173,7 +181,7 @@ class Samples:
             return self
         kept = [(i[: len(i) // self.batch * self.batch], a) for i, a in self.groups]
         groups = [(i, {k: v[: len(i)] for k, v in a.items()}) for i, a in kept]
-        return Samples(groups, batch=self.batch, total=self.total)
+        return Samples(groups, batch=self.batch, total=self.total, origin=self.origin)
 
 
 def fixed_batch(model: onnx.ModelProto) -> int | None:

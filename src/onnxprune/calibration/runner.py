@@ -13,7 +13,6 @@ from onnxprune.errors import CalibrationError
 from onnxprune.graph import session
 from onnxprune.progress import steps
 from onnxprune.rules import layouts, scores_reach
-from onnxprune.rules.layouts import channels_last
 
 HELD_OUT = 0.2  # fraction of the calibration samples kept for measuring fidelity, never used for decisions
 
@@ -183,7 +182,7 @@ def _top1(model: onnx.ModelProto, data: Samples, batch_size: int) -> tuple[str, 
     names = [o.name for o in model.graph.output]
     found: dict[str, list[np.ndarray]] = {k: [] for k in names}
     sizes = (len(next(iter(feed.values()))) for feed in data.batches(batch_size))
-    for batch, n in zip(stream(model, data, names, batch_size=batch_size, label="original model's top-1"), sizes):
+    for batch, n in zip(reference_outputs(model, data, batch_size=batch_size, label="original model's top-1"), sizes):
         for name in list(found):
             scores = class_scores(batch[name])
             if scores is None or len(scores) != n:  # e.g. a time-major sequence [T, N, C]: not one class a sample
@@ -194,6 +193,61 @@ def _top1(model: onnx.ModelProto, data: Samples, batch_size: int) -> tuple[str, 
             return None
     name = next(iter(found), None)
     return None if name is None else (name, np.concatenate(found[name]))
+
+
+REFERENCE_BYTES = 256 << 20  # the original's outputs are remembered per sample up to this size...
+REFERENCE_MODELS = 2  # ...for this many models: the fit and held-out fidelity read them again (ResNet-50: 15 s)
+_REFERENCE: dict[tuple[bytes, object], dict[int, dict[str, np.ndarray]]] = {}
+
+
+def reference_outputs(
+    model: onnx.ModelProto, data: Data, *, batch_size: int = 64, label: str | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of the graph outputs of `model` on `data`, as `stream` yields them, each sample computed once.
+
+    The outputs are remembered per sample (by its position in the data it was loaded with, `Samples.origin`) for
+    the last `REFERENCE_MODELS` models, while they take at most `REFERENCE_BYTES` and every output holds one row per
+    sample (not a time-major sequence); a later call on any subset of the same samples reads them back.
+
+    Args:
+        model: The model (the original one: pruned models change from call to call and are streamed).
+        data: The samples.
+        batch_size: Samples per onnxruntime run when the batch dim is dynamic.
+        label: Show progress under this name when the model runs.
+
+    Yields:
+        Output name -> array per batch, in the samples' iteration order.
+    """
+    data = as_samples(data, model)
+    names = [o.name for o in model.graph.output]
+    key = (hashlib.sha1(model.SerializeToString(deterministic=True)).digest(), data.origin)
+    known = _REFERENCE.get(key, {})
+    index = data.index
+    if len(index) and all(int(i) in known for i in index):
+        start = 0
+        for feed in data.batches(batch_size):
+            rows = index[start : start + len(next(iter(feed.values())))]
+            start += len(rows)
+            yield {k: np.stack([known[int(i)][k] for i in rows]) for k in names}
+        return
+    kept: dict[int, dict[str, np.ndarray]] | None = dict(known)
+    size = sum(v.nbytes for row in known.values() for v in row.values())
+    start = 0
+    for batch in stream(model, data, names, batch_size=batch_size, label=label):
+        m = len(next(iter(batch.values())))
+        rows = index[start : start + m] if all(len(v) == m for v in batch.values()) else None
+        start += m
+        if kept is not None and rows is not None and len(rows) == m:
+            size += sum(v.nbytes for v in batch.values())
+            kept.update({int(p): {k: v[j].copy() for k, v in batch.items()} for j, p in enumerate(rows)})
+        if rows is None or size > REFERENCE_BYTES:
+            kept = None
+        yield batch
+    if kept is not None:
+        _REFERENCE.pop(key, None)
+        while len(_REFERENCE) >= REFERENCE_MODELS:
+            del _REFERENCE[next(iter(_REFERENCE))]
+        _REFERENCE[key] = kept
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -289,12 +343,13 @@ def channel_statistics(
     features: dict[str, list[np.ndarray]] = {k: [] for k in names}
     for batch in stream(model, data, names, batch_size=batch_size, label="calibration statistics"):
         for name in names:
-            x = batch[name]
-            rows = channels_last(x, axes[name])
-            sums[name] = sums[name] + np.sum(rows * rows, axis=0)
-            counts[name] += len(rows)
+            x, axis = batch[name], axes[name] % batch[name].ndim
+            others = tuple(i for i in range(x.ndim) if i != axis)  # squares in the tensor's type, sums in float64
+            sums[name] = sums[name] + np.sum(np.square(x), axis=others, dtype=np.float64)
+            counts[name] += x.size // max(x.shape[axis], 1)
             if pooled:
-                features[name].append(rows.reshape(x.shape[0], -1, x.shape[axes[name]]).mean(1))
+                spatial = tuple(i for i in others if i != 0)
+                features[name].append(x.mean(axis=spatial, dtype=np.float64) if spatial else x.astype(np.float64))
     energy = {k: sums[k] / max(counts[k], 1) for k in names}
     return energy, ({k: np.concatenate(v) for k, v in features.items()} if pooled else {})
 
@@ -345,9 +400,8 @@ def patch_covariances(
     for batch in stream(model, data, tensors, batch_size=batch_size):
         for name, (tensor, rows) in layers.items():
             x = batch[tensor]
-            patches = rows(x)
-            if len(patches) > row_budget(len(x)):
-                patches = patches[rng.choice(len(patches), row_budget(len(x)), replace=False)]
+            total, limit = rows.count(x), row_budget(len(x))
+            patches = rows(x, rng.choice(total, limit, replace=False) if total > limit else None)
             sums[name] = sums.get(name, 0) + patches.T @ patches
             counts[name] += len(patches)
     return {k: sums[k] / max(counts[k], 1) for k in sums}
@@ -396,7 +450,7 @@ def fidelity(
     sizes = (len(next(iter(feed.values()))) for feed in data.batches(batch_size))
     batches = zip(  # the labelled stream first: zip stops at the first exhausted one, the bar must see its end
         stream(pruned, data, names, batch_size=batch_size, label=label),
-        stream(original, data, names, batch_size=batch_size),
+        reference_outputs(original, data, batch_size=batch_size),
         sizes,
     )
     for got, ref, m in batches:

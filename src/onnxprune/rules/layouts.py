@@ -19,7 +19,34 @@ import onnx_graphsurgeon as gs
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}  # blocks of hidden units in W [D, gates*H, I], R [D, gates*H, H]
 
-Rows = Callable[[np.ndarray], np.ndarray]  # an input batch -> [positions, K] rows the [out, K] matrix multiplies
+
+@dataclass(frozen=True)
+class Rows:
+    """The map from an input batch to the rows [positions, K] that a layer's [out, K] matrix multiplies.
+
+    Call it as ``rows(x)`` for every row, or ``rows(x, pick)`` for the rows at flat positions `pick` only (computed
+    for those alone: a refit keeps 128 rows per sample of the thousands a feature map has). Rows come as float64.
+
+    Attributes:
+        count: Input batch -> how many rows it has (samples times output positions).
+        take: (input batch, positions or None) -> the rows.
+    """
+
+    count: Callable[[np.ndarray], int]
+    take: Callable[[np.ndarray, np.ndarray | None], np.ndarray]
+
+    def __call__(self, x: np.ndarray, pick: np.ndarray | None = None) -> np.ndarray:
+        """The rows of batch `x` (all, or those at flat positions `pick`), float64 [positions, K]."""
+        return self.take(x, pick)
+
+    @classmethod
+    def channels(cls, axis: int | None) -> Rows:
+        """The rows of a layer that mixes channels position by position: channel axis `axis` (None: the last)."""
+
+        def at(x: np.ndarray) -> int:
+            return x.ndim - 1 if axis is None else axis
+
+        return cls(lambda x: x.size // max(x.shape[at(x)], 1), lambda x, pick: channels_last(x, at(x), pick))
 
 
 def const(tensor: gs.Tensor | None) -> np.ndarray | None:
@@ -44,27 +71,59 @@ def gemm_bias_error(node: gs.Node, n_out: int) -> str | None:
     return f"Gemm bias of shape {list(bias.shape)} varies over the rows, not only the output channels"
 
 
-def channels_last(x: np.ndarray, axis: int = 1) -> np.ndarray:
-    """[..., C, ...] -> [positions, C] float64: every spatial position (and sample) becomes a row."""
-    return np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]).astype(np.float64)
+def channels_last(x: np.ndarray, axis: int = 1, pick: np.ndarray | None = None) -> np.ndarray:
+    """[..., C, ...] -> [positions, C] float64: every spatial position (and sample) becomes a row.
+
+    With `pick`, only the rows at those flat positions (converted to float64 after the pick).
+    """
+    rows = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
+    return (rows if pick is None else rows[pick]).astype(np.float64)
 
 
 def im2col(
-    x: np.ndarray, kernel: list[int], *, strides: list[int], pads: list[int], dilations: list[int]
+    x: np.ndarray,
+    kernel: list[int],
+    *,
+    strides: list[int],
+    pads: list[int],
+    dilations: list[int],
+    pick: np.ndarray | None = None,
 ) -> np.ndarray:
-    """[N, C, H, W] -> [positions, C*kh*kw]: the input patch each output position of a 2-D Conv sees."""
+    """[N, C, H, W] -> [positions, C*kh*kw]: the input patch each output position of a 2-D Conv sees.
+
+    Positions run over (sample, output row, output column); with `pick`, only the patches at those flat positions
+    are gathered.
+    """
     n, c, h, w = x.shape
     kh, kw = kernel
     pt, pl, pb, pr = pads[0], pads[1], pads[2], pads[3]
     xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-    ho = (h + pt + pb - dilations[0] * (kh - 1) - 1) // strides[0] + 1
-    wo = (w + pl + pr - dilations[1] * (kw - 1) - 1) // strides[1] + 1
+    ho, wo = conv_output_size(x.shape, kernel, strides=strides, pads=pads, dilations=dilations)
+    if pick is not None:
+        sample, rest = np.divmod(np.asarray(pick, dtype=np.int64), ho * wo)
+        row, col = np.divmod(rest, wo)
+        out = np.empty((len(sample), c, kh, kw), dtype=x.dtype)
+        for i in range(kh):
+            for j in range(kw):  # [P, C]: the advanced indices, split by the slice, come first
+                rows, cols = row * strides[0] + i * dilations[0], col * strides[1] + j * dilations[1]
+                out[:, :, i, j] = xp[sample, :, rows, cols]
+        return out.reshape(len(sample), c * kh * kw)
     cols = np.empty((n, c, kh, kw, ho, wo), dtype=x.dtype)
     for i in range(kh):
         for j in range(kw):
             hi, wj = i * dilations[0], j * dilations[1]
             cols[:, :, i, j] = xp[:, :, hi : hi + strides[0] * ho : strides[0], wj : wj + strides[1] * wo : strides[1]]
     return cols.transpose(0, 4, 5, 1, 2, 3).reshape(n * ho * wo, c * kh * kw)
+
+
+def conv_output_size(
+    shape: tuple[int, ...], kernel: list[int], *, strides: list[int], pads: list[int], dilations: list[int]
+) -> tuple[int, int]:
+    """(H_out, W_out) of a 2-D Conv on an input of `shape` [N, C, H, W] (ONNX Conv, explicit pads)."""
+    h, w = shape[2], shape[3]
+    ho = (h + pads[0] + pads[2] - dilations[0] * (kernel[0] - 1) - 1) // strides[0] + 1
+    wo = (w + pads[1] + pads[3] - dilations[1] * (kernel[1] - 1) - 1) // strides[1] + 1
+    return ho, wo
 
 
 @dataclass(frozen=True)
@@ -226,8 +285,12 @@ class _ConvLayout(Layout):
             pads = list(node.attrs.get("pads", [0, 0, 0, 0]))
             strides = list(node.attrs.get("strides", [1, 1]))
             dilations = list(node.attrs.get("dilations", [1, 1]))
-            return lambda x: im2col(x.astype(np.float64), kernel, strides=strides, pads=pads, dilations=dilations)
-        return (lambda x: channels_last(x, 1)) if self.pointwise(node) else None
+            geometry = {"strides": strides, "pads": pads, "dilations": dilations}
+            return Rows(
+                lambda x: len(x) * int(np.prod(conv_output_size(x.shape, kernel, **geometry))),
+                lambda x, pick: im2col(x, kernel, **geometry, pick=pick).astype(np.float64),
+            )
+        return Rows.channels(1) if self.pointwise(node) else None
 
     def macs_per_weight(self, node, out_dims):
         return int(np.prod(out_dims[2:], dtype=np.int64))
@@ -317,7 +380,7 @@ class _GemmLayout(Layout):
         return list(out_shape[:1]) + [rank]
 
     def patches(self, node):
-        return (lambda x: channels_last(x, 1)) if self.matrix(node) is not None else None
+        return Rows.channels(1) if self.matrix(node) is not None else None
 
     def macs_per_weight(self, node, out_dims):
         return 1
@@ -348,7 +411,7 @@ class _MatMulLayout(Layout):
         return Linear(w.astype(np.float64), None)
 
     def patches(self, node):
-        return (lambda x: channels_last(x, x.ndim - 1)) if self.matrix(node) is not None else None
+        return Rows.channels(None) if self.matrix(node) is not None else None
 
     def macs_per_weight(self, node, out_dims):
         return int(np.prod(out_dims[1:-1], dtype=np.int64)) if len(out_dims) >= 2 else 0
