@@ -75,6 +75,7 @@ def run_row(name: str, ratio: float, calibrated: bool, samples: int, tmp: pathli
                 "refit_segments": report["counts"].get("refit_segments"),
                 "plan_source": facts.get("plan_source"),
                 "candidates_compared": len(facts.get("candidates") or []),
+                "step_seconds": facts.get("step_seconds"),
             }
         )
     else:
@@ -94,14 +95,15 @@ def main(argv: list[str] | None = None) -> None:
             row = run_row(name, ratio, calibrated, args.samples, pathlib.Path(tmp))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print("\n| model | ratio | calib samples | exit | wall (s) | peak RSS (MB) | params removed | sensitivity (s) |")
+    print("\n| model | ratio | calib samples | exit | wall (s) | peak RSS (MB) | params removed | longest steps (s) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         removed = f"{100 * r['params_removed']:.1f} %" if r.get("params_removed") is not None else "-"
-        sens = f"{r['sensitivity_s']:.0f}" if r.get("sensitivity_s") is not None else "-"
+        spent = sorted((r.get("step_seconds") or {}).items(), key=lambda kv: -kv[1])
+        longest = ", ".join(f"{label} {seconds:.0f}" for label, seconds in spent[:5] if seconds >= 1) or "-"
         print(
             f"| {r['model']} | {r['ratio']} | {r['calib_samples']} | {r['exit']} | {r['wall_s']} | "
-            f"{r['peak_rss_mb']} | {removed} | {sens} |"
+            f"{r['peak_rss_mb']} | {removed} | {longest} |"
         )
     out = ROOT / "results" / "cost.json"
     machine = {"machine": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()}

@@ -2,6 +2,7 @@
 
 import numpy as np
 import onnx_graphsurgeon as gs
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from models import Builder
@@ -54,8 +55,16 @@ def test_whitened_basis_beats_plain_svd_at_equal_rank():
         assert whitened < plain, f"rank {rank}: whitened {whitened:.4g} >= plain {plain:.4g}"
 
 
-def test_streamed_statistics_equal_the_batch_computation():
+@pytest.mark.parametrize("in_session", [True, False], ids=["reduced-in-session", "whole-tensors"])
+def test_streamed_statistics_equal_the_batch_computation(in_session, monkeypatch):
+    """Channel energies and pooled features, reduced inside the onnxruntime session or from the whole tensors
+    (the fallback for tensors of unknown rank or type), equal the computation on all samples at once."""
+    from onnxprune.calibration import runner
+
+    if not in_session:
+        monkeypatch.setattr(runner, "REDUCED_TYPES", ())
     model, data = _conv3x3(), _correlated(20, 2)
+    assert bool(runner._with_reductions(model, {model.graph.output[0].name: 1}, True)[1]) == in_session
     x = data["x"].astype(np.float64)
     patches = im2col(x, [3, 3], strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1])
     full_cov = patches.T @ patches / len(patches)

@@ -324,7 +324,11 @@ def channel_statistics(
     """E[x_c^2] per channel of each tensor in `axes` (name -> channel axis), streamed over `data`.
 
     With `pooled`, also each sample's spatially averaged channel values ([N, C] per tensor), the features the label
-    criteria read: memory grows with samples x channels, never with spatial size.
+    criteria read: memory grows with samples x channels, never with spatial size. Tensors of known rank and float
+    type are reduced inside the onnxruntime session (ReduceSumSquare / ReduceMean nodes added to a copy of the
+    model), so only [C] sums leave it: a batch of 32 at 224 x 224 would otherwise copy out gigabytes of feature
+    maps at once (measured on the light ResNet-50 at batch 1, 102 tensors: 3.3-4.2 s against 4.3 s for 24 samples);
+    the others come out whole and are reduced here.
 
     Args:
         model: The model to run.
@@ -341,8 +345,17 @@ def channel_statistics(
     sums = {k: 0.0 for k in names}
     counts = dict.fromkeys(names, 0)
     features: dict[str, list[np.ndarray]] = {k: [] for k in names}
-    for batch in stream(model, data, names, batch_size=batch_size, label="calibration statistics"):
+    reducing, reduced = _with_reductions(model, axes, pooled)
+    fetched = sorted({t for outs in reduced.values() for t in outs if t} | (set(names) - set(reduced)))
+    for batch in stream(reducing, data, fetched, batch_size=batch_size, label="calibration statistics"):
         for name in names:
+            if name in reduced:
+                square, size, mean = (batch[t] if t else None for t in reduced[name])
+                sums[name] = sums[name] + square.astype(np.float64)
+                counts[name] += int(size) // max(len(square), 1)
+                if pooled:
+                    features[name].append(mean.astype(np.float64))
+                continue
             x, axis = batch[name], axes[name] % batch[name].ndim
             others = tuple(i for i in range(x.ndim) if i != axis)  # squares in the tensor's type, sums in float64
             sums[name] = sums[name] + np.sum(np.square(x), axis=others, dtype=np.float64)
@@ -352,6 +365,65 @@ def channel_statistics(
                 features[name].append(x.mean(axis=spatial, dtype=np.float64) if spatial else x.astype(np.float64))
     energy = {k: sums[k] / max(counts[k], 1) for k in names}
     return energy, ({k: np.concatenate(v) for k, v in features.items()} if pooled else {})
+
+
+REDUCED_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
+
+
+def _with_reductions(
+    model: onnx.ModelProto, axes: dict[str, int], pooled: bool
+) -> tuple[onnx.ModelProto, dict[str, tuple[str, str, str | None]]]:
+    """A copy of `model` that also outputs, per tensor of known rank and float type in `axes`, its channel sums.
+
+    Returns:
+        (the copy, tensor name -> (its ReduceSumSquare output [C], its Size output, its ReduceMean output [N, C] or
+        None)); tensors left out (unknown rank or type) are not in the map.
+    """
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - inference failing only means every tensor comes out whole
+        inferred = model
+    info = {v.name: v.type.tensor_type for v in (*inferred.graph.value_info, *inferred.graph.input)}
+    info.update({v.name: v.type.tensor_type for v in inferred.graph.output})
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    nodes, outputs, constants = [], [], []
+    reduced: dict[str, tuple[str, str, str | None]] = {}
+
+    def reduce(op: str, x: str, over: list[int], out: str) -> None:
+        if opset >= 18:
+            constants.append(onnx.numpy_helper.from_array(np.array(over, dtype=np.int64), f"{out}/axes"))
+            nodes.append(onnx.helper.make_node(op, [x, f"{out}/axes"], [out], keepdims=0))
+        else:
+            nodes.append(onnx.helper.make_node(op, [x], [out], axes=over, keepdims=0))
+        outputs.append(onnx.helper.make_empty_tensor_value_info(out))
+
+    for i, (name, axis) in enumerate(axes.items()):
+        t = info.get(name)
+        if t is None or not t.HasField("shape") or t.elem_type not in REDUCED_TYPES:
+            continue
+        rank = len(t.shape.dim)
+        if rank < 1 or not -rank <= axis < rank or (pooled and axis % rank == 0):
+            continue
+        axis %= rank
+        stem = f"onnxprune_statistics/{i}"
+        reduce("ReduceSumSquare", name, [a for a in range(rank) if a != axis], f"{stem}/square")
+        nodes.append(onnx.helper.make_node("Size", [name], [f"{stem}/size"]))
+        outputs.append(onnx.helper.make_empty_tensor_value_info(f"{stem}/size"))
+        mean = None
+        if pooled:
+            spatial = [a for a in range(rank) if a not in (0, axis)]
+            if spatial:
+                mean = f"{stem}/mean"
+                reduce("ReduceMean", name, spatial, mean)
+            else:
+                mean = name
+        reduced[name] = (f"{stem}/square", f"{stem}/size", mean)
+    copy.graph.node.extend(nodes)
+    copy.graph.initializer.extend(constants)
+    copy.graph.output.extend(outputs)
+    return copy, reduced
 
 
 ROWS_PER_SAMPLE = 128  # patch rows kept per sample for second moments: memory follows the batch, not the data set
