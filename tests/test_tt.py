@@ -2,6 +2,7 @@
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -230,3 +231,50 @@ def test_the_report_of_method_tt_follows_the_shipped_schema(tmp_path):
     report = json.loads(doc.read_text())
     Draft202012Validator(schema).validate(report)
     assert any(layer.get("ordering") for layer in report["layers"])
+
+
+def test_bond_spectra_are_the_tt_svd_spectra_and_computed_once_per_content(monkeypatch):
+    """The guard's retries and bisection prune the same model again: each layer's spectra come back from memory
+    (by content: a changed weight is decomposed again)."""
+    from onnxprune.passes import tt
+
+    monkeypatch.setattr(tt, "_SPECTRA", {})
+    calls = []
+    real = tt.tt_svd
+    monkeypatch.setattr(tt, "tt_svd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    w = np.random.default_rng(3).standard_normal((64, 96))
+    modes = tt_modes(64, 96)
+    want = real(w, *modes)[1]
+    for _ in range(2):
+        got = tt.bond_spectra(w.copy(), *modes)
+        assert len(got) == len(want) and all(np.allclose(a, b) for a, b in zip(got, want, strict=True))
+    assert len(calls) == 1
+    changed = w.copy()
+    changed[0, 0] += 1.0
+    tt.bond_spectra(changed, *modes)
+    assert len(calls) == 2
+
+
+def test_a_tied_embedding_keeps_one_copy_of_its_table():
+    """Gather of E and MatMul by Transpose(E) (an output layer tied to the embedding): constant folding would store E
+    and E^T, doubling the model and its weight count; the tied table is left to the run time, and stays whole."""
+    from onnxprune.budget import count
+    from onnxprune.passes.cleanup import cleanup
+
+    table = np.random.default_rng(5).standard_normal((512, 64)).astype(np.float32)
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", 512])
+    nodes = [
+        helper.make_node("Gather", ["E", "ids"], ["h"], name="embed"),
+        helper.make_node("Transpose", ["E"], ["Et"], name="tie", perm=[1, 0]),
+        helper.make_node("MatMul", ["h", "Et"], ["logits"], name="lm_head"),
+    ]
+    graph = helper.make_graph(nodes, "tied", [ids], [out], [numpy_helper.from_array(table, "E")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    g = to_graph(model)
+    cleanup(g)
+    stored = [t for t in g.tensors().values() if isinstance(t, gs.Constant) and t.values.size >= 1024]
+    assert [t.name for t in stored] == ["E"] and [n.op for n in g.nodes] == ["Gather", "Transpose", "MatMul"]
+    assert count(model)[0] == table.size
+    feeds = {"ids": np.random.default_rng(6).integers(0, 512, (2, 3))}
+    np.testing.assert_allclose(ort_run(to_model(g, model), feeds)["logits"], ort_run(model, feeds)["logits"])

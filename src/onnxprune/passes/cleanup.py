@@ -50,8 +50,25 @@ def _fold_constants(graph: gs.Graph) -> None:
             out.inputs.clear()
     graph.cleanup().toposort()
     if any(all(isinstance(t, gs.Constant) or not t.name for t in n.inputs) and n.inputs for n in graph.nodes):
-        graph.fold_constants(error_ok=True, fold_shapes=True)
+        graph.fold_constants(error_ok=True, fold_shapes=True, should_exclude_node=_copies_a_shared_weight)
         graph.cleanup()
+
+
+SHARED_FOLD_MIN = 1024  # values from which a weight read at run time is not folded into a second, transformed copy
+
+
+def _copies_a_shared_weight(node: gs.Node) -> bool:
+    """Whether folding `node` would store a second copy of a weight that a node computed at run time also reads.
+
+    A tied embedding (Gather of E, and MatMul by Transpose(E)) folded would hold E and E^T: the model grows by the
+    table, and every count of its weights with it.
+    """
+    for t in node.inputs:
+        if not isinstance(t, gs.Constant) or int(np.prod(t.shape or [0])) < SHARED_FOLD_MIN:
+            continue
+        if any(c is not node and any(isinstance(i, gs.Variable) and i.name for i in c.inputs) for c in t.outputs):
+            return True
+    return False
 
 
 MAX_SHAPE_ROUNDS = 4  # a folded target lets shape inference resolve the next one; real chains need one or two

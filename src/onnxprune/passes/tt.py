@@ -21,6 +21,7 @@ reconstructs only the gathered rows.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ from scipy import linalg
 from onnxprune.errors import BudgetError
 from onnxprune.graph import unique_name
 from onnxprune.passes.basis import GRAM_SVD_MIN_SIZE
+from onnxprune.progress import steps
 from onnxprune.result import PassResult, Report
 from onnxprune.rules.layouts import Linear, const, linear
 
@@ -272,11 +274,11 @@ def tt_layers(graph: gs.Graph, *, remove: int = 0, min_weights: int = TT_MIN_WEI
         found.append((node, view))
     share = min(1.0, remove / max(1, sum(view.matrix.size for _, view in found)))
     chosen = []
-    for node, view in found:
+    for node, view in steps(found, "tensor-train spectra"):
         options = []
         for ordering in ORDERINGS:
             modes = tt_modes(*view.matrix.shape, ordering)
-            layer = TTLayer(node.name, view, *modes, spectra=tt_svd(view.matrix, *modes)[1], ordering=ordering)
+            layer = TTLayer(node.name, view, *modes, spectra=bond_spectra(view.matrix, *modes), ordering=ordering)
             try:
                 ranks = allocate_bonds([layer], int(share * layer.dense)).get(layer.node, layer.full_ranks)
             except BudgetError:
@@ -287,6 +289,31 @@ def tt_layers(graph: gs.Graph, *, remove: int = 0, min_weights: int = TT_MIN_WEI
         else:
             report.skip(node, f"no tensor train of {list(view.matrix.shape)} removes {share:.0%} of its weights")
     return chosen, report
+
+
+SPECTRA_REMEMBERED = 64  # the bond spectra of this many (matrix, modes) pairs are kept: the guard's retries and
+_SPECTRA: dict[bytes, list[np.ndarray]] = {}  # bisection decompose the same layers again (VGG-19's FC: 20 s each)
+
+
+def bond_spectra(matrix: np.ndarray, out_modes: tuple[int, ...], in_modes: tuple[int, ...]) -> list[np.ndarray]:
+    """The singular values of each bond of the full TT-SVD of `matrix` (`tt_svd`), remembered by content.
+
+    Args:
+        matrix: ``[M, N]``.
+        out_modes: (m_1..m_d).
+        in_modes: (n_1..n_d).
+
+    Returns:
+        Per bond, its singular values (descending), as ``tt_svd(matrix, out_modes, in_modes)[1]``.
+    """
+    key = hashlib.sha1(np.ascontiguousarray(matrix).tobytes())
+    key.update(repr((matrix.shape, matrix.dtype.str, out_modes, in_modes)).encode())
+    digest = key.digest()
+    if digest not in _SPECTRA:
+        if len(_SPECTRA) >= SPECTRA_REMEMBERED:
+            del _SPECTRA[next(iter(_SPECTRA))]
+        _SPECTRA[digest] = tt_svd(matrix, out_modes, in_modes)[1]
+    return [s.copy() for s in _SPECTRA[digest]]
 
 
 def allocate_bonds(layers: list[TTLayer], remove: int) -> dict[str, tuple[int, ...]]:
@@ -373,7 +400,7 @@ def decompose_tt(graph: gs.Graph, layers: list[TTLayer], ranks: dict[str, tuple[
     """
     report = Report()
     nodes = {n.name: n for n in graph.nodes}
-    for layer in layers:
+    for layer in steps(layers, "tensor trains"):
         if layer.node not in ranks or layer.node not in nodes:
             continue
         target = layer.linear.matrix
