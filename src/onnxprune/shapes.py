@@ -129,7 +129,7 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> on
     for out in copy.graph.output:
         if out.type.HasField("tensor_type"):
             out.type.tensor_type.ClearField("shape")
-    return infer_shapes(copy)
+    return infer_shapes(copy, in_place=True)
 
 
 def concrete_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> dict[str, list[int | None]]:
