@@ -300,3 +300,20 @@ def test_sequence_outputs_are_judged_by_the_decoded_sequence_per_sample():
     found = fidelity(model, noisy, data, batch_size=5)[out]
     assert found["sequence_agreement"] < found["frame_agreement"] < 1.0  # one wrong frame spoils the sequence
     assert pipeline._worst({out: found}) == (found["sequence_agreement"], "sequence agreement")
+
+
+@pytest.mark.parametrize("over_2gb", [False, True], ids=["serialised", "weightless-view"])
+def test_the_model_digest_follows_the_weights(over_2gb, monkeypatch):
+    """The memos of the original's outputs key on the model's content; a model over 2 GB cannot be serialised in one
+    piece, so its digest reads the weightless view and each weight's bytes: a changed weight changes it."""
+    from onnxprune.calibration import runner
+
+    monkeypatch.setattr(runner, "oversized", lambda m: over_2gb)
+    model = onnx.load(EXAMPLE / "digits_resnet.onnx")
+    same = onnx.load(EXAMPLE / "digits_resnet.onnx")
+    assert runner.model_digest(model) == runner.model_digest(same)
+    big = max(same.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    values = numpy_helper.to_array(big).copy()
+    values.flat[0] += 1.0
+    big.CopyFrom(numpy_helper.from_array(values, big.name))
+    assert runner.model_digest(model) != runner.model_digest(same)

@@ -196,7 +196,7 @@ def infer_shapes(model: onnx.ModelProto, *, in_place: bool = False, weightless: 
         big = oversized(model)
         if not big and _tensor_bytes(model) < SET_ASIDE_BYTES:
             return onnx.shape_inference.infer_shapes(model, data_prop=True)
-        inferred = onnx.shape_inference.infer_shapes(_weightless_view(model), data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(weightless_view(model), data_prop=True)
         if weightless:
             return inferred
         target = model
@@ -258,10 +258,17 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     return graph
 
 
-def _weightless_view(model: onnx.ModelProto) -> onnx.ModelProto:
+def weightless_view(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` whose large initializers are placeholders: dims and type, marked external, no bytes.
 
-    Built field by field, so the weights are never copied (reading a tensor's ``raw_data`` copies it).
+    Built field by field, so the weights are never copied (reading a tensor's ``raw_data`` copies it); for shape
+    inference and digests, never to run.
+
+    Args:
+        model: The model; not modified.
+
+    Returns:
+        The view: initializers over 1 KiB (by their dims) replaced by external-data placeholders.
     """
     view = onnx.ModelProto()
     for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
