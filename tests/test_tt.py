@@ -278,3 +278,26 @@ def test_a_tied_embedding_keeps_one_copy_of_its_table():
     assert count(model)[0] == table.size
     feeds = {"ids": np.random.default_rng(6).integers(0, 512, (2, 3))}
     np.testing.assert_allclose(ort_run(to_model(g, model), feeds)["logits"], ort_run(model, feeds)["logits"])
+
+
+def test_a_feature_major_gemm_with_a_fixed_first_dim_is_checked_without_calibration():
+    """Gemm(transA=1) on x [512, N]: the fixed first dim (512) is not a batch to split into fit and held-out parts;
+    the data-free drift check runs the model once on random inputs of its own shape (it raised "512 samples do not
+    fill two")."""
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((256, 16)) @ rng.standard_normal((16, 512)) / 20).astype(np.float32)
+    node = helper.make_node("Gemm", ["x", "W"], ["y"], name="fcT", transA=1, transB=1)
+    graph = helper.make_graph(
+        [node],
+        "ta",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [512, "N"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 256])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out, report = prune(model, remove_ratio=0.5, method="tt")
+    assert report.facts["synthetic_drift"]["samples"] == 512
+    assert report.facts["synthetic_drift"]["cosine"] > 0.99  # the weight has rank 16: the train keeps it
+    feeds = {"x": rng.standard_normal((512, 3)).astype(np.float32)}
+    got, want = ort_run(out, feeds)["y"], ort_run(model, feeds)["y"]
+    assert np.linalg.norm(got - want) <= 0.05 * np.linalg.norm(want)

@@ -559,7 +559,7 @@ class _Run:
             feeds = _synthetic_feeds(model, self.count_shapes, batch=SYNTHETIC_SAMPLES, seed=opts.seed)
             drift = fidelity(model, out, feeds, batch_size=opts.batch_size)
             report.facts["synthetic_drift"] = {
-                "samples": SYNTHETIC_SAMPLES,
+                "samples": len(next(iter(feeds.values()))),  # a fixed batch keeps its size
                 "cosine": min(d["cosine"] for d in drift.values()),
                 "relative_error": max(d["relative_error"] for d in drift.values()),
             }

@@ -202,12 +202,16 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
     return next(iter(fixed.values()), None)
 
 
-def as_samples(data: Samples | dict[str, np.ndarray], model: onnx.ModelProto | None = None) -> Samples:
+def as_samples(
+    data: Samples | dict[str, np.ndarray], model: onnx.ModelProto | None = None, *, min_batches: int = 2
+) -> Samples:
     """`data` as `Samples`; a dict is checked against `model` (when given) and takes its fixed batch.
 
     Args:
         data: Samples, or input name -> ``[N, ...]`` array.
         model: The model the data feeds.
+        min_batches: Whole batches of the model's fixed batch the data must fill: 2 for calibration (one to fit,
+            one held out), 1 to measure a model on it.
 
     Returns:
         The samples.
@@ -222,7 +226,7 @@ def as_samples(data: Samples | dict[str, np.ndarray], model: onnx.ModelProto | N
         return Samples.from_arrays(data)
     inputs = model_inputs(model)
     checked = _check("calibration data", _select_inputs("calibration data", dict(data), inputs), inputs)
-    return _fill_batches("calibration data", Samples.from_arrays(checked, batch=fixed_batch(model)))
+    return _fill_batches("calibration data", Samples.from_arrays(checked, batch=fixed_batch(model)), min_batches)
 
 
 def subset(samples: Samples, limit: int | None, *, seed: int = 0) -> Samples:
@@ -295,14 +299,15 @@ def load_calibration(
     return _fill_batches(path, samples)
 
 
-def _fill_batches(path: pathlib.Path | str, samples: Samples) -> Samples:
+def _fill_batches(path: pathlib.Path | str, samples: Samples, min_batches: int = 2) -> Samples:
     """The samples that fill whole batches of the model's fixed batch (a warning names what is left out)."""
     whole = samples.whole_batches()
-    if samples.batch and samples.batch > 1 and len(whole) < 2 * samples.batch:
+    if samples.batch and samples.batch > 1 and len(whole) < min_batches * samples.batch:
+        need = "two (one to fit, one held out)" if min_batches == 2 else f"{min_batches}"
         raise CalibrationError(
             f"{path}: the model only accepts batches of exactly {samples.batch} (its inputs' first dim is fixed); "
-            f"{len(samples)} samples do not fill two (one to fit, one held out): give at least "
-            f"{2 * samples.batch} samples of one shape"
+            f"{len(samples)} samples do not fill {need}: give at least "
+            f"{min_batches * samples.batch} samples of one shape"
         )
     if samples.batch:
         log.info("the model's inputs fix the batch at %d: calibration runs at that batch", samples.batch)

@@ -531,7 +531,7 @@ def fidelity(
         CalibrationError: `data` is a dict that does not match the original model's inputs, or too few samples for
             its fixed batch (`as_samples`).
     """
-    data = as_samples(data, original)
+    data = as_samples(data, original, min_batches=1)  # measuring needs one whole batch, not a held-out part
     names = [o.name for o in original.graph.output]
     per_position = sequence_outputs(original)
     keys = ("cos", "err", "ref", "agree", "acc_o", "acc_p", "seq", "frames", "frames_agree")
