@@ -344,9 +344,9 @@ def channel_statistics(
     criteria read: memory grows with samples x channels, never with spatial size. Tensors of known rank and float
     type are reduced inside the onnxruntime session (Cast to float64, then ReduceSumSquare / ReduceMean nodes added
     to a copy of the model: the same sums numpy takes, so the label criteria's bins do not move), so only [C] sums
-    leave it: a batch of 32 at 224 x 224 would otherwise copy out gigabytes of feature
-    maps at once (measured on the light ResNet-50 at batch 1, 102 tensors: 3.3-4.2 s against 4.3 s for 24 samples);
-    the others come out whole and are reduced here.
+    leave it: a batch of 32 at 224 x 224 would otherwise copy out gigabytes of feature maps at once (the time is
+    about the same at batch 1: the extra outputs or consumers keep onnxruntime from fusing either way); the others
+    come out whole and are reduced here.
 
     Args:
         model: The model to run.
