@@ -301,3 +301,23 @@ def test_a_feature_major_gemm_with_a_fixed_first_dim_is_checked_without_calibrat
     feeds = {"x": rng.standard_normal((512, 3)).astype(np.float32)}
     got, want = ort_run(out, feeds)["y"], ort_run(model, feeds)["y"]
     assert np.linalg.norm(got - want) <= 0.05 * np.linalg.norm(want)
+
+
+def test_a_request_past_what_the_trains_can_remove_names_the_most_they_remove():
+    """A request larger than the eligible layers hold (here: nearly every weight of the model) is refused with the
+    most the trains remove and what was left dense, not with "no layer can be written as a tensor train"."""
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((512, 256)).astype(np.float32)
+    small = rng.standard_normal((256, 30)).astype(np.float32)  # too small for a train: stays dense
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="big"), helper.make_node("MatMul", ["h", "S"], ["y"])]
+    graph = helper.make_graph(
+        nodes,
+        "two",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 512])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 30])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(small, "S")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(BudgetError, match=r"removes at most [\d,]+ weights, [\d,]+ asked"):
+        prune(model, remove_ratio=0.999, method="tt", latency_batch=0)
+    prune(model, remove_ratio=0.3, method="tt", latency_batch=0)  # within what the one train removes

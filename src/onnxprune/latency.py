@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph import atomic_write, session
+from onnxprune.progress import timing
 
 log = logging.getLogger(__name__)
 
@@ -348,8 +349,9 @@ def compare_latency(
     Returns:
         (median seconds per run of `first`, median seconds per run of `second`).
     """
-    sessions = [session(m, optimize=True, threads=threads) for m in (first, second)]
-    times = alternate(sessions, [feeds, feeds], runs=5, blocks=max(1, round(COMPARE_SECONDS / BLOCK_SECONDS)))
+    with timing("whole-model speed checks"):
+        sessions = [session(m, optimize=True, threads=threads) for m in (first, second)]
+        times = alternate(sessions, [feeds, feeds], runs=5, blocks=max(1, round(COMPARE_SECONDS / BLOCK_SECONDS)))
     return float(np.median(times[0])), float(np.median(times[1]))
 
 

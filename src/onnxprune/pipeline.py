@@ -556,8 +556,11 @@ class _Run:
         validate(out)
         _name_output_nodes(report, model, out)
         if held is None:
-            feeds = _synthetic_feeds(model, self.count_shapes, batch=SYNTHETIC_SAMPLES, seed=opts.seed)
-            drift = fidelity(model, out, feeds, batch_size=opts.batch_size)
+            draws = [_synthetic_feeds(model, self.count_shapes, batch=SYNTHETIC_SAMPLES, seed=opts.seed)]
+            while sum(len(next(iter(d.values()))) for d in draws) < SYNTHETIC_SAMPLES:  # whole fixed batches
+                draws.append(_synthetic_feeds(model, self.count_shapes, batch=1, seed=opts.seed + len(draws)))
+            feeds = {k: np.concatenate([d[k] for d in draws]) for k in draws[0]}
+            drift = fidelity(model, out, feeds, batch_size=opts.batch_size, label="drift on random inputs")
             report.facts["synthetic_drift"] = {
                 "samples": len(next(iter(feeds.values()))),  # a fixed batch keeps its size
                 "cosine": min(d["cosine"] for d in drift.values()),
@@ -646,7 +649,11 @@ def _tensor_trains(
             f"no layer can be written as a tensor train (Gemm/MatMul with a constant weight, or Gather of a table, "
             f"of at least {TT_MIN_WEIGHTS:,} weights whose sizes factor); use --method basis or channel"
         )
-    ranks = allocate_bonds(layers, wanted)
+    try:
+        ranks = allocate_bonds(layers, wanted)
+    except BudgetError as e:
+        dense = "; ".join(f"{s.node}: {s.reason}" for s in found.skipped[:3])
+        raise BudgetError(f"{e}" + (f" (left dense: {dense})" if dense else "")) from None
     made = run_passes(graph, [partial(decompose_tt, layers=layers, ranks=ranks)]).report
     ends = [
         TrainEnd(made.layers[t.node]["last_core"], made.layers[t.node]["output"], t.linear.bias)

@@ -29,7 +29,8 @@ def timed() -> Iterator[dict[str, float]]:
     """Collect the wall seconds of every `steps` step run inside, summed by label.
 
     Yields:
-        Label -> seconds, filled as the steps end (a run's ``step_seconds`` in its report).
+        Label -> seconds, filled as the steps end (a run's ``step_seconds`` in its report); a step's seconds leave
+        out those of the steps run inside it, so the values add up to at most the wall time.
     """
     spent: dict[str, float] = {}
     _spent.append(spent)
@@ -52,18 +53,38 @@ def steps(items: Iterable[T], label: str, *, total: int | None = None) -> Iterat
     """
     if total is None:
         total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
+    with timing(label, total=total):
+        if _interactive():
+            with click.progressbar(items, length=total, label=label, file=sys.stderr, show_pos=True) as bar:
+                yield from bar
+        else:
+            yield from items
+
+
+_inner: list[list[float]] = []  # per open step, the seconds of the steps run inside it (counted there, not here)
+
+
+@contextlib.contextmanager
+def timing(label: str, *, total: int | None = None) -> Iterator[None]:
+    """Time the block as the step `label` (no bar): its seconds, less those of steps inside it, go to `timed`.
+
+    Args:
+        label: What the step does.
+        total: How many items it did, for the log line.
+    """
     started = time.perf_counter()
-    show = _interactive()
-    if show:
-        with click.progressbar(items, length=total, label=label, file=sys.stderr, show_pos=True) as bar:
-            yield from bar
-    else:
-        yield from items
-    seconds = time.perf_counter() - started
-    for spent in _spent:
-        spent[label] = spent.get(label, 0.0) + seconds
-    if seconds >= SHOW_AFTER_S:
-        log.info("%s: %s in %.1f s", label, f"{total} done" if total is not None else "done", seconds)
+    _inner.append([0.0])
+    try:
+        yield
+    finally:
+        seconds = time.perf_counter() - started
+        inner = _inner.pop()[0]
+        if _inner:
+            _inner[-1][0] += seconds
+        for spent in _spent:
+            spent[label] = spent.get(label, 0.0) + max(0.0, seconds - inner)
+        if seconds >= SHOW_AFTER_S:
+            log.info("%s: %s in %.1f s", label, f"{total} done" if total is not None else "done", seconds)
 
 
 def _interactive() -> bool:

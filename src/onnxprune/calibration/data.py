@@ -310,7 +310,7 @@ def _fill_batches(path: pathlib.Path | str, samples: Samples, min_batches: int =
             f"{min_batches * samples.batch} samples of one shape"
         )
     if samples.batch:
-        log.info("the model's inputs fix the batch at %d: calibration runs at that batch", samples.batch)
+        log.info("the model's inputs fix the batch at %d: it runs at that batch", samples.batch)
     if len(whole) < len(samples):
         log.warning(
             "warning: the model only accepts batches of exactly %d; %d of the %d calibration samples that do not "

@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 from scipy import linalg
 
 from onnxprune.graph import unique_name
+from onnxprune.progress import steps
 from onnxprune.result import PassResult, Report
 from onnxprune.rules.layouts import Rows, basis_matrix, const, input_of, layout_of
 
@@ -58,7 +59,7 @@ def decompose_basis(
     report = Report()
     made: list[BasisPair] = []
     paired = {n for p in find_basis_pairs(graph) for n in (p.basis, p.scaling)}
-    for node in [n for n in graph.nodes if _splittable(n)]:
+    for node in steps([n for n in graph.nodes if _splittable(n)], "basis split (SVDs)"):
         if node.name in paired:
             report.skip(node, "already a basis/scaling pair")
             continue

@@ -275,19 +275,19 @@ def tt_layers(graph: gs.Graph, *, remove: int = 0, min_weights: int = TT_MIN_WEI
     share = min(1.0, remove / max(1, sum(view.matrix.size for _, view in found)))
     chosen = []
     for node, view in steps(found, "tensor-train spectra"):
-        options = []
+        options, deepest = [], []
         for ordering in ORDERINGS:
             modes = tt_modes(*view.matrix.shape, ordering)
             layer = TTLayer(node.name, view, *modes, spectra=bond_spectra(view.matrix, *modes), ordering=ordering)
+            deepest.append((layer.params(tuple([1] * len(layer.spectra))), len(deepest), layer))
             try:
                 ranks = allocate_bonds([layer], int(share * layer.dense)).get(layer.node, layer.full_ranks)
             except BudgetError:
                 continue
             options.append((layer.bound(ranks) if ranks else 0.0, len(options), layer))
-        if options:
-            chosen.append(min(options)[2])
-        else:
-            report.skip(node, f"no tensor train of {list(view.matrix.shape)} removes {share:.0%} of its weights")
+        # a share no train of this layer removes alone (the request is near or past what the eligible layers hold):
+        # the ordering that removes the most, and the allocation over all layers says how far they get
+        chosen.append(min(options)[2] if options else min(deepest)[2])
     return chosen, report
 
 
