@@ -54,7 +54,7 @@ def steps(items: Iterable[T], label: str, *, total: int | None = None) -> Iterat
     if total is None:
         total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
     with timing(label, total=total):
-        if _interactive():
+        if _interactive() and total != 0:  # nothing to do: no empty bar
             with click.progressbar(items, length=total, label=label, file=sys.stderr, show_pos=True) as bar:
                 yield from bar
         else:
