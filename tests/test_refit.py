@@ -155,6 +155,18 @@ def test_guard_refuses_a_destroyed_model_and_names_the_ratio_that_holds():
     assert report.facts["fidelity"]["logits"]["top1_agreement"] == guard["measured"]
 
 
+def test_a_guard_that_finds_no_ratio_lists_the_ratios_it_tried(monkeypatch):
+    """When no ratio of the bisection holds, the one line says which were tried and what each measured."""
+    from onnxprune import pipeline
+    from onnxprune.errors import GuardError
+
+    monkeypatch.setattr(pipeline, "_agreement", lambda report: (0.5, "top-1 agreement"))
+    model = onnx.load(EXAMPLE)
+    data = {"image": np.load("examples/digits_calib.npy")[:60]}
+    with pytest.raises(GuardError, match=r"no ratio tried holds \(top-1 agreement at 0\.25: 0\.500, 0\.12: 0\.500"):
+        pipeline.prune_guarded(model, remove_ratio=0.5, calib=data, method="channel", compensate=False, latency_batch=0)
+
+
 def test_without_calibration_the_drift_on_random_inputs_is_reported():
     _, report = prune(onnx.load(EXAMPLE), remove_ratio=0.3)
     drift = report.facts["synthetic_drift"]

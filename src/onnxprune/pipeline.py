@@ -1048,15 +1048,17 @@ def prune_guarded(
             max_drop,
         )
         return out, report
-    lo, hi, best = 0.0, remove_ratio, None
+    lo, hi, best, tried = 0.0, remove_ratio, None, []
     for _ in range(GUARD_STEPS):
         mid = (lo + hi) / 2
         try:
             _, trial = prune(model, remove_ratio=mid, **options)
         except BudgetError:
             hi = mid
+            tried.append(f"{mid:.2f} unreachable")
             continue
         value, _ = _agreement(trial)
+        tried.append(f"{mid:.2f}: {value:.3f}")
         if value >= floor:
             lo, best = mid, value
         else:
@@ -1065,7 +1067,7 @@ def prune_guarded(
     holds = (
         f"the largest ratio{unit} that holds is about {lo:.2f} ({what} {best:.3f})"
         if best is not None
-        else ("no ratio tried holds")
+        else f"no ratio tried holds ({what} at {', '.join(tried)})"
     )
     report.facts["seconds"] = time.perf_counter() - started
     report.facts["guard"]["largest_ratio_that_holds"] = lo if best is not None else None
