@@ -71,8 +71,9 @@ _calls = [0]  # how deep in those calls we are (the guard's bisection and method
 def _outermost_call(fn: Callable) -> Callable:
     """Per outermost call of `fn`: each kind of `_warn_once` warning once, and the seconds of each long step.
 
-    The steps' wall seconds (``progress.steps``, summed by label over every attempt the call made) go into the
-    report's ``step_seconds``, also when the guard refuses the result.
+    The steps' own wall seconds (``progress.steps`` / ``progress.timing``, summed by label over every attempt the
+    call made, those of steps run inside a step counted there only) go into the report's ``step_seconds``, also
+    when the guard refuses the result.
     """
 
     @functools.wraps(fn)
@@ -557,12 +558,12 @@ class _Run:
         _name_output_nodes(report, model, out)
         if held is None:
             draws = [_synthetic_feeds(model, self.count_shapes, batch=SYNTHETIC_SAMPLES, seed=opts.seed)]
-            while sum(len(next(iter(d.values()))) for d in draws) < SYNTHETIC_SAMPLES:  # whole fixed batches
+            while draws[0] and sum(len(next(iter(d.values()))) for d in draws) < SYNTHETIC_SAMPLES:  # fixed batches
                 draws.append(_synthetic_feeds(model, self.count_shapes, batch=1, seed=opts.seed + len(draws)))
             feeds = {k: np.concatenate([d[k] for d in draws]) for k in draws[0]}
             drift = fidelity(model, out, feeds, batch_size=opts.batch_size, label="drift on random inputs")
             report.facts["synthetic_drift"] = {
-                "samples": len(next(iter(feeds.values()))),  # a fixed batch keeps its size
+                "samples": len(next(iter(feeds.values()))) if feeds else 1,  # a fixed batch keeps its size
                 "cosine": min(d["cosine"] for d in drift.values()),
                 "relative_error": max(d["relative_error"] for d in drift.values()),
             }
