@@ -165,3 +165,12 @@ def test_a_model_with_a_fixed_batch_is_timed_at_that_batch_only():
     assert pipeline._timed_batches(any_size(32, 32, batch=1), 1) == [1]
     assert pipeline._timed_batches(any_size(32, 32), 1) == [1, 32]
     assert pipeline._timed_batches(any_size(32, 32), 8) == [8, 32]
+
+
+def test_a_result_timed_inside_the_prune_is_judged_on_both_checks():
+    # the plan under the latency budget sits at the edge of the margin: its earlier check is pooled with the new one
+    pooled = pipeline._pooled_speed({1: (1.0, 1.10), 32: (2.0, 1.0)}, {1: (1.0, 0.96)})
+    assert pooled[1] == pytest.approx((1.0, 1.03)) and pooled[32] == (2.0, 1.0)
+    assert pipeline._slower({1: (1.0, 1.10)}) and pipeline._slower({1: pooled[1]})
+    assert not pipeline._slower({1: pipeline._pooled_speed({1: (1.0, 1.03)}, {1: (1.0, 0.98)})[1]})
+    assert pipeline._pooled_speed({1: (1.0, 1.1)}, {}) == {1: (1.0, 1.1)}

@@ -701,7 +701,10 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
             "fit_cosine": min(f["cosine"] for f in found.values()),
             "fit_samples": len(data),
             "threads": threads,
-            "speed_check": {b: compare_latency(model, candidate, f, threads=threads) for b, f in feeds.items()},
+            "speed_check": _pooled_speed(
+                {b: compare_latency(model, candidate, f, threads=threads) for b, f in feeds.items()},
+                facts.get("speed_check") or {},
+            ),
             "written": False,
         }
 
@@ -801,6 +804,20 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
     report.facts["alternatives"] = rows
     report.facts["seconds"] = time.perf_counter() - started
     return out, report
+
+
+def _pooled_speed(timed: dict, earlier: dict) -> dict:
+    """{batch: (original, result) seconds}: `timed`, averaged with an `earlier` check of the same plan if made.
+
+    A plan made under the latency budget is the loosest that measured no slower, so it sits at the edge of
+    `SPEED_MARGIN`; one more check of it alone says "slower" about half the time from noise (handed digits ResNet-20
+    at batch 1: the original's own median moved from 0.27 to 0.47 ms within one run on 2 cores). Both checks time
+    the same shapes (the refit changes no shape), so their mean is the better estimate.
+    """
+    return {
+        b: tuple((x + y) / 2 for x, y in zip(pair, earlier[b], strict=True)) if earlier.get(b) else tuple(pair)
+        for b, pair in timed.items()
+    }
 
 
 def _timed_batches(model: onnx.ModelProto, latency_batch: int) -> list[int]:
