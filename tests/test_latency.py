@@ -82,7 +82,7 @@ def test_prune_with_measured_latency_keeps_the_split_layers_no_slower_and_hits_t
 
     def fake_compare(first, second, feeds, **kw):
         checks.append(1)
-        return (1.0, 1.5) if len(checks) <= 2 else (1.0, 1.0)
+        return (1.0, 1.5) if len(checks) <= 2 else (1.0, 0.9)
 
     monkeypatch.setattr(pipeline, "compare_latency", fake_compare)
     pruned, report = prune(onnx.load(EXAMPLE), remove_ratio=0.5, latency_batch=1)
@@ -97,7 +97,7 @@ def test_prune_with_measured_latency_keeps_the_split_layers_no_slower_and_hits_t
 
 def test_when_the_strict_budget_measures_slower_a_tighter_one_is_searched(monkeypatch):
     # a split is faster than its dense op per layer below 3/4 of the timed ranks, but as a whole model each split
-    # layer costs 0.1 of the original's time and the cut saves 0.3: more than three split layers measure slower
+    # layer costs 0.1 of the original's time and the cut saves 0.35: more than three split layers measure slower
     monkeypatch.setattr(
         pipeline, "layer_latency", lambda *, ranks, **kw: (1.0, {r: 4.0 * r / (3.0 * max(ranks)) for r in ranks})
     )
@@ -108,7 +108,7 @@ def test_when_the_strict_budget_measures_slower_a_tighter_one_is_searched(monkey
             node.op_type == "Conv" for node in first.graph.node
         )
         splits.append(n)
-        return 1.0, 0.7 + 0.1 * n
+        return 1.0, 0.65 + 0.1 * n
 
     monkeypatch.setattr(pipeline, "compare_latency", fake_compare)
     pruned, report = prune(onnx.load(EXAMPLE), remove_ratio=0.5, latency_batch=1)
