@@ -574,18 +574,18 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
                 f"{before / after:.2f}x at batch {b}" for b, (before, after) in row["speed_check"].items()
             )
             mark = "written" if row["written"] else "not written"
-            fit = (
-                f"fit agreement {row['fit_agreement'] * 100:.1f} %"
-                if row.get("fit_measure", "top-1 agreement") != "cosine"
-                else f"fit cosine {row['fit_agreement']:.4f}"
-            )
+            if "fit_agreement" not in row:  # written unchallenged: its fidelity is the held-out line above
+                fit = "not compared (clearly faster: no other result was made)"
+            elif row.get("fit_measure", "top-1 agreement") != "cosine":
+                fit = f"fit agreement {row['fit_agreement'] * 100:.1f} %"
+            else:
+                fit = f"fit cosine {row['fit_agreement']:.4f}"
             parts.append(f"{name}: {speeds}, {fit} ({mark})")
         first = f["alternatives"][0]
         threads = f"{first['threads']} threads" if first["threads"] else "onnxruntime's default threads"
-        lines.append(
-            f"  chosen  (speed-up over the original, timed here with {threads}; agreement with the original on "
-            f"{first['fit_samples']} fit samples) " + "; ".join(parts)
-        )
+        samples = next((row["fit_samples"] for row in f["alternatives"] if "fit_samples" in row), None)
+        on = f"; agreement with the original on {samples} fit samples" if samples else ""
+        lines.append(f"  chosen  (speed-up over the original, timed here with {threads}{on}) " + "; ".join(parts))
     if "plan_note" in f:  # the plan written is not simply the first one by error: which, and why
         lines.append(f"  plan    {f['plan_note']}")
     slower = {

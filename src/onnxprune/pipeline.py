@@ -689,17 +689,23 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
     feeds = {b: _synthetic_feeds(model, count_shapes, batch=b, seed=seed) for b in _timed_batches(model, latency_batch)}
     at = latency_batch if latency_batch in feeds else next(iter(feeds))  # a fixed batch is timed at that batch
 
-    def measured(candidate: onnx.ModelProto, facts: dict) -> dict:
+    def measured(candidate: onnx.ModelProto, facts: dict, speed: dict | None = None) -> dict:
+        """The row of one result: its speed (`speed` when already timed) and its agreement on fit samples."""
         found = fidelity(model, candidate, data, batch_size=batch_size, label=f"alternative: {facts['method']}")
+        return {
+            **(speed or timed(candidate, facts)),
+            "fit_agreement": _worst(found)[0],
+            "fit_measure": _worst(found)[1],
+            "fit_cosine": min(f["cosine"] for f in found.values()),
+            "fit_samples": len(data),
+        }
+
+    def timed(candidate: onnx.ModelProto, facts: dict) -> dict:
         return {
             "method": facts["method"],
             "round_to": facts.get("round_to", 1),
             "sensitivity": "sensitivity" in facts,
             "params_removed": facts["params_removed"],
-            "fit_agreement": _worst(found)[0],
-            "fit_measure": _worst(found)[1],
-            "fit_cosine": min(f["cosine"] for f in found.values()),
-            "fit_samples": len(data),
             "threads": threads,
             "speed_check": _pooled_speed(
                 {b: compare_latency(model, candidate, f, threads=threads) for b, f in feeds.items()},
@@ -708,7 +714,12 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
             "written": False,
         }
 
-    results, rows = ([(out, report)], [measured(out, report.facts)]) if out is not None else ([], [])
+    results, rows = ([(out, report)], [timed(out, report.facts)]) if out is not None else ([], [])
+
+    def compared() -> None:
+        """With more than one result, the basis result's agreement too (one written unchallenged is not measured)."""
+        if len(rows) > 1 and "fit_agreement" not in rows[0]:
+            rows[0] = measured(results[0][0], results[0][1].facts, rows[0])
 
     def saved(row: dict) -> float:
         """The share of the original's time at `latency_batch` that the result saves."""
@@ -729,9 +740,10 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
                     break
         if not rows:
             raise unreachable
+        compared()
         enough = [i for i, row in enumerate(rows) if saved(row) >= remove_ratio - RATIO_TOLERANCE]
         best = (
-            max(enough, key=lambda i: (rows[i]["fit_agreement"], rows[i]["fit_cosine"]))
+            max(enough, key=lambda i: (rows[i].get("fit_agreement", 0.0), rows[i].get("fit_cosine", 0.0)))
             if enough
             else max(range(len(rows)), key=lambda i: saved(rows[i]))
         )
@@ -796,8 +808,12 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
             break
     if not rows:  # neither way reaches the request
         raise _neither(unreachable, channel_errors, latency_batch)
+    compared()
     pool = [i for i, row in enumerate(rows) if not _slower(row["speed_check"])] or list(range(len(rows)))
-    best = max(pool, key=lambda i: (round(rows[i]["fit_agreement"], 9), _speedup(rows[i]), rows[i]["fit_cosine"]))
+    best = max(
+        pool,
+        key=lambda i: (round(rows[i].get("fit_agreement", 0.0), 9), _speedup(rows[i]), rows[i].get("fit_cosine", 0.0)),
+    )
     rows[best]["written"] = True
     out, report = results[best]
     report.facts["speed_check"] = rows[best]["speed_check"]  # the written model's own timing, refitted and cleaned
