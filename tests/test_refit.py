@@ -212,10 +212,16 @@ def test_a_layer_feeding_a_residual_sum_is_fitted_to_the_sum():
     assert np.sum((ort_run(after, held)[out] - want) ** 2) < np.sum((ort_run(before, held)[out] - want) ** 2)
 
 
-def test_errors_a_relu_clips_away_are_free():
+@pytest.mark.parametrize("kept_bytes", [0, 1 << 30])
+def test_errors_a_relu_clips_away_are_free(kept_bytes, monkeypatch):
     """Conv -> Relu with mostly negative outputs: after the plain fit, a second fit targets, where the original is
     clipped, the first fit's output pushed to <= 0, so it spends nothing on values the Relu discards. Its weights
-    equal that least-squares optimum, and after the Relu it is closer to the original than the plain fit."""
+    equal that least-squares optimum, and after the Relu it is closer to the original than the plain fit. The
+    second step reads the first step's rows back, or builds them again when they are too many to keep."""
+    monkeypatch.setattr(compensate, "KEPT_ROWS_BYTES", kept_bytes)
+    built = []
+    original_rows = compensate._batch_rows
+    monkeypatch.setattr(compensate, "_batch_rows", lambda *a, **k: built.append(1) or original_rows(*a, **k))
     b = Builder(43)
     conv = b.conv("x", 12, 10, 1)
     model = b.model([("x", [12, 4, 4])], [b.relu(conv)])
@@ -225,6 +231,9 @@ def test_errors_a_relu_clips_away_are_free():
     before = to_model(graph, model)
     result = refit(graph, template=model, original=model, fit=fit, held=held, pairs=pairs, ridge=0.0, low_rank=False)
     assert result.report.counts["refit_clipped_targets"] == 1
+    # one batch of fit and one of held-out samples: rows built for the first step, the second (unless kept) and the
+    # held-out check
+    assert len(built) == (2 if kept_bytes else 3)
     nodes = {n.name: n for n in result.graph.nodes}
     rows = lambda t: np.moveaxis(t, 1, -1).reshape(-1, t.shape[1])  # noqa: E731
     mid = nodes[pairs[0].basis].outputs[0].name

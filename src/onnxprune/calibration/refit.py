@@ -107,8 +107,9 @@ def refit(
         r = old_w.shape[1]
         batches = runs.fit(source, target)
         solved = zz = None
+        kept_rows = _KeptRows() if target.clip else None
         for _ in range(2 if target.clip else 1):  # with an activation: one majorize-minimize step from the plain fit
-            zz, yz = _accumulate(batches, source, target, rows, axis, with_bias, solved, zz, seed=seed)
+            zz, yz = _accumulate(batches, source, target, rows, axis, with_bias, solved, zz, seed=seed, kept=kept_rows)
             step = _solve(zz, yz, r, ridge)
             if step is None:
                 break
@@ -314,13 +315,38 @@ def _fit_target(target: Target, y: np.ndarray, off: np.ndarray, pred: np.ndarray
 
 
 GEMM_ROWS = 8192  # rows gathered across batches before one z^T z product (a fixed batch of 1 gives 128 per batch)
+KEPT_ROWS_BYTES = 512 << 20  # a layer's sub-sampled rows kept for its second majorize-minimize step, at most
 
 
-def _accumulate(batches, source, target: Target, rows, axis, with_bias, previous=None, zz=None, *, seed=0):
+class _KeptRows:
+    """The (z, y, offset) rows of one layer's first `_accumulate`, for the next step on the same batches.
+
+    Building the rows (im2col of the picked positions, the targets' layout) is most of a step once z z^T is known
+    (light ResNet-50: about 10 s of its refit). Kept while they take at most `KEPT_ROWS_BYTES`; past that nothing is
+    kept and the next step builds them again (memory stays bounded whatever the number of samples).
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = []
+        self.complete = False
+        self._bytes = 0
+
+    def add(self, row: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        if self.rows is None:
+            return
+        self._bytes += sum(a.nbytes for a in row)
+        if self._bytes > KEPT_ROWS_BYTES:
+            self.rows = None
+        else:
+            self.rows.append(row)
+
+
+def _accumulate(batches, source, target: Target, rows, axis, with_bias, previous=None, zz=None, *, seed=0, kept=None):
     """Sums over `batches` of z z^T and y z^T (z with a column of ones for the bias), in float64.
 
     `previous` is the fit the targets build on; `zz`, when given, is the z z^T of an earlier call on the same
     batches (same seed, same rows), returned as is: only the targets change between majorize-minimize steps.
+    `kept` (a `_KeptRows`) is filled with the rows on the first call and read back on the next.
     Rows are gathered into blocks of `GEMM_ROWS` and multiplied in float32 (half the time of float64 on the K x K
     products that dominate a wide layer's refit); with a bias column the rows are first shifted by the mean of the
     first block, so the float32 sums hold the spread of z, not its mean (whose square would swamp the covariance),
@@ -348,11 +374,19 @@ def _accumulate(batches, source, target: Target, rows, axis, with_bias, previous
         part = (y.T @ z).astype(np.float64)
         yz = part if yz is None else np.add(yz, part, out=yz)
 
-    for zb, yb in batches:
-        z, y, off = _batch_rows(zb, yb, source, target, rows, axis, rng)
-        z = z.astype(np.float32, copy=False)
-        if with_bias:
-            z = np.hstack([z, np.ones((len(z), 1), np.float32)])
+    def built():
+        for zb, yb in batches:
+            z, y, off = _batch_rows(zb, yb, source, target, rows, axis, rng)
+            z = z.astype(np.float32, copy=False)
+            if with_bias:
+                z = np.hstack([z, np.ones((len(z), 1), np.float32)])
+            if kept is not None:
+                kept.add((z, y, off))
+            yield z, y, off
+        if kept is not None:
+            kept.complete = kept.rows is not None
+
+    for z, y, off in kept.rows if kept is not None and kept.complete else built():
         zs.append(z)
         ys.append(_fit_target(target, y, off, None if previous is None else z @ previous.T.astype(np.float32) + off))
         if sum(len(b) for b in zs) >= GEMM_ROWS:
@@ -454,8 +488,9 @@ def _refit_low_rank(graph, basis, scaling, runs, original_names, kept, pending, 
     batches = runs.fit(source, target)
     weights = _class_weights(batches, target, axis) if target.classes else None
     solved = zz = moments = None
+    kept_rows = _KeptRows() if target.clip else None
     for _ in range(2 if target.clip else 1):
-        zz, yz = _accumulate(batches, source, target, rows, axis, True, solved, zz, seed=seed)
+        zz, yz = _accumulate(batches, source, target, rows, axis, True, solved, zz, seed=seed, kept=kept_rows)
         moments = moments or _InputMoments.of(zz, ridge, with_bias)  # the same inputs in every step
         factors = _solve_low_rank(moments, yz, r, weights)
         if factors is None:
