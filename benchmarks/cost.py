@@ -1,6 +1,6 @@
 """What a prune costs: wall time and peak memory of the default command on large architectures.
 
-    python -m benchmarks.cost [--models resnet50,vgg19,alexnet] [--samples 256]
+    python -m benchmarks.cost [--models resnet50,vgg19,alexnet] [--samples 256] [--append]
 
 Each row is `onnxprune IN OUT --ratio R [--calib calib.npy]` as a user types it, in its own process (`/usr/bin/time`
 gives the peak RSS), with the report's own timings beside it (sensitivity probes, refit segments). The models are the
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(ROWS))
     parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--append", action="store_true", help="keep the other models' rows of results/cost.json")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['peak_rss_mb']} | {removed} | {longest} |"
         )
     out = ROOT / "results" / "cost.json"
+    if args.append and out.exists():  # the rows of models not run now stay, in their order
+        ran = {r["model"] for r in rows}
+        rows = [r for r in json.loads(out.read_text())["rows"] if r["model"] not in ran] + rows
     machine = {"machine": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()}
     out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
 
