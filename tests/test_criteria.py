@@ -45,6 +45,15 @@ def test_label_criteria_keep_the_informative_channel(name):
     assert scores.argmax() == 0, scores
 
 
+def test_the_cmi_search_is_a_step_of_its_own():
+    # it can be the longest part of a prune (89 of 150 s on a real classifier): the time line must be able to name it
+    from onnxprune.progress import timed
+
+    with timed() as spent:
+        _scores("cmi", *_informative_vs_loud())
+    assert "channel scores (cmi)" in spent
+
+
 @pytest.mark.parametrize("name", ["l1", "l2", "energy"])
 def test_norm_criteria_prefer_the_loud_channels(name):
     scores = _scores(name, *_informative_vs_loud())

@@ -1671,19 +1671,22 @@ def _warn_few_samples(graph: gs.Graph, pairs: list, kept: dict, n_fit: int) -> N
     they do not count as rows: the samples themselves must be at least ``SAMPLES_PER_INPUT_WIDTH * K``.
     """
     scaling = {p.scaling for p in pairs}
-    widths = {}
+    widths, why = {}, {}
     for node in graph.nodes:
         if node.name in scaling or (node.inputs and node.inputs[0].name in kept):
             w = layouts.weight_matrix(node)
             if w is not None:
                 widths[node.name] = w.shape[1]
+                # a layer whose own channels are blocked is still refitted when its input lost channels: say which
+                why[node.name] = "its basis was cut" if node.name in scaling else "its input lost channels"
     if not widths:
         return
     name, k = max(widths.items(), key=lambda kv: kv[1])
     if n_fit < SAMPLES_PER_INPUT_WIDTH * k:
         _warn_once(
             "few samples",
-            f"warning: {n_fit} fit samples are few for refitting layer '{name}' (input width K={k}, the columns of its "
+            f"warning: {n_fit} fit samples are few for refitting layer '{name}' ({why[name]}; input width K={k}, the "
+            "columns of its "
             f"weight matrix; want at least {int(np.ceil(SAMPLES_PER_INPUT_WIDTH * k))} = K/"
             f"{round(1 / SAMPLES_PER_INPUT_WIDTH)} samples): the refit may not hold on new data; give more --calib "
             "samples or --no-compensate",

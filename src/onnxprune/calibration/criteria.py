@@ -12,6 +12,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.errors import CalibrationError
 from onnxprune.passes.basis import BasisPair
 from onnxprune.passes.groups import ChannelGraph
+from onnxprune.progress import steps
 from onnxprune.rules import Kind, const, layouts
 
 Criterion = Callable[["Context"], np.ndarray]
@@ -230,9 +231,9 @@ def _cmi(context: Context) -> np.ndarray:
     y /= np.trace(y)
     scores = np.zeros(context.analysis.n_classes)
     bases = {p.basis for p in context.pairs}  # their bases score by s_k rms(z_k) whatever the criterion
-    for group in context.analysis.groups:
-        if set(group.producers) <= bases:
-            continue
+    scored = [g for g in context.analysis.groups if not set(g.producers) <= bases]
+    # its own step: a real MobileNetV3-style classifier (1,104 channels in 14 groups) spent 89 s of a 150 s prune here
+    for group in steps(scored, "channel scores (cmi)"):
         classes = list(group.classes)
         for position, c in enumerate(_greedy_cmi(np.stack([_gram(x[:, c]) for c in classes]), y)):
             scores[classes[c]] = len(classes) - position
