@@ -1522,7 +1522,7 @@ def _prune_stage(
             report.facts["speed_check_budget"] = budgeted.latency
             if not _slower(budget_measured):
                 allocation, measured, source = budgeted, budget_measured, "per-layer latency budget"
-                if evaluate is not None and len(order) > 1:  # the other candidates' weights, under the same knobs
+                if evaluate is not None and len(order) > 1:  # each other round's weights: own search
                     allocation, measured = _best_budgeted(
                         (chosen, budgeted, budget_measured),
                         {
