@@ -425,6 +425,50 @@ def token_block() -> onnx.ModelProto:
     return b.model([("x", [3, 8, 8])], [b.gemm(y, 16, 4)])
 
 
+def _heads(b: Builder, x: str, tokens: int, heads: int, dim: int, perm: list[int]) -> str:
+    """[N, L, heads * dim] -> Reshape [N, L, heads, dim] -> Transpose `perm`."""
+    return b.node("Transpose", [b.node("Reshape", [x, _i64(b, [0, tokens, heads, dim])])], perm=perm)
+
+
+def _attention(b: Builder, x: str, tokens: int, heads: int, dim: int, *, packed: bool) -> str:
+    """Multi-head self-attention over [N, L, C], C = heads * dim, as exporters write it.
+
+    Packed (timm's ViT): one qkv Linear -> Reshape [N, L, 3, heads, dim] -> Transpose (2, 0, 3, 1, 4) -> Gather 0/1/2,
+    K transposed before the product. Separate (BERT): three Linears, each -> Reshape [N, L, heads, dim] -> Transpose,
+    K straight to [N, heads, dim, L]. Then softmax(Q K^T * scale) V -> Transpose -> Reshape [N, L, C] -> Linear.
+    """
+    c = heads * dim
+    if packed:
+        qkv = b.node("Reshape", [_linear(b, x, c, 3 * c), _i64(b, [0, tokens, 3, heads, dim])])
+        qkv = b.node("Transpose", [qkv], perm=[2, 0, 3, 1, 4])
+        q, k, v = (b.node("Gather", [qkv, b.const(np.array(i, np.int64), "i")], axis=0) for i in range(3))
+        k = b.node("Transpose", [k], perm=[0, 1, 3, 2])
+    else:
+        q = _heads(b, _linear(b, x, c, c), tokens, heads, dim, [0, 2, 1, 3])
+        k = _heads(b, _linear(b, x, c, c), tokens, heads, dim, [0, 2, 3, 1])
+        v = _heads(b, _linear(b, x, c, c), tokens, heads, dim, [0, 2, 1, 3])
+    logits = b.node("Mul", [b.node("MatMul", [q, k]), b.const(np.array(dim**-0.5, np.float32), "scale")])
+    out = b.node("MatMul", [b.node("Softmax", [logits], axis=-1), v])
+    out = b.node("Reshape", [b.node("Transpose", [out], perm=[0, 2, 1, 3]), _i64(b, [0, tokens, c])])
+    return _linear(b, out, c, c)
+
+
+def attention_block(packed: bool = True) -> onnx.ModelProto:
+    """Pre-norm transformer block on patch tokens: x + attention(LN(x)), x + MLP(LN(x)), LN, mean, Gemm (4 heads)."""
+    b = Builder(41 + packed)
+    x = b.conv("x", 3, 16, 2, stride=2, pad=0)
+    t = b.node("Transpose", [b.node("Reshape", [x, _i64(b, [0, 16, -1])])], perm=[0, 2, 1])
+    t = b.node("Add", [t, _attention(b, _layer_norm(b, t, 16), 16, 4, 4, packed=packed)])
+    t = b.node("Add", [t, _linear(b, _gelu_erf(b, _linear(b, _layer_norm(b, t, 16), 16, 24)), 24, 16)])
+    y = b.node("ReduceMean", [_layer_norm(b, t, 16)], axes=[1], keepdims=0)
+    return b.model([("x", [3, 8, 8])], [b.gemm(y, 16, 4)])
+
+
+def attention_separate() -> onnx.ModelProto:
+    """`attention_block` with Q, K and V from three Linears (BERT's layout)."""
+    return attention_block(packed=False)
+
+
 def convnext_like() -> onnx.ModelProto:
     """ConvNeXt block: depthwise 7x7 -> permute to NHWC -> LayerNorm over C -> Linear -> GELU (Erf) -> Linear ->
     layer scale -> permute back -> residual."""
@@ -575,6 +619,8 @@ ZOO = [
     option_a_shortcut,
     token_block,
     convnext_like,
+    attention_block,
+    attention_separate,
     ir3_inputs,
     sequence_head,
     recurrent_head,

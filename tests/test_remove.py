@@ -3,9 +3,10 @@
 import numpy as np
 import onnx
 import pytest
-from models import ZOO, Builder, channel_shuffle, grouped_conv, sigmoid_consumers
+from models import ZOO, Builder, attention_block, channel_shuffle, grouped_conv, sigmoid_consumers
 from onnx import numpy_helper
 
+from onnxprune.budget import count
 from onnxprune.graph import to_graph, to_model
 from onnxprune.passes.cleanup import cleanup
 from onnxprune.passes.groups import find_channel_groups
@@ -152,3 +153,26 @@ def test_recurrent_layer_with_a_state_it_cannot_follow_blocks_with_the_reason():
     assert any("initial state" in why and "not a zero fill" in why for _, why in analysis.blockers)
     lstm = next(n.name for n in model.graph.node if n.op_type == "LSTM")
     assert all(g.blocked for g in analysis.groups if g.producers == [lstm])
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed-qkv", "separate-qkv"])
+def test_attention_heads_go_whole(packed):
+    """A head is one channel: its Q, K and V columns and its rows of the output projection go together; the head
+    count in the Reshape targets follows, and the attention products' MACs shrink with the heads."""
+    model = cleaned(attention_block(packed=packed))
+    analysis = find_channel_groups(to_graph(model))
+    qkv = [g for g in analysis.groups if g.producers[0].startswith("matmul") and len(g.classes) == 4]
+    assert len(qkv) == 1 and not qkv[0].blocked, [(g.producers, len(g.classes)) for g in analysis.groups]
+    assert len(qkv[0].producers) == (1 if packed else 3)
+    pruned, _ = apply_pass(model, remove_channels, plan={qkv[0].name: np.array([1, 3])})
+    weights = {t.name: numpy_helper.to_array(t).shape for t in pruned.graph.initializer}
+    shapes = {n.name: weights.get(n.input[1]) for n in pruned.graph.node if n.op_type == "MatMul"}
+    assert [shapes[p] for p in qkv[0].producers] == ([(16, 24)] if packed else [(16, 8)] * 3), shapes
+    feeds = random_feeds(model, batch=3, seed=0)
+    reference = mask_channels(model, {qkv[0].name: np.array([1, 3])})
+    assert_outputs_close(ort_run(pruned, feeds), ort_run(reference, feeds), rtol=1e-4, atol=1e-5)
+    # MACs: patch Conv 16 x 16 x 12, qkv 16 x 16 x 48, projection 16 x 16 x 16, MLP 2 x 16 x 16 x 24, Gemm 16 x 4, and
+    # the products Q K^T and softmax(.) V, heads x L x L x head dim each
+    weights = 16 * 16 * 12 + 16 * 16 * 48 + 16 * 16 * 16 + 2 * 16 * 16 * 24 + 16 * 4
+    assert count(model)[1] == weights + 2 * 4 * 16 * 16 * 4
+    assert count(pruned)[1] == weights - 16 * 16 * 24 - 16 * 8 * 16 + 2 * 2 * 16 * 16 * 4

@@ -131,6 +131,20 @@ RULE_CASES = {
         [b.node("MatMul", [b.node("Transpose", [x], perm=[0, 2, 3, 1]), b.const(b.rng.uniform(-1, 1, (C, C)))])],
         perm=[0, 3, 1, 2],
     ),
+    "Gather": lambda b, x: b.node(  # rows picked (and reordered) by constant indices; a scalar index drops its axis
+        "Unsqueeze",
+        [
+            b.node(
+                "Gather",
+                [
+                    b.node("Gather", [x, b.const(np.array([7, 0, 3, 3, 5], np.int64), "i")], axis=2),
+                    b.const(np.int64(1)),
+                ],
+                axis=3,
+            ),
+            b.const(np.array([3], np.int64), "ax"),
+        ],
+    ),
     "LRN": None,  # always blocks: test_lrn_blocks
     "LayerNormalization": None,  # over the channels of tokens: token_block and convnext_like in the zoo (test_remove)
     "LSTM": lambda b, x: _recurrent_case(b, x, "LSTM"),  # also the zoo's recurrent_head (test_remove)
@@ -487,3 +501,44 @@ def test_removals_through_depth_to_space_are_counted_in_the_producer_s_filters()
     kept = next(n for n in pruned.graph.node if n.name == first.name)
     assert row["of"] == weight.dims[0] == 16 and row["removed"] % 4 == 0 and row["removed"] > 0
     assert after[kept.input[1]] == 16 - row["removed"]
+
+
+def _gram_model(other_source: bool):
+    """[N, C, 8, 8] -> A [N, 64, C] and B [N, C, 64] -> A @ B [N, 64, 64] -> [N, 64, 8, 8] -> 1x1 Conv.
+
+    B comes from the same producer (the channels are contracted on both sides) or from the model's input (they meet
+    channels no producer tracks).
+    """
+    b = Builder(5)
+    x = b.relu(b.conv("x", C, C))
+    rows = b.node("Reshape", [x, b.const(np.array([0, C, 64], np.int64), "s")])
+    other = rows if not other_source else b.node("Reshape", ["x", b.const(np.array([0, C, 64], np.int64), "s")])
+    gram = b.node("MatMul", [b.node("Transpose", [rows], perm=[0, 2, 1]), other])
+    y = b.conv(b.node("Reshape", [gram, b.const(np.array([0, 64, 8, 8], np.int64), "s")]), 64, 5, 1)
+    return b.model([("x", [C, 8, 8])], [b.node("GlobalAveragePool", [y])])
+
+
+def test_product_of_computed_tensors_removes_contracted_channels_from_both_sides():
+    model = _gram_model(other_source=False)
+    analysis = find_channel_groups(to_graph(model))
+    plan = every_other_channel(analysis)
+    assert analysis.groups[0].name in plan, analysis.blockers
+    pruned, _ = apply_pass(model, remove_channels, plan=plan)
+    for batch in (1, 3):
+        feeds = random_feeds(model, batch=batch, seed=batch)
+        assert_outputs_close(ort_run(pruned, feeds), ort_run(mask_channels(model, plan), feeds), rtol=1e-4, atol=1e-5)
+
+
+def test_product_of_computed_tensors_blocks_where_channels_meet_untracked_ones():
+    analysis = find_channel_groups(to_graph(_gram_model(other_source=True)))
+    reasons = {r for g in analysis.groups for r in g.blocked.values()}
+    assert any("do not line up" in r or "carries none" in r for r in reasons), reasons
+
+
+def test_gather_along_the_channels_blocks():
+    b = Builder(6)
+    x = b.relu(b.conv("x", 3, C))
+    y = b.node("Gather", [x, b.const(np.array([0, 2, 1], np.int64), "i")], axis=1)
+    model = b.model([("x", [3, 8, 8])], [b.node("GlobalAveragePool", [b.conv(y, 3, 5, 1)])])
+    group = find_channel_groups(to_graph(model)).groups[0]
+    assert "Gather picks along the channel axis" in next(iter(group.blocked.values()))

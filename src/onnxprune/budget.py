@@ -24,6 +24,7 @@ class _Term:
     numel: int
     macs_per_elem: int
     axes: list[tuple[int, str]]  # (full length along the axis, tracked tensor whose kept channels select it)
+    weight: bool = True  # False: MACs of a product of two computed tensors, no parameters
 
 
 class CostModel:
@@ -71,6 +72,9 @@ class CostModel:
                         axes.append((full, name))
                 where[(node.name, i)] = term_of[tensor.name] = len(self.terms)
                 self.terms.append(_Term(int(values.size), macs, axes))
+            product = layouts.product_macs(node, _shape(node.inputs[0], shapes), out_shape) if node.inputs else 0
+            if product:  # attention's products: they shrink with the heads (the channels on a batch axis)
+                self.terms.append(_Term(product, 1, self._product_axes(node), weight=False))
         for pair in pairs:
             b, sc = where.get((pair.basis, 1)), where.get((pair.scaling, 1))
             if b is None or sc is None:
@@ -83,6 +87,15 @@ class CostModel:
             merged = _Term(bt.numel * st.numel // rank // rank, bt.macs_per_elem, outer)
             self.pairs.append((b, sc, merged, pair.mid, rank, (limits or {}).get(pair.basis)))
         self._paired = {i for pair in self.pairs for i in pair[:2]}
+
+    def _product_axes(self, node: gs.Node) -> list[tuple[int, str]]:
+        """The tracked axis that scales a product's MACs: its output's channels, else the contracted ones."""
+        if self.analysis is None:
+            return []
+        for name in (node.outputs[0].name, node.inputs[0].name):
+            if name in self.analysis.flows:
+                return [(len(self.analysis.flows[name].ids), name)]
+        return []
 
     def count(self, alive: np.ndarray | None = None) -> tuple[int, int]:
         """(parameters, MACs per sample) with only the `alive` classes kept (all when None).
@@ -110,7 +123,7 @@ class CostModel:
             frac = 1.0
             for full, name in term.axes:
                 frac *= kept_of(name, full) / full
-            return term.numel * frac, term.numel * term.macs_per_elem * frac
+            return term.numel * frac * term.weight, term.numel * term.macs_per_elem * frac
 
         params = macs = 0.0
         for i, term in enumerate(self.terms):
@@ -159,7 +172,7 @@ class CostModel:
         for term in self.terms:
             for full, name in term.axes:
                 share = np.bincount(self.analysis.classes(name), minlength=n_classes) / full
-                params += term.numel * share
+                params += term.numel * share * term.weight
                 macs += term.numel * term.macs_per_elem * share
         return params, macs
 

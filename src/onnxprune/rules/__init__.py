@@ -350,6 +350,8 @@ def _gemm(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
 @rule("MatMul")
 def _matmul(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
     w = const(node.inputs[1])
+    if w is None and const(node.inputs[0]) is None and any(f is not None for f in flows):
+        return _activation_matmul(node, flows, walk)
     if w is None or w.ndim != 2:
         if flows and any(f is not None for f in flows):
             return "MatMul without a constant 2-D weight on the right"
@@ -362,6 +364,46 @@ def _matmul(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
         fold=None,
         why_not="MatMul has no bias to fold into",
     )
+
+
+def _activation_matmul(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    """A product of two computed tensors (attention's Q K^T and softmax(.) V): channels on a batch axis pass.
+
+    Both operands must carry the same channels on that axis (they are coupled), or the one without them must have
+    size 1 there (it broadcasts). Channels on the rows of the left operand or the columns of the right one pass to
+    the same axis of the output; channels on the contracted axis pass nowhere, and must reach it on both sides
+    (removing them from both equals masking them: their terms of the sum are zero).
+    """
+    shapes = [walk.shape(t) for t in node.inputs]
+    out_shape = walk.shape(node.outputs[0])
+    if out_shape is None or any(s is None or len(s) < 2 for s in shapes):
+        return "MatMul of computed tensors of unknown (or 1-D) shape"
+    rank = len(out_shape)
+    axes = [None if f is None else f.at_rank(rank) for f in flows]
+    left, right = flows
+    if left is not None and right is not None:
+        if axes[0] != axes[1] and not (left.axis == left.rank - 1 and right.axis == right.rank - 2):
+            return "MatMul of computed tensors whose channels do not line up"
+        if len(left.ids) != len(right.ids):
+            return f"MatMul of computed tensors with {len(left.ids)} vs {len(right.ids)} channels"
+        walk.unify(left.ids, right.ids)
+        if left.axis == left.rank - 1:  # contracted: the channels end here
+            return Step(Kind.COUPLING, [None])
+        if axes[0] >= rank - 2:
+            return "MatMul of computed tensors carrying channels on their rows and columns"
+        zero = np.where((left.zero == 0) | (right.zero == 0), 0.0, np.nan)
+        return Step(Kind.COUPLING, [Flow(axes[0], rank, left.ids, zero)])
+    i, flow = next((i, f) for i, f in enumerate(flows) if f is not None)
+    other = shapes[1 - i]
+    if axes[i] < rank - 2:  # a batch axis: the other operand must broadcast over it
+        at = axes[i] - (rank - len(other))
+        if at >= 0 and other[at] != 1:
+            return f"MatMul meets tensor '{node.inputs[1 - i].name}' whose channels come from no tracked producer"
+        return Step(Kind.PASS_THROUGH, [Flow(axes[i], rank, flow.ids, _unknown(flow.zero))])
+    if (i, axes[i]) in ((0, rank - 2), (1, rank - 1)):  # rows of the left, columns of the right
+        zero = np.where(flow.zero == 0, 0.0, np.nan)
+        return Step(Kind.PASS_THROUGH, [Flow(axes[i], rank, flow.ids, zero)])
+    return f"MatMul contracts the channels with tensor '{node.inputs[1 - i].name}', which carries none"
 
 
 # ------------------------------------------------------------------------------------------ recurrent
@@ -1015,6 +1057,27 @@ def _transpose(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | st
     return Step(Kind.COUPLING, [_same(flow, axis=list(perm).index(flow.axis))])
 
 
+@rule("Gather")
+def _gather(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    """Constant indices along another axis than the channels' (a packed qkv's Q, K and V): channels pass through.
+
+    A scalar index drops its axis; an index array puts its dims there.
+    """
+    flow = flows[0]
+    if len(flows) > 1 and flows[1] is not None:
+        return "Gather indices carry channels"
+    if flow is None:
+        return Step(Kind.PASS_THROUGH, [None])
+    indices = const(node.inputs[1])
+    if indices is None:
+        return "Gather indices are computed at run time"
+    axis = int(node.attrs.get("axis", 0)) % flow.rank
+    if axis == flow.axis:
+        return "Gather picks along the channel axis"
+    shift = indices.ndim - 1 if axis < flow.axis else 0
+    return Step(Kind.PASS_THROUGH, [_same(flow, axis=flow.axis + shift, rank=flow.rank + indices.ndim - 1)])
+
+
 @rule("Squeeze", "Unsqueeze")
 def _squeeze(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
     flow = flows[0]
@@ -1176,9 +1239,7 @@ def _reshape_split(
         stop = next((e for e in range(j + 2, len(resolved) + 1) if _prod(resolved[j:e]) == n), None)
         if stop is None:
             continue
-        consumers = node.outputs[0].outputs
-        to_front = [c for c in consumers if c.op == "Transpose" and list(c.attrs.get("perm", []))[1:2] == [stop - 1]]
-        k = stop - 1 if to_front and len(to_front) == len(consumers) else (1 if j <= 1 < stop else stop - 1)
+        k = _split_channel_axis(node.outputs[0].outputs, j, stop)
         inner, size = _prod(resolved[k + 1 : stop]), resolved[k]
         channel = (np.arange(n) // inner) % size
         ids, zero = np.empty(size, dtype=np.int64), np.empty(size)
@@ -1189,6 +1250,24 @@ def _reshape_split(
             ids[c], zero[c] = members[0], values[0] if np.all(values == values[0]) else np.nan
         return k, Flow(k, len(resolved), ids, zero)
     return None
+
+
+def _split_channel_axis(consumers: list[gs.Node], j: int, stop: int) -> int:
+    """Which of the output dims j..stop-1 that the features split into becomes the channel axis.
+
+    The last (NHWC un-flatten) when every consumer is a Transpose that moves it to axis 1; the one before the last
+    when every consumer is a Transpose that does not (attention: features split into [heads, head dim], or
+    [3, heads, head dim] from a packed qkv projection, transposed to [N, heads, L, dim]; a channel is then a head,
+    all its features together); otherwise dim 1 when the split starts there (Linear -> view(-1, C, h, w)), else the
+    last.
+    """
+    perms = [list(c.attrs.get("perm", [])) for c in consumers if c.op == "Transpose"]
+    if perms and len(perms) == len(consumers):
+        if all(p[1:2] == [stop - 1] for p in perms):
+            return stop - 1
+        if stop - 2 >= j and not any(p[1:2] == [stop - 1] for p in perms):
+            return stop - 2
+    return 1 if j <= 1 < stop else stop - 1
 
 
 def _resolve_target(target: list[int], in_shape: list) -> list[int] | None:

@@ -228,6 +228,10 @@ class Layout:
         """Multiply-accumulates per sample for each weight element, given the output's dims (unknown ones as 1)."""
         return 0
 
+    def product_macs(self, node: gs.Node, left_dims: list[int], out_dims: list[int]) -> int:
+        """Multiply-accumulates per sample when `node` multiplies two computed tensors (no weight); 0 otherwise."""
+        return 0
+
     def linear(self, node: gs.Node) -> Linear | None:
         """`node` as one constant matrix applied to its data input (`Linear`); None where it is not one."""
         return None
@@ -416,6 +420,11 @@ class _MatMulLayout(Layout):
     def macs_per_weight(self, node, out_dims):
         return int(np.prod(out_dims[1:-1], dtype=np.int64)) if len(out_dims) >= 2 else 0
 
+    def product_macs(self, node, left_dims, out_dims):  # attention's Q K^T and softmax(.) V
+        if any(const(t) is not None for t in node.inputs[:2]):
+            return 0
+        return int(np.prod(out_dims[1:], dtype=np.int64)) * left_dims[-1]
+
     def timing(self, node, k, co):
         return "MatMul", [k, co]
 
@@ -524,6 +533,25 @@ def linear(node: gs.Node) -> Linear | None:
     """`node` as one constant matrix applied to its data input (Gemm, MatMul, Gather of a table); None otherwise."""
     layout = layout_of(node)
     return None if layout is None else layout.linear(node)
+
+
+def product_macs(node: gs.Node, left_shape: list | None, out_shape: list | None) -> int:
+    """Multiply-accumulates per sample of a MatMul of two computed tensors (attention's Q K^T and softmax(.) V).
+
+    Args:
+        node: The node (0 for any other op, or a MatMul with a constant operand: its weight counts them).
+        left_shape: Dims of its left operand (the contracted length is its last).
+        out_shape: Dims of its output; the first is the batch (a None dim counts as 1).
+
+    Returns:
+        ``prod(out_shape[1:]) * left_shape[-1]``, or 0.
+    """
+    layout = layout_of(node)
+    if layout is None or not left_shape or not out_shape:
+        return 0
+    return layout.product_macs(
+        node, [1 if d is None else int(d) for d in left_shape], [1 if d is None else int(d) for d in out_shape]
+    )
 
 
 def weight_inputs(node: gs.Node) -> tuple[int, ...]:
