@@ -430,12 +430,14 @@ def _heads(b: Builder, x: str, tokens: int, heads: int, dim: int, perm: list[int
     return b.node("Transpose", [b.node("Reshape", [x, _i64(b, [0, tokens, heads, dim])])], perm=perm)
 
 
-def _attention(b: Builder, x: str, tokens: int, heads: int, dim: int, *, packed: bool) -> str:
+def _attention(b: Builder, x: str, tokens: int, heads: int, dim: int, *, packed: bool, mask: str | None = None) -> str:
     """Multi-head self-attention over [N, L, C], C = heads * dim, as exporters write it.
 
     Packed (timm's ViT): one qkv Linear -> Reshape [N, L, 3, heads, dim] -> Transpose (2, 0, 3, 1, 4) -> Gather 0/1/2,
     K transposed before the product. Separate (BERT): three Linears, each -> Reshape [N, L, heads, dim] -> Transpose,
-    K straight to [N, heads, dim, L]. Then softmax(Q K^T * scale) V -> Transpose -> Reshape [N, L, C] -> Linear.
+    K straight to [N, heads, dim, L]. Then softmax(Q K^T * scale + mask) V -> Transpose -> Reshape [N, L, C] ->
+    Linear. `tokens` 0: the sequence length is copied from the input (a dynamic sequence); `mask`: an additive
+    [N, 1, 1, L] mask on the logits (BERT's extended attention mask).
     """
     c = heads * dim
     if packed:
@@ -448,6 +450,7 @@ def _attention(b: Builder, x: str, tokens: int, heads: int, dim: int, *, packed:
         k = _heads(b, _linear(b, x, c, c), tokens, heads, dim, [0, 2, 3, 1])
         v = _heads(b, _linear(b, x, c, c), tokens, heads, dim, [0, 2, 1, 3])
     logits = b.node("Mul", [b.node("MatMul", [q, k]), b.const(np.array(dim**-0.5, np.float32), "scale")])
+    logits = logits if mask is None else b.node("Add", [logits, mask])
     out = b.node("MatMul", [b.node("Softmax", [logits], axis=-1), v])
     out = b.node("Reshape", [b.node("Transpose", [out], perm=[0, 2, 1, 3]), _i64(b, [0, tokens, c])])
     return _linear(b, out, c, c)
@@ -462,6 +465,19 @@ def attention_block(packed: bool = True) -> onnx.ModelProto:
     t = b.node("Add", [t, _linear(b, _gelu_erf(b, _linear(b, _layer_norm(b, t, 16), 16, 24)), 24, 16)])
     y = b.node("ReduceMean", [_layer_norm(b, t, 16)], axes=[1], keepdims=0)
     return b.model([("x", [3, 8, 8])], [b.gemm(y, 16, 4)])
+
+
+def attention_sequence() -> onnx.ModelProto:
+    """A BERT-style encoder layer over a dynamic sequence: tokens [N, L, 16] and a padding mask [N, L] (1 keep, 0 pad)
+    made additive ((1 - mask) * -10000 -> [N, 1, 1, L]); separate Q/K/V, post-norm residuals, MLP, mean, Gemm."""
+    b = Builder(43)
+    keep = b.node("Unsqueeze", ["mask", _i64(b, [1, 2], "ax")])
+    minus = b.node("Sub", [b.const(np.array(1.0, np.float32), "one"), keep])
+    mask = b.node("Mul", [minus, b.const(np.array(-10000.0, np.float32), "big")])
+    t = _layer_norm(b, b.node("Add", ["x", _attention(b, "x", 0, 4, 4, packed=False, mask=mask)]), 16)
+    t = _layer_norm(b, b.node("Add", [t, _linear(b, _gelu_erf(b, _linear(b, t, 16, 24)), 24, 16)]), 16)
+    y = b.node("ReduceMean", [t], axes=[1], keepdims=0)
+    return b.model([("x", ["seq", 16]), ("mask", ["seq"])], [b.gemm(y, 16, 4)])
 
 
 def attention_separate() -> onnx.ModelProto:
@@ -621,6 +637,7 @@ ZOO = [
     convnext_like,
     attention_block,
     attention_separate,
+    attention_sequence,
     ir3_inputs,
     sequence_head,
     recurrent_head,

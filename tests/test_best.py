@@ -73,6 +73,31 @@ def test_the_result_written_is_no_slower_then_the_most_faithful_then_the_faster(
         assert ort_run(out, random_feeds(out, batch=batch))
 
 
+def test_a_basis_result_written_because_no_channel_result_reached_says_so(case, monkeypatch, capsys):
+    """Not clearly faster, but the channel results overshoot (a ViT's heads and widths rounded to 16): the summary
+    says why nothing was compared, not that the basis result was clearly faster."""
+    monkeypatch.setattr(pipeline, "compare_latency", lambda a, b, feeds, **kw: (1.0, 0.97))
+    one = pipeline.prune_one
+
+    def channel_unreachable(model, **options):
+        if options.get("method") == "channel":
+            raise pipeline.BudgetError("channel counts rounded to 16 overshoot", reachable=0.9)
+        return one(model, **options)
+
+    monkeypatch.setattr(pipeline, "prune_one", channel_unreachable)
+    model, calib = case
+    _, report = prune(model, remove_ratio=0.5, method="best", calib=calib, latency_batch=1)
+    rows = report.facts["alternatives"]
+    assert [(r["method"], r["unchallenged"], r["written"]) for r in rows] == [
+        ("basis", "no channel result reached the request", True)
+    ]
+    from onnxprune.cli import _print_summary
+
+    _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)
+    chosen = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  chosen  "))
+    assert "not compared (no channel result reached the request: no other result was made)" in chosen
+
+
 def test_without_calibration_or_latency_it_is_basis_alone(case):
     model, calib = case
     for options in ({"calib": None, "latency_batch": 1}, {"calib": calib, "latency_batch": 0}):

@@ -3,7 +3,7 @@
 import numpy as np
 import onnx
 import pytest
-from models import ZOO, Builder, attention_block, channel_shuffle, grouped_conv, sigmoid_consumers
+from models import ZOO, Builder, attention_block, attention_sequence, channel_shuffle, grouped_conv, sigmoid_consumers
 from onnx import numpy_helper
 
 from onnxprune.budget import count
@@ -176,3 +176,19 @@ def test_attention_heads_go_whole(packed):
     weights = 16 * 16 * 12 + 16 * 16 * 48 + 16 * 16 * 16 + 2 * 16 * 16 * 24 + 16 * 4
     assert count(model)[1] == weights + 2 * 4 * 16 * 16 * 4
     assert count(pruned)[1] == weights - 16 * 16 * 24 - 16 * 8 * 16 + 2 * 2 * 16 * 16 * 4
+
+
+def test_attention_heads_over_a_dynamic_sequence():
+    """BERT's layout over a dynamic sequence with a padding mask: heads go whole at every sequence length."""
+    model = cleaned(attention_sequence())
+    analysis = find_channel_groups(to_graph(model))
+    heads = next(g for g in analysis.groups if len(g.producers) == 3)
+    assert len(heads.classes) == 4 and not heads.blocked
+    plan = {heads.name: np.array([0, 2, 3])}
+    pruned, _ = apply_pass(model, remove_channels, plan=plan)
+    onnx.checker.check_model(pruned, full_check=True)
+    reference = mask_channels(model, plan)
+    for batch, seq in ((1, 3), (2, 11)):
+        feeds = random_feeds(model, batch=batch, seed=seq, dims={"seq": seq})
+        feeds["mask"] = (feeds["mask"] > -0.5).astype(np.float32)
+        assert_outputs_close(ort_run(pruned, feeds), ort_run(reference, feeds), rtol=1e-4, atol=1e-5)

@@ -809,6 +809,8 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
     if not rows:  # neither way reaches the request
         raise _neither(unreachable, channel_errors, latency_batch)
     compared()
+    if len(rows) == 1:  # written unchallenged: say why no other result was made
+        rows[0]["unchallenged"] = "clearly faster" if clear else "no channel result reached the request"
     pool = [i for i, row in enumerate(rows) if not _slower(row["speed_check"])] or list(range(len(rows)))
     best = max(
         pool,
