@@ -8,9 +8,11 @@ exported with torch's TorchScript exporter (opset 17; head reshapes computed fro
 installed, its dynamo exporter (opset 18). For each exporter and ratio: `onnxprune IN OUT --ratio R --calib
 calib.npy` with 256 unlabelled calibration images (default flags; when the guard refuses, the same with `--force`
 so the refused model's accuracy is known), then one ablation row per method (`--method M`: heads and MLP units,
-or low rank alone). Test accuracy in onnxruntime on 2400 images, parameters removed, and latency of every written
-model against the unpruned one at batch 1 and 32 (alternating blocks, onnxruntime's default threads). Writes
-results/transformers.json and prints a markdown table.
+or low rank alone), and the peers on the same model and calibration images (Torch-Pruning's MetaPruner with its
+head pruning on the torch model; plain truncated SVD of every layer on the ONNX graph). Test accuracy in
+onnxruntime on 2400 images, parameters removed, and latency of every written model against the unpruned one at
+batch 1 and 32 (alternating blocks, onnxruntime's default threads). Writes results/transformers.json and prints a
+markdown table.
 """
 
 from __future__ import annotations
@@ -58,11 +60,30 @@ def export(model, path: pathlib.Path, shape: tuple[int, ...], exporter: str) -> 
     return True
 
 
+def _tp(model, onnx_model, calib, ratio):
+    from benchmarks import peers
+
+    return peers.torch_pruning_vit(model, calib, ratio)
+
+
+def _svd(model, onnx_model, calib, ratio):
+    from benchmarks.cases import plain_svd
+
+    return plain_svd(onnx_model, ratio)
+
+
+PEERS = {  # the same trained model and calibration images, no fine-tuning
+    "peer: Torch-Pruning (heads, MLP units, width; L2)": _tp,
+    "peer: plain SVD (every MatMul/Gemm/Conv at one rank fraction, data-free)": _svd,
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", default="0.3,0.5")
     parser.add_argument("--methods", default="channel,basis", help="ablation rows, one per method (empty: none)")
     parser.add_argument("--exporters", default="torchscript,dynamo")
+    parser.add_argument("--no-peers", dest="peers", action="store_false", help="leave the peers' rows out")
     parser.add_argument("--out", default=str(ROOT / "results" / "transformers.json"))
     args = parser.parse_args(argv)
     from benchmarks import data
@@ -84,6 +105,18 @@ def main(argv: list[str] | None = None) -> None:
         ratios = [float(r) for r in args.ratios.split(",")]
         runs = [("default flags + --calib", r, []) for r in ratios]
         runs += [(f"ablation: --method {m}", r, ["--method", m]) for m in args.methods.split(",") if m for r in ratios]
+        for ratio in ratios if args.peers and exporter == "torchscript" else ():  # the peers, on the same model
+            for name, make in PEERS.items():
+                out = tmp / f"{exporter}_{len(found)}.onnx"
+                try:
+                    pruned, knob = make(model, onnx.load(path), dataset.calib[0][:CALIB], ratio)
+                except Exception as e:  # noqa: BLE001 - a peer failing is a row of the table, not the end of the run
+                    found.append({"model": f"vit ({exporter})", "row": name, "ratio": ratio, "error": repr(e)[:200]})
+                    continue
+                onnx.save(pruned, out)
+                row = {"model": f"vit ({exporter})", "row": name, "ratio": ratio, "knob": knob, "path": str(out)}
+                found.append(row)
+                print(f"{exporter} {name} {ratio}: made", flush=True)
         for name, ratio, extra in runs:
             out = tmp / f"{exporter}_{len(found)}.onnx"
             cmd = [str(path), str(out), "--ratio", str(ratio), "--calib", str(calib), *extra]
@@ -118,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| model | row | ratio | written | test acc. | params removed | b1 ms (×) | b32 ms (×) | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        acc = f"{100 * r['accuracy']:.2f} %" if "accuracy" in r else "—"
+        acc = f"{100 * r['accuracy']:.2f} %" if "accuracy" in r else r.get("error", "—")
         if r.get("exit") == 1:
             acc = f"refused (forced: {acc})"
         elif r.get("exit") not in (None, 0):
