@@ -94,21 +94,23 @@ def _attention_forward(self, x: torch.Tensor) -> torch.Tensor:
     """`nets.Attention.forward` with the head dim and width read from the weights (what Torch-Pruning's ViT example
     patches into timm's attention): a pruned model keeps running whatever heads and widths are left."""
     b, n, _ = x.shape
-    qkv = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-    attn = ((qkv[0] @ qkv[1].transpose(-2, -1)) * self.scale).softmax(-1)
-    return self.proj((attn @ qkv[2]).transpose(1, 2).reshape(b, n, -1))
+    qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.qkv.out_features // (3 * self.heads)).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(-1)
+    return self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
 
 
 def torch_pruning_vit(model: nn.Module, calib: np.ndarray, target: float) -> tuple[onnx.ModelProto, dict]:
-    """Torch-Pruning's MetaPruner on a `nets.ViT`: heads (``num_heads``), MLP units and the embedding width, L2
-    magnitude, the same ratio in every layer, the head kept whole; bisected to remove `target` of the parameters."""
+    """Torch-Pruning's MetaPruner on a `nets.ViT`: heads (``num_heads``) and MLP units, L2 magnitude, the same ratio
+    in every layer; the embedding (residual) width and the classifier kept whole; bisected to remove `target` of the
+    parameters."""
     import types
 
     import torch_pruning as tp
 
     shape = tuple(calib.shape[1:])
     example = torch.from_numpy(calib[:2])
-    before = torch_params(model)
+    before = count(onnx_of(model, shape))[0]
 
     def make(ratio: float):
         m = copy.deepcopy(model)
@@ -121,17 +123,16 @@ def torch_pruning_vit(model: nn.Module, calib: np.ndarray, target: float) -> tup
             importance=tp.importance.MagnitudeImportance(p=2),
             pruning_ratio=ratio,
             max_pruning_ratio=0.95,
-            ignored_layers=[m.head],
+            ignored_layers=[m.head, m.embed],  # the embedding (residual) width stays whole, as onnxprune's does
             num_heads={attn.qkv: attn.heads for attn in attention},
             prune_num_heads=True,
             prune_head_dims=False,
             head_pruning_ratio=ratio,
-            unwrapped_parameters=[(m.pos, 2)],
         )
         pruner.step()
         for attn in attention:
             attn.heads = pruner.num_heads[attn.qkv]
-        return m, 1 - torch_params(m) / before
+        return m, 1 - count(onnx_of(m, shape))[0] / before  # LayerNorms and positions count too
 
     pruned, _, knob = bisect(make, target)
     return onnx_of(pruned, shape), {"knob": "pruning_ratio", "value": knob}
