@@ -194,6 +194,57 @@ class ViT(nn.Module):
         return self.head(self.norm(self.blocks(x)).mean(1))
 
 
+class TextEncoder(nn.Module):
+    """A BERT-style sentence embedder: token + position embeddings (Gather), post-norm blocks with separate Q/K/V,
+    an additive padding mask, mean pooling over the kept tokens; `forward(ids, mask)` -> [N, width] embeddings.
+
+    `classify` puts a linear head on the embedding for training (classes: the module a docstring comes from); the
+    export is the embedder alone, as sentence-embedding models ship.
+    """
+
+    def __init__(self, vocab: int, classes: int, width: int = 128, depth: int = 4, heads: int = 4, mlp: int = 256):
+        super().__init__()
+        self.heads = heads
+        self.tokens, self.positions = nn.Embedding(vocab, width), nn.Embedding(256, width)
+        self.norm = nn.LayerNorm(width)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "q": nn.Linear(width, width),
+                    "k": nn.Linear(width, width),
+                    "v": nn.Linear(width, width),
+                    "o": nn.Linear(width, width),
+                    "n1": nn.LayerNorm(width),
+                    "fc1": nn.Linear(width, mlp),
+                    "fc2": nn.Linear(mlp, width),
+                    "n2": nn.LayerNorm(width),
+                }
+            )
+            for _ in range(depth)
+        )
+        self.classifier = nn.Linear(width, classes)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        return x.view(b, n, self.heads, c // self.heads).transpose(1, 2)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        n = ids.shape[1]
+        x = self.norm(self.tokens(ids) + self.positions(torch.arange(n, device=ids.device))[None])
+        bias = (1.0 - mask[:, None, None, :].to(x.dtype)) * -10000.0
+        for blk in self.blocks:
+            q, k, v = (self._split(blk[name](x)) for name in "qkv")
+            attn = (q @ k.transpose(-2, -1) / (q.shape[-1] ** 0.5) + bias).softmax(-1)
+            out = (attn @ v).transpose(1, 2).reshape(x.shape)
+            x = blk["n1"](x + blk["o"](out))
+            x = blk["n2"](x + blk["fc2"](F.gelu(blk["fc1"](x))))
+        keep = mask[:, :, None].to(x.dtype)
+        return (x * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+
+    def classify(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.forward(ids, mask))
+
+
 ARCHITECTURES = {"resnet20": ResNet, "vgg": VGG, "vggfc": VGGFC, "mobilenetv2": MobileNetV2, "vit": ViT}
 
 

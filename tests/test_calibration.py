@@ -128,9 +128,20 @@ def test_samples_of_different_sizes_stream_shape_by_shape(tmp_path):
     assert sorted(np.concatenate([fit.index, held.index]).tolist()) == list(range(10)) and len(held) == 2
 
 
+def _peaked(model: onnx.ModelProto, by: float = 1e3) -> onnx.ModelProto:
+    """`model` with its output multiplied by `by` (flat logits of random weights made as peaked as trained ones)."""
+    from onnx import helper
+
+    out = model.graph.output[0].name
+    model.graph.node[-1].output[0] = f"{out}/raw"
+    model.graph.initializer.append(numpy_helper.from_array(np.array(by, np.float32), "by"))
+    model.graph.node.append(helper.make_node("Mul", [f"{out}/raw", "by"], [out]))
+    return model
+
+
 def test_a_folder_of_pages_of_different_sizes_prunes(tmp_path, capsys):
     model, out, rep = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
-    onnx.save(any_size(), model)
+    onnx.save(_peaked(any_size()), model)  # logits as peaked as a trained classifier's: its top-1 is a class
     _pages(tmp_path / "pages", [(6, 16, 16), (5, 16, 24), (6, 16, 16), (3, 24, 8)])
     args = [model, out, "--ratio", "0.3", "--calib", tmp_path / "pages", "--latency-batch", "0", "--report", rep]
     code, stdout, err = run(args, capsys)
@@ -195,7 +206,7 @@ def test_seed_drives_the_split_and_the_result(tmp_path, capsys):
         code, _, err = run([*args, "--report", rep, "--seed", seed], capsys)
         assert code == 0, err
         facts = json.loads(rep.read_text())
-        errors.append(facts["fidelity"][facts["class_output"]]["relative_error"])
+        errors.append(facts["fidelity"]["gemm29_out"]["relative_error"])
     assert errors[0] == errors[1] and errors[0] != errors[2]
 
 
@@ -317,3 +328,16 @@ def test_the_model_digest_follows_the_weights(over_2gb, monkeypatch):
     values.flat[0] += 1.0
     big.CopyFrom(numpy_helper.from_array(values, big.name))
     assert runner.model_digest(model) != runner.model_digest(same)
+
+
+def test_flat_outputs_are_an_embedding_judged_by_cosine_not_top1():
+    """[N, C] rows whose softmax is flat (a sentence embedding, pooled features) have no class in their argmax: no
+    top-1 for the split, the criteria or the guard; the same rows made peaked are class scores again."""
+    from onnxprune.calibration.runner import SCORES_CONFIDENCE, fidelity, top1
+
+    data = {"x": np.random.default_rng(0).standard_normal((48, 3, 8, 8)).astype(np.float32)}
+    flat, peaked = _peaked(chain(), 1e-3), _peaked(chain())
+    assert top1(flat, data) is None and top1(peaked, data) is not None
+    assert "top1_agreement" not in fidelity(flat, flat, data)[flat.graph.output[0].name]
+    assert fidelity(peaked, peaked, data)[peaked.graph.output[0].name]["top1_agreement"] == 1.0
+    assert 0 < SCORES_CONFIDENCE < 0.5

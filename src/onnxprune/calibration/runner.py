@@ -126,6 +126,23 @@ def predicted(model: onnx.ModelProto, data: Samples, part: Samples, *, batch_siz
     return by_position[part.index]
 
 
+SCORES_CONFIDENCE = 0.2  # share of the way from a uniform to a one-hot softmax under which rows are an embedding
+
+
+def confidence(scores: np.ndarray) -> np.ndarray:
+    """Per row of ``[N, C]`` outputs, how peaked its softmax is: ``(p_max - 1/C) / (1 - 1/C)``, 0 (flat) to 1.
+
+    A trained classifier's logits on its own kind of data are peaked (a mean above 0.5 for the handed digits
+    ResNet-20, the suite's ViT, an orientation classifier); a sentence embedding or pooled features read as logits
+    are flat (a mean-pooled 128-wide text embedding: about 0.02), so their argmax is not a class:
+    `SCORES_CONFIDENCE` separates the two.
+    """
+    x = scores.astype(np.float64)
+    p = np.exp(x - x.max(1, keepdims=True))
+    uniform = 1.0 / x.shape[1]
+    return (1.0 / p.sum(1) - uniform) / (1.0 - uniform)
+
+
 def class_scores(x: np.ndarray) -> np.ndarray | None:
     """`x` as ``[N, classes]`` when it looks like class scores (float, last axis of 2 or more, other axes 1).
 
@@ -198,6 +215,7 @@ def top1(model: onnx.ModelProto, data: Data, *, batch_size: int = 64) -> tuple[s
 def _top1(model: onnx.ModelProto, data: Samples, batch_size: int) -> tuple[str, np.ndarray] | None:
     names = [o.name for o in model.graph.output]
     found: dict[str, list[np.ndarray]] = {k: [] for k in names}
+    peaked = dict.fromkeys(names, 0.0)
     sizes = (len(next(iter(feed.values()))) for feed in data.batches(batch_size))
     for batch, n in zip(reference_outputs(model, data, batch_size=batch_size, label="original model's top-1"), sizes):
         for name in list(found):
@@ -206,8 +224,11 @@ def _top1(model: onnx.ModelProto, data: Samples, batch_size: int) -> tuple[str, 
                 del found[name]
             else:
                 found[name].append(scores.argmax(1))
+                peaked[name] += float(confidence(scores).sum())
         if not found:
             return None
+    total = sum(len(c) for c in next(iter(found.values()), []))
+    found = {k: v for k, v in found.items() if peaked[k] >= SCORES_CONFIDENCE * max(total, 1)}  # not embeddings
     name = next(iter(found), None)
     return None if name is None else (name, np.concatenate(found[name]))
 
@@ -522,7 +543,8 @@ def fidelity(
         label: The progress bar's title.
 
     Returns:
-        Output name -> {"cosine", "relative_error"[, "top1_agreement"[, "accuracy_original", "accuracy_pruned"]]}; for
+        Output name -> {"cosine", "relative_error"[, "top1_agreement"[, "accuracy_original", "accuracy_pruned"]]}
+        (top-1 only for outputs shaped like class scores whose softmax is peaked, `SCORES_CONFIDENCE`); for
         `sequence_outputs` {"cosine", "relative_error", "sequence_agreement", "frame_agreement"}: the share of
         samples whose best path reads the same (CTC decoding, the original's most frequent frame class as the blank)
         and of positions whose top-1 is the same. Cosine and error are per sample in every case.
@@ -534,7 +556,7 @@ def fidelity(
     data = as_samples(data, original, min_batches=1)  # measuring needs one whole batch, not a held-out part
     names = [o.name for o in original.graph.output]
     per_position = sequence_outputs(original)
-    keys = ("cos", "err", "ref", "agree", "acc_o", "acc_p", "seq", "frames", "frames_agree")
+    keys = ("cos", "err", "ref", "agree", "acc_o", "acc_p", "seq", "frames", "frames_agree", "peaked")
     sums = {k: dict.fromkeys(keys, 0.0) for k in names}
     scored = dict.fromkeys(names, True)
     sequence = dict.fromkeys(names, False)
@@ -571,6 +593,7 @@ def fidelity(
             scores = class_scores(want) if len(want) == m else None
             scored[name] &= scores is not None
             if scored[name]:
+                acc["peaked"] += float(confidence(scores).sum())
                 top_o, top_p = flat.argmax(1), have.argmax(1)
                 acc["agree"] += float(np.sum(top_o == top_p))
                 if truth is not None and len(truth) == m:
@@ -587,7 +610,7 @@ def fidelity(
         if sequence[name] and n:
             entry["sequence_agreement"] = acc["seq"] / n
             entry["frame_agreement"] = acc["frames_agree"] / max(acc["frames"], 1)
-        elif scored[name] and n:
+        elif scored[name] and n and acc["peaked"] >= SCORES_CONFIDENCE * n:  # flat rows: an embedding, by cosine
             entry["top1_agreement"] = acc["agree"] / n
             if labels is not None and len(labels) == n:
                 entry["accuracy_original"] = acc["acc_o"] / n
