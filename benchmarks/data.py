@@ -117,3 +117,59 @@ def _characters(size: int, per_class: int) -> tuple[np.ndarray, np.ndarray]:
             labels.append(label)
     x = ((np.stack(images) - 0.15) / 0.3).astype(np.float32)[:, None]
     return x, np.asarray(labels, np.int64)
+
+
+DOC_MODULES = (
+    "argparse", "asyncio", "collections", "csv", "datetime", "decimal", "email", "fractions", "ftplib", "http.client",
+    "json", "logging", "pathlib", "pickle", "random", "re", "shutil", "socket", "sqlite3", "statistics", "subprocess",
+    "tarfile", "textwrap", "threading", "typing", "unittest", "urllib.parse", "uuid", "xml.dom.minidom", "zipfile",
+)  # fmt: skip
+TEXT_LENGTH = 64  # characters per sample
+PAD = 0
+
+
+def text(*, n_calib: int = 256) -> Dataset:
+    """Pieces of the standard library's docstrings (`TEXT_LENGTH` characters, ASCII codes, 0 pads) labelled by module.
+
+    Every public function, class and method docstring of the `DOC_MODULES`, cut into word-aligned pieces; shorter
+    pieces are padded (a padding mask is what a text encoder's users pass). Built from this interpreter's standard
+    library, so it needs nothing downloaded; split like the image sets (test 20 %, calibration, train).
+    """
+    import importlib
+    import inspect
+
+    pieces: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(DOC_MODULES):
+        module = importlib.import_module(name)
+        seen: set[str] = set()
+        for obj in [module, *(getattr(module, a) for a in dir(module) if not a.startswith("_"))]:
+            members = (
+                [obj, *(v for k, v in vars(obj).items() if not k.startswith("_"))] if inspect.isclass(obj) else [obj]
+            )
+            for member in members:
+                doc = inspect.getdoc(member) if callable(member) or inspect.ismodule(member) else None
+                home = getattr(member, "__module__", None) or name
+                if not doc or doc in seen or home.split(".")[0] != name.split(".")[0]:
+                    continue
+                seen.add(doc)
+                line = ""
+                for word in " ".join(doc.split()).split(" "):
+                    if len(line) + len(word) + 1 > TEXT_LENGTH:
+                        pieces.append(line)
+                        labels.append(label)
+                        line = ""
+                    line = f"{line} {word}".strip()[:TEXT_LENGTH]
+                if len(line) >= 16:
+                    pieces.append(line)
+                    labels.append(label)
+    ids = np.zeros((len(pieces), TEXT_LENGTH), np.int64)
+    for i, piece in enumerate(pieces):
+        codes = [min(ord(c), 127) for c in piece]
+        ids[i, : len(codes)] = codes
+    mask = (ids != PAD).astype(np.int64)
+    x, y = np.stack([ids, mask], 1), np.asarray(labels, np.int64)  # [N, 2, L]: ids and mask
+    order = np.random.default_rng(0).permutation(len(x))
+    n_test = max(len(x) // 5, 1)
+    test, calib, train = order[:n_test], order[n_test : n_test + n_calib], order[n_test + n_calib :]
+    return Dataset("text", (x[train], y[train]), (x[calib], y[calib]), (x[test], y[test]))

@@ -283,6 +283,50 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch:
     return time.perf_counter() - start
 
 
+def train_text(
+    model: TextEncoder, x: np.ndarray, y: np.ndarray, *, epochs: int, batch: int = 64, seed: int = 0
+) -> float:
+    """AdamW with a one-cycle schedule on (ids, mask) pairs `x` [N, 2, L] and their classes; returns seconds spent."""
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    steps = epochs * ((len(x) + batch - 1) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.15)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), batch):
+            idx = perm[i : i + batch]
+            loss = F.cross_entropy(model.classify(xt[idx, 0], xt[idx, 1]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    return time.perf_counter() - start
+
+
+def export_text(model: TextEncoder, path: os.PathLike, length: int) -> None:
+    """The embedder as ONNX (opset 17): inputs input_ids and attention_mask [batch, seq] int64, output embedding."""
+    model.eval()
+    path = pathlib.Path(path)
+    tmp = path.with_suffix(".tmp.onnx")
+    ids = torch.ones(2, length, dtype=torch.int64)
+    torch.onnx.export(
+        model,
+        (ids, torch.ones_like(ids)),
+        str(tmp),
+        input_names=["input_ids", "attention_mask"],
+        output_names=["embedding"],
+        dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    os.replace(tmp, path)
+
+
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     model.eval()
     with torch.no_grad():
