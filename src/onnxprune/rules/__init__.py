@@ -382,15 +382,14 @@ def _activation_matmul(node: gs.Node, flows: list[Flow | None], walk: Walk) -> S
     axes = [None if f is None else f.at_rank(rank) for f in flows]
     left, right = flows
     if left is not None and right is not None:
-        if axes[0] != axes[1] and not (left.axis == left.rank - 1 and right.axis == right.rank - 2):
+        contracted = left.axis == left.rank - 1 and right.axis == right.rank - 2
+        if not contracted and (axes[0] != axes[1] or axes[0] >= rank - 2):
             return "MatMul of computed tensors whose channels do not line up"
         if len(left.ids) != len(right.ids):
             return f"MatMul of computed tensors with {len(left.ids)} vs {len(right.ids)} channels"
         walk.unify(left.ids, right.ids)
-        if left.axis == left.rank - 1:  # contracted: the channels end here
+        if contracted:  # the channels end here
             return Step(Kind.COUPLING, [None])
-        if axes[0] >= rank - 2:
-            return "MatMul of computed tensors carrying channels on their rows and columns"
         zero = np.where((left.zero == 0) | (right.zero == 0), 0.0, np.nan)
         return Step(Kind.COUPLING, [Flow(axes[0], rank, left.ids, zero)])
     i, flow = next((i, f) for i, f in enumerate(flows) if f is not None)
