@@ -42,6 +42,27 @@ def suite_model(arch: str, folder: pathlib.Path) -> tuple[pathlib.Path, pathlib.
     return path, calib, *dataset.test
 
 
+def print_table(rows: list[dict]) -> None:
+    """The markdown table of accuracy rows (model, row, ratio, written method, accuracy or refusal, removal, speed)."""
+    print("| model | row | ratio | written | test acc. | params removed | b1 ms (×) | b32 ms (×) | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        acc = f"{100 * r['accuracy']:.2f} %" if "accuracy" in r else r.get("error", "—")
+        if r.get("exit") == 1:
+            acc = f"refused (forced: {acc})"
+        elif r.get("exit") not in (None, 0):
+            acc = f"exit {r['exit']}: {r['stderr'][:80]}"
+        timing = (
+            f"{r['ms_b1']:.3f} ({r['speedup_b1']:.2f}×) | {r['ms_b32']:.2f} ({r['speedup_b32']:.2f}×)"
+            if "ms_b1" in r
+            else " | "
+        )
+        print(
+            f"| {r['model']} | {r['row']} | {r['ratio']} | {r.get('method') or ''} | {acc} | "
+            f"{100 * r.get('removed', 0):.1f} % | {timing} | {r.get('seconds', 0):.0f} |"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet20,vgg,mobilenetv2")
@@ -98,23 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{arch}: done", flush=True)
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out).write_text(json.dumps({"rows": rows}, indent=1))
-    print("| model | row | ratio | written | test acc. | params removed | b1 ms (×) | b32 ms (×) | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        acc = f"{100 * r['accuracy']:.2f} %" if "accuracy" in r else "—"
-        if r.get("exit") == 1:
-            acc = f"refused (forced: {acc})"
-        elif r.get("exit") not in (None, 0):
-            acc = f"exit {r['exit']}: {r['stderr'][:80]}"
-        timing = (
-            f"{r['ms_b1']:.3f} ({r['speedup_b1']:.2f}×) | {r['ms_b32']:.2f} ({r['speedup_b32']:.2f}×)"
-            if "ms_b1" in r
-            else " | "
-        )
-        print(
-            f"| {r['model']} | {r['row']} | {r['ratio']} | {r.get('method') or ''} | {acc} | "
-            f"{100 * r.get('removed', 0):.1f} % | {timing} | {r.get('seconds', 0):.0f} |"
-        )
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -263,8 +263,7 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch:
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     steps = epochs * ((len(x) + batch - 1) // batch)
     if isinstance(model, ViT):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.15)
+        opt, sched = _adamw(model, steps)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps)
@@ -283,6 +282,12 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch:
     return time.perf_counter() - start
 
 
+def _adamw(model: nn.Module, steps: int):
+    """AdamW (weight decay 0.05) with a one-cycle schedule to 2e-3 over `steps`: the transformers' optimiser."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.15)
+
+
 def train_text(
     model: TextEncoder, x: np.ndarray, y: np.ndarray, *, epochs: int, batch: int = 64, seed: int = 0
 ) -> float:
@@ -291,9 +296,7 @@ def train_text(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    steps = epochs * ((len(x) + batch - 1) // batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.15)
+    opt, sched = _adamw(model, epochs * ((len(x) + batch - 1) // batch))
     model.train()
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=gen)

@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 
 from benchmarks.cases import accuracy, run_cli
+from benchmarks.defaults import print_table
 from onnxprune.bench import time_models
 from onnxprune.budget import count
 
@@ -280,23 +281,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {r['row']} | {r['ratio']} | {r.get('method') or ''} | {quality} | "
                 f"{100 * r.get('removed', 0):.1f} % | {speed} |"
             )
-    print("| model | row | ratio | written | test acc. | params removed | b1 ms (×) | b32 ms (×) | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        acc = f"{100 * r['accuracy']:.2f} %" if "accuracy" in r else r.get("error", "—")
-        if r.get("exit") == 1:
-            acc = f"refused (forced: {acc})"
-        elif r.get("exit") not in (None, 0):
-            acc = f"exit {r['exit']}: {r['stderr'][:80]}"
-        timing = (
-            f"{r['ms_b1']:.3f} ({r['speedup_b1']:.2f}×) | {r['ms_b32']:.2f} ({r['speedup_b32']:.2f}×)"
-            if "ms_b1" in r
-            else " | "
-        )
-        print(
-            f"| {r['model']} | {r['row']} | {r['ratio']} | {r.get('method') or ''} | {acc} | "
-            f"{100 * r.get('removed', 0):.1f} % | {timing} | {r.get('seconds', 0):.0f} |"
-        )
+    print_table(rows)
 
 
 if __name__ == "__main__":
