@@ -35,11 +35,15 @@ def test_the_result_written_is_no_slower_then_the_most_faithful_then_the_faster(
     with caplog.at_level(logging.WARNING):
         out, report = prune(model, remove_ratio=0.5, method="best", calib=calib, latency_batch=1)
     rows = report.facts["alternatives"]
-    # 128 fit samples are few for the channel results' widest refitted layer: said once, not once per result made
-    warned = len([r for r in caplog.records if "fit samples are few" in r.getMessage()])
-    assert warned == 1 if len(rows) > 1 else warned <= 1
+    # fit samples few for a refitted layer: said at most once, and only about the result returned (a warning naming
+    # a layer of a result not written would send the user after nothing)
+    warned = [r.getMessage() for r in caplog.records if "fit samples are few" in r.getMessage()]
+    layers = [m.split("'")[1] for m in warned]
+    assert len(warned) <= 1 and all(name in {n.name for n in out.graph.node} for name in layers)
     assert sum(r["written"] for r in rows) == 1 and set(rows[0]["speed_check"]) == {1, 32}
     assert all(r["threads"] == 0 for r in rows)
+    if next(r for r in rows if r["written"])["method"] == "channel":  # its widest refitted layer wants > 128 samples
+        assert len(warned) == 1
     # compared results are measured on 128 fit samples; one written unchallenged is not (its held-out line says it)
     assert all(r["fit_samples"] == 128 for r in rows) if len(rows) > 1 else "fit_agreement" not in rows[0]
     written = next(r for r in rows if r["written"])

@@ -95,8 +95,14 @@ def _outermost_call(fn: Callable) -> Callable:
                 _calls[0] -= 1
                 if outermost and report is not None:
                     report.facts["step_seconds"] = {k: round(v, 3) for k, v in spent.items()}
+                    for kind, message in report.facts.pop(DEFERRED, []):  # the warnings of the result returned
+                        _warn_once(kind, message)
 
     return call
+
+
+DEFERRED = "deferred_warnings"  # report fact: (kind, message) warnings about this result, given if it is the one
+# returned (`--method best` makes several; a warning about one not written would send the user after nothing)
 
 
 def _warn_once(kind: str, message: str) -> None:
@@ -545,7 +551,9 @@ class _Run:
         self.report.facts["split_rank_limits"] = self.limits
         kept = self.report.facts.get("kept") or {}
         if self.fit is not None and self.opts.compensate:
-            _warn_few_samples(reinfer_shapes(self.graph, self.model), self.pairs, kept, len(self.fit))
+            few = _few_samples(reinfer_shapes(self.graph, self.model), self.pairs, kept, len(self.fit))
+            if few:
+                self.report.facts.setdefault(DEFERRED, []).append(("few samples", few))
         key = _plan_key(kept)
         self.graph, tail = self.finished[key] if key in self.finished else self.finish(self.graph, kept or None)
         self.report.merge(tail)
@@ -1664,8 +1672,8 @@ def _predicted_error(choices: list, alive: np.ndarray) -> float:
 SAMPLES_PER_INPUT_WIDTH = 0.25  # fewer fit samples than this times a refitted layer's input width K: warn
 
 
-def _warn_few_samples(graph: gs.Graph, pairs: list, kept: dict, n_fit: int) -> None:
-    """One warning when the fit samples are few for the widest layer the refit solves for.
+def _few_samples(graph: gs.Graph, pairs: list, kept: dict, n_fit: int) -> str | None:
+    """The warning when the fit samples are few for the widest layer the refit solves for, else None.
 
     The layers are the refit's (each pair's scaling op, each matrix op whose input lost channels); a layer's input
     width is K = Ci*kh*kw columns of its weight matrix. Spatial positions of one sample are strongly correlated, so
@@ -1681,17 +1689,17 @@ def _warn_few_samples(graph: gs.Graph, pairs: list, kept: dict, n_fit: int) -> N
                 # a layer whose own channels are blocked is still refitted when its input lost channels: say which
                 why[node.name] = "its basis was cut" if node.name in scaling else "its input lost channels"
     if not widths:
-        return
+        return None
     name, k = max(widths.items(), key=lambda kv: kv[1])
-    if n_fit < SAMPLES_PER_INPUT_WIDTH * k:
-        _warn_once(
-            "few samples",
-            f"warning: {n_fit} fit samples are few for refitting layer '{name}' ({why[name]}; input width K={k}, the "
-            "columns of its "
-            f"weight matrix; want at least {int(np.ceil(SAMPLES_PER_INPUT_WIDTH * k))} = K/"
-            f"{round(1 / SAMPLES_PER_INPUT_WIDTH)} samples): the refit may not hold on new data; give more --calib "
-            "samples or --no-compensate",
-        )
+    if n_fit >= SAMPLES_PER_INPUT_WIDTH * k:
+        return None
+    return (
+        f"warning: {n_fit} fit samples are few for refitting layer '{name}' ({why[name]}; input width K={k}, the "
+        "columns of its "
+        f"weight matrix; want at least {int(np.ceil(SAMPLES_PER_INPUT_WIDTH * k))} = K/"
+        f"{round(1 / SAMPLES_PER_INPUT_WIDTH)} samples): the refit may not hold on new data; give more --calib "
+        "samples or --no-compensate"
+    )
 
 
 def _timing_spec(
