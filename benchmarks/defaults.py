@@ -42,6 +42,24 @@ def suite_model(arch: str, folder: pathlib.Path) -> tuple[pathlib.Path, pathlib.
     return path, calib, *dataset.test
 
 
+def measure_rows(found: list[dict], path: pathlib.Path, x: np.ndarray, y: np.ndarray) -> list[dict]:
+    """`found` with each written model's test accuracy, parameters removed against the unpruned `path` (the first
+    row) and latency at batch 1 and 32, every model timed beside the others in one run."""
+    timings = time_models([r["path"] for r in found if r.get("path")], batches=[1, 32], runs=50)
+    by = {(t.model, t.batch): t for t in timings}
+    base = count(onnx.load(path))[0]
+    for r in found:
+        if not r.get("path"):
+            continue
+        r["accuracy"] = accuracy(r["path"], x, y)
+        r["removed"] = 1 - count(onnx.load(r["path"]))[0] / base
+        for b in (1, 32):
+            t = by[(pathlib.Path(r["path"]).name, b)]
+            r[f"ms_b{b}"], r[f"speedup_b{b}"] = t.median_ms, t.speedup
+        r.pop("stdout", None)
+    return found
+
+
 def print_table(rows: list[dict]) -> None:
     """The markdown table of accuracy rows (model, row, ratio, written method, accuracy or refusal, removal, speed)."""
     print("| model | row | ratio | written | test acc. | params removed | b1 ms (×) | b32 ms (×) | wall s |")
@@ -103,19 +121,7 @@ def main(argv: list[str] | None = None) -> None:
             if out.exists():
                 row["path"] = str(out)
             found.append(row)
-        timings = time_models([r["path"] for r in found if r.get("path")], batches=[1, 32], runs=50)
-        by = {(t.model, t.batch): t for t in timings}
-        base = count(onnx.load(path))[0]
-        for r in found:
-            if not r.get("path"):
-                continue
-            r["accuracy"] = accuracy(r["path"], x, y)
-            r["removed"] = 1 - count(onnx.load(r["path"]))[0] / base
-            for b in (1, 32):
-                t = by[(pathlib.Path(r["path"]).name, b)]
-                r[f"ms_b{b}"], r[f"speedup_b{b}"] = t.median_ms, t.speedup
-            r.pop("stdout", None)
-        rows += found
+        rows += measure_rows(found, path, x, y)
         print(f"{arch}: done", flush=True)
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out).write_text(json.dumps({"rows": rows}, indent=1))

@@ -267,19 +267,27 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch:
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps)
+
+    def loss(idx: torch.Tensor) -> torch.Tensor:
+        dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
+        return F.cross_entropy(model(torch.roll(xt[idx], shifts=(dy, dx), dims=(2, 3))), yt[idx])
+
+    _epochs(model, len(x), loss, opt, sched, epochs=epochs, batch=batch, gen=gen)
+    return time.perf_counter() - start
+
+
+def _epochs(model: nn.Module, n: int, loss, opt, sched, *, epochs: int, batch: int, gen: torch.Generator) -> None:
+    """`epochs` passes over `n` samples in shuffled batches: a step of `opt` and `sched` on `loss(indices)` each."""
     model.train()
     for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), batch):
-            idx = perm[i : i + batch]
-            dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
-            loss = F.cross_entropy(model(torch.roll(xt[idx], shifts=(dy, dx), dims=(2, 3))), yt[idx])
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, batch):
+            value = loss(perm[i : i + batch])
             opt.zero_grad()
-            loss.backward()
+            value.backward()
             opt.step()
             sched.step()
     model.eval()
-    return time.perf_counter() - start
 
 
 def _adamw(model: nn.Module, steps: int):
@@ -297,17 +305,11 @@ def train_text(
     gen = torch.Generator().manual_seed(seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     opt, sched = _adamw(model, epochs * ((len(x) + batch - 1) // batch))
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), batch):
-            idx = perm[i : i + batch]
-            loss = F.cross_entropy(model.classify(xt[idx, 0], xt[idx, 1]), yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
+
+    def loss(idx: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model.classify(xt[idx, 0], xt[idx, 1]), yt[idx])
+
+    _epochs(model, len(x), loss, opt, sched, epochs=epochs, batch=batch, gen=gen)
     return time.perf_counter() - start
 
 

@@ -34,8 +34,8 @@ import tempfile
 import numpy as np
 import onnx
 
-from benchmarks.cases import accuracy, run_cli
-from benchmarks.defaults import print_table
+from benchmarks.cases import run_cli
+from benchmarks.defaults import measure_rows, print_table
 from onnxprune.bench import time_models
 from onnxprune.budget import count
 
@@ -223,19 +223,7 @@ def vit_rows(ratios: list[float], methods: list[str], exporters: list[str], tmp:
                 row["path"] = str(out)
             found.append(row)
             print(f"{exporter} {name} {ratio}: exit {run['exit']}, {run['seconds']:.0f} s", flush=True)
-        timings = time_models([r["path"] for r in found if r.get("path")], batches=[1, 32], runs=50)
-        by = {(t.model, t.batch): t for t in timings}
-        base = count(onnx.load(path))[0]
-        for r in found:
-            if not r.get("path"):
-                continue
-            r["accuracy"] = accuracy(r["path"], x, y)
-            r["removed"] = 1 - count(onnx.load(r["path"]))[0] / base
-            for b in (1, 32):
-                t = by[(pathlib.Path(r["path"]).name, b)]
-                r[f"ms_b{b}"], r[f"speedup_b{b}"] = t.median_ms, t.speedup
-            r.pop("stdout", None)
-        rows += found
+        rows += measure_rows(found, path, x, y)
     return rows
 
 
