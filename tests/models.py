@@ -6,6 +6,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxprune.graph import infer_shapes
+
 OPSET = 17
 
 
@@ -88,9 +90,11 @@ class Builder:
             [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
             self.inits,
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        domains = sorted({n.domain for n in self.nodes if n.domain})  # onnxruntime's contrib ops: com.microsoft 1
+        opsets = [helper.make_opsetid("", opset), *(helper.make_opsetid(d, 1) for d in domains)]
+        model = helper.make_model(graph, opset_imports=opsets)
         model.ir_version = 8 if opset < 19 else 9
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = infer_shapes(model)
         for out in model.graph.output:  # declare each output's rank with a symbolic batch
             found = next(v for v in inferred.graph.output if v.name == out.name)
             dims = [None] * len(found.type.tensor_type.shape.dim)

@@ -147,10 +147,23 @@ RULE_CASES = {
     ),
     "LRN": None,  # always blocks: test_lrn_blocks
     "LayerNormalization": None,  # over the channels of tokens: token_block and convnext_like in the zoo (test_remove)
+    "com.microsoft::BiasGelu": lambda b, x: _channels_last(b, x, "BiasGelu", bias=True),
+    "com.microsoft::FastGelu": lambda b, x: _channels_last(b, x, "FastGelu", bias=True),
+    "com.microsoft::Gelu": lambda b, x: _channels_last(b, x, "Gelu"),
+    "com.microsoft::QuickGelu": lambda b, x: _channels_last(b, x, "QuickGelu", alpha=1.5),
     "LSTM": lambda b, x: _recurrent_case(b, x, "LSTM"),  # also the zoo's recurrent_head (test_remove)
     "GRU": lambda b, x: _recurrent_case(b, x, "GRU"),
     "RNN": lambda b, x: _recurrent_case(b, x, "RNN"),
 }
+
+
+def _channels_last(b, x, op, *, bias=False, **attrs):
+    """[N, C, 8, 8] -> NHWC -> an onnxruntime contrib op (bias [C] on the last axis) -> NCHW again."""
+    inputs = [b.node("Transpose", [x], perm=[0, 2, 3, 1])]
+    if bias:
+        inputs.append(b.const(b.rng.uniform(-1, 1, C)))
+    y = b.node(op, inputs, domain="com.microsoft", **attrs)
+    return b.node("Transpose", [y], perm=[0, 3, 1, 2])
 
 
 def _recurrent_case(b, x, op):
@@ -445,6 +458,7 @@ PATTERN_MATCHES = {
     ("passes/cleanup.py", "BatchNormalization"),  # folded into the producer before it
     ("calibration/criteria.py", "BatchNormalization"),  # its gammas, the bn_gamma criterion's scores
     ("passes/cleanup.py", "Constant"),  # Constant nodes become initializers
+    ("passes/cleanup.py", "Reshape"),  # Reshape -> Transpose -> Reshape round trips written as one Transpose
     ("graph.py", "Constant"),  # parameters held in Constant nodes are counted
     ("pipeline.py", "Constant"),  # likewise, for the weights' report
     ("calibration/refit.py", "Add"),  # a residual sum, the refit target of a block's last layer

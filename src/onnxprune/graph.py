@@ -195,8 +195,8 @@ def infer_shapes(model: onnx.ModelProto, *, in_place: bool = False, weightless: 
     try:
         big = oversized(model)
         if not big and _tensor_bytes(model) < SET_ASIDE_BYTES:
-            return onnx.shape_inference.infer_shapes(model, data_prop=True)
-        inferred = onnx.shape_inference.infer_shapes(weightless_view(model), data_prop=True)
+            return _with_contrib_shapes(onnx.shape_inference.infer_shapes(model, data_prop=True))
+        inferred = _with_contrib_shapes(onnx.shape_inference.infer_shapes(weightless_view(model), data_prop=True))
         if weightless:
             return inferred
         target = model
@@ -210,6 +210,24 @@ def infer_shapes(model: onnx.ModelProto, *, in_place: bool = False, weightless: 
         return target
     except (onnx.shape_inference.InferenceError, RuntimeError, ValueError, UnicodeError, TypeError) as err:
         log.debug("shape inference failed: %s", err)
+        return model
+
+
+def _with_contrib_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with the shapes onnxruntime's symbolic shape inference finds, when it holds onnxruntime's contrib ops.
+
+    onnx's inference does not know the ``com.microsoft`` domain (the transformer optimizer's fused ops), so every
+    shape after one stays unknown; onnxruntime's own inference (``onnxruntime.tools.symbolic_shape_infer``) does.
+    Where it fails, the model is returned as it was.
+    """
+    if not any(n.domain == "com.microsoft" for n in model.graph.node):
+        return model
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception as err:  # noqa: BLE001 -- it raises plain Exception for what it cannot resolve
+        log.debug("onnxruntime's symbolic shape inference failed: %s", err)
         return model
 
 

@@ -27,6 +27,8 @@ def cleanup(graph: gs.Graph, *, fold_bn: bool = True) -> PassResult:
     _fold_constants(graph)
     if _fold_shape_values(graph):
         report.counts["shape_values_folded"] += 1
+    if merged := _merge_transpose_round_trips(graph):
+        report.counts["transpose_round_trips_merged"] += merged
     if fold_bn:
         for node in [n for n in graph.nodes if n.op == "BatchNormalization"]:
             if _fold_batch_norm(graph, node):
@@ -98,6 +100,8 @@ def _fold_shape_values(graph: gs.Graph) -> bool:
                     array = value.astype(dtype)
                 elif i == 1 and (target := rules.reshape_target(node, value)) is not None:
                     array = target
+                    if np.any(target == 0) and "allowzero" in node.attrs:
+                        node.attrs["allowzero"] = 0  # its 0s copy dims now; the same output either way
                 else:
                     continue
                 node.inputs[i] = gs.Constant(unique_name(graph, f"{tensor.name}/folded"), np.asarray(array))
@@ -108,6 +112,49 @@ def _fold_shape_values(graph: gs.Graph) -> bool:
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         refresh_shapes(graph)
     return folded
+
+
+def _merge_transpose_round_trips(graph: gs.Graph) -> int:
+    """Write Reshape -> Transpose -> Reshape that only transposes trailing dims as one Transpose; returns the count.
+
+    The first Reshape merges the leading dims, the Transpose moves the trailing ones, the second splits the leading
+    dims back. torch's dynamo exporter writes ``k.transpose(-2, -1)`` inside scaled dot-product attention that way,
+    with both targets computed from `Shape` at run time (a dynamic sequence keeps them from folding), which hides the
+    head axis from the channel rules. The rewrite is exact when the trailing dims come through unchanged, the
+    Transpose keeps the merged axis first and the second Reshape restores the leading dims; shapes are compared as
+    inferred, a symbolic dim equal only to itself.
+    """
+    merged = 0
+    for second in [n for n in graph.nodes if n.op == "Reshape"]:
+        turn = _only_producer(second.inputs[0], "Transpose")
+        first = _only_producer(turn.inputs[0], "Reshape") if turn is not None else None
+        if first is None:
+            continue
+        x = first.inputs[0]
+        shapes = [x.shape, first.outputs[0].shape, second.outputs[0].shape]
+        if any(s is None or any(d is None or d == "" for d in s) for s in shapes):
+            continue
+        xs, flat, ys = (list(s) for s in shapes)
+        perm = [int(p) for p in turn.attrs.get("perm", reversed(range(len(flat))))]
+        lead = len(xs) - (len(flat) - 1)
+        if lead < 1 or perm[0] != 0 or flat[1:] != xs[lead:] or len(ys) != len(xs) or ys[:lead] != xs[:lead]:
+            continue
+        if ys[lead:] != [flat[p] for p in perm[1:]]:
+            continue
+        second.op, second.attrs = "Transpose", {"perm": list(range(lead)) + [lead - 1 + p for p in perm[1:]]}
+        second.inputs.clear()
+        second.inputs.append(x)
+        merged += 1
+    if merged:
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return merged
+
+
+def _only_producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
+    """The node of type `op` that produces `tensor` when `tensor` feeds nothing else, or None."""
+    if len(tensor.inputs) != 1 or len(tensor.outputs) != 1 or tensor.inputs[0].op != op:
+        return None
+    return tensor.inputs[0]
 
 
 def _fold_batch_norm(graph: gs.Graph, bn: gs.Node) -> bool:

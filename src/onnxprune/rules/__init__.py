@@ -133,7 +133,7 @@ _RULES: dict[str, RuleFn] = {}
 
 
 def rule(*ops: str) -> Callable[[RuleFn], RuleFn]:
-    """Register a rule builder for op types `ops`."""
+    """Register a rule builder for op types `ops` (``"domain::Op"`` for an op outside the default domain)."""
 
     def register(fn: RuleFn) -> RuleFn:
         for op in ops:
@@ -151,6 +151,14 @@ def registered_ops() -> list[str]:
 def rule_for(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
     """The node's step, or the reason it blocks the channels reaching it."""
     if node.domain not in (None, "", "ai.onnx"):
+        fn = _RULES.get(f"{node.domain}::{node.op}")
+        if fn is not None:
+            return fn(node, flows, walk)
+        if node.domain == "com.microsoft" and node.op in ORT_FUSED:
+            return (
+                f"onnxruntime's fused {node.domain}::{node.op} has no channel rule (its heads or width cannot be "
+                "followed inside it: prune the model before onnxruntime's transformer optimizer fuses it)"
+            )
         return f"custom-domain op {node.domain}::{node.op} has no channel rule"
     fn = _RULES.get(node.op)
     if fn is None:
@@ -655,7 +663,11 @@ def clip_bounds(node: gs.Node) -> tuple[float, float] | None:
 
 
 def _gelu(node: gs.Node, x: np.ndarray) -> np.ndarray:
-    if node.attrs.get("approximate", "none") == "tanh":
+    return _gelu_value(x, node.attrs.get("approximate", "none"))
+
+
+def _gelu_value(x: np.ndarray, approximate: str) -> np.ndarray:
+    if approximate == "tanh":
         return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
     return 0.5 * x * (1 + special.erf(x / np.sqrt(2)))
 
@@ -670,6 +682,41 @@ def _clip(node: gs.Node, x: np.ndarray) -> np.ndarray:
                 return _unknown(x)
             lo, hi = (float(value), hi) if name == "lo" else (lo, float(value))
     return np.clip(x, lo, hi)
+
+
+# onnxruntime's transformer optimizer fuses attention, normalisations and embeddings into these (com.microsoft)
+ORT_FUSED = (
+    "Attention",
+    "MultiHeadAttention",
+    "PackedAttention",
+    "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "EmbedLayerNormalization",
+    "SimplifiedLayerNormalization",
+    "BiasSplitGelu",
+    "BiasAdd",
+    "RotaryEmbedding",
+    "GroupQueryAttention",
+)
+
+
+@rule("com.microsoft::BiasGelu", "com.microsoft::FastGelu", "com.microsoft::Gelu", "com.microsoft::QuickGelu")
+def _contrib_gelu(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
+    """GELUs of onnxruntime's contrib domain: element-wise, any bias [C] added first (sliced with the channels).
+
+    BiasGelu and FastGelu take an optional bias; FastGelu is the tanh approximation, QuickGelu x * sigmoid(alpha * x).
+    """
+    if node.op == "QuickGelu":
+        alpha = float(node.attrs.get("alpha", 1.702))
+        act = lambda x: x / (1 + np.exp(-alpha * x))  # noqa: E731
+    else:
+        approximate = "tanh" if node.op == "FastGelu" else "none"
+        act = lambda x: _gelu_value(x, approximate)  # noqa: E731
+    if input_of(node, 1) is None:
+        if flows and flows[0] is not None:
+            return Step(Kind.PASS_THROUGH, [_same(flows[0], act(flows[0].zero))])
+        return Step(Kind.PASS_THROUGH, [None])
+    return _binary(node, flows, walk, lambda x, b: act(x + b))
 
 
 @rule(*_UNARY)
@@ -1449,8 +1496,14 @@ def reshape_target(node: gs.Node, value: ShapeValue | None) -> np.ndarray | None
     An entry that is its input's own symbolic dim at the same position becomes 0 (copy that dim); when one entry is
     still unknown (``N * T`` of a ``[N, T, C] -> [N*T, C]`` flatten) and every other one is known, it becomes -1:
     the product of the dims is the same at run time, so -1 resolves to the value the graph computed.
+
+    With ``allowzero=1`` (the dynamo exporter writes it) a 0 in the target is a literal zero; copying a dim gives the
+    same output whichever way a 0 is read, so the target is written the same way when none of its known entries is
+    0, and the caller sets ``allowzero`` to 0 (ONNX Reshape, opset 14).
     """
-    if node.op != "Reshape" or value is None or value.ndim != 1 or not len(value) or node.attrs.get("allowzero", 0):
+    if node.op != "Reshape" or value is None or value.ndim != 1 or not len(value):
+        return None
+    if node.attrs.get("allowzero", 0) and any(isinstance(v, (int, np.integer)) and v == 0 for v in value):
         return None
     shape = node.inputs[0].shape or []
     out: list[int | None] = []
