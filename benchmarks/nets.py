@@ -313,22 +313,36 @@ def train_text(
     return time.perf_counter() - start
 
 
-def export_text(model: TextEncoder, path: os.PathLike, length: int) -> None:
-    """The embedder as ONNX (opset 17): inputs input_ids and attention_mask [batch, seq] int64, output embedding."""
+def export_text(model: TextEncoder, path: os.PathLike, length: int, exporter: str = "torchscript") -> None:
+    """The embedder as ONNX: inputs input_ids and attention_mask [batch, seq] int64, output sentence_embedding.
+
+    `exporter` "torchscript" (opset 17) or "dynamo" (opset 18, needs onnxscript; batch and sequence as torch.export
+    dims, the sequence up to the position table's length).
+    """
     model.eval()
     path = pathlib.Path(path)
     tmp = path.with_suffix(".tmp.onnx")
     ids = torch.ones(2, length, dtype=torch.int64)
-    torch.onnx.export(
-        model,
-        (ids, torch.ones_like(ids)),
-        str(tmp),
-        input_names=["input_ids", "attention_mask"],
-        output_names=["embedding"],
-        dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}},
-        opset_version=17,
-        dynamo=False,
-    )
+    names = {
+        "input_names": ["input_ids", "attention_mask"],
+        "output_names": ["sentence_embedding"],
+    }  # dynamo names a value "embedding"
+    if exporter == "dynamo":
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=model.positions.num_embeddings)
+        dims = {"ids": {0: batch, 1: seq}, "mask": {0: batch, 1: seq}}
+        torch.onnx.export(
+            model, (ids, torch.ones_like(ids)), str(tmp), dynamic_shapes=dims, opset_version=18, dynamo=True, **names
+        )
+    else:
+        torch.onnx.export(
+            model,
+            (ids, torch.ones_like(ids)),
+            str(tmp),
+            dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}},
+            opset_version=17,
+            dynamo=False,
+            **names,
+        )
     os.replace(tmp, path)
 
 

@@ -18,8 +18,9 @@ markdown table.
 The text encoder (`benchmarks.nets.TextEncoder`: BERT-style, token and position embeddings, 4 post-norm blocks of
 width 128 with separate Q/K/V and 4 heads, an additive padding mask, mean pooling over the kept tokens) is trained
 to tell which standard-library module a 64-character piece of docstring comes from (`data.text`), then exported as
-the embedder alone (inputs input_ids and attention_mask [batch, seq], output the [batch, 128] embedding). Its rows
-are judged against the original's embeddings of the 1825 held-out pieces: mean cosine and nearest-neighbour
+the embedder alone (inputs input_ids and attention_mask [batch, seq], output the [batch, 128] embedding) by each
+exporter (dynamo: opset 18, batch and sequence as export dims; its attention reshapes read the sequence length).
+Its rows are judged against the original's embeddings of the 1825 held-out pieces: mean cosine and nearest-neighbour
 agreement; latency at batch 1 and 32 for sequences of 32 and 128 tokens. Its peer is plain SVD (Torch-Pruning on it
 is not wired yet).
 """
@@ -27,6 +28,7 @@ is not wired yet).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import pathlib
 import tempfile
@@ -113,34 +115,53 @@ def embeddings(path: str, x: np.ndarray) -> np.ndarray:
     """The model's embeddings of the (ids, mask) pairs `x` [N, 2, L], in onnxruntime."""
     from onnxprune.calibration.runner import run_batches
 
-    return run_batches(onnx.load(path), {"input_ids": x[:, 0], "attention_mask": x[:, 1]}, batch_size=256)["embedding"]
+    return run_batches(onnx.load(path), {"input_ids": x[:, 0], "attention_mask": x[:, 1]}, batch_size=256)[
+        "sentence_embedding"
+    ]
 
 
-def text_rows(ratios: list[float], methods: list[str], tmp: pathlib.Path, peers: bool) -> list[dict]:
-    """The default command, the methods and plain SVD on the trained text encoder, judged against the original's
-    embeddings of the held-out pieces: mean cosine, and nearest-neighbour agreement (each piece's most similar other
-    piece is the same one); latency at batch 1 and 32 for sequences of 32 and 128 tokens."""
+def text_rows(
+    ratios: list[float], methods: list[str], exporters: list[str], tmp: pathlib.Path, peers: bool
+) -> list[dict]:
+    """The default command, the methods and plain SVD on the trained text encoder, per exporter, judged against the
+    original's embeddings of the held-out pieces: mean cosine, and nearest-neighbour agreement (each piece's most
+    similar other piece is the same one); latency at batch 1 and 32 for sequences of 32 and 128 tokens."""
     from benchmarks import nets
-    from benchmarks.cases import plain_svd
 
     model, dataset = text_encoder()
-    path, calib = tmp / "text_encoder.onnx", tmp / "text_calib.npz"
-    nets.export_text(model, path, dataset.train[0].shape[-1])
     ids = dataset.calib[0][:CALIB]
+    calib = tmp / "text_calib.npz"
     np.savez(calib, input_ids=ids[:, 0], attention_mask=ids[:, 1])
-    found = [{"model": "text encoder", "row": "unpruned", "ratio": 0.0, "path": str(path)}]
+    rows = []
+    for exporter in exporters:
+        path = tmp / f"text_encoder_{exporter}.onnx"
+        if exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
+            print("dynamo: exporter not installed, skipped", flush=True)
+            continue
+        nets.export_text(model, path, dataset.train[0].shape[-1], exporter)
+        rows += _text_exporter_rows(f"text encoder ({exporter})", path, calib, dataset, ratios, methods, peers)
+        peers = False  # the peers once, on the first exporter's model
+    return rows
+
+
+def _text_exporter_rows(
+    label: str, path: pathlib.Path, calib: pathlib.Path, dataset, ratios: list[float], methods: list[str], peers: bool
+) -> list[dict]:
+    from benchmarks.cases import plain_svd
+
+    found = [{"model": label, "row": "unpruned", "ratio": 0.0, "path": str(path)}]
     for ratio in ratios if peers else ():
-        out = tmp / f"text_{len(found)}.onnx"
+        out = path.with_name(f"{path.stem}_{len(found)}.onnx")
         pruned, _ = plain_svd(onnx.load(path), ratio)
         onnx.save(pruned, out)
-        found.append({"model": "text encoder", "row": "peer: plain SVD", "ratio": ratio, "path": str(out)})
+        found.append({"model": label, "row": "peer: plain SVD", "ratio": ratio, "path": str(out)})
     runs = [("default flags + --calib", r, []) for r in ratios]
     runs += [(f"ablation: --method {m}", r, ["--method", m]) for m in methods for r in ratios]
     for name, ratio, extra in runs:
-        out = tmp / f"text_{len(found)}.onnx"
+        out = path.with_name(f"{path.stem}_{len(found)}.onnx")
         cmd = [str(path), str(out), "--ratio", str(ratio), "--calib", str(calib), *extra]
         run = run_cli([*cmd, "--report", str(out.with_suffix(".json"))])
-        row = {"model": "text encoder", "row": name, "ratio": ratio, **run}
+        row = {"model": label, "row": name, "ratio": ratio, **run}
         if out.with_suffix(".json").exists():
             row["method"] = json.loads(out.with_suffix(".json").read_text()).get("method")
         if run["exit"] == 1:
@@ -148,7 +169,7 @@ def text_rows(ratios: list[float], methods: list[str], tmp: pathlib.Path, peers:
         if out.exists():
             row["path"] = str(out)
         found.append(row)
-        print(f"text encoder {name} {ratio}: exit {run['exit']}, {run['seconds']:.0f} s", flush=True)
+        print(f"{label} {name} {ratio}: exit {run['exit']}, {run['seconds']:.0f} s", flush=True)
     x = dataset.test[0]
     reference = embeddings(str(path), x)
     base = count(onnx.load(path))[0]
@@ -242,19 +263,19 @@ def main(argv: list[str] | None = None) -> None:
     methods = [m for m in args.methods.split(",") if m]
     rows = vit_rows(ratios, methods, args.exporters.split(","), tmp, args.peers) if args.vit else []
     if args.text:
-        rows += text_rows(ratios, methods, tmp, args.peers)
+        rows += text_rows(ratios, methods, args.exporters.split(","), tmp, args.peers)
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out).write_text(
         json.dumps({"epochs": EPOCHS, "text_epochs": TEXT_EPOCHS, "calib": CALIB, "rows": rows}, indent=1)
     )
-    text = [r for r in rows if r["model"] == "text encoder"]
-    rows = [r for r in rows if r["model"] != "text encoder"]
+    text = [r for r in rows if r["model"].startswith("text encoder")]
+    rows = [r for r in rows if not r["model"].startswith("text encoder")]
     if text:
         print(
-            "| row | ratio | written | cosine | neighbour agreement | params removed | b1 s32 / s128 (×) "
+            "| model | row | ratio | written | cosine | neighbour agreement | params removed | b1 s32 / s128 (×) "
             "| b32 s32 / s128 (×) |"
         )
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in text:
             quality = (
                 f"{r['cosine']:.4f} | {100 * r['neighbour_agreement']:.1f} %"
@@ -266,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
                 for b in (1, 32)
             )
             print(
-                f"| {r['row']} | {r['ratio']} | {r.get('method') or ''} | {quality} | "
+                f"| {r['model']} | {r['row']} | {r['ratio']} | {r.get('method') or ''} | {quality} | "
                 f"{100 * r.get('removed', 0):.1f} % | {speed} |"
             )
     print_table(rows)

@@ -197,3 +197,38 @@ def test_reshape_transpose_reshape_round_trip_becomes_one_transpose(restores):
     for n, length in ((1, 2), (3, 5)):
         feed = {"x": rng.standard_normal((n, 4, length, 3)).astype(np.float32)}
         assert_outputs_close(ort_run(cleaned, feed), ort_run(model, feed), rtol=0, atol=0)
+
+
+def test_channel_method_counts_attention_heads_in_heads(tmp_path):
+    """`--method channel` on the exported encoder removes whole heads; the report counts them as heads (of 4 per
+    block), the MLP units as channels, and the result is valid with a dynamic sequence."""
+    import onnxprune
+
+    model = export(dynamo=True, opset=18, packed=False, pre_norm=False, gelu="none", sdpa=True)
+    rng = np.random.default_rng(1)
+    calib = {"ids": rng.integers(0, VOCAB, (64, 12)), "mask": np.ones((64, 12), np.int64)}
+    pruned, report = onnxprune.prune(model, ratio=0.3, calib=calib, method="channel", force=True, latency_batch=0)
+    kinds = [r for r in report.facts["removed"].values() if r["removed"]]
+    heads = [r for r in kinds if r["kind"] == "head"]
+    assert heads and all(r["of"] == HEADS and r["removed"] < HEADS for r in heads), kinds
+    assert {r["kind"] for r in kinds} <= {"head", "channel"}
+    onnx.checker.check_model(pruned, full_check=True)
+    for batch, length in ((1, 5), (3, 17)):
+        assert ort_run(pruned, feeds(batch, length, seed=batch))["pooled"].shape == (batch, WIDTH)
+
+
+def test_heads_and_units_share_one_knapsack_and_heads_are_not_rounded():
+    """With heads in the graph the channel allocation is the knapsack over the output energy each head and unit
+    feeds its readers; kept counts rounded to 8 apply to the MLP units, not to the 4 heads of a block (rounded up
+    to 8, a block of 4 heads would never lose one)."""
+    import onnxprune
+
+    model = export(dynamo=False, opset=17, packed=True, pre_norm=True, gelu="none", sdpa=False)
+    rng = np.random.default_rng(2)
+    calib = {"ids": rng.integers(0, VOCAB, (64, 12)), "mask": np.ones((64, 12), np.int64)}
+    _, report = onnxprune.prune(model, ratio=0.4, calib=calib, method="channel", force=True, round_to=8)
+    assert "knapsack" in report.facts["plan_source"]
+    removed = [r for r in report.facts["removed"].values() if r["removed"]]
+    assert any(r["kind"] == "head" for r in removed), removed
+    units = [r for r in removed if r["kind"] == "channel"]
+    assert units and all((r["of"] - r["removed"]) % 8 == 0 for r in units), units

@@ -340,13 +340,15 @@ class _Rounding:
             g.classes[np.argsort(-position[g.classes])] for g in analysis.groups if np.any(position[g.classes] >= 0)
         ]
         self.sizes = [len(g.classes) for g in analysis.groups if np.any(position[g.classes] >= 0)]
+        # attention heads are not rounded: each is a head dim wide already
+        self.steps = [1 if g.unit == "head" else step for g in analysis.groups if np.any(position[g.classes] >= 0)]
 
     def apply(self, alive: np.ndarray) -> None:
-        for classes, size in zip(self.groups, self.sizes):
+        for classes, size, step in zip(self.groups, self.sizes, self.steps):
             kept = int(alive[classes].sum())
             if kept == size:
                 continue
-            wanted = min(size, -(-kept // self.step) * self.step)
+            wanted = min(size, -(-kept // step) * step)
             for cls in classes:
                 if kept >= wanted:
                     break
@@ -517,6 +519,7 @@ def channel_choices(
     groups: list[str],
     weights: dict[str, float] | None = None,
     alive: np.ndarray | None = None,
+    round_to: int = 1,
 ) -> list[Choice]:
     """Keeping fewer whole channels of `groups` as options beside the split layers' ranks (see `Choice`).
 
@@ -535,6 +538,8 @@ def channel_choices(
         groups: Names of the groups offered (each keeps at least one channel; blocked channels stay).
         weights: Sensitivity weight per group (default 1).
         alive: The state the costs are taken at (None: nothing removed).
+        round_to: Only kept counts that are multiples of this are offered (kernels like multiples of 8); attention
+            heads are not rounded (each is a head dim wide).
 
     Returns:
         One `Choice` of kind "channel" per group offered, in `groups` order, with options 0 .. n - 1 over its n
@@ -563,6 +568,8 @@ def channel_choices(
         options = np.arange(n)  # option 0: all n; option k: the top k
         kept = np.where(options == 0, n, options)
         error = _tail_share(saliency[order].astype(np.float64))[:n] * (weights or {}).get(name, 1.0)
+        step = 1 if group.unit == "head" else round_to
+        error[(options % step != 0) & (options > 0)] = np.inf
         choices.append(
             Choice(name, order, error, per_channel * (kept - kept_now).astype(float), np.zeros(n), kind="channel")
         )
@@ -606,7 +613,7 @@ def allocate_ranks(
             budget means removing more than `FAR` (3 points) above the request.
     """
     wanted = total_before * (1.0 - remove_ratio)
-    cheapest = [int(np.argmin(c.cost)) for c in choices]
+    cheapest = [int(np.argmin(np.where(np.isfinite(c.error), c.cost, np.inf))) for c in choices]  # of those offered
 
     def totals(picks: list[int]) -> tuple[float, float]:
         return (
@@ -713,7 +720,7 @@ def _exchange(choices: list[Choice], picks: list[int], totals, wanted: float, to
     for i, c in enumerate(choices):
         if picks[i] == 0:
             continue
-        higher = list(range(picks[i] + 1, c.max_rank + 1))
+        higher = [k for k in range(picks[i] + 1, c.max_rank + 1) if np.isfinite(c.error[k])]
         step = max(1, len(higher) // EXCHANGE_OPTIONS)
         for new in [0, *higher[::step]]:
             trial = list(picks)
@@ -737,7 +744,7 @@ def _reduce(choices: list[Choice], picks: list[int], totals, wanted: float, *, k
         for j, (c, o) in enumerate(zip(choices, picks)):
             if j == keep:
                 continue
-            new = o - 1 if o > 1 else (c.max_rank if o == 0 else None)
+            new = _next_option(c, o, down=True)
             if new is None or c.cost[new] >= c.cost[o]:
                 continue
             rate = (c.error[new] - c.error[o]) / (c.cost[o] - c.cost[new])
@@ -747,6 +754,19 @@ def _reduce(choices: list[Choice], picks: list[int], totals, wanted: float, *, k
             return None
         picks[best[0]] = best[1]
     return picks
+
+
+def _next_option(choice: Choice, option: int, *, down: bool) -> int | None:
+    """The nearest option below (or above) `option` that is offered (finite error), None when there is none.
+
+    Below option 0 (the whole layer) comes the largest option; above the largest, none. Options with infinite
+    error are not offered (channel counts rounded to a multiple, `channel_choices`).
+    """
+    if down:
+        span = range(choice.max_rank, 0, -1) if option == 0 else range(option - 1, 0, -1)
+    else:
+        span = range(option + 1, choice.max_rank + 1) if option > 0 else range(0)
+    return next((k for k in span if np.isfinite(choice.error[k])), None)
 
 
 def _plural(n: int, word: str) -> str:
@@ -761,7 +781,9 @@ def _fill_slack(choices: list[Choice], picks: list[int], slack: float, seconds: 
         for i, (c, o) in enumerate(zip(choices, picks)):
             if o == 0:
                 continue
-            for new in (o + 1, 0) if o < c.max_rank else (0,):
+            for new in (_next_option(c, o, down=False), 0):
+                if new is None:
+                    continue
                 extra, later = c.cost[new] - c.cost[o], c.latency[new] - c.latency[o]
                 saved = c.error[o] - c.error[new]
                 if extra <= slack and later <= seconds and saved > 0:

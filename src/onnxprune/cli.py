@@ -638,7 +638,8 @@ def _kinds(facts: dict) -> str:
     removed = facts.get("removed", {}).values()
     bases = sum(r["removed"] for r in removed if r["kind"] == "basis")
     channels = sum(r["removed"] for r in removed if r["kind"] == "channel")
-    return f"{channels} channels, {bases} basis vectors removed"
+    heads = sum(r["removed"] for r in removed if r["kind"] == "head")
+    return f"{channels} channels, " + (f"{heads} attention heads, " if heads else "") + f"{bases} basis vectors removed"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,7 +48,7 @@ from onnxprune.passes.basis import (
     whitenable,
 )
 from onnxprune.passes.cleanup import cleanup
-from onnxprune.passes.groups import find_channel_groups
+from onnxprune.passes.groups import ChannelGraph, find_channel_groups
 from onnxprune.passes.remove import remove_channels
 from onnxprune.passes.tt import TT_MIN_WEIGHTS, allocate_bonds, decompose_tt, tt_layers
 from onnxprune.progress import steps
@@ -490,6 +490,8 @@ class _Run:
             axes = criteria.energy_tensors(found)
             axes.update({p.mid: _mid_axis(self.graph, p) for p in self.pairs})
             if opts.channel_options and stage == "basis" and opts.target != "latency":  # what their errors read
+                axes.update(criteria.consumer_inputs(self.graph, found))
+            if stage == "channel" and _by_output_energy(found, opts.target):  # heads and units, one knapsack
                 axes.update(criteria.consumer_inputs(self.graph, found))
             energy, pooled = channel_statistics(
                 to_model(self.graph, model),
@@ -1369,6 +1371,12 @@ def _prune_stage(
     scores = criteria.importance(
         criterion, criteria.Context(graph, analysis, bn_gamma, pairs, energy, pooled, labels, seed=seed)
     )
+    knapsack = stage == "channel" and _by_output_energy(analysis, target) and energy
+    if knapsack:  # heads and units ranked by what they feed the layers reading them (the probes remove those first)
+        scores = criteria.consumer_energy(
+            criteria.Context(graph, analysis, bn_gamma, pairs, energy, pooled, labels, seed=seed)
+        )
+        knapsack = bool(np.any(scores > 0))
     weights = None
     if probe is not None:
         weights = probe(graph, groups=[g for g in analysis.groups if g.name not in protected], scores=scores)
@@ -1582,6 +1590,21 @@ def _prune_stage(
             report.facts["speed_check"] = measured
         if allocation.latency is not None:
             report.facts["layer_latency"] = {"before": budget, "after": allocation.latency}
+    elif knapsack:
+        choices = channel_choices(
+            analysis,
+            cost,
+            scores,
+            target=target,
+            groups=[g.name for g in analysis.groups if g.name not in protected],
+            weights=weights,
+            round_to=round_to,
+        )
+        index = 1 if target == "flops" else 0
+        allocation = allocate_ranks(
+            analysis, cost, choices, remove_ratio=remove_ratio, total_before=total, fixed=cost.count()[index]
+        )
+        report.facts["plan_source"] = "knapsack over heads and channels, by the output energy they feed their readers"
     else:
         allocation = allocate(
             analysis,
@@ -1602,10 +1625,13 @@ def _prune_stage(
         group = next(g for g in analysis.groups if g.name == name)
         of, removed = len(group.classes), len(group.classes) - len(keep)
         out = nodes[group.producers[0]].outputs[0].name if group.producers else None
-        if out in analysis.flows:  # counted on the producer's output: a class may hold several of its channels
+        # counted on the producer's output, as a class may hold several of its channels; a head in heads, though,
+        # not in the Q, K and V columns it holds
+        if group.unit != "head" and out in analysis.flows:
             of = len(analysis.flows[out].ids)  # (DepthToSpace unites the b^2 channels one output channel reads)
             removed = of - len(analysis.keep(out, analysis.alive({name: keep})))
-        kinds[name] = {"kind": "basis" if name in basis_groups else "channel", "removed": int(removed), "of": int(of)}
+        kind = "basis" if name in basis_groups else group.unit
+        kinds[name] = {"kind": kind, "removed": int(removed), "of": int(of)}
     removal = run_passes(graph, [partial(remove_channels, plan=allocation.plan, analysis=analysis)]).report
     bases = sum(kinds[name]["removed"] for name in allocation.plan if name in basis_groups)
     if bases:  # remove_channels counts every index it drops; on a basis edge those are basis vectors, not channels
@@ -1618,6 +1644,17 @@ def _prune_stage(
 SELECT_SAMPLES = 128  # fit samples the candidate plans are compared on, each taken to the end (refit included)
 SELECT_BUDGET_S = 30.0  # ... while the next one is expected to end within this many seconds of the first start
 LINEARIZE_STEPS = 3  # allocations with channel options, each with costs re-taken at the plan before
+
+
+def _by_output_energy(analysis: ChannelGraph, target: str) -> bool:
+    """Whether a channel stage allocates by the knapsack of `budget.channel_choices` rather than by ranking.
+
+    For graphs with attention heads (parameters or MACs): a head is a quarter of its layer where a unit is a
+    256th, so scores normalised within each group (`budget.allocate`) rank an average head 64 times cheaper to lose
+    than an average MLP unit. The knapsack compares the share of its readers' output energy each option loses, the
+    relative error of those layers, as the ranks' knapsack does.
+    """
+    return target != "latency" and any(g.unit == "head" for g in analysis.groups)
 
 
 def _error_at(choice, kept: int) -> float:

@@ -19,6 +19,7 @@ class Group:
     producers: list[str]
     classes: np.ndarray
     blocked: dict[int, str] = field(default_factory=dict)  # class -> reason, for classes that cannot go
+    unit: str = "channel"  # what one class is: "channel", or "head" (an attention head, its Q, K, V columns together)
 
     @property
     def removable(self) -> np.ndarray:
@@ -100,6 +101,7 @@ class _Walker:
         self.parent: list[int] = []
         self.owner: list[tuple[str, int]] = []
         self.blocked: dict[int, str] = {}
+        self.units: dict[int, str] = {}
 
     def new_ids(self, node: gs.Node, n: int) -> np.ndarray:
         start = len(self.parent)
@@ -133,6 +135,10 @@ class _Walker:
     def block(self, ids: np.ndarray, reason: str) -> None:
         for i in np.unique(ids).tolist():
             self.blocked.setdefault(i, reason)
+
+    def label(self, ids: np.ndarray, unit: str) -> None:
+        for i in np.unique(ids).tolist():
+            self.units.setdefault(i, unit)
 
     def shape(self, tensor: gs.Tensor) -> list[int | None] | None:
         if isinstance(tensor, gs.Constant):
@@ -250,8 +256,15 @@ def _finish(
         )
         if producers:
             by_key.setdefault(tuple(producers), []).append(c)
+    units = {int(class_of[i]): unit for i, unit in walker.units.items()}
     groups = [
-        Group("+".join(key), list(key), np.array(cs, dtype=np.int64), {c: blocked[c] for c in cs if c in blocked})
+        Group(
+            "+".join(key),
+            list(key),
+            np.array(cs, dtype=np.int64),
+            {c: blocked[c] for c in cs if c in blocked},
+            next((units[c] for c in cs if c in units), "channel"),
+        )
         for key, cs in sorted(by_key.items(), key=lambda kv: min(members[kv[1][0]]))
     ]
     return ChannelGraph(steps, flows, class_of, walker.owner, groups, blockers)

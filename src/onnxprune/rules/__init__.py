@@ -124,6 +124,9 @@ class Walk(Protocol):
     def block(self, ids: np.ndarray, reason: str) -> None:
         """Channels `ids` cannot be removed, for `reason` (which names the node)."""
 
+    def label(self, ids: np.ndarray, unit: str) -> None:
+        """Channels `ids` are units of a named kind ("head": an attention head); the report counts them so."""
+
     def shape(self, tensor: gs.Tensor) -> list[int | None] | None:
         """The tensor's inferred shape (None where a dim is unknown), or None without a rank."""
 
@@ -1287,6 +1290,7 @@ def _reshape_split(
             continue
         k = _split_channel_axis(node.outputs[0].outputs, j, stop)
         inner, size = _prod(resolved[k + 1 : stop]), resolved[k]
+        heads = k == stop - 2  # features split into [..., heads, head dim]: a channel is a head
         channel = (np.arange(n) // inner) % size
         ids, zero = np.empty(size, dtype=np.int64), np.empty(size)
         for c in range(size):
@@ -1294,6 +1298,8 @@ def _reshape_split(
             walk.unify(np.repeat(members[:1], len(members)), members)
             values = flow.zero[channel == c]
             ids[c], zero[c] = members[0], values[0] if np.all(values == values[0]) else np.nan
+        if heads:
+            walk.label(ids, "head")
         return k, Flow(k, len(resolved), ids, zero)
     return None
 
