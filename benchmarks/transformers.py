@@ -10,10 +10,11 @@ installed, its dynamo exporter (opset 18). For each exporter and ratio: `onnxpru
 calib.npy` with 256 unlabelled calibration images (default flags; when the guard refuses, the same with `--force`
 so the refused model's accuracy is known), then one ablation row per method (`--method M`: heads and MLP units,
 or low rank alone), and the peers on the same model and calibration images (Torch-Pruning's MetaPruner with its
-head pruning on the torch model; plain truncated SVD of every layer on the ONNX graph). Test accuracy in
-onnxruntime on 2400 images, parameters removed, and latency of every written model against the unpruned one at
-batch 1 and 32 (alternating blocks, onnxruntime's default threads). Writes results/transformers.json and prints a
-markdown table.
+head pruning on the torch model; onnxsim's calibrated head and MLP-unit Wanda pruning after onnxruntime's
+transformer fusion, which onnxsim's matching needs; plain truncated SVD of every layer on the ONNX graph). Test
+accuracy in onnxruntime on 2400 images, parameters removed, and latency of every written model against the unpruned
+one at batch 1 and 32 (alternating blocks, onnxruntime's default threads). Writes results/transformers.json and prints
+a markdown table.
 
 The text encoder (`benchmarks.nets.TextEncoder`: BERT-style, token and position embeddings, 4 post-norm blocks of
 width 128 with separate Q/K/V and 4 heads, an additive padding mask, mean pooling over the kept tokens) is trained
@@ -21,8 +22,8 @@ to tell which standard-library module a 64-character piece of docstring comes fr
 the embedder alone (inputs input_ids and attention_mask [batch, seq], output the [batch, 128] embedding) by each
 exporter (dynamo: opset 18, batch and sequence as export dims; its attention reshapes read the sequence length).
 Its rows are judged against the original's embeddings of the 1825 held-out pieces: mean cosine and nearest-neighbour
-agreement; latency at batch 1 and 32 for sequences of 32 and 128 tokens. Its peer is plain SVD (Torch-Pruning on it
-is not wired yet).
+agreement; latency at batch 1 and 32 for sequences of 32 and 128 tokens. Its peers are onnxsim (as for the ViT)
+and plain SVD (Torch-Pruning on it is not wired yet).
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ def _tp(model, onnx_model, calib, ratio):
     return peers.torch_pruning_vit(model, calib, ratio)
 
 
+def _onnxsim(model, onnx_model, calib, ratio):
+    from benchmarks import peers
+
+    return peers.onnxsim_transformer(onnx_model, {"image": calib}, ratio, heads=4, width=128)
+
+
 def _svd(model, onnx_model, calib, ratio):
     from benchmarks.cases import plain_svd
 
@@ -86,6 +93,7 @@ def _svd(model, onnx_model, calib, ratio):
 
 PEERS = {  # the same trained model and calibration images, no fine-tuning
     "peer: Torch-Pruning (heads, MLP units, width; L2)": _tp,
+    "peer: onnxsim heads + units (Wanda, after onnxruntime's fusion)": _onnxsim,
     "peer: plain SVD (every MatMul/Gemm/Conv at one rank fraction, data-free)": _svd,
 }
 
@@ -148,13 +156,26 @@ def _text_exporter_rows(
     label: str, path: pathlib.Path, calib: pathlib.Path, dataset, ratios: list[float], methods: list[str], peers: bool
 ) -> list[dict]:
     from benchmarks.cases import plain_svd
+    from benchmarks.peers import onnxsim_transformer
 
     found = [{"model": label, "row": "unpruned", "ratio": 0.0, "path": str(path)}]
+    feeds = dict(np.load(calib))
+    makers = {
+        "peer: onnxsim heads + units (Wanda, after onnxruntime's fusion)": lambda r: onnxsim_transformer(
+            onnx.load(path), feeds, r, heads=4, width=128
+        ),
+        "peer: plain SVD": lambda r: plain_svd(onnx.load(path), r),
+    }
     for ratio in ratios if peers else ():
-        out = path.with_name(f"{path.stem}_{len(found)}.onnx")
-        pruned, _ = plain_svd(onnx.load(path), ratio)
-        onnx.save(pruned, out)
-        found.append({"model": label, "row": "peer: plain SVD", "ratio": ratio, "path": str(out)})
+        for name, make in makers.items():
+            out = path.with_name(f"{path.stem}_{len(found)}.onnx")
+            try:
+                pruned, _ = make(ratio)
+            except Exception as e:  # noqa: BLE001 - a peer failing is a row of the table, not the end of the run
+                found.append({"model": label, "row": name, "ratio": ratio, "error": repr(e)[:200]})
+                continue
+            onnx.save(pruned, out)
+            found.append({"model": label, "row": name, "ratio": ratio, "path": str(out)})
     runs = [("default flags + --calib", r, []) for r in ratios]
     runs += [(f"ablation: --method {m}", r, ["--method", m]) for m in methods for r in ratios]
     for name, ratio, extra in runs:
