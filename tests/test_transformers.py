@@ -3,8 +3,9 @@
 A small BERT-style encoder (token and position embeddings, padding mask, masked mean pooling) is exported by the
 TorchScript exporter (opsets 13-20: LayerNorm decomposed below 17, GELU as Erf, tanh chain or `Gelu`) and by the dynamo
 exporter (opsets 18 and 20: Reshape with ``allowzero``, targets computed from `Shape` of the dynamic sequence, scaled
-dot-product attention decomposed with ``k.transpose`` written as Reshape/Transpose/Reshape), with Q/K/V packed or
-separate, pre- and post-norm. onnxruntime's transformer optimizer output (fused contrib ops) is covered too.
+dot-product attention decomposed with ``k.transpose`` written as Reshape/Transpose/Reshape), with Q/K/V separate,
+packed (reshape to [3, heads, dim]) or packed and chunked (Split or Slice on the features), pre- and post-norm.
+onnxruntime's transformer optimizer output (fused contrib ops) is covered too.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ WIDTH, HEADS, VOCAB, MAX_LEN = 16, 4, 30, 24
 
 
 class Block(nn.Module):
-    def __init__(self, packed: bool, pre_norm: bool, gelu: str, sdpa: bool):
+    def __init__(self, qkv: str, pre_norm: bool, gelu: str, sdpa: bool):
         super().__init__()
-        self.packed, self.pre_norm, self.sdpa = packed, pre_norm, sdpa
-        if packed:
+        self.qkv_layout, self.pre_norm, self.sdpa = qkv, pre_norm, sdpa
+        if qkv != "separate":
             self.qkv = nn.Linear(WIDTH, 3 * WIDTH)
         else:
             self.q, self.k, self.v = (nn.Linear(WIDTH, WIDTH) for _ in range(3))
@@ -44,8 +45,10 @@ class Block(nn.Module):
     def attention(self, x, bias):
         n, length, _ = x.shape
         dim = WIDTH // HEADS
-        if self.packed:  # timm
+        if self.qkv_layout == "packed":  # timm
             q, k, v = self.qkv(x).reshape(n, length, 3, HEADS, dim).permute(2, 0, 3, 1, 4).unbind(0)
+        elif self.qkv_layout == "chunk":  # vit-pytorch, GPT-2: Split (or Slice) on the features, then the heads
+            q, k, v = (t.view(n, length, HEADS, dim).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
         else:  # BERT
             q, k, v = (p(x).view(n, length, HEADS, dim).transpose(1, 2) for p in (self.q, self.k, self.v))
         if self.sdpa:
@@ -117,25 +120,28 @@ def assert_removal_equals_masking(model: onnx.ModelProto, plan: dict[str, np.nda
     return pruned
 
 
-EXPORTS = [  # (exporter, opset, packed qkv, pre-norm, GELU, scaled_dot_product_attention)
-    ("torchscript", 13, False, False, "none", False),  # LayerNorm decomposed (ReduceMean/Sub/Pow/Sqrt/Div)
-    ("torchscript", 14, True, True, "tanh", True),
-    ("torchscript", 17, False, True, "tanh", True),
-    ("torchscript", 20, True, False, "none", False),  # Gelu op
-    ("dynamo", 18, False, True, "tanh", True),
-    ("dynamo", 18, True, False, "none", False),
-    ("dynamo", 20, True, True, "none", True),
+EXPORTS = [  # (exporter, opset, Q/K/V layout, pre-norm, GELU, scaled_dot_product_attention)
+    ("torchscript", 13, "separate", False, "none", False),  # LayerNorm decomposed (ReduceMean/Sub/Pow/Sqrt/Div)
+    ("torchscript", 13, "chunk", True, "none", False),  # chunk as Slice with bounds from Shape
+    ("torchscript", 14, "packed", True, "tanh", True),
+    ("torchscript", 17, "separate", True, "tanh", True),
+    ("torchscript", 20, "packed", False, "none", False),  # Gelu op
+    ("dynamo", 18, "separate", True, "tanh", True),
+    ("dynamo", 18, "packed", False, "none", False),
+    ("dynamo", 18, "chunk", True, "tanh", False),  # chunk as Split
+    ("dynamo", 20, "packed", True, "none", True),
 ]
 
 
 @pytest.mark.parametrize(
-    ("exporter", "opset", "packed", "pre_norm", "gelu", "sdpa"), EXPORTS, ids=lambda v: str(v).lower()
+    ("exporter", "opset", "qkv", "pre_norm", "gelu", "sdpa"), EXPORTS, ids=lambda v: str(v).lower()
 )
-def test_exported_encoder_loses_whole_heads_and_units(exporter, opset, packed, pre_norm, gelu, sdpa):
+def test_exported_encoder_loses_whole_heads_and_units(exporter, opset, qkv, pre_norm, gelu, sdpa):
     """In every block, one group of 4 classes (the heads: Q, K, V columns and output-projection rows) and one of 32
     (the MLP units), neither blocked; the hidden width stays whole (LayerNorm and residuals); removing every other
     head and unit equals masking them, at several batch sizes and sequence lengths with a padded sequence."""
-    model = export(dynamo=exporter == "dynamo", opset=opset, packed=packed, pre_norm=pre_norm, gelu=gelu, sdpa=sdpa)
+    model = export(dynamo=exporter == "dynamo", opset=opset, qkv=qkv, pre_norm=pre_norm, gelu=gelu, sdpa=sdpa)
+    packed = qkv != "separate"
     model = apply_pass(model, cleanup)[0]
     analysis = find_channel_groups(to_graph(model))
     free = sorted(len(g.classes) for g in analysis.groups if not g.blocked)
@@ -154,7 +160,7 @@ def test_onnxruntime_fused_encoder_loses_units_and_names_the_fused_ops():
     onnxruntime's symbolic inference, the MLP units go through BiasGelu, and the fused ops that hide the heads are
     named with what to do."""
     optimizer = pytest.importorskip("onnxruntime.transformers.optimizer")
-    model = export(dynamo=False, opset=17, packed=False, pre_norm=False, gelu="none", sdpa=False)
+    model = export(dynamo=False, opset=17, qkv="separate", pre_norm=False, gelu="none", sdpa=False)
     fused = optimizer.optimize_by_fusion(model, model_type="bert", num_heads=HEADS, hidden_size=WIDTH).model
     ops = {(n.domain, n.op_type) for n in fused.graph.node}
     assert ("com.microsoft", "BiasGelu") in ops and ("com.microsoft", "SkipLayerNormalization") in ops, ops
@@ -204,7 +210,7 @@ def test_channel_method_counts_attention_heads_in_heads(tmp_path):
     block), the MLP units as channels, and the result is valid with a dynamic sequence."""
     import onnxprune
 
-    model = export(dynamo=True, opset=18, packed=False, pre_norm=False, gelu="none", sdpa=True)
+    model = export(dynamo=True, opset=18, qkv="separate", pre_norm=False, gelu="none", sdpa=True)
     rng = np.random.default_rng(1)
     calib = {"ids": rng.integers(0, VOCAB, (64, 12)), "mask": np.ones((64, 12), np.int64)}
     pruned, report = onnxprune.prune(model, ratio=0.3, calib=calib, method="channel", force=True, latency_batch=0)
@@ -223,7 +229,7 @@ def test_heads_and_units_share_one_knapsack_and_heads_are_not_rounded():
     to 8, a block of 4 heads would never lose one)."""
     import onnxprune
 
-    model = export(dynamo=False, opset=17, packed=True, pre_norm=True, gelu="none", sdpa=False)
+    model = export(dynamo=False, opset=17, qkv="packed", pre_norm=True, gelu="none", sdpa=False)
     rng = np.random.default_rng(2)
     calib = {"ids": rng.integers(0, VOCAB, (64, 12)), "mask": np.ones((64, 12), np.int64)}
     _, report = onnxprune.prune(model, ratio=0.4, calib=calib, method="channel", force=True, round_to=8)

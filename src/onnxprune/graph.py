@@ -381,8 +381,22 @@ def refresh_shapes(graph: gs.Graph) -> None:
             take those inference finds (graph outputs too); where it finds none, or fails, they stay unknown.
     """
     model = gs.export_onnx(graph, do_type_check=False)
+    _forget_placeholder_dims(model)
     reset_shapes(graph)
     _set_shapes(graph, infer_shapes(model, weightless=True))
+
+
+def _forget_placeholder_dims(model: onnx.ModelProto) -> None:
+    """Clear the ``unk__N`` dims an earlier inference wrote into `model`'s value_info (in place).
+
+    onnx names a dim it could not resolve ``unk__N`` and, inferring again, keeps a dim the model already states over
+    the one it finds: a Slice whose bounds were computed keeps ``[unk__2, unk__3, 16]`` after the bounds fold, where
+    ``[batch, seq, 16]`` is now known. Named and static dims (an exporter's, or ones that are right) stay.
+    """
+    for info in model.graph.value_info:
+        for dim in info.type.tensor_type.shape.dim:
+            if dim.dim_param.startswith("unk__"):
+                dim.Clear()
 
 
 def unique_name(graph: gs.Graph, base: str) -> str:

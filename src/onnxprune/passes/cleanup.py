@@ -24,7 +24,8 @@ def cleanup(graph: gs.Graph, *, fold_bn: bool = True) -> PassResult:
     """
     report = Report()
     signature = _signature(graph)
-    _fold_constants(graph)
+    if _fold_constants(graph):
+        refresh_shapes(graph)  # shapes inferred before the fold: a Slice with computed bounds lost its other dims
     if _fold_shape_values(graph):
         report.counts["shape_values_folded"] += 1
     if merged := _merge_transpose_round_trips(graph):
@@ -42,8 +43,12 @@ def _signature(graph: gs.Graph) -> tuple:
     return tuple((n.op, n.name, tuple(t.name for t in n.inputs)) for n in graph.nodes)
 
 
-def _fold_constants(graph: gs.Graph) -> None:
-    """Evaluate every subgraph that depends on constants only (ConstantOfShape, Unsqueeze of weights...)."""
+def _fold_constants(graph: gs.Graph) -> bool:
+    """Evaluate every subgraph that depends on constants only (ConstantOfShape, Unsqueeze of weights...).
+
+    Returns:
+        Whether a node computed from constants was folded (Constant nodes becoming initializers do not count).
+    """
     for node in [n for n in graph.nodes if n.op == "Constant" and "value" in n.attrs]:
         value = node.attrs["value"]
         if isinstance(value, gs.Constant):
@@ -52,8 +57,11 @@ def _fold_constants(graph: gs.Graph) -> None:
             out.inputs.clear()
     graph.cleanup().toposort()
     if any(all(isinstance(t, gs.Constant) or not t.name for t in n.inputs) and n.inputs for n in graph.nodes):
+        before = len(graph.nodes)
         graph.fold_constants(error_ok=True, fold_shapes=True, should_exclude_node=_copies_a_shared_weight)
         graph.cleanup()
+        return len(graph.nodes) < before
+    return False
 
 
 SHARED_FOLD_MIN = 1024  # values from which a weight read at run time is not folded into a second, transformed copy
@@ -73,7 +81,7 @@ def _copies_a_shared_weight(node: gs.Node) -> bool:
     return False
 
 
-MAX_SHAPE_ROUNDS = 4  # a folded target lets shape inference resolve the next one; real chains need one or two
+MAX_SHAPE_ROUNDS = 64  # a folded value lets inference resolve the next; an old export folds about a round per block
 
 
 def _fold_shape_values(graph: gs.Graph) -> bool:
