@@ -425,6 +425,11 @@ def test_the_guard_refuses_a_destroyed_model_and_force_writes_it(tmp_path, capsy
     assert refused["output"] is None and refused["guard"]["held"] is False
     assert refused["guard"]["measured"] < refused["guard"]["floor"]
     assert f"about {refused['guard']['largest_ratio_that_holds']:.2f}" in err
+    code, _, err = run([*args, "--no-compensate", "--latency-batch", "0", "-v"], capsys)  # what the refused one did
+    lines = err.strip().splitlines()
+    lines = lines[next(i for i, line in enumerate(lines) if "largest ratio that holds" in line) :]
+    assert code == 1 and lines[1].startswith("  refused result: ") and " channels, " in lines[1]
+    assert lines[2:] == [f"  blocked {name}: {why}" for name, why in refused["blocked"].items()]
     code, stdout, err = run([*args, "--no-compensate", "--latency-batch", "0", "--force"], capsys)
     assert code == 0, err
     assert out.exists() and "written only because of --force" in stdout

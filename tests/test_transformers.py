@@ -218,6 +218,10 @@ def test_channel_method_counts_attention_heads_in_heads(tmp_path):
     heads = [r for r in kinds if r["kind"] == "head"]
     assert heads and all(r["of"] == HEADS and r["removed"] < HEADS for r in heads), kinds
     assert {r["kind"] for r in kinds} <= {"head", "channel"}
+    from onnxprune.cli import _kinds  # the summary line says how many heads of how many went
+
+    assert report.facts["attention_heads"] == 2 * HEADS
+    assert f"{sum(r['removed'] for r in heads)} of {2 * HEADS} attention heads" in _kinds(report.facts)
     onnx.checker.check_model(pruned, full_check=True)
     for batch, length in ((1, 5), (3, 17)):
         assert ort_run(pruned, feeds(batch, length, seed=batch))["pooled"].shape == (batch, WIDTH)

@@ -639,7 +639,12 @@ def _kinds(facts: dict) -> str:
     bases = sum(r["removed"] for r in removed if r["kind"] == "basis")
     channels = sum(r["removed"] for r in removed if r["kind"] == "channel")
     heads = sum(r["removed"] for r in removed if r["kind"] == "head")
-    return f"{channels} channels, " + (f"{heads} attention heads, " if heads else "") + f"{bases} basis vectors removed"
+    of = facts.get("attention_heads")
+    return (
+        f"{channels} channels, "
+        + (f"{heads} of {of} attention heads, " if of else "")
+        + f"{bases} basis vectors removed"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -656,6 +661,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except GuardError as err:
         click.echo(f"onnxprune: {err}", err=True)
+        if err.report is not None and ("-v" in args or "--verbose" in args):  # what the refused result removed
+            facts = err.report.facts
+            click.echo(f"  refused result: {_kinds(facts)}", err=True)
+            for name, why in facts.get("blocked", {}).items():
+                click.echo(f"  blocked {name}: {why}", err=True)
         return 1
     except click.exceptions.Abort:
         click.echo("onnxprune: aborted", err=True)

@@ -1364,6 +1364,9 @@ def _prune_stage(
         elif any(fnmatch.fnmatch(_original_name(p), pat) for p in group.producers for pat in exclude):
             blocked[group.name] = "excluded by --exclude"
     report.facts["groups"] = len(analysis.groups)
+    heads = sum(len(g.classes) for g in analysis.groups if g.unit == "head")
+    if heads:
+        report.facts["attention_heads"] = int(heads)
     if remove_ratio <= 0:
         return 0
     concrete = concrete_shapes(to_model(graph, template), shapes) if shapes and template is not None else None
