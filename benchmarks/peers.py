@@ -227,3 +227,64 @@ def onnxsim_transformer(
 
     pruned, _, knob = bisect(make, target, hi=0.95)
     return pruned, {"knob": "sparsity (heads and MLP units)", "value": knob}
+
+
+def _text_forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`nets.TextEncoder.forward` with each block's head count in ``self.block_heads`` and its widths read from the
+    weights: a model Torch-Pruning has cut keeps running whatever heads and units are left."""
+    n = ids.shape[1]
+    x = self.norm(self.tokens(ids) + self.positions(torch.arange(n, device=ids.device))[None])
+    bias = (1.0 - mask[:, None, None, :].to(x.dtype)) * -10000.0
+    for blk, heads in zip(self.blocks, self.block_heads):
+        b, length, _ = x.shape
+        q, k, v = (blk[name](x).view(b, length, heads, -1).transpose(1, 2) for name in "qkv")
+        attn = (q @ k.transpose(-2, -1) / (q.shape[-1] ** 0.5) + bias).softmax(-1)
+        out = (attn @ v).transpose(1, 2).reshape(b, length, -1)
+        x = blk["n1"](x + blk["o"](out))
+        x = blk["n2"](x + blk["fc2"](F.gelu(blk["fc1"](x))))
+    keep = mask[:, :, None].to(x.dtype)
+    return (x * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+
+
+def torch_pruning_text(model: nn.Module, feeds: dict[str, np.ndarray], target: float) -> tuple[onnx.ModelProto, dict]:
+    """Torch-Pruning's MetaPruner on a `nets.TextEncoder`: heads (``num_heads`` on Q, K and V) and MLP units, L2
+    magnitude, the same ratio in every layer; the hidden width (embeddings, LayerNorms) and the classifier kept whole;
+    bisected to remove `target` of the exported embedder's parameters. `feeds`: input_ids and attention_mask."""
+    import types
+
+    import torch_pruning as tp
+
+    from benchmarks.nets import export_text
+
+    ids, mask = (torch.from_numpy(feeds[k][:2]) for k in ("input_ids", "attention_mask"))
+
+    def onnx_text(m: nn.Module) -> onnx.ModelProto:
+        with tempfile.TemporaryDirectory() as tmp:
+            export_text(m, f"{tmp}/m.onnx", ids.shape[1])
+            return onnx.load(f"{tmp}/m.onnx")
+
+    before = count(onnx_text(model))[0]
+
+    def make(ratio: float):
+        m = copy.deepcopy(model)
+        m.block_heads = [m.heads] * len(m.blocks)
+        m.forward = types.MethodType(_text_forward, m)
+        linears = [blk[name] for blk in m.blocks for name in "qkv"]
+        pruner = tp.pruner.MetaPruner(
+            m,
+            (ids, mask),
+            importance=tp.importance.MagnitudeImportance(p=2),
+            pruning_ratio=ratio,
+            max_pruning_ratio=0.95,
+            ignored_layers=[m.classifier, m.tokens, m.positions],  # the hidden width stays whole, as onnxprune's does
+            num_heads={lin: m.heads for lin in linears},
+            prune_num_heads=True,
+            prune_head_dims=False,
+            head_pruning_ratio=ratio,
+        )
+        pruner.step()
+        m.block_heads = [pruner.num_heads[blk["q"]] for blk in m.blocks]
+        return m, 1 - count(onnx_text(m))[0] / before
+
+    pruned, _, knob = bisect(make, target)
+    return onnx_text(pruned), {"knob": "pruning_ratio", "value": knob}

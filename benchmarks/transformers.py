@@ -22,8 +22,8 @@ to tell which standard-library module a 64-character piece of docstring comes fr
 the embedder alone (inputs input_ids and attention_mask [batch, seq], output the [batch, 128] embedding) by each
 exporter (dynamo: opset 18, batch and sequence as export dims; its attention reshapes read the sequence length).
 Its rows are judged against the original's embeddings of the 1825 held-out pieces: mean cosine and nearest-neighbour
-agreement; latency at batch 1 and 32 for sequences of 32 and 128 tokens. Its peers are onnxsim (as for the ViT)
-and plain SVD (Torch-Pruning on it is not wired yet).
+agreement; latency at batch 1 and 32 for sequences of 32 and 128 tokens. Its peers are Torch-Pruning (heads on the
+separate Q, K, V and MLP units, the hidden width kept), onnxsim (as for the ViT) and plain SVD.
 """
 
 from __future__ import annotations
@@ -147,20 +147,28 @@ def text_rows(
             print("dynamo: exporter not installed, skipped", flush=True)
             continue
         nets.export_text(model, path, dataset.train[0].shape[-1], exporter)
-        rows += _text_exporter_rows(f"text encoder ({exporter})", path, calib, dataset, ratios, methods, peers)
+        rows += _text_exporter_rows(f"text encoder ({exporter})", path, calib, dataset, ratios, methods, peers, model)
         peers = False  # the peers once, on the first exporter's model
     return rows
 
 
 def _text_exporter_rows(
-    label: str, path: pathlib.Path, calib: pathlib.Path, dataset, ratios: list[float], methods: list[str], peers: bool
+    label: str,
+    path: pathlib.Path,
+    calib: pathlib.Path,
+    dataset,
+    ratios: list[float],
+    methods: list[str],
+    peers: bool,
+    model,
 ) -> list[dict]:
     from benchmarks.cases import plain_svd
-    from benchmarks.peers import onnxsim_transformer
+    from benchmarks.peers import onnxsim_transformer, torch_pruning_text
 
     found = [{"model": label, "row": "unpruned", "ratio": 0.0, "path": str(path)}]
     feeds = dict(np.load(calib))
     makers = {
+        "peer: Torch-Pruning (heads, MLP units; L2)": lambda r: torch_pruning_text(model, feeds, r),
         "peer: onnxsim heads + units (Wanda, after onnxruntime's fusion)": lambda r: onnxsim_transformer(
             onnx.load(path), feeds, r, heads=4, width=128
         ),

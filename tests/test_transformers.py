@@ -242,3 +242,15 @@ def test_heads_and_units_share_one_knapsack_and_heads_are_not_rounded():
     assert any(r["kind"] == "head" for r in removed), removed
     units = [r for r in removed if r["kind"] == "channel"]
     assert units and all((r["of"] - r["removed"]) % 8 == 0 for r in units), units
+
+
+def test_an_unreachable_request_names_channels_and_heads_not_bases():
+    """The heads-and-units knapsack refuses a ratio out of reach in its own words (it splits no layer)."""
+    import onnxprune
+
+    model = export(dynamo=False, opset=17, qkv="separate", pre_norm=False, gelu="none", sdpa=False)
+    rng = np.random.default_rng(3)
+    calib = {"ids": rng.integers(0, VOCAB, (32, 8)), "mask": np.ones((32, 8), np.int64)}
+    with pytest.raises(onnxprune.BudgetError, match="keeping fewer channels or heads in the") as caught:
+        onnxprune.prune(model, ratio=0.9, calib=calib, method="channel", force=True, latency_batch=0)
+    assert "bases" not in str(caught.value) and caught.value.reachable < 0.9

@@ -638,6 +638,13 @@ def allocate_ranks(
         return solve(hi, mu)
 
     reachable = 1.0 - totals(cheapest)[0] / total_before if total_before else 0.0
+    if remove_ratio > reachable + TOLERANCE and all(c.kind == "channel" for c in choices):
+        raise BudgetError(
+            f"--ratio {remove_ratio:.2f} cannot be reached: at most {reachable:.3f} can be removed by keeping fewer "
+            f"channels or heads in the {_plural(len(choices), 'group')} that can lose them "
+            f"({_plural(sum(bool(g.blocked) for g in analysis.groups), 'group')} blocked); lower --ratio",
+            reachable=reachable,
+        )
     if remove_ratio > reachable + TOLERANCE:
         raise BudgetError(
             f"--ratio {remove_ratio:.2f} cannot be reached: at most {reachable:.3f} can be removed by keeping fewer "
