@@ -223,6 +223,8 @@ def onnxsim_transformer(
         out = onnxsim.apply_structured_wanda_pruning(
             out, calibration_data=batches, num_samples=len(batches), sparsity=sparsity
         )
+        if not any(o.domain == "com.microsoft" for o in out.opset_import):  # onnxsim drops the fused ops' domain
+            out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
         return out, 1 - count(out)[0] / before
 
     pruned, _, knob = bisect(make, target, hi=0.95)
