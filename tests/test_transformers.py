@@ -254,3 +254,15 @@ def test_an_unreachable_request_names_channels_and_heads_not_bases():
     with pytest.raises(onnxprune.BudgetError, match="keeping fewer channels or heads in the") as caught:
         onnxprune.prune(model, ratio=0.9, calib=calib, method="channel", force=True, latency_batch=0)
     assert "bases" not in str(caught.value) and caught.value.reachable < 0.9
+
+
+def test_parameters_are_counted_on_the_model_as_written_whatever_the_shapes_for_macs():
+    """A position table gathered by arange(seq) counts whole (MAX_LEN rows) when MACs are counted at 5 tokens; with
+    the inputs fixed first it folded to the 5 rows that length reads (a new user's summary was 1.5 % short)."""
+    from onnxprune.budget import count
+
+    model = export(dynamo=False, opset=17, qkv="separate", pre_norm=False, gelu="none", sdpa=False)
+    free, at_five = count(model), count(model, shapes={"ids": [1, 5], "mask": [1, 5]})
+    assert at_five[0] == free[0] and at_five[1] > free[1]
+    tables = (VOCAB + MAX_LEN) * WIDTH
+    assert free[0] >= tables + 2 * (4 * WIDTH * WIDTH + 2 * WIDTH * 2 * WIDTH)

@@ -808,6 +808,9 @@ def _fill_slack(choices: list[Choice], picks: list[int], slack: float, seconds: 
 def count(model: onnx.ModelProto, *, shapes: dict[str, list[int]] | None = None) -> tuple[int, int]:
     """(parameters, MACs per sample) of a model as written (weights in Constant nodes or constant subgraphs count).
 
+    Parameters are counted on the model as it is: with its inputs fixed to `shapes`, a table read at run-time
+    positions (a position embedding gathered by ``arange(seq)``) would fold to the rows one length reads.
+
     Args:
         model: The model (not modified).
         shapes: Input name -> concrete dims to count MACs at (``shapes.choose_shapes``); None: the model's own
@@ -820,6 +823,7 @@ def count(model: onnx.ModelProto, *, shapes: dict[str, list[int]] | None = None)
         UnsupportedModelError: The model's default-domain opset is below 7.
         InvalidModelError: The model cannot be read into a graph.
     """
+    params, macs = CostModel(cleanup(to_graph(model), fold_bn=False).graph).count()
     if shapes:
-        model = fix_input_shapes(model, shapes)
-    return CostModel(cleanup(to_graph(model), fold_bn=False).graph).count()
+        macs = CostModel(cleanup(to_graph(fix_input_shapes(model, shapes)), fold_bn=False).graph).count()[1]
+    return params, macs
