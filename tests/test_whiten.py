@@ -81,6 +81,9 @@ def test_streamed_statistics_equal_the_batch_computation(in_session, monkeypatch
         )
         energy, pooled = channel_statistics(model, data, {out: 1}, pooled=True, batch_size=batch)
         np.testing.assert_allclose(energy[out], full_energy, rtol=1e-5)
+        alone, nothing = channel_statistics(model, data, {out: 1}, batch_size=batch)  # float32 sums per batch
+        np.testing.assert_allclose(alone[out], full_energy, rtol=1e-5)
+        assert nothing == {}
         np.testing.assert_allclose(pooled[out], full_pooled, rtol=1e-5, atol=1e-6)
 
 

@@ -363,11 +363,12 @@ def channel_statistics(
 
     With `pooled`, also each sample's spatially averaged channel values ([N, C] per tensor), the features the label
     criteria read: memory grows with samples x channels, never with spatial size. Tensors of known rank and float
-    type are reduced inside the onnxruntime session (Cast to float64, then ReduceSumSquare / ReduceMean nodes added
-    to a copy of the model: the same sums numpy takes, so the label criteria's bins do not move), so only [C] sums
-    leave it: a batch of 32 at 224 x 224 would otherwise copy out gigabytes of feature maps at once (the time is
-    about the same at batch 1: the extra outputs or consumers keep onnxruntime from fusing either way); the others
-    come out whole and are reduced here.
+    type are reduced inside the onnxruntime session (ReduceSumSquare / ReduceMean nodes added to a copy of the
+    model; with `pooled` after a Cast to float64: the same sums numpy takes, so the label criteria's bins do not
+    move; without, per batch in the tensor's type and across batches in float64: the Casts cost a light ResNet-50
+    2.5 of its 19 s), so only [C] sums leave it: a batch of 32 at 224 x 224 would otherwise copy out gigabytes of
+    feature maps at once (the time is about the same at batch 1: the extra outputs or consumers keep onnxruntime
+    from fusing either way); the others come out whole and are reduced here.
 
     Args:
         model: The model to run.
@@ -447,8 +448,10 @@ def _with_reductions(
             continue
         axis %= rank
         stem = f"onnxprune_statistics/{i}"
-        wide = f"{stem}/double"  # summed in float64, as numpy sums the whole tensors: the label criteria bin the
-        nodes.append(onnx.helper.make_node("Cast", [name], [wide], to=onnx.TensorProto.DOUBLE))  # means (CMI)
+        wide = name
+        if pooled:  # summed in float64, as numpy sums the whole tensors: the label criteria bin the means (CMI)
+            wide = f"{stem}/double"
+            nodes.append(onnx.helper.make_node("Cast", [name], [wide], to=onnx.TensorProto.DOUBLE))
         reduce("ReduceSumSquare", wide, [a for a in range(rank) if a != axis], f"{stem}/square")
         nodes.append(onnx.helper.make_node("Size", [name], [f"{stem}/size"]))
         outputs.append(onnx.helper.make_empty_tensor_value_info(f"{stem}/size"))
