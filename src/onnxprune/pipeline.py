@@ -447,8 +447,10 @@ class _Run:
             seen.add(key)
             copy = graph.copy()
             removal = remove_channels(copy, plan=candidates[i].plan, analysis=find_channel_groups(copy))
-            done[i], tail = self.finish(copy, removal.report.facts.get("kept"))
-            self.finished[_plan_key(removal.report.facts.get("kept") or {})] = (done[i], tail)
+            # the refit reads the original's tensors at the channels that stay after every stage so far
+            kept = Report(facts={"kept": dict(self.report.facts.get("kept") or {})}).merge(removal.report)
+            done[i], tail = self.finish(copy, kept.facts["kept"] or None)
+            self.finished[_plan_key(kept.facts["kept"])] = (done[i], tail)
         if len(done) < 2:
             return order[0], {}
         data, scores = self.fit.head(SELECT_SAMPLES), {}
