@@ -151,6 +151,58 @@ def test_target_latency_out_of_reach_writes_the_fastest_found_and_says_so(case, 
     onnx.checker.check_model(out, full_check=True)
 
 
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_method_channel_takes_a_latency_target(case, monkeypatch, capsys, calibrated):
+    """`--method channel --target latency`: channels removed as deep as the measured time needs (it was refused)."""
+    from onnxprune.budget import count
+    from onnxprune.cli import _print_summary
+
+    def fake(a, b, feeds, **kw):  # a channel-pruned model takes its parameter share of the time
+        return (1.0, count(b)[0] / count(a)[0])
+
+    monkeypatch.setattr(pipeline, "compare_latency", fake)
+    model, calib = case
+    out, report = prune(
+        model, remove_ratio=0.5, method="channel", target="latency", calib=calib if calibrated else None,
+        latency_batch=1,
+    )  # fmt: skip
+    f = report.facts
+    assert f["method"] == "channel" and f["target"] == "latency" and f["latency"]["batch"] == 1
+    assert f["round_to"] in (simd_width(), 8) and set(f["speed_check"]) == {1, 32}
+    assert f["ratio_achieved"] == pytest.approx(f["params_removed"])  # the fake's time is the parameter share
+    assert 0.49 <= f["ratio_achieved"] <= 0.5 + max(pipeline.LATENCY_DEPTHS) / 2**pipeline.LATENCY_STEPS + 0.02
+    assert "ratio_note" not in f and not _split(out)
+    _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("  latency "))
+    assert f"removed {100 * f['ratio_achieved']:5.1f} %   at batch 1" in line
+    onnx.checker.check_model(out, full_check=True)
+    assert ort_run(out, random_feeds(out, batch=3))["logits"].shape == (3, 10)
+
+
+@pytest.mark.parametrize(
+    ("reach", "calibrated", "says", "hints"),
+    [
+        (-0.28, False, "splitting makes this model slower (the fastest plan, timed layer by layer, takes 28% more "
+         "time than the original)", "; --method channel or --calib (--method best then tries channel removal too)"),
+        (-0.28, True, "splitting makes this model slower", "; --method channel"),
+        (0.3, True, "the split layers, timed one by one, save at most 0.300 of the model's time",
+         "; lower --ratio or --method channel"),
+    ],
+)  # fmt: skip
+def test_a_latency_target_out_of_reach_of_bases_is_said_in_time_not_in_a_negative_share(reach, calibrated, says, hints):
+    """It said 'at most -0.193 can be removed ... lower --ratio or --method channel', and channel refused latency."""
+
+    def unreachable(*args, **kwargs):
+        raise pipeline.BudgetError("--ratio 0.50 cannot be reached: at most ...; lower --ratio", reachable=reach)
+
+    hinted = pipeline._hinted("basis", 1, unreachable, "latency", calibrated=calibrated)
+    with pytest.raises(pipeline.BudgetError) as err:
+        hinted(None, None, remove_ratio=0.5)
+    message = str(err.value)
+    assert message.startswith("--target latency --ratio 0.50 cannot be reached by keeping fewer bases at batch 1: ")
+    assert says in message and message.endswith(hints) and "-0." not in message
+
+
 def test_when_the_basis_result_cannot_be_made_the_channel_result_is_written(case, monkeypatch):
     """A basis plan that cannot reach the request (every split slower, say) is not the end of the default: the
     channel results are made and one is written; when they cannot reach it either, the basis refusal is raised."""

@@ -155,8 +155,11 @@ def prune(
     ``latency_batch=0`` or ``round_to`` > 1.
     Measured on the handed digits ResNet-20 (batch 1, 2 threads): at 0.7 the basis result was 1.36x slower than the
     original at 99.17 % test accuracy, channels rounded to 16 were 1.30x faster at 99.17 %. The report's
-    ``alternatives`` rows give both measurements. Every other method: see `prune_one`.
+    ``alternatives`` rows give both measurements. ``method="channel"`` with ``target="latency"``: channel removal as
+    deep as the measured time needs (`_channel_latency`). Every other method: see `prune_one`.
     """
+    if method == "channel" and target == "latency":
+        return _channel_latency(model, remove_ratio=remove_ratio, **options)
     if method != "best":
         return _basis_or_joint(model, remove_ratio=remove_ratio, target=target, method=method, **options)
     return _best_of(model, remove_ratio=remove_ratio, target=target, **options)
@@ -240,8 +243,10 @@ class Options:
             raise OnnxPruneError(
                 "--target latency needs --latency-batch of at least 1 (the batch the latency is timed at)"
             )
-        if self.target == "latency" and self.method != "basis":
-            raise OnnxPruneError(f"--target latency is supported for --method best and basis, not {self.method}")
+        if self.target == "latency" and self.method not in ("basis", "channel"):
+            raise OnnxPruneError(
+                f"--target latency is supported for --method best, basis and channel, not {self.method}"
+            )
         if self.method == "tt" and self.target != "params":
             raise OnnxPruneError(f"--method tt removes parameters: use --target params, not {self.target}")
         if self.sensitivity is True and calib is None:
@@ -502,7 +507,7 @@ class _Run:
                 pooled=self.criterion in criteria.LABEL_CRITERIA,
                 batch_size=opts.batch_size,
             )
-        self.plans += _hinted(opts.method, opts.latency_batch, _prune_stage, opts.target)(
+        self.plans += _hinted(opts.method, opts.latency_batch, _prune_stage, opts.target, calibrated=fit is not None)(
             self.graph,
             self.report,
             stage=stage,
@@ -761,26 +766,8 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
         )
         rows[best]["written"] = True
         out, report = results[best]
-        before, after = rows[best]["speed_check"][at]
-        report.facts.update(
-            {
-                "target": "latency",
-                "ratio_requested": remove_ratio,
-                "ratio_achieved": saved(rows[best]),
-                "latency": {"batch": latency_batch, "before_s": before, "after_s": after},
-                "speed_check": rows[best]["speed_check"],
-                "alternatives": rows,
-                "seconds": time.perf_counter() - started,
-            }
-        )
-        report.facts.pop("ratio_note", None)
-        if not enough:  # written all the same: the fastest result found, and the summary says how far it fell short
-            report.facts["ratio_note"] = (
-                f"--target latency --ratio {remove_ratio:.2f}: no result found saves that much of the time at batch "
-                f"{latency_batch}; the fastest found saves {saved(rows[best]):.3f} ({before / after:.2f}x) and is "
-                "written (channel removal of up to "
-                f"{LATENCY_DEPTHS[0]:.2f} of the parameters was tried)"
-            )
+        report.facts["alternatives"] = rows
+        _latency_facts(report, remove_ratio, latency_batch, rows[best]["speed_check"], bool(enough), started)
         return out, report
     given = options.get("sensitivity")
     # only when the basis result is not clearly faster: by fidelity alone, channel removal did not beat it on the
@@ -836,6 +823,76 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
     return out, report
 
 
+def _latency_facts(
+    report: Report, remove_ratio: float, latency_batch: int, speed: dict, enough: bool, started: float
+) -> None:
+    """The facts of a result written for ``target="latency"``.
+
+    The measured share of the time it saves at `latency_batch` (`speed`: batch -> (original, result) seconds) and,
+    when it saves too little (not `enough`), why (``ratio_note``).
+    """
+    before, after = speed[latency_batch] if latency_batch in speed else next(iter(speed.values()))
+    report.facts.update(
+        {
+            "target": "latency",
+            "ratio_requested": remove_ratio,
+            "ratio_achieved": 1.0 - after / before,
+            "latency": {"batch": latency_batch, "before_s": before, "after_s": after},
+            "speed_check": speed,
+            "seconds": time.perf_counter() - started,
+        }
+    )
+    report.facts.pop("ratio_note", None)
+    if not enough:  # written all the same: the fastest result found, and the summary says how far it fell short
+        report.facts["ratio_note"] = (
+            f"--target latency --ratio {remove_ratio:.2f}: no result found saves that much of the time at batch "
+            f"{latency_batch}; the fastest found saves {1.0 - after / before:.3f} ({before / after:.2f}x) and is "
+            f"written (channel removal of up to {LATENCY_DEPTHS[0]:.2f} of the parameters was tried)"
+        )
+
+
+def _channel_latency(model: onnx.ModelProto, *, remove_ratio: float, **options) -> tuple[onnx.ModelProto, Report]:
+    """``method="channel", target="latency"``: whole channels removed as deep as `remove_ratio` of the time needs.
+
+    The time is measured at `latency_batch` on this machine (`_channel_for_latency`: a bisection on the parameter
+    ratio, each result timed against the original); channel counts are rounded to `round_to` when it is over 1,
+    else to the processor's vector width (8 where that cannot reach), as ``method="best"`` rounds them.
+
+    Raises:
+        OnnxPruneError: The options do not fit (`Options.check`: no latency batch, no --calib for a criterion...).
+        BudgetError: No channel removal could be made at any depth tried.
+    """
+    started = time.perf_counter()
+    calib = options.get("calib")
+    samples = as_samples(calib, model) if calib is not None else None
+    given = {k: v for k, v in options.items() if k != "calib"}
+    opts = Options(remove_ratio=remove_ratio, target="latency", method="channel", **given)
+    opts.check(model, samples)
+    count_shapes, _ = choose_shapes(model, given=opts.shapes, data=samples)
+    feeds = _synthetic_feeds(model, count_shapes, batch=opts.latency_batch, seed=opts.seed)
+    found, reached = None, False
+    for width in (opts.round_to,) if opts.round_to > 1 else dict.fromkeys((simd_width(), 8)):
+        found, reached = _channel_for_latency(model, remove_ratio, {**options, "round_to": width}, feeds, opts.threads)
+        if found is not None:
+            found[1].facts["round_to"] = width
+            break
+    if found is None:
+        raise BudgetError(
+            f"--target latency --ratio {remove_ratio:.2f}: no channel removal could be made at any depth tried "
+            f"({', '.join(f'{d:.2f}' for d in LATENCY_DEPTHS)} of the parameters); lower --ratio or --method basis"
+        )
+    out, report = found
+    speed = {
+        b: compare_latency(
+            model, out, _synthetic_feeds(model, count_shapes, batch=b, seed=opts.seed), threads=opts.threads
+        )
+        for b in _timed_batches(model, opts.latency_batch)
+    }
+    _latency_facts(report, remove_ratio, opts.latency_batch, speed, reached, started)
+    report.facts["method"] = "channel"
+    return out, report
+
+
 def _pooled_speed(timed: dict, earlier: dict) -> dict:
     """{batch: (original, result) seconds}: `timed`, averaged with an `earlier` check of the same plan if made.
 
@@ -880,7 +937,7 @@ def _speedup(row: dict) -> float:
     return float(np.exp(np.mean([np.log(before / after) for before, after in row["speed_check"].values()])))
 
 
-LATENCY_STEPS = 4  # --target latency with --method best: bisection steps on the channel result's parameter ratio
+LATENCY_STEPS = 4  # --target latency, channel results: bisection steps on the channel result's parameter ratio
 LATENCY_DEPTHS = (0.95, 0.85, 0.7)  # ...below the first of these shares of the parameters that can be removed
 
 
@@ -932,16 +989,25 @@ RATIO_TOLERANCE = 0.01  # the achieved ratio lands within 1 point of the request
 RATIO_FAR = 0.03  # ...or the report says why; beyond 3 points nothing is written (BudgetError, exit 2)
 
 
-def _alternatives(method: str, latency_batch: int, *, lower: bool = True, target: str = "params") -> str:
+def _alternatives(
+    method: str, latency_batch: int, *, lower: bool = True, target: str = "params", calibrated: bool = True
+) -> str:
     """What else to try after a refusal: never the method just used (nor an untimed run for a latency target)."""
     options = ["lower --ratio"] if lower else []
-    options += [f"--method {m}" for m in ("channel", "basis") if m != method]
-    if latency_batch and method != "channel" and target != "latency":
-        options.append("--latency-batch 0")
+    if target == "latency":  # best, basis and channel take it; best tries channel removal only with --calib
+        options += ["--method channel"] if method != "channel" else ["--method basis"]
+        if not calibrated and method != "channel":
+            options.append("--calib (--method best then tries channel removal too)")
+    else:
+        options += [f"--method {m}" for m in ("channel", "basis") if m != method]
+        if latency_batch and method != "channel":
+            options.append("--latency-batch 0")
     return ", ".join(options[:-1]) + f" or {options[-1]}" if len(options) > 1 else options[0]
 
 
-def _hinted(method: str, latency_batch: int, fn: Callable, target: str = "params") -> Callable:
+def _hinted(
+    method: str, latency_batch: int, fn: Callable, target: str = "params", *, calibrated: bool = True
+) -> Callable:
     """`fn`, whose BudgetError ends with suggestions that fit this run (not the method it already uses)."""
 
     def call(*args, **kwargs):
@@ -949,13 +1015,27 @@ def _hinted(method: str, latency_batch: int, fn: Callable, target: str = "params
             return fn(*args, **kwargs)
         except BudgetError as err:
             head = str(err).split("; lower --ratio")[0]
+            reach = err.reachable
+            if target == "latency" and reach is not None:  # the share is of measured time; below 0 is slower
+                head = (
+                    f"--target latency --ratio {kwargs.get('remove_ratio', 0.0):.2f} cannot be reached by keeping "
+                    f"fewer bases at batch {latency_batch}: "
+                    + (
+                        f"the split layers, timed one by one, save at most {reach:.3f} of the model's time"
+                        if reach > 0
+                        else f"splitting makes this model slower (the fastest plan, timed layer by layer, takes "
+                        f"{-reach:.0%} more time than the original)"
+                    )
+                )
             report = args[1] if len(args) > 1 else kwargs.get("report")
             whole = report.counts.get("shared_left_whole", 0) if report is not None else 0
             if whole:
                 head += f"; {whole} layers whose weight is shared by several nodes were left whole, not split"
             lower = "would be met" not in head  # the request was too low for the latency constraint, not too high
+            lower = lower and not (target == "latency" and reach is not None and reach <= 0)
+            hints = _alternatives(method, latency_batch, lower=lower, target=target, calibrated=calibrated)
             raise BudgetError(
-                f"{head}; {_alternatives(method, latency_batch, lower=lower, target=target)}",
+                f"{head}; {hints}",
                 reachable=err.reachable,
                 head=head,
                 blocked=err.blocked or (report.facts.get("blocked") if report is not None else None),
