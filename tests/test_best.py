@@ -157,8 +157,8 @@ def test_method_channel_takes_a_latency_target(case, monkeypatch, capsys, calibr
     from onnxprune.budget import count
     from onnxprune.cli import _print_summary
 
-    def fake(a, b, feeds, **kw):  # a channel-pruned model takes its parameter share of the time
-        return (1.0, count(b)[0] / count(a)[0])
+    def fake(a, b, feeds, **kw):  # a channel-pruned model takes its share of the MACs in time
+        return (1.0, count(b)[1] / count(a)[1])
 
     monkeypatch.setattr(pipeline, "compare_latency", fake)
     model, calib = case
@@ -169,8 +169,11 @@ def test_method_channel_takes_a_latency_target(case, monkeypatch, capsys, calibr
     f = report.facts
     assert f["method"] == "channel" and f["target"] == "latency" and f["latency"]["batch"] == 1
     assert f["round_to"] in (simd_width(), 8) and set(f["speed_check"]) == {1, 32}
-    assert f["ratio_achieved"] == pytest.approx(f["params_removed"])  # the fake's time is the parameter share
+    assert f["ratio_achieved"] == pytest.approx(f["macs_removed"])  # the fake's time is the MACs' share
+    # bisected on the MACs removed (time follows them), to a step below the deepest reachable depth
     assert 0.49 <= f["ratio_achieved"] <= 0.5 + max(pipeline.LATENCY_DEPTHS) / 2**pipeline.LATENCY_STEPS + 0.02
+    # the depth asked of the channel allocation (rounded counts may overshoot it)
+    assert f["latency"]["depth_of"] == "flops" and 0 < f["latency"]["depth"] <= max(pipeline.LATENCY_DEPTHS)
     assert "ratio_note" not in f and not _split(out)
     _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("  latency "))

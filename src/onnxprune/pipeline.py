@@ -744,10 +744,11 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
         return 1.0 - after / before
 
     if target == "latency":
+        by = "flops" if count_shapes is not None else "params"  # time follows the MACs removed, where they count
         if not rows or saved(rows[0]) < remove_ratio - RATIO_TOLERANCE:  # basis fell short: channels, as deep as needed
             for width in dict.fromkeys((simd_width(), 8)):
                 found, reached = _channel_for_latency(
-                    model, remove_ratio, {**options, "round_to": width}, feeds[at], threads
+                    model, remove_ratio, {**options, "round_to": width}, feeds[at], threads, by=by
                 )
                 if found is not None:
                     found[1].facts["round_to"] = width
@@ -832,22 +833,32 @@ def _latency_facts(
     when it saves too little (not `enough`), why (``ratio_note``).
     """
     before, after = speed[latency_batch] if latency_batch in speed else next(iter(speed.values()))
+    depth, of = report.facts.pop("latency_depth", None), report.facts.pop("latency_by", None)
+    fast = report.facts.pop("latency_fast", False)
+    latency = {"batch": latency_batch, "before_s": before, "after_s": after}
     report.facts.update(
         {
             "target": "latency",
             "ratio_requested": remove_ratio,
             "ratio_achieved": 1.0 - after / before,
-            "latency": {"batch": latency_batch, "before_s": before, "after_s": after},
+            "latency": latency if depth is None else {**latency, "depth": depth, "depth_of": of},
             "speed_check": speed,
             "seconds": time.perf_counter() - started,
         }
     )
     report.facts.pop("ratio_note", None)
     if not enough:  # written all the same: the fastest result found, and the summary says how far it fell short
+        unit = {"flops": "MACs", "params": "parameters"}.get(of, "parameters")
+        if depth is None:
+            tried = "no channel removal was made"
+        elif fast:  # the search's own timing passed it; this one did not
+            tried = f"channel removal at {depth:.2f} of the {unit}, timed fast enough while searching: timings vary"
+        else:
+            tried = f"the deepest channel removal reachable, {depth:.2f} of the {unit}, was tried"
         report.facts["ratio_note"] = (
             f"--target latency --ratio {remove_ratio:.2f}: no result found saves that much of the time at batch "
             f"{latency_batch}; the fastest found saves {1.0 - after / before:.3f} ({before / after:.2f}x) and is "
-            f"written (channel removal of up to {LATENCY_DEPTHS[0]:.2f} of the parameters was tried)"
+            f"written ({tried})"
         )
 
 
@@ -870,9 +881,12 @@ def _channel_latency(model: onnx.ModelProto, *, remove_ratio: float, **options) 
     opts.check(model, samples)
     count_shapes, _ = choose_shapes(model, given=opts.shapes, data=samples)
     feeds = _synthetic_feeds(model, count_shapes, batch=opts.latency_batch, seed=opts.seed)
+    by = "flops" if count_shapes is not None else "params"  # time follows the MACs removed, where they count
     found, reached = None, False
     for width in (opts.round_to,) if opts.round_to > 1 else dict.fromkeys((simd_width(), 8)):
-        found, reached = _channel_for_latency(model, remove_ratio, {**options, "round_to": width}, feeds, opts.threads)
+        found, reached = _channel_for_latency(
+            model, remove_ratio, {**options, "round_to": width}, feeds, opts.threads, by=by
+        )
         if found is not None:
             found[1].facts["round_to"] = width
             break
@@ -942,27 +956,38 @@ LATENCY_DEPTHS = (0.95, 0.85, 0.7)  # ...below the first of these shares of the 
 
 
 def _channel_for_latency(
-    model: onnx.ModelProto, remove_ratio: float, options: dict, feeds: dict[str, np.ndarray], threads: int
+    model: onnx.ModelProto,
+    remove_ratio: float,
+    options: dict,
+    feeds: dict[str, np.ndarray],
+    threads: int,
+    *,
+    by: str = "flops",
 ) -> tuple[tuple[onnx.ModelProto, Report] | None, bool]:
-    """Channel removal saving `remove_ratio` of the measured time on `feeds`, at the least parameter ratio that does.
+    """Channel removal saving `remove_ratio` of the measured time on `feeds`, at the least ratio of `by` that does.
 
     The deepest reachable of `LATENCY_DEPTHS` first: when it does not save enough nothing shallower is tried; else a
-    bisection on the parameter ratio below it (`LATENCY_STEPS` steps), each result timed against the original
-    (`compare_latency`).
+    bisection on the ratio of `by` below it (`LATENCY_STEPS` steps), each result timed against the original
+    (`compare_latency`). `by` is what the channel allocation removes: "flops" (multiply-accumulates, which time
+    follows; the caller passes "params" where MACs cannot be counted) or "params".
 
     Returns:
         (result, reached): the least deep result that saves enough, with True; when none does, the deepest result
-        (the fastest), with False; (None, False) when no depth could be reached at all.
+        (the fastest), with False; (None, False) when no depth could be reached at all. The result's facts say
+        the depth it was made at (``latency_depth``, of ``latency_by``) and whether this search timed it fast
+        enough (``latency_fast``); `_latency_facts` takes them into the written report.
     """
 
     def attempt(ratio: float) -> tuple[tuple[onnx.ModelProto, Report], bool] | None:
         try:
-            found = prune_one(model, remove_ratio=ratio, target="params", method="channel", **options)
+            found = prune_one(model, remove_ratio=ratio, target=by, method="channel", **options)
         except BudgetError:
             return None
         before, after = compare_latency(model, found[0], feeds, threads=threads)
-        log.info("channel removal at %.3f of the parameters saves %.3f of the time", ratio, 1 - after / before)
-        return found, 1 - after / before >= remove_ratio - RATIO_TOLERANCE
+        log.info("channel removal at %.3f of the %s saves %.3f of the time", ratio, by, 1 - after / before)
+        fast = 1 - after / before >= remove_ratio - RATIO_TOLERANCE
+        found[1].facts.update({"latency_depth": ratio, "latency_by": by, "latency_fast": fast})
+        return found, fast
 
     for deepest in LATENCY_DEPTHS:
         tried = attempt(deepest)
