@@ -206,6 +206,31 @@ def test_a_latency_target_out_of_reach_of_bases_is_said_in_time_not_in_a_negativ
     assert says in message and message.endswith(hints) and "-0." not in message
 
 
+@pytest.mark.parametrize(
+    ("facts", "says"),
+    [
+        ({}, "(no channel removal was made)"),
+        ({"latency_depth": 0.7, "latency_by": "flops", "latency_fast": False},
+         "(the deepest channel removal reachable, 0.70 of the MACs, was tried)"),
+        ({"latency_depth": 0.53, "latency_by": "params", "latency_fast": True},
+         "(channel removal at 0.53 of the parameters, timed fast enough while searching: timings vary)"),
+    ],
+)  # fmt: skip
+def test_a_latency_result_that_saves_too_little_says_how_it_was_made(facts, says):
+    """The note named the deepest depth as tried even when the result written was one the search had timed fast
+    enough and the final check did not."""
+    from onnxprune.result import Report
+
+    report = Report(facts=dict(facts))
+    pipeline._latency_facts(report, 0.5, 32, {1: (1.0, 0.8), 32: (2.0, 1.5)}, False, 0.0)
+    f = report.facts
+    assert f["ratio_achieved"] == pytest.approx(0.25) and f["latency"]["batch"] == 32
+    assert f["ratio_note"].startswith("--target latency --ratio 0.50: no result found saves that much of the time at ")
+    assert f["ratio_note"].endswith("saves 0.250 (1.33x) and is written " + says)
+    assert not any(k.startswith("latency_") for k in f)  # taken into the report's latency entry
+    assert ("depth" in f["latency"]) == bool(facts)
+
+
 def test_when_the_basis_result_cannot_be_made_the_channel_result_is_written(case, monkeypatch):
     """A basis plan that cannot reach the request (every split slower, say) is not the end of the default: the
     channel results are made and one is written; when they cannot reach it either, the basis refusal is raised."""
