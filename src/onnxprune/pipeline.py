@@ -870,9 +870,11 @@ def _latency_facts(
 def _channel_latency(model: onnx.ModelProto, *, remove_ratio: float, **options) -> tuple[onnx.ModelProto, Report]:
     """``method="channel", target="latency"``: whole channels removed as deep as `remove_ratio` of the time needs.
 
-    The time is measured at `latency_batch` on this machine (`_channel_for_latency`: a bisection on the parameter
-    ratio, each result timed against the original); channel counts are rounded to `round_to` when it is over 1,
-    else to the processor's vector width (8 where that cannot reach), as ``method="best"`` rounds them.
+    The time is measured at `latency_batch` on this machine (`_channel_for_latency`: a bisection on the share of the
+    MACs removed, of the parameters where MACs cannot be counted, each result timed against the original); channel
+    counts are rounded to `round_to` when it is over 1, else to the processor's vector width (8 where that cannot
+    reach), as ``method="best"`` rounds them. Whether the result saves enough is judged by a timing of its own at
+    `latency_batch` and 32 (``ratio_note`` when it falls short).
 
     Raises:
         OnnxPruneError: The options do not fit (`Options.check`: no latency batch, no --calib for a criterion...).
@@ -887,11 +889,9 @@ def _channel_latency(model: onnx.ModelProto, *, remove_ratio: float, **options) 
     count_shapes, _ = choose_shapes(model, given=opts.shapes, data=samples)
     feeds = _synthetic_feeds(model, count_shapes, batch=opts.latency_batch, seed=opts.seed)
     by = "flops" if count_shapes is not None else "params"  # time follows the MACs removed, where they count
-    found, reached = None, False
+    found = None
     for width in (opts.round_to,) if opts.round_to > 1 else dict.fromkeys((simd_width(), 8)):
-        found, reached = _channel_for_latency(
-            model, remove_ratio, {**options, "round_to": width}, feeds, opts.threads, by=by
-        )
+        found, _ = _channel_for_latency(model, remove_ratio, {**options, "round_to": width}, feeds, opts.threads, by=by)
         if found is not None:
             found[1].facts["round_to"] = width
             break
@@ -960,7 +960,7 @@ def _speedup(row: dict) -> float:
     return float(np.exp(np.mean([np.log(before / after) for before, after in row["speed_check"].values()])))
 
 
-LATENCY_STEPS = 4  # --target latency, channel results: bisection steps on the channel result's parameter ratio
+LATENCY_STEPS = 4  # --target latency, channel results: bisection steps on the share removed (MACs or parameters)
 LATENCY_DEPTHS = (0.95, 0.85, 0.7)  # ...below the first of these shares that can be removed (else the most that can)
 # the search keeps a depth only when it measures this much more than asked: it keeps the shallowest that passes, which
 # passes partly by luck, and the final check times it again (handed digits case at 0.5: 0.74 of the MACs passed the
