@@ -127,46 +127,91 @@ def ordering_rows(tmp: pathlib.Path, keep: float = 0.1) -> list[dict]:
     """Per FC layer at `keep` of its weights: output error on test activations of each way of writing it."""
     model, ds, _ = _model(tmp)
     gemms = [n for n in model.graph.node if n.op_type == "Gemm"]
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    for n in gemms:
-        probe.graph.output.append(onnx.ValueInfoProto(name=n.input[0]))
-    from onnxprune.graph import session
-
-    sess = session(probe)
-    names = [n.input[0] for n in gemms]
-    fit = sess.run(names, {"image": ds.calib[0][:CALIB]})
-    test = sess.run(names, {"image": ds.test[0][:1000]})
+    fit, test = _layer_inputs(model, [n.input[0] for n in gemms], "image", ds.calib[0][:CALIB], ds.test[0][:1000])
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     rows = []
     for n, xf, xt in zip(gemms, fit, test, strict=True):
-        w = weights[n.input[1]].astype(np.float64)  # [out, in] (transB 1)
+        w = weights[n.input[1]]  # [out, in] (transB 1)
         if w.size < 1 << 16 or min(w.shape) < 100:
             continue
-        xf, xt = xf.astype(np.float64), xt.astype(np.float64)
-        y = xt @ w.T
-
-        def error(approx: np.ndarray, xt=xt, y=y) -> float:
-            return float(np.linalg.norm(xt @ approx.T - y) / np.linalg.norm(y))
-
-        budget = keep * w.size
-        rank = int(budget / sum(w.shape))
-        row = {"layer": n.name, "shape": list(w.shape), "kept": keep}
-        for ordering in ("interleaved", "plain"):
-            modes = tt_modes(*w.shape, ordering)
-            layer = TTLayer("x", Linear(w, None), *modes, spectra=tt_svd(w, *modes)[1], ordering=ordering)
-            ranks = allocate_bonds([layer], int(w.size - budget))["x"]
-            row[f"tt {ordering}"] = error(tt_matrix(tt_svd(w, *modes, ranks)[0]))
-        u, s, vt = np.linalg.svd(w, full_matrices=False)
-        row["svd"] = error((u[:, :rank] * s[:rank]) @ vt[:rank])
-        cov = xf.T @ xf / len(xf)
-        cov += np.eye(len(cov)) * 1e-3 * np.trace(cov) / len(cov)
-        low = np.linalg.cholesky(cov)
-        u, s, vt = np.linalg.svd(w @ low, full_matrices=False)
-        row["svd whitened"] = error((u[:, :rank] * s[:rank]) @ np.linalg.solve(low.T, vt[:rank].T).T)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rows.append(_ordering_row(n.name, w, xf, xt, keep))
     return rows
+
+
+def vit_ordering_rows(keeps: tuple[float, ...] = (0.1, 0.3)) -> list[dict]:
+    """The same errors for every MatMul weight of the transformers benchmark's trained ViT (MLP, qkv, projections).
+
+    Its layers hold 16-49 k weights, under `TT_MIN_WEIGHTS`: ``--method tt`` leaves them dense. The rows say what a
+    tensor train would give there if it were allowed. Tokens of 256 calibration images fit the whitening; tokens of
+    200 test images measure.
+    """
+    from benchmarks import data
+    from benchmarks.run import trained
+    from benchmarks.transformers import EPOCHS
+
+    dataset = data.load("chars", n_calib=512)
+    torch_model, _ = trained(dataset, "vit", {}, EPOCHS, data.CACHE)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "vit.onnx"
+        from benchmarks import nets
+
+        nets.export(torch_model, path, dataset.shape)
+        model = onnx.load(path)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and weights.get(n.input[1]) is not None]
+    matmuls = [n for n in matmuls if weights[n.input[1]].ndim == 2]
+    name = model.graph.input[0].name
+    inputs = [n.input[0] for n in matmuls]
+    fit, test = _layer_inputs(model, inputs, name, dataset.calib[0][:CALIB], dataset.test[0][:200])
+    rows = []
+    for n, xf, xt in zip(matmuls, fit, test, strict=True):
+        w = weights[n.input[1]].T  # MatMul's [in, out] as [out, in]
+        xf, xt = xf.reshape(-1, w.shape[1]), xt.reshape(-1, w.shape[1])  # every token a row
+        rows += [_ordering_row(n.name, w, xf, xt, keep) for keep in keeps]
+    return rows
+
+
+def _layer_inputs(model: onnx.ModelProto, names: list[str], feed: str, fit: np.ndarray, test: np.ndarray):
+    """The tensors `names` of `model` on the fit and the test images."""
+    from onnxprune.graph import session
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for name in names:
+        probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    sess = session(probe)
+    return sess.run(names, {feed: fit}), sess.run(names, {feed: test})
+
+
+def _ordering_row(name: str, w: np.ndarray, xf: np.ndarray, xt: np.ndarray, keep: float) -> dict:
+    """Relative output error on `xt` of W [out, in] written at `keep` of its weights: TT (both orderings), SVD, and
+    SVD whitened by the covariance of the fit inputs `xf` [rows, in]."""
+    w, xf, xt = w.astype(np.float64), xf.astype(np.float64), xt.astype(np.float64)
+    y = xt @ w.T
+
+    def error(approx: np.ndarray) -> float:
+        return float(np.linalg.norm(xt @ approx.T - y) / np.linalg.norm(y))
+
+    budget = keep * w.size
+    rank = max(1, int(budget / sum(w.shape)))
+    row = {"layer": name, "shape": list(w.shape), "kept": keep}
+    for ordering in ("interleaved", "plain"):
+        modes = tt_modes(*w.shape, ordering)
+        if modes is None:  # a size with no factors to spread over cores
+            row[f"tt {ordering}"] = None
+            continue
+        layer = TTLayer("x", Linear(w, None), *modes, spectra=tt_svd(w, *modes)[1], ordering=ordering)
+        ranks = allocate_bonds([layer], int(w.size - budget))["x"]
+        row[f"tt {ordering}"] = error(tt_matrix(tt_svd(w, *modes, ranks)[0]))
+    u, s, vt = np.linalg.svd(w, full_matrices=False)
+    row["svd"] = error((u[:, :rank] * s[:rank]) @ vt[:rank])
+    cov = xf.T @ xf / len(xf)
+    cov += np.eye(len(cov)) * 1e-3 * np.trace(cov) / len(cov)
+    low = np.linalg.cholesky(cov)
+    u, s, vt = np.linalg.svd(w @ low, full_matrices=False)
+    row["svd whitened"] = error((u[:, :rank] * s[:rank]) @ np.linalg.solve(low.T, vt[:rank].T).T)
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def light_rows(tmp: pathlib.Path) -> list[dict]:
@@ -206,15 +251,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", default="0.5,0.77,0.8")
     parser.add_argument("--light", action="store_true", help="also the onnx package's light VGG-19 and AlexNet")
+    parser.add_argument("--vit", action="store_true", help="also the per-layer errors of the trained ViT's MatMuls")
+    parser.add_argument(
+        "--vit-only", action="store_true", help="only the ViT's per-layer errors; the other stored results are kept"
+    )
     args = parser.parse_args()
+    out = ROOT / "results" / "tt.json"
+    machine = {"machine": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    if args.vit_only:
+        stored = json.loads(out.read_text())
+        stored["vit_orderings"] = vit_ordering_rows()
+        stored["vit_machine"] = machine
+        out.write_text(json.dumps(stored))
+        _print_vit(stored["vit_orderings"])
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         rows, about = trained_rows([float(r) for r in args.ratios.split(",")], tmp)
         orderings = ordering_rows(tmp)
         light = light_rows(tmp) if args.light else []
-    machine = {"machine": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()}
-    out = ROOT / "results" / "tt.json"
-    out.write_text(json.dumps({"machine": machine, **about, "rows": rows, "orderings": orderings, "light": light}))
+        vit = vit_ordering_rows() if args.vit else []
+    out.write_text(
+        json.dumps(
+            {"machine": machine, **about, "rows": rows, "orderings": orderings, "light": light, "vit_orderings": vit}
+        )
+    )
     base = rows[0]
     print(f"\n{about['model']}: test accuracy {100 * base['accuracy']:.2f} %, {about['fc_weights']:,} FC weights")
     print("\n| ratio | method | written | test acc. (pts vs orig.) | FC weights removed | ms batch 1 | ms batch 32 |")
@@ -242,6 +303,21 @@ def main() -> None:
             f"{r['model']}: params {r['params'][0]:,} -> {r['params'][1]:,}, MACs {r['macs'][0]:,} -> {r['macs'][1]:,}"
             f", ms batch 1 dense {1e3 * lat['dense'][1]:.1f} tt {1e3 * lat['tt'][1]:.1f}, {r['seconds']:.0f} s"
         )
+    _print_vit(vit)
+
+
+def _print_vit(rows: list[dict]) -> None:
+    """The ViT's per-layer errors, as the median over its blocks per layer kind and share kept."""
+    if not rows:
+        return
+    print("\n| ViT layer | shape | kept | TT interleaved | TT plain | SVD | SVD whitened |  (median over blocks)")
+    print("|---|---|---|---|---|---|---|")
+    kinds: dict[tuple, list[dict]] = {}
+    for r in rows:
+        kinds.setdefault((r["layer"].rsplit("/", 2)[-2], tuple(r["shape"]), r["kept"]), []).append(r)
+    for (kind, shape, kept), found in kinds.items():
+        cells = [np.median([r[k] for r in found]) for k in ("tt interleaved", "tt plain", "svd", "svd whitened")]
+        print(f"| {kind} ({len(found)}) | {list(shape)} | {kept:.0%} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
 
 
 if __name__ == "__main__":
