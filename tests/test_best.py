@@ -128,6 +128,23 @@ def test_target_latency_turns_to_channels_when_the_basis_result_saves_too_little
     onnx.checker.check_model(out, full_check=True)
 
 
+def test_a_latency_target_the_basis_result_meets_is_not_said_clearly_faster(case, monkeypatch, capsys):
+    """The basis result saves the time asked (here 1.00x for a request of 0): the summary says why nothing else was
+    made, not that it was 'clearly faster' (a new user read that beside 1.00x)."""
+    monkeypatch.setattr(pipeline, "compare_latency", lambda a, b, feeds, **kw: (1.0, 1.0))
+    model, calib = case
+    _, report = prune(model, remove_ratio=0.0, method="best", target="latency", calib=calib, latency_batch=1)
+    rows = report.facts["alternatives"]
+    assert [(r["method"], r["unchallenged"], r["written"]) for r in rows] == [
+        ("basis", "it saves the time asked", True)
+    ]
+    from onnxprune.cli import _print_summary
+
+    _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)
+    chosen = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  chosen  "))
+    assert "not compared (it saves the time asked: no other result was made)" in chosen and "clearly" not in chosen
+
+
 def test_target_latency_out_of_reach_writes_the_fastest_found_and_says_so(case, monkeypatch):
     from onnxprune.budget import count
 

@@ -585,7 +585,8 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
             )
             mark = "written" if row["written"] else "not written"
             if "fit_agreement" not in row:  # written unchallenged: its fidelity is the held-out line above
-                fit = f"not compared ({row.get('unchallenged', 'clearly faster')}: no other result was made)"
+                why = f"{row['unchallenged']}: " if row.get("unchallenged") else ""
+                fit = f"not compared ({why}no other result was made)"
             elif row.get("fit_measure", "top-1 agreement") != "cosine":
                 fit = f"fit agreement {row['fit_agreement'] * 100:.1f} %"
             else:
