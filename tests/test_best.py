@@ -143,6 +143,13 @@ def test_a_latency_target_the_basis_result_meets_is_not_said_clearly_faster(case
     _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)
     chosen = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  chosen  "))
     assert "not compared (it saves the time asked: no other result was made)" in chosen and "clearly" not in chosen
+    import importlib.resources
+    import json
+
+    from jsonschema import Draft202012Validator
+
+    schema = json.loads((importlib.resources.files("onnxprune") / "report.schema.json").read_text())
+    Draft202012Validator(schema).validate(report.to_dict("in.onnx", "out.onnx"))  # the new reason is in the schema
 
 
 def test_target_latency_out_of_reach_writes_the_fastest_found_and_says_so(case, monkeypatch):

@@ -356,23 +356,6 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     return infer_shapes(model, in_place=True)
 
 
-def reinfer_shapes(graph: gs.Graph, template: onnx.ModelProto) -> gs.Graph:
-    """A fresh import of `graph` with every shape inferred again (after a pass that reset them).
-
-    Args:
-        graph: The graph to export and import again.
-        template: The model whose opsets and metadata the export takes (`to_model`).
-
-    Returns:
-        The new graph (`to_graph`).
-
-    Raises:
-        UnsupportedModelError: The template's default-domain opset is below 7.
-        InvalidModelError: The exported model cannot be imported again.
-    """
-    return to_graph(to_model(graph, template))
-
-
 def refresh_shapes(graph: gs.Graph) -> None:
     """Infer every intermediate shape of `graph` again, in place (after an edit that makes more of them known).
 

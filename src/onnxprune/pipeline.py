@@ -37,7 +37,7 @@ from onnxprune.calibration.runner import (
 )
 from onnxprune.calibration.sensitivity import CUT_WEIGHT_RANGE, CutProbe, layer_sensitivity
 from onnxprune.errors import BudgetError, GuardError, OnnxPruneError, PassError
-from onnxprune.graph import reinfer_shapes, to_graph, to_model, validate
+from onnxprune.graph import refresh_shapes, to_graph, to_model, validate
 from onnxprune.latency import compare_latency, layer_latency, model_latency, simd_width, split_rank_limit
 from onnxprune.passes.basis import (
     decompose_basis,
@@ -394,7 +394,7 @@ class _Run:
 
     def tensor_trains(self) -> None:
         """``method="tt"``: the eligible large layers written as tensor trains (`_tensor_trains`)."""
-        self.graph = reinfer_shapes(self.graph, self.model)
+        refresh_shapes(self.graph)
         remove = self.opts.remove_ratio * self.total - (self.total - self.cleaned)
         self.ends = _tensor_trains(self.graph, self.report, remove=remove, exclude=self.opts.exclude)
         self.plans = self.report.counts["tensor_trains"]  # lookups too (they have no end to refit)
@@ -406,7 +406,7 @@ class _Run:
         tail = run_passes(graph, [partial(merge_unprofitable, pairs=self.pairs, limits=self.limits), cleanup]).report
         if self.fit is None or not opts.compensate:
             return graph, tail
-        graph = reinfer_shapes(graph, model)
+        refresh_shapes(graph)
         refit_pass = partial(
             refit,
             template=model,
@@ -420,7 +420,7 @@ class _Run:
         )
         tail.merge(run_passes(graph, [refit_pass]).report)
         if self.ends:
-            graph = reinfer_shapes(graph, model)
+            refresh_shapes(graph)
             cores = partial(
                 refit_tensor_trains,
                 template=model,
@@ -471,11 +471,11 @@ class _Run:
         opts, model, fit = self.opts, self.model, self.fit
         wanted = opts.remove_ratio * (DOUBLE_CHANNEL_SHARE if opts.method == "double" and i == 0 else 1.0)
         if i > 0:
-            self.graph = reinfer_shapes(self.graph, model)
+            refresh_shapes(self.graph)
         if stage in ("basis", "auto"):
             covs = None
             if fit is not None and self.whiten:
-                self.graph = reinfer_shapes(self.graph, model)
+                refresh_shapes(self.graph)
                 eligible = whitenable(self.graph, opts.min_rank)
                 covs = patch_covariances(
                     to_model(self.graph, model), fit, eligible, batch_size=opts.batch_size, seed=opts.seed
@@ -493,7 +493,7 @@ class _Run:
                     self.limits.update(_latency_limits(self.graph, self.pairs, **timing))
         energy, pooled = {}, {}
         if fit is not None:
-            self.graph = reinfer_shapes(self.graph, model)
+            refresh_shapes(self.graph)
             found = find_channel_groups(self.graph)
             axes = criteria.energy_tensors(found)
             axes.update({p.mid: _mid_axis(self.graph, p) for p in self.pairs})
@@ -561,7 +561,8 @@ class _Run:
         self.report.facts["split_rank_limits"] = self.limits
         kept = self.report.facts.get("kept") or {}
         if self.fit is not None and self.opts.compensate:
-            few = _few_samples(reinfer_shapes(self.graph, self.model), self.pairs, kept, len(self.fit))
+            refresh_shapes(self.graph)
+            few = _few_samples(self.graph, self.pairs, kept, len(self.fit))
             if few:
                 self.report.facts.setdefault(DEFERRED, []).append(("few samples", few))
         key = _plan_key(kept)
