@@ -19,6 +19,7 @@ from onnxprune.passes.tt import (
     capped,
     decompose_tt,
     tt_layers,
+    tt_macs,
     tt_matrix,
     tt_modes,
     tt_params,
@@ -321,3 +322,40 @@ def test_a_request_past_what_the_trains_can_remove_names_the_most_they_remove():
     with pytest.raises(BudgetError, match=r"removes at most [\d,]+ weights, [\d,]+ asked"):
         prune(model, remove_ratio=0.999, method="tt", latency_batch=0)
     prune(model, remove_ratio=0.3, method="tt", latency_batch=0)  # within what the one train removes
+
+
+@pytest.mark.parametrize("ordering", ORDERINGS)
+def test_tt_macs_counts_what_the_written_train_does(ordering):
+    """The allocation's MAC count of a train is the count of the MatMuls `decompose_tt` writes, per input row."""
+    from onnxprune.budget import count
+
+    w = RNG.standard_normal((64, 96)).astype(np.float32)
+    model = _layer("MatMul", {}, ["b", 64], w)
+    graph = to_graph(model)
+    found, _ = tt_layers(graph, min_weights=1)
+    view = found[0].linear
+    modes = tt_modes(*view.matrix.shape, ordering)
+    layer = TTLayer(found[0].node, view, *modes, spectra=tt_svd(view.matrix, *modes)[1], ordering=ordering)
+    ranks = tuple(max(1, r // 2) for r in layer.full_ranks)
+    decompose_tt(graph, [layer], {layer.node: ranks})
+    assert count(to_model(graph, model), shapes={"x": [1, 64]})[1] == tt_macs(ranks, *modes) == layer.macs(ranks)
+    lookup = TTLayer("g", Linear(w, None, lookup=True), *modes, spectra=layer.spectra)
+    assert lookup.macs(ranks) is None  # a lookup's dense layer does no MACs: not compared
+
+
+def test_a_small_request_writes_no_train_that_does_more_macs_than_its_dense_layer():
+    """A new user's 1024 -> 2048 layer at --ratio 0.05: bonds [128, 118] of the TT-matrix ordering did 241x the
+    layer's MACs and ran 48x slower. Each train now stays at or under its dense layer's MACs, and the overshoot of
+    the request is said."""
+    w = (RNG.standard_normal((1024, 2048)) / 32).astype(np.float32)
+    model = _layer("MatMul", {}, ["b", 1024], w)
+    for ordering in ORDERINGS:
+        modes = tt_modes(2048, 1024, ordering)
+        matrix = w.T.astype(np.float64)
+        layer = TTLayer("a", Linear(matrix, None), *modes, spectra=tt_svd(matrix, *modes)[1], ordering=ordering)
+        ranks = allocate_bonds([layer], int(0.05 * w.size))["a"]
+        assert layer.macs(ranks) <= w.size
+    out, report = prune(model, remove_ratio=0.05, method="tt", latency_batch=0)
+    f = report.facts
+    assert f["macs_after"] <= f["macs_before"] and f["params_removed"] >= 0.05
+    assert "no more MACs than its dense layer" in f.get("ratio_note", "") or f["params_removed"] <= 0.06

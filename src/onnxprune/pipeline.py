@@ -1140,6 +1140,8 @@ def _check_ratio(report: Report, *, method: str, latency_batch: int, round_to: i
             "the layers kept split must be cut this deep for the model to stay no slower than the original "
             "(--latency-batch 0 decides by parameters alone)"
         )
+    if method == "tt" and off > 0:
+        why = "a tensor train is cut at least as deep as doing no more MACs than its dense layer"
     if round_to > 1 and off > 0:
         why = (
             f"channel counts and ranks are rounded up to multiples of {round_to} (--round-to; --method best rounds "
@@ -1152,7 +1154,7 @@ def _check_ratio(report: Report, *, method: str, latency_batch: int, round_to: i
     if facts["target"] == "latency":  # a measured figure: the prediction is what was planned, the rest is noise
         why = f"the allocation planned {planned or 0.0:.3f} from per-layer timings; the model measured {achieved:.3f}"
         line = f"--ratio {requested:.2f} of the latency: {why}"
-    elif abs(off) > RATIO_FAR and not (round_to > 1 and off > 0):
+    elif abs(off) > RATIO_FAR and not (round_to > 1 and off > 0) and not (method == "tt" and off > 0):
         raise BudgetError(
             f"{line}; nothing written; {_alternatives(method, latency_batch)}", blocked=facts.get("blocked")
         )
