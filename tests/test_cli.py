@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 from models import chain, channel_shuffle
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.cli import main
 
@@ -283,6 +284,39 @@ def test_bench_errors_are_one_line(model_file, args, expected, capsys):
     code, _, err = run(["bench", model_file, *args], capsys)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and expected in err
+
+
+def test_bench_runs_a_given_shape_at_each_batch_and_counts_its_symbolic_dims(tmp_path, capsys):
+    """A new user's `bench --batch 1,32 --shape x=1x...`: the batch-32 row ran at batch 1 (its MACs times 32), MACs
+    counted the symbolic token dim as 1, and a shape the model cannot run on exited 3."""
+    w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "tokens",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", 32])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    path, report = tmp_path / "m.onnx", tmp_path / "bench.json"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    args = ["bench", path, "--batch", "1,4", "--shape", "x:1x16x64", "--runs", "3", "--warmup", "1", "--json", report]
+    code, _, err = run(args, capsys)
+    assert code == 0, err
+    rows = json.loads(report.read_text())["timings"]
+    assert [(t["batch"], t["macs"]) for t in rows] == [(1, 16 * 64 * 32), (4, 4 * 16 * 64 * 32)]
+    from onnxprune.bench import _feeds
+
+    assert _feeds(onnx.load(path), 4, {"x": [1, 16, 64]}, np.random.default_rng(0))["x"].shape == (4, 16, 64)
+    fixed = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "s"], ["y"])],
+        "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [numpy_helper.from_array(np.array([2, 4], np.int64), "s")],
+    )
+    onnx.save(helper.make_model(fixed, opset_imports=[helper.make_opsetid("", 17)]), path)
+    code, _, err = run(["bench", path, "--batch", "3", "--runs", "3", "--warmup", "1"], capsys)
+    assert code == 2 and "does not run on inputs x:3x8 (batch 3" in err and len(err.strip().splitlines()) == 1
 
 
 def test_default_keeps_the_split_layers_no_slower_than_their_dense_ops(tmp_path, capsys, monkeypatch):

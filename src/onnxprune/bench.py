@@ -33,7 +33,7 @@ class Timing:
     model: str
     batch: int
     params: int
-    macs: int
+    macs: int | None  # None: a symbolic dim nothing resolves (give --shape)
     file_mb: float
     median_ms: float
     min_ms: float
@@ -62,14 +62,37 @@ def parse_shapes(specs: tuple[str, ...]) -> dict[str, list[int]]:
     return _parse_shapes(specs)
 
 
+def _at_batch(model: onnx.ModelProto, shapes: dict[str, list[int]], batch: int) -> dict[str, list[int]]:
+    """`shapes` with the first dim set to `batch` where the model's first dim is dynamic (the batch)."""
+    inputs = model_inputs(model)
+    return {
+        name: [batch, *dims[1:]] if dims and name in inputs and inputs[name][0] and inputs[name][0][0] is None else dims
+        for name, dims in shapes.items()
+    }
+
+
+def _macs_per_sample(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> int | None:
+    """MACs of one sample at concrete shapes; None where a symbolic dim is left that nothing resolves.
+
+    The shapes are `--shape` at batch 1, else the model's own dims or a default image side (`choose_shapes`): a
+    symbolic dim is never counted as 1.
+    """
+    from onnxprune.budget import count  # local: the counter imports the passes, bench does not need them otherwise
+    from onnxprune.shapes import choose_shapes
+
+    concrete, _ = choose_shapes(model, given=_at_batch(model, shapes, 1))
+    return None if concrete is None else count(model, shapes=concrete)[1]
+
+
 def _feeds(model: onnx.ModelProto, batch: int, shapes: dict[str, list[int]], rng: np.random.Generator) -> dict:
     feeds = {}
+    shapes = _at_batch(model, shapes, batch)
     for name, (dims, dtype) in model_inputs(model).items():
         if name in shapes:
             shape = shapes[name]
         else:
             if any(d is None for d in dims[1:]):
-                raise OnnxPruneError(f"input '{name}' has dynamic dims {dims}; give them with --shape {name}=...")
+                raise OnnxPruneError(f"input '{name}' has dynamic dims {dims}; give them with --shape {name}:...")
             shape = [batch, *dims[1:]]
         dtype = dtype or np.float32
         if np.issubdtype(dtype, np.floating):
@@ -114,33 +137,43 @@ def time_models(
         provider: A key of `PROVIDERS`: "cpu", "cuda" or "tensorrt" (a GPU provider with CPU as fallback).
         opt_level: A key of `OPT_LEVELS`: "disable", "basic", "extended" or "all".
         threads: Intra-op threads (0: onnxruntime's default).
-        shapes: Input name -> full dims, batch included, used as given at every batch size (for inputs with dynamic
-            dims after the first).
+        shapes: Input name -> full dims (for inputs with dynamic dims after the first); where the model's first dim
+            is dynamic it is set to each batch size, as for the inputs not named.
         warmup: Untimed runs per model and batch size.
         runs: Least timed runs per model and batch size.
         seed: Seed of the random feeds.
 
     Returns:
         One `Timing` per batch size and model, batch by batch, models in `paths` order: times in ms, ``macs`` the
-        MACs per sample times the batch size, ``file_mb`` the size of the .onnx file alone in MiB (2^20 bytes),
+        MACs per sample (at `shapes`, else the model's dims or a default image side; None where a symbolic dim is
+        left) times the batch size, ``file_mb`` the size of the .onnx file alone in MiB (2^20 bytes),
         ``speedup`` the first model's median over this one's at the same batch size.
 
     Raises:
         InvalidModelError: A file is not a valid ONNX model (`graph.load`).
         UnsupportedModelError: A model's default-domain opset is below 7 (counting its parameters and MACs).
-        OnnxPruneError: `provider` is not available in this onnxruntime, or an input has a dynamic dim after the
-            first that `shapes` does not give.
+        OnnxPruneError: `provider` is not available in this onnxruntime, an input has a dynamic dim after the
+            first that `shapes` does not give, or a model does not run on the feeds (shapes that do not fit it).
     """
     from onnxprune.budget import count  # local: the counter imports the passes, bench does not need them otherwise
 
     models = [load(p) for p in paths]
-    sizes = [count(m) for m in models]
+    sizes = [(count(m)[0], _macs_per_sample(m, shapes or {})) for m in models]
     sessions = [_session(p, provider, opt_level, threads) for p in paths]
     rng = np.random.default_rng(seed)
     found: list[Timing] = []
     for batch in batches:
         feeds = [_feeds(m, batch, shapes or {}, rng) for m in models]
-        for sess, feed in zip(sessions, feeds):
+        for path, sess, feed in zip(paths, sessions, feeds):
+            try:
+                sess.run(None, feed)
+            except Exception as err:  # noqa: BLE001 - onnxruntime's own classes: the inputs do not fit the model
+                given = ", ".join(f"{k}:{'x'.join(map(str, v.shape))}" for k, v in feed.items())
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise OnnxPruneError(
+                    f"{os.path.basename(path)} does not run on inputs {given} (batch {batch}; check --shape and "
+                    f"--batch): {first}"
+                ) from err
             for _ in range(warmup):
                 sess.run(None, feed)
         samples = [t * 1e3 for t in alternate(sessions, feeds, runs=runs, blocks=BLOCKS)]
@@ -152,7 +185,7 @@ def time_models(
                     os.path.basename(path),
                     batch,
                     params,
-                    macs * batch,
+                    None if macs is None else macs * batch,
                     os.path.getsize(path) / 2**20,
                     float(np.median(t)),
                     float(t.min()),
@@ -184,7 +217,8 @@ def table(timings: list[Timing]) -> str:
     lines = [head, "-" * len(head)]
     for t in timings:
         lines.append(
-            f"{t.model[:28]:<28} {t.batch:>5} {t.params:>12,} {t.macs:>15,} {t.file_mb:>7.2f} "
+            f"{t.model[:28]:<28} {t.batch:>5} {t.params:>12,} {'?' if t.macs is None else f'{t.macs:,}':>15} "
+            f"{t.file_mb:>7.2f} "
             f"{t.median_ms:>10.3f} {t.p10_ms:>8.3f} {t.p90_ms:>8.3f} {t.speedup:>7.2f}x"
         )
     return "\n".join(lines)

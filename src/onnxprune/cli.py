@@ -341,13 +341,19 @@ def decompose_command(
     show_default=True,
     help="onnxruntime graph optimisation level.",
 )
-@_THREADS
+@click.option(
+    "--threads",
+    type=click.IntRange(min=0),
+    default=DEFAULTS["threads"],
+    show_default=True,
+    help="Intra-op threads of each model's session (0: onnxruntime's default).",
+)
 @click.option(
     "--shape",
     "shape_specs",
     multiple=True,
-    metavar="NAME=DxD...",
-    help="Concrete shape of an input with dynamic dims (repeatable).",
+    metavar="NAME:DxD...",
+    help="Concrete shape of an input with dynamic dims (repeatable); a dynamic first dim is set to each --batch.",
 )
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
 @click.option(
