@@ -209,6 +209,15 @@ def test_a_bug_inside_a_pass_is_an_internal_error_exit_3(model_file, tmp_path, c
     assert code == 3 and "Traceback" in err and "IndexError" in err
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_the_input_is_never_the_output_and_the_message_does_not_offer_overwrite(model_file, overwrite, capsys):
+    """A new user was told '(or pass --overwrite)', then with it 'refusing to overwrite the input file'."""
+    before = model_file.read_bytes()
+    code, _, err = run([model_file, model_file, "--ratio", "0.3", *overwrite], capsys)
+    assert code == 2 and "output is the input file" in err and "pass --overwrite" not in err
+    assert model_file.read_bytes() == before
+
+
 def test_existing_output_needs_overwrite(model_file, tmp_path, capsys):
     out = tmp_path / "o.onnx"
     shutil.copy(model_file, out)

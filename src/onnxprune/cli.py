@@ -451,9 +451,8 @@ def _check_output(input_path: pathlib.Path, output_path: pathlib.Path, *, overwr
     folder = output_path.parent if str(output_path.parent) else pathlib.Path(".")
     if output_path.exists() and input_path.exists() and output_path.resolve() == input_path.resolve():
         raise OnnxPruneError(
-            f"{output_path}: output is the input file; choose another path (or pass --overwrite)"
-            if not overwrite
-            else f"{output_path}: refusing to overwrite the input file"
+            f"{output_path}: output is the input file; choose another path (the input is never overwritten, "
+            "--overwrite included)"
         )
     if output_path.is_dir():
         raise OnnxPruneError(f"{output_path}: is a directory, expected a file path")
@@ -525,7 +524,7 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
     if f["method"] == "tt":  # no channel groups and no criterion: layers written as tensor trains
         lines[0] = lines[0].replace(f", criterion {f['criterion']}", "")
         lines[3] = f"  layers  {f['groups_pruned']} written as tensor trains" + (
-            f", {report.counts.get('refitted_cores', 0)} last cores refitted on the calibration data"
+            f", last cores refitted on the calibration data: {report.counts.get('refitted_cores', 0)}"
             if "fidelity" in f
             else ""
         )

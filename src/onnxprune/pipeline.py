@@ -178,7 +178,7 @@ def _basis_or_joint(model: onnx.ModelProto, *, method: str, **options) -> tuple[
     except BudgetError as err:
         basis = method == "basis" and options.get("target") != "latency" and not options.get("channel_options")
         if basis and options.get("calib") is None and err.reachable is not None:
-            hint = "; --calib would offer whole channels (such as recurrent units) beside the ranks"
+            hint = "; --calib would also offer whole channels beside the ranks"
             raise BudgetError(
                 str(err) + hint, reachable=err.reachable, head=err.head + hint, blocked=err.blocked
             ) from err
@@ -1707,10 +1707,12 @@ def _prune_stage(
                 )
             else:  # the budget buys no speed here, only error: the plan of best fidelity is written, and said slower
                 report.facts["speed_check_strictest"] = budget_measured
+                slow = [str(b) for b, (before, after) in budget_measured.items() if after > before * (1 + SPEED_MARGIN)]
+                at = f" at batch {', '.join(slow)}" if slow else ""
                 report.facts["plan_note"] = (
                     f"candidate {chosen + 1} of {len(candidates)} and every per-layer latency budget measured slower "
-                    f"than the original (the strictest: {_times(budget_measured)}): a budget buys no speed here, so "
-                    "the plan of best fidelity was written"
+                    f"than the original{at} (the strictest: {_times(budget_measured)}): a budget buys no speed here, "
+                    "so the plan of best fidelity was written"
                 )
         if allocation is None:
             if evaluate is not None and len(order) > 1:
