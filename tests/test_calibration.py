@@ -340,3 +340,19 @@ def test_flat_outputs_are_an_embedding_judged_by_cosine_not_top1():
     assert top1(flat, data) is None and top1(peaked, data) is not None
     assert "top1_agreement" not in fidelity(flat, flat, data)[flat.graph.output[0].name]
     assert fidelity(peaked, peaked, data)[peaked.graph.output[0].name]["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("bad", [[0.5, 1, 2, 3], [-1, 0, 1, 2], ["a", "b", "c", "d"], [np.nan, 1, 2, 3]])
+def test_labels_that_are_not_class_indices_are_refused_in_one_line(bad, tmp_path):
+    """A new user's labels of 0.5 or -1 were accepted: `accuracy 0.0 % -> 0.0 %`, and they steered the criterion."""
+    from onnxprune.calibration.data import Samples, load_labels
+    from onnxprune.errors import OnnxPruneError
+
+    data = Samples.from_arrays({"x": np.zeros((4, 3), np.float32)})
+    path = tmp_path / "labels.npy"
+    np.save(path, np.array(bad))
+    with pytest.raises(OnnxPruneError, match="expected class indices") as info:
+        load_labels(path, data)
+    assert "\n" not in str(info.value)
+    np.save(path, np.array([0.0, 1.0, 2.0, 9.0]))  # whole numbers stored as floats are class indices
+    assert load_labels(path, data).tolist() == [0, 1, 2, 9]

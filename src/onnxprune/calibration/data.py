@@ -423,7 +423,8 @@ def load_labels(path: str | pathlib.Path, data: Samples | None) -> np.ndarray:
         The first ``data.total`` labels.
 
     Raises:
-        OnnxPruneError: No calibration data, an unreadable file, or too few labels / not 1-D.
+        OnnxPruneError: No calibration data, an unreadable file, too few labels / not 1-D, or labels that are not
+            class indices (integers from 0).
     """
     if data is None:
         raise OnnxPruneError("--labels needs --calib")
@@ -434,4 +435,11 @@ def load_labels(path: str | pathlib.Path, data: Samples | None) -> np.ndarray:
     n = data.total  # samples as loaded, before any --calib-size subset: the labels follow the file's order
     if labels.ndim != 1 or len(labels) < n:
         raise OnnxPruneError(f"labels {path}: expected a 1-D array of {n} labels, got shape {list(labels.shape)}")
-    return labels[:n]
+    labels = labels[:n]
+    numeric = labels.dtype.kind in "biuf"
+    if not numeric or not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)) or np.any(labels < 0):
+        bad = labels if not numeric else labels[~np.isfinite(labels) | (labels != np.round(labels)) | (labels < 0)]
+        raise OnnxPruneError(
+            f"labels {path}: expected class indices (integers from 0), got {bad[:3].tolist()} among them"
+        )
+    return labels.astype(np.int64)
