@@ -248,7 +248,7 @@ def test_a_latency_target_out_of_reach_of_bases_is_said_in_time_not_in_a_negativ
     with pytest.raises(pipeline.BudgetError) as err:
         hinted(None, None, remove_ratio=0.5)
     message = str(err.value)
-    assert message.startswith("--target latency --ratio 0.50 cannot be reached by keeping fewer bases at batch 1: ")
+    assert message.startswith("--target latency --ratio 0.5 cannot be reached by keeping fewer bases at batch 1: ")
     assert says in message and message.endswith(hints) and "-0." not in message and "e+" not in message
 
 
@@ -271,7 +271,7 @@ def test_a_latency_result_that_saves_too_little_says_how_it_was_made(facts, says
     pipeline._latency_facts(report, 0.5, 32, {1: (1.0, 0.8), 32: (2.0, 1.5)}, False, 0.0)
     f = report.facts
     assert f["ratio_achieved"] == pytest.approx(0.25) and f["latency"]["batch"] == 32
-    assert f["ratio_note"].startswith("--target latency --ratio 0.50: no result found saves that much of the time at ")
+    assert f["ratio_note"].startswith("--target latency --ratio 0.5: no result found saves that much of the time at ")
     assert f["ratio_note"].endswith("saves 0.250 (1.33x) and is written " + says)
     assert not any(k.startswith("latency_") for k in f)  # taken into the report's latency entry
     assert ("depth" in f["latency"]) == bool(facts)

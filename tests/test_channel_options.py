@@ -144,7 +144,7 @@ def test_basis_that_ranks_alone_cannot_reach_offers_the_recurrent_units():
 
     model = recurrent_head("LSTM")
     data = {"x": random_feeds(model, batch=32, seed=5)["x"]}
-    with pytest.raises(BudgetError, match="cannot be reached.*--calib would offer whole channels"):
+    with pytest.raises(BudgetError, match="cannot be reached.*--calib would also offer whole channels"):
         prune(model, remove_ratio=0.6, method="basis", min_rank=4)  # data-free: ranks alone
     out, report = prune(model, remove_ratio=0.6, method="basis", min_rank=4, calib=data)
     assert "whole channels were offered" in report.facts["channel_options"]

@@ -552,7 +552,7 @@ def test_ratio_within_one_point_or_why_or_refused():
     coarse = _facts(0.5, 0.517, 0.517)
     _check_ratio(coarse, method="channel", latency_batch=0, round_to=1)
     assert coarse.facts["ratio_note"] == (
-        "--ratio 0.50: reached 0.517 of the params (1.7 points over): no set of whole channels lands closer here "
+        "--ratio 0.5: reached 0.517 of the params (1.7 points over): no set of whole channels lands closer here "
         "(coarse groups)"
     )
     far = _facts(0.5, 0.737, 0.737, split_rank_limits={"a_basis": 2})

@@ -266,7 +266,7 @@ def allocate(
     reachable, _ = achieved(len(order))
     if remove_ratio > reachable + 0.01:
         raise BudgetError(
-            f"--ratio {remove_ratio:.2f} cannot be reached: at most {reachable:.3f} of the {target} can be removed "
+            f"--ratio {remove_ratio:g} cannot be reached: at most {reachable:.3f} of the {target} can be removed "
             f"({_plural(sum(bool(g.blocked) for g in analysis.groups), 'group')} blocked"
             + (", and split layers stay split only where that is smaller and measured faster" if cost.pairs else "")
             + "); lower --ratio",
@@ -640,14 +640,14 @@ def allocate_ranks(
     reachable = 1.0 - totals(cheapest)[0] / total_before if total_before else 0.0
     if remove_ratio > reachable + TOLERANCE and all(c.kind == "channel" for c in choices):
         raise BudgetError(
-            f"--ratio {remove_ratio:.2f} cannot be reached: at most {reachable:.3f} can be removed by keeping fewer "
+            f"--ratio {remove_ratio:g} cannot be reached: at most {reachable:.3f} can be removed by keeping fewer "
             f"channels or heads in the {_plural(len(choices), 'group')} that can lose them "
             f"({_plural(sum(bool(g.blocked) for g in analysis.groups), 'group')} blocked); lower --ratio",
             reachable=reachable,
         )
     if remove_ratio > reachable + TOLERANCE:
         raise BudgetError(
-            f"--ratio {remove_ratio:.2f} cannot be reached: at most {reachable:.3f} can be removed by keeping fewer "
+            f"--ratio {remove_ratio:g} cannot be reached: at most {reachable:.3f} can be removed by keeping fewer "
             f"bases in the {_plural(len(choices), 'layer')} whose split is smaller than the layer "
             f"({_plural(sum(bool(g.blocked) for g in analysis.groups), 'group')} blocked; when latency is measured, "
             "only layers that can be timed are split); lower --ratio",
@@ -665,7 +665,7 @@ def allocate_ranks(
                 lo, hi = hi, hi * 4
         if best is None:
             raise BudgetError(
-                f"--ratio {remove_ratio:.2f} cannot be reached without making the model slower than the original at "
+                f"--ratio {remove_ratio:g} cannot be reached without making the model slower than the original at "
                 "the measured batch (split layers cost an extra kernel each); lower --ratio, or allow a slower model "
                 "with --latency-batch 0"
             )
@@ -699,7 +699,7 @@ def allocate_ranks(
     achieved = 1.0 - totals(picks)[0] / total_before if total_before else 0.0
     if latency_budget is not None and achieved > remove_ratio + FAR:
         raise BudgetError(
-            f"--ratio {remove_ratio:.2f}: the model stays no slower than the original only when {achieved:.3f} is "
+            f"--ratio {remove_ratio:g}: the model stays no slower than the original only when {achieved:.3f} is "
             f"removed (split layers cost an extra kernel each, so the ones kept split must be cut deep); "
             f"--ratio {achieved:.2f} would be met"
         )

@@ -510,7 +510,7 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
     )
     lines = [
         f"{input_path.name} -> {output_path}  (method {f['method']}, criterion {f['criterion']}, "
-        f"target {f['target']} {f['ratio_requested']:.2f})",
+        f"target {f['target']} {f['ratio_requested']:g})",
         f"  params  {pb:>12,} -> {pa:>12,}   removed {100 * (1 - pa / pb if pb else 0):5.1f} %",
         macs,
         f"  groups  {f['groups_pruned']} pruned ({_kinds(f)}), {len(f['blocked'])} blocked"

@@ -864,7 +864,7 @@ def _latency_facts(
         else:
             tried = f"the deepest channel removal reachable, {depth:.2f} of the {unit}, was tried"
         report.facts["ratio_note"] = (
-            f"--target latency --ratio {remove_ratio:.2f}: no result found saves that much of the time at batch "
+            f"--target latency --ratio {remove_ratio:g}: no result found saves that much of the time at batch "
             f"{latency_batch}; the fastest found saves {1.0 - after / before:.3f} ({before / after:.2f}x) and is "
             f"written ({tried})"
         )
@@ -901,7 +901,7 @@ def _channel_latency(model: onnx.ModelProto, *, remove_ratio: float, **options) 
     if found is None:
         unit = "MACs" if by == "flops" else "parameters"
         raise BudgetError(
-            f"--target latency --ratio {remove_ratio:.2f}: no channel removal could be made (tried "
+            f"--target latency --ratio {remove_ratio:g}: no channel removal could be made (tried "
             f"{', '.join(f'{d:.2f}' for d in LATENCY_DEPTHS)} of the {unit}, then the most the groups allow); "
             "--method basis"
         )
@@ -1067,7 +1067,7 @@ def _hinted(
             reach = err.reachable
             if target == "latency" and reach is not None:  # the share is of measured time; below 0 is slower
                 head = (
-                    f"--target latency --ratio {kwargs.get('remove_ratio', 0.0):.2f} cannot be reached by keeping "
+                    f"--target latency --ratio {kwargs.get('remove_ratio', 0.0):g} cannot be reached by keeping "
                     f"fewer bases at batch {latency_batch}: "
                     + (
                         f"the split layers, timed one by one, save at most about {reach:.3f} of the model's time "
@@ -1112,13 +1112,13 @@ def _check_ratio(report: Report, *, method: str, latency_batch: int, round_to: i
     trains = [v["relative_error"] for v in report.layers.values() if v.get("op") == "tensor-train"]
     if off > 0 and trains and max(trains) <= EXACT_TRAIN:  # low-rank weights: their exact trains save that much
         facts["ratio_note"] = (
-            f"--ratio {requested:.2f}: reached {achieved:.3f} of the {facts['target']}: the tensor trains are exact "
+            f"--ratio {requested:g}: reached {achieved:.3f} of the {facts['target']}: the tensor trains are exact "
             f"(weight error at most {max(trains):.1e}) at bond dimensions that already remove that much"
         )
         return
     if off > 0 and free is not None and free >= requested - RATIO_TOLERANCE:
         facts["ratio_note"] = (
-            f"--ratio {requested:.2f}: reached {achieved:.3f} of the {facts['target']}: folding BatchNorm and "
+            f"--ratio {requested:g}: reached {achieved:.3f} of the {facts['target']}: folding BatchNorm and "
             f"constants alone removes {free:.3f}"
         )
         return
@@ -1148,12 +1148,12 @@ def _check_ratio(report: Report, *, method: str, latency_batch: int, round_to: i
             "channel results to the processor's vector width, 8 or 16, which onnxruntime's kernels run fastest)"
         )
     line = (
-        f"--ratio {requested:.2f}: reached {achieved:.3f} of the {facts['target']} "
+        f"--ratio {requested:g}: reached {achieved:.3f} of the {facts['target']} "
         f"({100 * abs(off):.1f} points {'over' if off > 0 else 'under'}): {why}"
     )
     if facts["target"] == "latency":  # a measured figure: the prediction is what was planned, the rest is noise
         why = f"the allocation planned {planned or 0.0:.3f} from per-layer timings; the model measured {achieved:.3f}"
-        line = f"--ratio {requested:.2f} of the latency: {why}"
+        line = f"--ratio {requested:g} of the latency: {why}"
     elif abs(off) > RATIO_FAR and not (round_to > 1 and off > 0) and not (method == "tt" and off > 0):
         raise BudgetError(
             f"{line}; nothing written; {_alternatives(method, latency_batch)}", blocked=facts.get("blocked")
@@ -1253,7 +1253,7 @@ def prune_guarded(
     report.facts["seconds"] = time.perf_counter() - started
     report.facts["guard"]["largest_ratio_that_holds"] = lo if best is not None else None
     raise GuardError(
-        f"at --ratio {remove_ratio:.2f} the held-out {what} with the original is {measured:.3f}, below "
+        f"at --ratio {remove_ratio:g} the held-out {what} with the original is {measured:.3f}, below "
         f"{floor:.3f} (--max-drop {max_drop:g}); {holds}; nothing written (--force writes it anyway)",
         report,
     )
