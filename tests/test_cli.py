@@ -295,6 +295,22 @@ def test_bench_errors_are_one_line(model_file, args, expected, capsys):
     assert len(err.strip().splitlines()) == 1 and expected in err
 
 
+def test_counts_that_grow_are_said_as_added_not_as_a_negative_removal():
+    from onnxprune.cli import _change
+
+    assert _change(100, 30) == "removed  70.0 %"
+    assert _change(100, 125) == "added    25.0 %"
+    assert _change(1000, 241_300) == "241.3x the original"
+
+
+def test_a_pickled_calibration_file_is_named_as_such(model_file, tmp_path, capsys):
+    bad = tmp_path / "calib.npy"
+    np.save(bad, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    code, _, err = run([model_file, tmp_path / "o.onnx", "--ratio", "0.3", "--calib", bad], capsys)
+    assert code == 2 and "it holds pickled Python objects, which are never loaded" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_bench_runs_a_given_shape_at_each_batch_and_counts_its_symbolic_dims(tmp_path, capsys):
     """A new user's `bench --batch 1,32 --shape x=1x...`: the batch-32 row ran at batch 1 (its MACs times 32), MACs
     counted the symbolic token dim as 1, and a shape the model cannot run on exited 3."""

@@ -163,8 +163,17 @@ def test_a_guard_that_finds_no_ratio_lists_the_ratios_it_tried(monkeypatch):
     monkeypatch.setattr(pipeline, "_agreement", lambda report: (0.5, "top-1 agreement"))
     model = onnx.load(EXAMPLE)
     data = {"image": np.load("examples/digits_calib.npy")[:60]}
-    with pytest.raises(GuardError, match=r"no ratio tried holds \(top-1 agreement at 0\.25: 0\.500, 0\.12: 0\.500"):
+    with pytest.raises(
+        GuardError, match=r"no ratio tried holds \(top-1 agreement at 0\.25: 0\.500, 0\.12: 0\.500"
+    ) as err:
         pipeline.prune_guarded(model, remove_ratio=0.5, calib=data, method="channel", compensate=False, latency_batch=0)
+    assert "held-out top-1 agreement (on 12 samples) with the original" in str(err.value)  # few: how many is said
+
+
+def test_method_tt_that_writes_no_train_times_nothing():
+    """`--method tt --ratio 0` wrote no train and still said 'measured slower than the original' (timing noise)."""
+    out, report = prune(onnx.load(EXAMPLE), remove_ratio=0.0, method="tt")
+    assert report.counts.get("tensor_trains", 0) == 0 and "speed_check" not in report.facts
 
 
 def test_without_calibration_the_drift_on_random_inputs_is_reported():

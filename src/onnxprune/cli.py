@@ -18,7 +18,7 @@ from onnxprune.budget import TARGETS
 from onnxprune.calibration import criteria
 from onnxprune.calibration.data import ImageOptions, load_calibration, load_labels
 from onnxprune.errors import BudgetError, GuardError, OnnxPruneError
-from onnxprune.pipeline import METHODS, SPEED_MARGIN, decompose, default_criterion, prune_guarded
+from onnxprune.pipeline import FEW_HELD_OUT, METHODS, SPEED_MARGIN, decompose, default_criterion, prune_guarded
 from onnxprune.shapes import format_shapes, parse_shapes
 
 log = logging.getLogger("onnxprune")
@@ -497,6 +497,17 @@ def _jsonable(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def _change(before: int, after: int) -> str:
+    """'removed  70.0 %'; for a count that grew, 'added    12.5 %', or past twice the count '13.4x the original'.
+
+    A tensor train of an embedding adds MACs (the dense lookup does none): a new user read 'removed -24030.8 %'.
+    """
+    share = 1 - after / before if before else 0.0
+    if share >= 0:
+        return f"removed {100 * share:5.1f} %"
+    return f"added   {-100 * share:5.1f} %" if after <= 2 * before else f"{after / before:.1f}x the original"
+
+
 def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, *, verbose: bool) -> None:
     f = report.facts
     pb, pa, mb, ma = f["params_before"], f["params_after"], f["macs_before"], f["macs_after"]
@@ -504,14 +515,14 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
     if f.get("macs_shape"):
         at = f"at {format_shapes(f['macs_shape'])} ({at})"
     macs = (
-        f"  MACs    {mb:>12,} -> {ma:>12,}   removed {100 * (1 - ma / mb if mb else 0):5.1f} %   {at}"
+        f"  MACs    {mb:>12,} -> {ma:>12,}   {_change(mb, ma)}   {at}"
         if mb is not None
         else f"  MACs    not counted: {at}"
     )
     lines = [
         f"{input_path.name} -> {output_path}  (method {f['method']}, criterion {f['criterion']}, "
         f"target {f['target']} {f['ratio_requested']:g})",
-        f"  params  {pb:>12,} -> {pa:>12,}   removed {100 * (1 - pa / pb if pb else 0):5.1f} %",
+        f"  params  {pb:>12,} -> {pa:>12,}   {_change(pb, pa)}",
         macs,
         f"  groups  {f['groups_pruned']} pruned ({_kinds(f)}), {len(f['blocked'])} blocked"
         + (f", {report.counts['folds_skipped']} constant folds skipped" if report.counts.get("folds_skipped") else "")
@@ -654,7 +665,6 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
 
 LARGE_DRIFT = 0.5  # rel. error on random inputs past which a data-free result is said to be likely broken (digits
 # ResNet-20 data-free: 0.20 at 0.3 -> 99.4 %, 0.33 at 0.5 -> 98.1 %, 0.60 at 0.7 -> 9.7 %; bundled example 0.17 at 0.7)
-FEW_HELD_OUT = 50  # fewer held-out samples than this: the summary says how coarse the agreement is
 STEPS_SHOWN = 3  # the longest steps named on the summary's time line
 
 

@@ -606,7 +606,8 @@ class _Run:
             before, after = (model_latency(m, feeds, threads=opts.threads) for m in (model, out))
             ratio_achieved = 1 - after / before
             report.facts["latency"] = {"batch": opts.latency_batch, "before_s": before, "after_s": after}
-        if opts.method == "tt" and opts.latency_batch and self.count_shapes is not None:  # trains: time them
+        trains = report.counts.get("tensor_trains", 0)
+        if opts.method == "tt" and trains and opts.latency_batch and self.count_shapes is not None:  # time them
             report.facts["speed_check"] = {
                 b: compare_latency(
                     model,
@@ -1252,13 +1253,16 @@ def prune_guarded(
     )
     report.facts["seconds"] = time.perf_counter() - started
     report.facts["guard"]["largest_ratio_that_holds"] = lo if best is not None else None
+    samples = report.facts.get("fidelity_samples")
+    on = f" (on {samples} sample{'s' if samples != 1 else ''})" if samples and samples < FEW_HELD_OUT else ""
     raise GuardError(
-        f"at --ratio {remove_ratio:g} the held-out {what} with the original is {measured:.3f}, below "
+        f"at --ratio {remove_ratio:g} the held-out {what}{on} with the original is {measured:.3f}, below "
         f"{floor:.3f} (--max-drop {max_drop:g}); {holds}; nothing written (--force writes it anyway)",
         report,
     )
 
 
+FEW_HELD_OUT = 50  # fewer held-out samples than this: the summary and a guard refusal say how many they rest on
 SPEED_MARGIN = 0.02  # a result whose model measures this much slower than the original is "slower" (method best)
 # the latency budget's search must measure this much faster: it keeps the loosest plan that passes, so that plan
 # passes partly by luck (judged with SPEED_MARGIN, edge plans measured slower again in about half the checks: handed

@@ -370,7 +370,8 @@ def _load_arrays(path: pathlib.Path, inputs: dict) -> dict[str, np.ndarray]:
     try:
         loaded = np.load(path, allow_pickle=False)
     except (ValueError, OSError, zipfile.BadZipFile) as err:
-        raise CalibrationError(f"calibration data {path}: not a .npy/.npz file ({err})") from err
+        why = "it holds pickled Python objects, which are never loaded" if "pickle" in str(err) else str(err)
+        raise CalibrationError(f"calibration data {path}: not a .npy/.npz array file ({why})") from err
     if isinstance(loaded, np.ndarray):
         if len(inputs) != 1:
             raise CalibrationError(
