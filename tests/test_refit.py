@@ -170,12 +170,6 @@ def test_a_guard_that_finds_no_ratio_lists_the_ratios_it_tried(monkeypatch):
     assert "held-out top-1 agreement (on 12 samples) with the original" in str(err.value)  # few: how many is said
 
 
-def test_method_tt_that_writes_no_train_times_nothing():
-    """`--method tt --ratio 0` wrote no train and still said 'measured slower than the original' (timing noise)."""
-    out, report = prune(onnx.load(EXAMPLE), remove_ratio=0.0, method="tt")
-    assert report.counts.get("tensor_trains", 0) == 0 and "speed_check" not in report.facts
-
-
 def test_without_calibration_the_drift_on_random_inputs_is_reported():
     _, report = prune(onnx.load(EXAMPLE), remove_ratio=0.3)
     drift = report.facts["synthetic_drift"]

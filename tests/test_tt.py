@@ -359,3 +359,11 @@ def test_a_small_request_writes_no_train_that_does_more_macs_than_its_dense_laye
     f = report.facts
     assert f["macs_after"] <= f["macs_before"] and f["params_removed"] >= 0.05
     assert "no more MACs than its dense layer" in f.get("ratio_note", "") or f["params_removed"] <= 0.06
+
+
+def test_method_tt_that_writes_no_train_times_nothing():
+    """`--method tt --ratio 0` wrote no train and still said 'measured slower than the original' (timing noise)."""
+    _, report = prune(_mlp(), remove_ratio=0.0, method="tt", latency_batch=1)
+    assert report.counts.get("tensor_trains", 0) == 0 and "speed_check" not in report.facts
+    _, report = prune(_mlp(), remove_ratio=0.3, method="tt", latency_batch=1)
+    assert report.counts["tensor_trains"] > 0 and set(report.facts["speed_check"]) == {1, 32}
