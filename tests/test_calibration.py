@@ -295,10 +295,20 @@ def test_sequence_outputs_are_judged_by_the_decoded_sequence_per_sample():
     x = np.zeros((7, 2, 4), np.float32)  # time first, 2 samples
     assert sequences(x, 2).shape == (2, 7, 4) and sequences(x[:, :1], 1).shape == (1, 7, 4)
     assert sequences(np.zeros((2, 4), np.float32), 2) is None
-    model = recurrent_head("LSTM")
-    out = model.graph.output[0].name
-    assert sequence_outputs(model) == {out: 10}
-    data = {"x": random_feeds(model, batch=12, seed=4)["x"]}
+    flat = recurrent_head("LSTM")
+    out = flat.graph.output[0].name
+    assert sequence_outputs(flat) == {out: 10}
+    data = {"x": random_feeds(flat, batch=12, seed=4)["x"]}
+    # random weights give flat frames, as a hidden state [B, S, D] has: judged by cosine, not decoded as CTC (a new
+    # user's MatMul output [B, 16, 1024] was refused at 0.154 "sequence agreement" with cosine 0.9992)
+    hidden = fidelity(flat, flat, data, batch_size=5)[out]
+    assert "sequence_agreement" not in hidden and "top1_agreement" not in hidden and hidden["cosine"] > 0.999
+    assert pipeline._worst({out: hidden}) == (hidden["cosine"], "cosine")
+    model = onnx.ModelProto()  # a trained recogniser's frames are peaked: the head's logits scaled up
+    model.CopyFrom(flat)
+    head = next(n for n in model.graph.node if n.op_type == "MatMul").input[1]
+    w = next(t for t in model.graph.initializer if t.name == head)
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 30, w.name))
     same = fidelity(model, model, data, batch_size=5)[out]
     assert same["sequence_agreement"] == 1.0 and same["frame_agreement"] == 1.0 and "top1_agreement" not in same
     noisy = onnx.ModelProto()

@@ -1117,7 +1117,7 @@ def _check_ratio(report: Report, *, method: str, latency_batch: int, round_to: i
             f"(weight error at most {max(trains):.1e}) at bond dimensions that already remove that much"
         )
         return
-    if off > 0 and free is not None and free >= requested - RATIO_TOLERANCE:
+    if off > 0 and free is not None and free >= requested - RATIO_TOLERANCE and achieved - free <= RATIO_TOLERANCE:
         facts["ratio_note"] = (
             f"--ratio {requested:g}: reached {achieved:.3f} of the {facts['target']}: folding BatchNorm and "
             f"constants alone removes {free:.3f}"
@@ -1155,7 +1155,12 @@ def _check_ratio(report: Report, *, method: str, latency_batch: int, round_to: i
     if facts["target"] == "latency":  # a measured figure: the prediction is what was planned, the rest is noise
         why = f"the allocation planned {planned or 0.0:.3f} from per-layer timings; the model measured {achieved:.3f}"
         line = f"--ratio {requested:g} of the latency: {why}"
-    elif abs(off) > RATIO_FAR and not (round_to > 1 and off > 0) and not (method == "tt" and off > 0):
+    elif abs(off) > RATIO_FAR and method == "tt" and off > 0:  # a lower ratio cuts no less: no ratio advice
+        raise BudgetError(
+            f"{line}; nothing written; --method basis splits these layers at the rank the request needs",
+            blocked=facts.get("blocked"),
+        )
+    elif abs(off) > RATIO_FAR and not (round_to > 1 and off > 0):
         raise BudgetError(
             f"{line}; nothing written; {_alternatives(method, latency_batch)}", blocked=facts.get("blocked")
         )

@@ -548,7 +548,8 @@ def fidelity(
     Returns:
         Output name -> {"cosine", "relative_error"[, "top1_agreement"[, "accuracy_original", "accuracy_pruned"]]}
         (top-1 only for outputs shaped like class scores whose softmax is peaked, `SCORES_CONFIDENCE`); for
-        `sequence_outputs` {"cosine", "relative_error", "sequence_agreement", "frame_agreement"}: the share of
+        `sequence_outputs` whose frames' softmax is peaked as class scores are (a hidden state [B, S, D] is not: it
+        is judged by cosine) {"cosine", "relative_error", "sequence_agreement", "frame_agreement"}: the share of
         samples whose best path reads the same (CTC decoding, the original's most frequent frame class as the blank)
         and of positions whose top-1 is the same. Cosine and error are per sample in every case.
 
@@ -559,7 +560,7 @@ def fidelity(
     data = as_samples(data, original, min_batches=1)  # measuring needs one whole batch, not a held-out part
     names = [o.name for o in original.graph.output]
     per_position = sequence_outputs(original)
-    keys = ("cos", "err", "ref", "agree", "acc_o", "acc_p", "seq", "frames", "frames_agree", "peaked")
+    keys = ("cos", "err", "ref", "agree", "acc_o", "acc_p", "seq", "frames", "frames_agree", "peaked", "seq_peaked")
     sums = {k: dict.fromkeys(keys, 0.0) for k in names}
     scored = dict.fromkeys(names, True)
     sequence = dict.fromkeys(names, False)
@@ -591,6 +592,8 @@ def fidelity(
                 acc["seq"] += sum(decode(a, blank) == decode(b, blank) for a, b in zip(path_o, path_p))
                 acc["frames"] += path_o.size
                 acc["frames_agree"] += float(np.sum(path_o == path_p))
+                frames = want.reshape(-1, want.shape[-1])  # how peaked each frame's softmax is, averaged per sample
+                acc["seq_peaked"] += float(confidence(frames).reshape(m, -1).mean(1).sum())
                 scored[name] = False
                 continue
             scores = class_scores(want) if len(want) == m else None
@@ -610,7 +613,7 @@ def fidelity(
             "cosine": acc["cos"] / max(n, 1),
             "relative_error": float(np.sqrt(acc["err"]) / (np.sqrt(acc["ref"]) + 1e-30)),
         }
-        if sequence[name] and n:
+        if sequence[name] and n and acc["seq_peaked"] >= SCORES_CONFIDENCE * n:  # flat frames: hidden states
             entry["sequence_agreement"] = acc["seq"] / n
             entry["frame_agreement"] = acc["frames_agree"] / max(acc["frames"], 1)
         elif scored[name] and n and acc["peaked"] >= SCORES_CONFIDENCE * n:  # flat rows: an embedding, by cosine
