@@ -162,8 +162,17 @@ def time_models(
     sessions = [_session(p, provider, opt_level, threads) for p in paths]
     rng = np.random.default_rng(seed)
     found: list[Timing] = []
+    seen: dict[tuple, int] = {}
     for batch in batches:
         feeds = [_feeds(m, batch, shapes or {}, rng) for m in models]
+        key = tuple(tuple(v.shape) for feed in feeds for v in feed.values())
+        if key in seen:  # no input has a dynamic first dim: every row would run the same inputs
+            shown = ", ".join(f"{k}:{'x'.join(map(str, v.shape))}" for k, v in feeds[0].items())
+            raise OnnxPruneError(
+                f"--batch {seen[key]} and {batch} run the same inputs ({shown}): no input's first dim is a dynamic "
+                "batch; time one --shape at a time"
+            )
+        seen[key] = batch
         for path, sess, feed in zip(paths, sessions, feeds):
             try:
                 sess.run(None, feed)
@@ -219,6 +228,7 @@ def table(timings: list[Timing]) -> str:
         lines.append(
             f"{t.model[:28]:<28} {t.batch:>5} {t.params:>12,} {'?' if t.macs is None else f'{t.macs:,}':>15} "
             f"{t.file_mb:>7.2f} "
-            f"{t.median_ms:>10.3f} {t.p10_ms:>8.3f} {t.p90_ms:>8.3f} {t.speedup:>7.2f}x"
+            f"{t.median_ms:>10.3f} {t.p10_ms:>8.3f} {t.p90_ms:>8.3f} "
+            + (f"{t.speedup:>7.2f}x" if t.speedup >= 0.1 else f"{t.speedup:>7.2g}x")
         )
     return "\n".join(lines)

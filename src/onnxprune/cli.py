@@ -502,7 +502,9 @@ def _change(before: int, after: int) -> str:
 
     A tensor train of an embedding adds MACs (the dense lookup does none): a new user read 'removed -24030.8 %'.
     """
-    share = 1 - after / before if before else 0.0
+    if not before:
+        return "removed   0.0 %" if not after else "added (none before)"
+    share = 1 - after / before
     if share >= 0:
         return f"removed {100 * share:5.1f} %"
     return f"added   {-100 * share:5.1f} %" if after <= 2 * before else f"{after / before:.1f}x the original"
@@ -591,8 +593,8 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
             f"  WARNING no --calib: fidelity on real data is unverified; on {d['samples']} random inputs the outputs "
             f"drift by rel. error {d['relative_error']:.3f} (cosine {d['cosine']:.3f})"
             + (
-                "; a drift this large came with a broken model on real data (the handed digits ResNet-20 at 0.7: "
-                "9.7 % accuracy): prune with --calib, whose guard measures it, or a lower --ratio"
+                "; the model is LIKELY BROKEN: this much drift meant 9.7 % accuracy on the handed digits ResNet-20 "
+                "at 0.7 (99.2 % before); prune with --calib, whose guard measures it, or a lower --ratio"
                 if d["relative_error"] > LARGE_DRIFT
                 else ""
             )
@@ -642,16 +644,19 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
                 f"  tt      {name}: bond dimensions {layer['ranks']} of {layer['full_ranks']}, weights "
                 f"{layer['dense']:,} -> {layer['kept']:,}, relative weight error {layer['relative_error']:.3f}"
             )
-    if f["method"] == "tt" and not f.get("speed_check"):  # not timed: the user must know it may be slower
+    trains = report.counts.get("tensor_trains", 0)
+    if f["method"] == "tt" and trains and not f.get("speed_check"):  # not timed: the user must know it may be slower
         lines.append(
             "  speed   not timed (symbolic input dims with no --shape, or --latency-batch 0): tensor trains can be far "
             "slower than the dense layers; check with `onnxprune bench` at your shapes"
         )
     if f["method"] == "tt" and f["macs_before"] is not None and f["macs_after"] > f["macs_before"]:
-        lines.append(
-            f"  MACs    the tensor trains do {f['macs_after'] / max(f['macs_before'], 1):.1f}x the model's MACs "
-            "(--method tt plans for parameters only)"
+        grown = (
+            f"do {f['macs_after'] / f['macs_before']:.1f}x the model's MACs"
+            if f["macs_before"]
+            else f"add {f['macs_after']:,} MACs where the model's lookups did none"
         )
+        lines.append(f"  MACs    the tensor trains {grown} (--method tt plans for parameters only)")
     if "ratio_note" in f:  # more than 1 point from the request: why, in one line
         lines.append(f"  ratio   {f['ratio_note']}")
     steps = sorted((f.get("step_seconds") or {}).items(), key=lambda kv: -kv[1])

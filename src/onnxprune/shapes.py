@@ -44,6 +44,8 @@ def parse_shapes(specs: Iterable[str], option: str = "--shape") -> dict[str, lis
         match = _SPEC.match(spec.strip())
         if match is None:
             raise OnnxPruneError(f"{option} {spec!r}: expected NAME:DxDx..., e.g. input:1x3x224x224")
+        if match["name"] in shapes:
+            raise OnnxPruneError(f"{option} {spec!r}: input '{match['name']}' is given twice")
         dims = [int(d) for d in match["dims"].lower().split("x")]
         if any(d <= 0 for d in dims):
             raise OnnxPruneError(f"{option} {spec!r}: dims must be positive")
