@@ -33,13 +33,20 @@ _MIN_RANK = click.option(
     show_default=True,
     help="Layers of smaller rank are not split into basis + scaling.",
 )
-_THREADS = click.option(
-    "--threads",
-    type=click.IntRange(min=0),
-    default=DEFAULTS["threads"],
-    show_default=True,
-    help="Intra-op threads (0: onnxruntime's default); also used for latency decisions.",
-)
+
+
+def _threads(what: str):
+    """The --threads option, its help saying what the threads serve."""
+    return click.option(
+        "--threads",
+        type=click.IntRange(min=0),
+        default=DEFAULTS["threads"],
+        show_default=True,
+        help=f"Intra-op threads (0: onnxruntime's default) {what}.",
+    )
+
+
+_THREADS = _threads("of every session; also used for latency decisions")
 _OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 _QUIET = click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 _DEBUG = click.option("--debug", is_flag=True, help="Show tracebacks.")
@@ -341,13 +348,7 @@ def decompose_command(
     show_default=True,
     help="onnxruntime graph optimisation level.",
 )
-@click.option(
-    "--threads",
-    type=click.IntRange(min=0),
-    default=DEFAULTS["threads"],
-    show_default=True,
-    help="Intra-op threads of each model's session (0: onnxruntime's default).",
-)
+@_threads("of each model's session")
 @click.option(
     "--shape",
     "shape_specs",
