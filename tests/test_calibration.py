@@ -366,3 +366,15 @@ def test_labels_that_are_not_class_indices_are_refused_in_one_line(bad, tmp_path
     assert "\n" not in str(info.value)
     np.save(path, np.array([0.0, 1.0, 2.0, 9.0]))  # whole numbers stored as floats are class indices
     assert load_labels(path, data).tolist() == [0, 1, 2, 9]
+
+
+def test_labels_past_the_model_s_classes_are_refused_in_one_line(tmp_path, capsys):
+    """Two new users passed labels 20-29 to a 10-class model: exit 0 and 'accuracy 0.0 % -> 0.0 %'."""
+    x = np.load(EXAMPLE / "digits_calib.npy")[:60]
+    np.save(tmp_path / "calib.npy", x)
+    np.save(tmp_path / "labels.npy", np.arange(60) % 10 + 20)
+    out = tmp_path / "o.onnx"
+    args = [EXAMPLE / "digits_resnet.onnx", out, "--ratio", "0.3", "--calib", tmp_path / "calib.npy"]
+    code, _, err = run([*args, "--labels", tmp_path / "labels.npy"], capsys)
+    assert code == 2 and "class 29 is past the model's classes ('logits' has 10" in err and not out.exists()
+    assert len(err.strip().splitlines()) == 1

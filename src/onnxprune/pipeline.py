@@ -260,7 +260,23 @@ class Options:
             raise OnnxPruneError(
                 f"labels: expected a 1-D array of {calib.total} labels, got shape {list(np.shape(labels))}"
             )
+        classes = _static_classes(model)
+        if labels is not None and classes and len(labels) and int(np.max(labels)) >= max(classes.values()):
+            shown = ", ".join(f"'{name}' has {c}" for name, c in classes.items())
+            raise OnnxPruneError(
+                f"labels: class {int(np.max(labels))} is past the model's classes ({shown}; labels count from 0)"
+            )
         _check_exclude(model, self.exclude)
+
+
+def _static_classes(model: onnx.ModelProto) -> dict[str, int]:
+    """Outputs declared [N, C] with a fixed C of 2 or more (how class scores are declared): name -> C."""
+    found = {}
+    for out in model.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        if len(dims) == 2 and dims[1].HasField("dim_value") and dims[1].dim_value >= 2:
+            found[out.name] = dims[1].dim_value
+    return found
 
 
 STAGES = {"channel": ("channel",), "basis": ("basis",), "auto": ("auto",), "double": ("channel", "basis"), "tt": ()}
