@@ -13,6 +13,7 @@ from onnxprune.calibration.data import model_inputs
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph import load, session
 from onnxprune.latency import alternate
+from onnxprune.shapes import format_shapes
 from onnxprune.shapes import parse_shapes as _parse_shapes
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -167,7 +168,7 @@ def time_models(
         feeds = [_feeds(m, batch, shapes or {}, rng) for m in models]
         key = tuple(tuple(v.shape) for feed in feeds for v in feed.values())
         if key in seen:  # no input has a dynamic first dim: every row would run the same inputs
-            shown = ", ".join(f"{k}:{'x'.join(map(str, v.shape))}" for k, v in feeds[0].items())
+            shown = format_shapes({k: v.shape for k, v in feeds[0].items()})
             raise OnnxPruneError(
                 f"--batch {seen[key]} and {batch} run the same inputs ({shown}): no input's first dim is a dynamic "
                 "batch; time one --shape at a time"
@@ -177,7 +178,7 @@ def time_models(
             try:
                 sess.run(None, feed)
             except Exception as err:  # noqa: BLE001 - onnxruntime's own classes: the inputs do not fit the model
-                given = ", ".join(f"{k}:{'x'.join(map(str, v.shape))}" for k, v in feed.items())
+                given = format_shapes({k: v.shape for k, v in feed.items()})
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise OnnxPruneError(
                     f"{os.path.basename(path)} does not run on inputs {given} (batch {batch}; check --shape and "

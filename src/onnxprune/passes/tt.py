@@ -364,17 +364,8 @@ def allocate_bonds(layers: list[TTLayer], remove: int) -> dict[str, tuple[int, .
         return max(0, layer.dense - layer.params(tuple(ranks[layer.node])))
 
     def push(layer: TTLayer) -> None:
-        r = ranks[layer.node]
-        now = layer.params(tuple(r))
-        total = float(np.sum(layer.spectra[0] ** 2)) or 1.0
-        for b, s in enumerate(layer.spectra):
-            if r[b] <= 1:
-                continue
-            step = max(1, r[b] // 32)
-            lower = r[:b] + [r[b] - step] + r[b + 1 :]
-            gain = now - layer.params(tuple(lower))
-            cost = float(np.sum(s[r[b] - step : r[b]] ** 2)) / total
-            heapq.heappush(heap, (cost / max(gain, 1), layer.node, version[layer.node], b, step))
+        for price, b, step in _cuts(layer, ranks[layer.node], layer.params):
+            heapq.heappush(heap, (price, layer.node, version[layer.node], b, step))
 
     best = sum(max(0, layer.dense - layer.params(tuple([1] * len(layer.spectra)))) for layer in layers)
     if best < remove:
@@ -415,23 +406,31 @@ def _cut_to_dense_macs(layer: TTLayer, ranks: list[int]) -> bool:
     are (the dense lookup does none).
     """
     dense = int(layer.linear.matrix.size)
-    total = float(np.sum(layer.spectra[0] ** 2)) or 1.0
     lowered = False
     while not layer.linear.lookup and layer.macs(tuple(ranks)) > dense:
-        now, best = layer.macs(tuple(ranks)), None
-        for b, s in enumerate(layer.spectra):
-            if ranks[b] <= 1:
-                continue
-            step = max(1, ranks[b] // 32)
-            gain = now - layer.macs(tuple(ranks[:b] + [ranks[b] - step] + ranks[b + 1 :]))
-            cost = float(np.sum(s[ranks[b] - step : ranks[b]] ** 2)) / total / max(gain, 1)
-            if best is None or cost < best[0]:
-                best = (cost, b, step)
-        if best is None:
+        cuts = list(_cuts(layer, ranks, layer.macs))
+        if not cuts:
             break
-        ranks[best[1]] -= best[2]
+        _, b, step = min(cuts)
+        ranks[b] -= step
         lowered = True
     return lowered
+
+
+def _cuts(layer: TTLayer, ranks: list[int], size):
+    """Per bond above 1, its next cut: (error per unit saved, bond, step); steps are 1/32 of a bond, at least 1.
+
+    The error is the relative squared error the cut drops (Oseledets' bound); `size` maps bond dimensions to the
+    quantity saved (weights, or MACs).
+    """
+    now = size(tuple(ranks))
+    total = float(np.sum(layer.spectra[0] ** 2)) or 1.0
+    for b, s in enumerate(layer.spectra):
+        if ranks[b] <= 1:
+            continue
+        step = max(1, ranks[b] // 32)
+        gain = now - size(tuple(ranks[:b] + [ranks[b] - step] + ranks[b + 1 :]))
+        yield float(np.sum(s[ranks[b] - step : ranks[b]] ** 2)) / total / max(gain, 1), b, step
 
 
 def decompose_tt(graph: gs.Graph, layers: list[TTLayer], ranks: dict[str, tuple[int, ...]]) -> PassResult:
