@@ -39,6 +39,8 @@ def test_the_shape_comes_from_the_option_then_the_data_then_the_model_then_the_d
     given = {"x": [1, 3, 64, 48]}
     assert choose_shapes(model, given=given, data=data) == (given, "--shape")
     assert choose_shapes(any_size(8, 8)) == ({"x": [1, 3, 8, 8]}, "model")
+    # MACs are per sample: a batch given for the symbolic batch dim is counted, and named, as 1
+    assert choose_shapes(model, given={"x": [4, 3, 64, 48]}) == (given, "--shape")
 
 
 @pytest.mark.parametrize(

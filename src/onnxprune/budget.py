@@ -638,6 +638,12 @@ def allocate_ranks(
         return solve(hi, mu)
 
     reachable = 1.0 - totals(cheapest)[0] / total_before if total_before else 0.0
+    if remove_ratio > reachable + TOLERANCE and not choices:
+        raise BudgetError(
+            f"--ratio {remove_ratio:g} cannot be reached: no layer offers anything to remove "
+            f"({_plural(sum(bool(g.blocked) for g in analysis.groups), 'group')} blocked); lower --ratio",
+            reachable=0.0,
+        )
     if remove_ratio > reachable + TOLERANCE and all(c.kind == "channel" for c in choices):
         raise BudgetError(
             f"--ratio {remove_ratio:g} cannot be reached: at most {reachable:.3f} can be removed by keeping fewer "

@@ -591,7 +591,8 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
     if "synthetic_drift" in f:
         d = f["synthetic_drift"]
         lines.append(
-            f"  WARNING no --calib: fidelity on real data is unverified; on {d['samples']} random inputs the outputs "
+            f"  WARNING no --calib: fidelity on real data is unverified; on {d['samples']} random "
+            f"input{'s' if d['samples'] != 1 else ''} the outputs "
             f"drift by rel. error {d['relative_error']:.3f} (cosine {d['cosine']:.3f})"
             + (
                 "; the model is LIKELY BROKEN: this much drift meant 9.7 % accuracy on the handed digits ResNet-20 "

@@ -26,7 +26,7 @@ from onnxprune.budget import (
     rank_choices,
 )
 from onnxprune.calibration import criteria
-from onnxprune.calibration.data import Samples, as_samples, fixed_batch
+from onnxprune.calibration.data import Samples, as_samples, fixed_batch, model_inputs
 from onnxprune.calibration.refit import TrainEnd, refit, refit_tensor_trains
 from onnxprune.calibration.runner import (
     channel_statistics,
@@ -249,6 +249,11 @@ class Options:
             )
         if self.method == "tt" and self.target != "params":
             raise OnnxPruneError(f"--method tt removes parameters: use --target params, not {self.target}")
+        if self.method == "tt" and criterion != "l2":
+            raise OnnxPruneError(
+                f"--method tt cuts bond dimensions by the weights' relative error (l2): --criterion {criterion} "
+                "does not apply to it"
+            )
         if self.sensitivity is True and calib is None:
             raise OnnxPruneError("--sensitivity needs calibration data (--calib) to measure the outputs on")
         if criterion in ("energy", *criteria.LABEL_CRITERIA) and calib is None:
@@ -597,8 +602,12 @@ class _Run:
                 draws.append(_synthetic_feeds(model, self.count_shapes, batch=1, seed=opts.seed + len(draws)))
             feeds = {k: np.concatenate([d[k] for d in draws]) for k in draws[0]}
             drift = fidelity(model, out, feeds, batch_size=opts.batch_size, label="drift on random inputs")
+            # a fixed first dim keeps its size; beside a symbolic dim it is no batch (a Gemm's [features, N]): runs
+            feature_major = any(
+                d and d[0] is not None and d[0] > 1 and None in d[1:] for d, _ in model_inputs(model).values()
+            )
             report.facts["synthetic_drift"] = {
-                "samples": len(next(iter(feeds.values()))) if feeds else 1,  # a fixed batch keeps its size
+                "samples": len(draws) if feature_major or not feeds else len(next(iter(feeds.values()))),
                 "cosine": min(d["cosine"] for d in drift.values()),
                 "relative_error": max(d["relative_error"] for d in drift.values()),
             }
@@ -1099,6 +1108,9 @@ def _hinted(
             whole = report.counts.get("shared_left_whole", 0) if report is not None else 0
             if whole:
                 head += f"; {whole} layers whose weight is shared by several nodes were left whole, not split"
+            if reach is not None and reach <= 0 and report is not None and report.skipped:  # nothing to try
+                left = "; ".join(f"{s.node}: {s.reason}" for s in report.skipped[:3])
+                raise BudgetError(f"{head}; left whole: {left}", reachable=reach, head=head) from err
             lower = "would be met" not in head  # the request was too low for the latency constraint, not too high
             lower = lower and not (target == "latency" and reach is not None and reach <= 0)
             hints = _alternatives(method, latency_batch, lower=lower, target=target, calibrated=calibrated)
@@ -1446,9 +1458,9 @@ def default_criterion(method: str, *, calibrated: bool) -> str:
 
     With calibration data: cmi for --method channel and auto (measured on the suite's ResNet-20 at 0.7: channel 96.7 %
     with cmi vs 10.6 % with energy, auto 97.5 vs 76.5); energy for double (97.6 vs 95.5 with cmi) and for basis, whose
-    bases score by s_k^2 E[z_k^2] whatever the criterion. Without: l2.
+    bases score by s_k^2 E[z_k^2] whatever the criterion. Without, and for tt: l2.
     """
-    if not calibrated:
+    if not calibrated or method == "tt":  # a train's bonds fall by the weights' relative error
         return "l2"
     return "cmi" if method in ("channel", "auto") else "energy"
 

@@ -58,9 +58,9 @@ def choose_shapes(
 ) -> tuple[dict[str, list[int]] | None, str]:
     """The concrete shape of every model input that MACs are counted at, and where it came from.
 
-    Per input, in order: `given` (``--shape``), the calibration data (the shape most samples have, batch 1 unless
-    the model fixes it), the model's own dims when they are all fixed (a symbolic batch counts as 1: MACs are per
-    sample), ``DEFAULT_IMAGE_SIDE`` for the symbolic H/W of an image input (4-D, 1 to 4 channels, NCHW or NHWC).
+    Per input, in order: `given` (``--shape``), the calibration data (the shape most samples have), the model's own
+    dims when they are all fixed, ``DEFAULT_IMAGE_SIDE`` for the symbolic H/W of an image input (4-D, 1 to 4
+    channels, NCHW or NHWC). MACs are per sample: a symbolic batch (first) dim counts as 1 whatever its source.
 
     Args:
         model: The model.
@@ -89,8 +89,8 @@ def choose_shapes(
         batch = dims[0] if dims and dims[0] is not None else 1
         if not dims:  # a scalar input
             shapes[name], source = [], "model"
-        elif name in given:
-            shapes[name], source = given[name], "--shape"
+        elif name in given:  # MACs are per sample: a batch given for a symbolic first dim is counted as 1
+            shapes[name], source = [batch, *given[name][1:]], "--shape"
         elif name in common:
             shapes[name], source = [batch, *common[name]], "calibration data"
         elif all(d is not None for d in dims[1:]):

@@ -65,7 +65,10 @@ def decompose_basis(
             continue
         matrix = basis_matrix(node)
         if matrix is None:
-            report.skip(node, f"{node.op} without a constant weight that can be split (grouped, or computed)")
+            if node.attrs.get("transA", 0):
+                report.skip(node, "Gemm with transA=1 (its input transposed) is not split")
+            else:
+                report.skip(node, f"{node.op} without a constant weight that can be split (grouped, or computed)")
             continue
         if len(node.inputs[1].outputs) > 1:  # split per use, it would be stored once per use
             report.skip(
