@@ -248,3 +248,19 @@ def test_thin_svd_of_a_large_matrix_through_its_gram_matrix(shape):
     u, s, vt = thin_svd(w)
     np.testing.assert_allclose(vt @ vt.T, np.eye(r), atol=1e-8)
     np.testing.assert_allclose((u * s) @ vt, w, atol=1e-10 * np.abs(w).max())
+
+
+def test_a_quantized_model_is_refused_naming_its_integer_layers(tmp_path):
+    """onnxruntime's dynamic quantization turns every Gemm/MatMul into MatMulInteger: nothing is left to split or
+    remove, and the refusal says why (a new user got "0 groups blocked" and four suggestions that could not help)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from onnxprune.errors import BudgetError
+
+    source, quantized = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(flatten_gemm(), source)
+    quantize_dynamic(str(source), str(quantized), weight_type=QuantType.QInt8)
+    assert {"MatMulInteger"} <= {n.op_type for n in onnx.load(quantized).graph.node}
+    with pytest.raises(BudgetError, match="quantized layers .* not pruned: prune the float model") as e:
+        prune(onnx.load(quantized), remove_ratio=0.3, latency_batch=0)
+    assert "--calib would" not in str(e.value)

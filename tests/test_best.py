@@ -69,7 +69,11 @@ def test_the_result_written_is_no_slower_then_the_most_faithful_then_the_faster(
     if len(rows) > 1:
         assert "on 128 fit samples" in chosen and chosen.count("fit agreement") == len(rows)
     else:
-        assert "fit samples" not in chosen and "not compared (clearly faster" in chosen and "(written)" in chosen
+        assert (
+            "fit samples" not in chosen
+            and "not compared (at least 1.10x faster at each batch timed" in chosen
+            and "(written)" in chosen
+        )
     assert report.facts["method"] == written["method"]
     assert report.facts["speed_check"] == written["speed_check"]
     onnx.checker.check_model(out, full_check=True)

@@ -310,6 +310,9 @@ def test_a_pickled_calibration_file_is_named_as_such(model_file, tmp_path, capsy
     code, _, err = run([model_file, tmp_path / "o.onnx", "--ratio", "0.3", "--calib", bad], capsys)
     assert code == 2 and "it holds pickled Python objects, which are never loaded" in err
     assert len(err.strip().splitlines()) == 1
+    bad.write_text("hello")  # a text file: numpy falls back to pickle, but it holds no pickle
+    code, _, err = run([model_file, tmp_path / "o.onnx", "--ratio", "0.3", "--calib", bad], capsys)
+    assert code == 2 and err.strip().endswith("calib.npy: not a .npy/.npz array file")
 
 
 def test_bench_runs_a_given_shape_at_each_batch_and_counts_its_symbolic_dims(tmp_path, capsys):

@@ -309,6 +309,30 @@ def test_a_feature_major_gemm_with_a_fixed_first_dim_is_checked_without_calibrat
     assert np.linalg.norm(got - want) <= 0.05 * np.linalg.norm(want)
 
 
+def test_a_feature_major_input_s_drift_is_measured_on_its_outputs_as_they_come():
+    """x [64, N] -> Gemm(transA) -> Relu -> Gemm -> y [N, 32]: the data-free drift check took the input's 64 features
+    as samples and reshaped y by them (exit 3, "cannot reshape array of size 80"); the second Gemm is split."""
+    rng = np.random.default_rng(9)
+    w1, w2 = (rng.standard_normal(s).astype(np.float32) / 8 for s in ((128, 64), (128, 10)))
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "W1"], ["h"], name="g1", transA=1, transB=1),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("Gemm", ["r", "W2"], ["y"], name="g2"),
+        ],
+        "ta2",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, "N"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out, report = prune(model, remove_ratio=0.05, latency_batch=0)
+    drift = report.facts["synthetic_drift"]
+    assert drift["samples"] == 1 and 0 < drift["cosine"] <= 1
+    assert any(s.node == "g1" and "transA=1" in s.reason for s in report.skipped)
+    ort_run(out, {"x": rng.standard_normal((64, 3)).astype(np.float32)})
+
+
 def test_a_request_past_what_the_trains_can_remove_names_the_most_they_remove():
     """A request larger than the eligible layers hold (here: nearly every weight of the model) is refused with the
     most the trains remove and what was left dense, not with "no layer can be written as a tensor train"."""

@@ -177,7 +177,8 @@ def _basis_or_joint(model: onnx.ModelProto, *, method: str, **options) -> tuple[
         return prune_one(model, method=method, **options)
     except BudgetError as err:
         basis = method == "basis" and options.get("target") != "latency" and not options.get("channel_options")
-        if basis and options.get("calib") is None and err.reachable is not None:
+        offer = err.reachable is not None and "left whole: " not in str(err)  # else nothing here has channels either
+        if basis and options.get("calib") is None and offer:
             hint = "; --calib would also offer whole channels beside the ranks"
             raise BudgetError(
                 str(err) + hint, reachable=err.reachable, head=err.head + hint, blocked=err.blocked
@@ -1109,7 +1110,15 @@ def _hinted(
             if whole:
                 head += f"; {whole} layers whose weight is shared by several nodes were left whole, not split"
             if reach is not None and reach <= 0 and report is not None and report.skipped:  # nothing to try
-                left = "; ".join(f"{s.node}: {s.reason}" for s in report.skipped[:3])
+                by: dict[str, list[str]] = {}
+                for skip in report.skipped:
+                    by.setdefault(skip.reason, []).append(skip.node)
+                left = "; ".join(
+                    f"{names[0]}: {why}"
+                    if len(names) == 1
+                    else f"{len(names)} layers ({', '.join(names[:2])}, ...): {why}"
+                    for why, names in list(by.items())[:3]
+                )
                 raise BudgetError(f"{head}; left whole: {left}", reachable=reach, head=head) from err
             lower = "would be met" not in head  # the request was too low for the latency constraint, not too high
             lower = lower and not (target == "latency" and reach is not None and reach <= 0)
@@ -1268,9 +1277,11 @@ def prune_guarded(
         mid = (lo + hi) / 2
         try:
             _, trial = prune(model, remove_ratio=mid, **options)
-        except BudgetError:
+        except BudgetError as e:  # out of reach, or (tensor trains) cut too far past it
             hi = mid
-            tried.append(f"{mid:.2f} unreachable")
+            why = str(e).split(";")[0].removeprefix(f"--ratio {mid:g}").lstrip(": ")
+            why = why.split("): ")[0] + ")" if "): " in why else why  # what it reached, not the whole story
+            tried.append(f"{mid:.2f} not made ({why})")
             continue
         value, _ = _agreement(trial)
         tried.append(f"{mid:.2f}: {value:.3f}")

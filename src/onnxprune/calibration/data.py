@@ -370,8 +370,10 @@ def _load_arrays(path: pathlib.Path, inputs: dict) -> dict[str, np.ndarray]:
     try:
         loaded = np.load(path, allow_pickle=False)
     except (ValueError, OSError, zipfile.BadZipFile) as err:
-        why = "it holds pickled Python objects, which are never loaded" if "pickle" in str(err) else str(err)
-        raise CalibrationError(f"calibration data {path}: not a .npy/.npz array file ({why})") from err
+        pickled = "pickle" in str(err) and path.read_bytes()[:6] == b"\x93NUMPY"  # an object array, not text
+        why = " (it holds pickled Python objects, which are never loaded)" if pickled else f" ({err})"
+        why = "" if "pickle" in str(err) and not pickled else why  # numpy's fallback to pickle: any other file
+        raise CalibrationError(f"calibration data {path}: not a .npy/.npz array file{why}") from err
     if isinstance(loaded, np.ndarray):
         if len(inputs) != 1:
             raise CalibrationError(
@@ -402,7 +404,7 @@ def _check(path: pathlib.Path | str, data: dict[str, np.ndarray], inputs: dict) 
         if arr.ndim != len(dims) or any(d is not None and d != s for d, s in zip(dims[1:], arr.shape[1:])):
             raise CalibrationError(
                 f"{path}: input '{name}' has shape {list(arr.shape)}, the model expects "
-                f"{['N' if d is None else d for d in dims]}"
+                f"{'x'.join('?' if d is None else str(d) for d in dims)} (? any size)"
             )
         if dtype is not None and arr.dtype != dtype:
             if arr.dtype.kind != np.dtype(dtype).kind:

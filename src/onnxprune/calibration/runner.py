@@ -579,11 +579,12 @@ def fidelity(
             if seqs is not None:  # [m, T, C] whatever the layout: one row per sample
                 want, have = seqs, sequences(have, m)
                 sequence[name] = True
-            have = have.astype(np.float64).reshape(m, -1)
-            flat = want.astype(np.float64).reshape(m, -1)
+            rows = m if want.ndim and len(want) == m else 1  # else not batched as the inputs: the run as one row
+            have = have.astype(np.float64).reshape(rows, -1)
+            flat = want.astype(np.float64).reshape(rows, -1)
             norms = np.linalg.norm(have, axis=1) * np.linalg.norm(flat, axis=1) + 1e-30
             acc = sums[name]
-            acc["cos"] += float(np.sum(np.sum(have * flat, 1) / norms))
+            acc["cos"] += float(np.sum(np.sum(have * flat, 1) / norms)) * (m / rows)  # a mean over the m samples
             acc["err"] += float(np.sum((have - flat) ** 2))
             acc["ref"] += float(np.sum(flat**2))
             if seqs is not None:
@@ -596,7 +597,7 @@ def fidelity(
                 acc["seq_peaked"] += float(confidence(frames).reshape(m, -1).mean(1).sum())
                 scored[name] = False
                 continue
-            scores = class_scores(want) if len(want) == m else None
+            scores = class_scores(want) if rows == m else None
             scored[name] &= scores is not None
             if scored[name]:
                 acc["peaked"] += float(confidence(scores).sum())

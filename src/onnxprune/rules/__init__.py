@@ -599,6 +599,17 @@ _UNARY: dict[str, Callable[[gs.Node, np.ndarray], np.ndarray]] = {
 }
 
 
+# integer layers of a quantized model (onnxruntime's dynamic and static quantization): left whole, with this reason
+QUANTIZED = (
+    "ConvInteger",
+    "MatMulInteger",
+    "QLinearConv",
+    "QLinearMatMul",
+    "DynamicQuantizeLSTM",
+    "MatMulIntegerToFloat",
+)
+QUANTIZED_REASON = "quantized layers (integer ops) are not pruned: prune the float model, then quantize it"
+
 CLIPPING = ("Relu", "Clip")  # activations that are the identity between two bounds and constant outside
 
 
