@@ -323,6 +323,22 @@ def test_sequence_outputs_are_judged_by_the_decoded_sequence_per_sample():
     assert pipeline._worst({out: found}) == (found["sequence_agreement"], "sequence agreement")
 
 
+def test_a_label_criterion_on_a_sequence_model_says_its_scores_are_per_position(caplog):
+    """cmi needs one class per sample; a recogniser's peaked frames are classes per position: the warning says so
+    (a new user read "no output reads as class scores" beside a CTC head whose frames were 0.86-1.00 peaked)."""
+    from models import recurrent_head
+
+    model = recurrent_head("LSTM")
+    head = next(n for n in model.graph.node if n.op_type == "MatMul").input[1]
+    w = next(t for t in model.graph.initializer if t.name == head)
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 30, w.name))
+    data = {"x": random_feeds(model, batch=40, seed=4)["x"]}
+    with caplog.at_level(logging.WARNING, logger="onnxprune"):
+        pipeline.prune(model, remove_ratio=0.2, method="channel", calib=data)
+    said = [r.getMessage() for r in caplog.records if "criterion energy instead of cmi" in r.getMessage()]
+    assert said and "scores are per position" in said[0]
+
+
 @pytest.mark.parametrize("over_2gb", [False, True], ids=["serialised", "weightless-view"])
 def test_the_model_digest_follows_the_weights(over_2gb, monkeypatch):
     """The memos of the original's outputs key on the model's content; a model over 2 GB cannot be serialised in one

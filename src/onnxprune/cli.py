@@ -620,7 +620,7 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
         for row in f["alternatives"]:
             name = row["method"] + (f" (counts rounded to {row['round_to']})" if row["round_to"] > 1 else "")
             name += " with sensitivity" if row["sensitivity"] and row["method"] == "channel" else ""
-            speeds = _speedups(row["speed_check"])
+            speeds = _speedups(row["speed_check"]) + (" (timed again, longer)" if row.get("speed_confirmed") else "")
             mark = "written" if row["written"] else "not written"
             if "fit_agreement" not in row:  # written unchallenged: its fidelity is the held-out line above
                 why = row.get("unchallenged") or ""

@@ -333,11 +333,16 @@ COMPARE_SECONDS = 0.5  # timing per model in one comparison, in blocks of BLOCK_
 
 
 def compare_latency(
-    first: onnx.ModelProto, second: onnx.ModelProto, feeds: dict[str, np.ndarray], *, threads: int = 0
+    first: onnx.ModelProto,
+    second: onnx.ModelProto,
+    feeds: dict[str, np.ndarray],
+    *,
+    threads: int = 0,
+    seconds: float = COMPARE_SECONDS,
 ) -> tuple[float, float]:
     """Median seconds of two models on the same `feeds`, timed in alternating blocks (`alternate`).
 
-    CPU, all graph optimisations, `threads` intra-op threads, about `COMPARE_SECONDS` per model: with blocks, the
+    CPU, all graph optimisations, `threads` intra-op threads, about `seconds` per model: with blocks, the
     ratio of the two medians moved by about ±2 % from one check to the next on the 2-core machine (±10 % run by run).
 
     Args:
@@ -345,13 +350,14 @@ def compare_latency(
         second: The other model, run on the same feeds.
         feeds: Input name -> array: one batch, fed to both.
         threads: Intra-op threads of each session (0: onnxruntime's default).
+        seconds: Timing per model, in blocks of `BLOCK_SECONDS`.
 
     Returns:
         (median seconds per run of `first`, median seconds per run of `second`).
     """
     with timing("whole-model speed checks"):
         sessions = [session(m, optimize=True, threads=threads) for m in (first, second)]
-        times = alternate(sessions, [feeds, feeds], runs=5, blocks=max(1, round(COMPARE_SECONDS / BLOCK_SECONDS)))
+        times = alternate(sessions, [feeds, feeds], runs=5, blocks=max(1, round(seconds / BLOCK_SECONDS)))
     return float(np.median(times[0])), float(np.median(times[1]))
 
 

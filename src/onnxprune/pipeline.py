@@ -33,6 +33,7 @@ from onnxprune.calibration.runner import (
     fidelity,
     patch_covariances,
     predicted,
+    sequence_outputs,
     split_calibration,
 )
 from onnxprune.calibration.sensitivity import CUT_WEIGHT_RANGE, CutProbe, layer_sensitivity
@@ -392,12 +393,14 @@ class _Run:
                     "scores [N, classes]; give --labels, or use --criterion energy"
                 )
             if self.fit_labels is None:  # a detector or a sequence model: no classes to be informative about
-                _warn_once(
-                    "criterion",
-                    f"warning: criterion energy instead of {self.criterion}: no output of the model reads as class "
-                    "scores on these samples (shaped [N, classes] and peaked: a classifier's softmax on inputs of its "
-                    "task; flat scores come from embeddings, or from inputs unlike its data)",
+                why = (
+                    "the model's scores are per position (a sequence, as a CTC recogniser's), not one class per sample"
+                    if sequence_outputs(model)
+                    else "no output of the model reads as class scores on these samples (shaped [N, classes] and "
+                    "peaked: a classifier's softmax on inputs of its task; flat scores come from embeddings, or from "
+                    "inputs unlike its data)"
                 )
+                _warn_once("criterion", f"warning: criterion energy instead of {self.criterion}: {why}")
                 self.criterion = "energy"
         self.params_before, self.macs_before = count(model, shapes=self.count_shapes)
         self.total = self.params_before if opts.target == "params" else self.macs_before
@@ -845,6 +848,7 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
     compared()
     if len(rows) == 1:  # written unchallenged: say why no other result was made
         rows[0]["unchallenged"] = "clearly faster" if clear else "no channel result reached the request"
+    _confirm_slower(rows, results, model, feeds, threads)
     pool = [i for i, row in enumerate(rows) if not _slower(row["speed_check"])] or list(range(len(rows)))
     best = max(
         pool,
@@ -944,6 +948,32 @@ def _channel_latency(model: onnx.ModelProto, *, remove_ratio: float, **options) 
     _latency_facts(report, remove_ratio, opts.latency_batch, speed, enough, started)
     report.facts["method"] = "channel"
     return out, report
+
+
+CONFIRM_SECONDS = 2.0  # per model: the longer timing of a more faithful result before "slower" turns it down
+
+
+def _confirm_slower(rows: list[dict], results: list, model: onnx.ModelProto, feeds: dict, threads: int) -> None:
+    """Time again, longer, the most faithful result when "slower" would turn it down for a less faithful one.
+
+    A check of `COMPARE_SECONDS` per model does not time a sub-millisecond model within 10 % on 2 cores: the chars
+    ResNet-20's basis result (1.000 on fit samples against 0.984 for the channel result written) was timed 1.11x the
+    original's time at batch 1 by this check and 0.99x by the benchmark's longer timing of the file (session 19). Only
+    the batches it measured slower at are timed again, `CONFIRM_SECONDS` per model, and that timing replaces the
+    short ones (``speed_confirmed`` in its row). Nothing happens when the most faithful result is already no slower,
+    or when every result is slower.
+    """
+    fit = [row.get("fit_agreement", 0.0) for row in rows]
+    fast = [i for i, row in enumerate(rows) if not _slower(row["speed_check"])]
+    top = max(range(len(rows)), key=lambda i: fit[i])
+    if not fast or top in fast or fit[top] <= max(fit[i] for i in fast):
+        return
+    check = rows[top]["speed_check"]
+    for b, (before, after) in list(check.items()):
+        if after > before * (1 + SPEED_MARGIN):
+            check[b] = compare_latency(model, results[top][0], feeds[b], threads=threads, seconds=CONFIRM_SECONDS)
+    rows[top]["speed_confirmed"] = True
+    log.info("the most faithful result timed again: %s", _times(check))
 
 
 def _pooled_speed(timed: dict, earlier: dict) -> dict:
