@@ -264,3 +264,8 @@ def test_a_quantized_model_is_refused_naming_its_integer_layers(tmp_path):
     with pytest.raises(BudgetError, match="quantized layers .* not pruned: prune the float model") as e:
         prune(onnx.load(quantized), remove_ratio=0.3, latency_batch=0)
     assert "--calib would" not in str(e.value)
+    with pytest.raises(BudgetError, match="quantized layers .* not pruned"):
+        prune(onnx.load(quantized), remove_ratio=0.3, latency_batch=0, method="channel")
+    calib = random_feeds(flatten_gemm(), batch=64, seed=1)  # with data (it said "'energy' needs calibration data")
+    with pytest.raises(BudgetError, match="quantized layers .* not pruned"):
+        prune(onnx.load(quantized), remove_ratio=0.3, latency_batch=0, calib=calib)

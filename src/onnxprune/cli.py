@@ -131,7 +131,8 @@ def cli() -> None:
     multiple=True,
     metavar="NAME:DxD...",
     help="Concrete input shape to count MACs at (repeatable, one per input), e.g. image:1x3x640x640. Default: the "
-    "calibration data's shape, else the model's fixed dims, else 224 for symbolic H/W of image inputs.",
+    "calibration data's shape, else the model's fixed dims, else 224 for symbolic H/W of image inputs. MACs are "
+    "per sample: a dynamic batch dim counts as 1.",
 )
 @click.option("--no-compensate", is_flag=True, help="With --calib, skip the least-squares refit.")
 @click.option(

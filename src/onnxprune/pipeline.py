@@ -54,7 +54,7 @@ from onnxprune.passes.remove import remove_channels
 from onnxprune.passes.tt import TT_MIN_WEIGHTS, allocate_bonds, decompose_tt, tt_layers
 from onnxprune.progress import steps
 from onnxprune.result import PassResult, Report, Skip
-from onnxprune.rules import layouts
+from onnxprune.rules import QUANTIZED, QUANTIZED_REASON, layouts
 from onnxprune.shapes import choose_shapes, concrete_shapes
 from onnxprune.testing import random_feeds
 
@@ -412,6 +412,8 @@ class _Run:
         self.graph = to_graph(model)
         self.bn_gamma = criteria.collect_bn_gamma(self.graph)
         self.report = run_passes(self.graph, [cleanup]).report
+        for node in [n for n in self.graph.nodes if n.op in QUANTIZED]:  # no method touches them: say why
+            self.report.skip(node, QUANTIZED_REASON)
         self.cleaned = CostModel(self.graph).count()[0 if opts.target == "params" else 1]
         total = self.total
         self.report.facts["ratio_free"] = 1 - self.cleaned / total if total else 0.0  # what folding alone removes
@@ -1149,7 +1151,9 @@ def _hinted(
                     else f"{len(names)} layers ({', '.join(names[:2])}, ...): {why}"
                     for why, names in list(by.items())[:3]
                 )
-                raise BudgetError(f"{head}; left whole: {left}", reachable=reach, head=head) from err
+                raise BudgetError(
+                    f"{head}; left whole: {left}", reachable=reach, head=f"{head}; left whole: {left}"
+                ) from err
             lower = "would be met" not in head  # the request was too low for the latency constraint, not too high
             lower = lower and not (target == "latency" and reach is not None and reach <= 0)
             hints = _alternatives(method, latency_batch, lower=lower, target=target, calibrated=calibrated)
@@ -1311,6 +1315,7 @@ def prune_guarded(
             hi = mid
             why = str(e).split(";")[0].removeprefix(f"--ratio {mid:g}").lstrip(": ")
             why = why.split("): ")[0] + ")" if "): " in why else why  # what it reached, not the whole story
+            why = why.replace(" (", ", ").replace(")", "")  # one level of parentheses in the line
             tried.append(f"{mid:.2f} not made ({why})")
             continue
         value, _ = _agreement(trial)

@@ -151,9 +151,9 @@ def _bn(context: Context) -> np.ndarray:
 @criterion("energy")
 def _energy(context: Context) -> np.ndarray:
     """RMS of each channel at its producers' outputs on calibration data: the error of zeroing it there."""
-    if not context.energy:
-        raise CalibrationError("criterion 'energy' needs calibration data (--calib)")
-    scores = np.zeros(context.analysis.n_classes)
+    scores = np.zeros(context.analysis.n_classes)  # (without --calib the options check refused energy already)
+    if not context.energy:  # nothing measured: no tracked channel (a quantized model has none)
+        return scores
     for tensor, classes in _producer_outputs(context.analysis):
         if tensor in context.energy:
             np.add.at(scores, classes, context.energy[tensor])

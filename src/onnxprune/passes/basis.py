@@ -18,7 +18,6 @@ from scipy import linalg
 from onnxprune.graph import unique_name
 from onnxprune.progress import steps
 from onnxprune.result import PassResult, Report
-from onnxprune.rules import QUANTIZED, QUANTIZED_REASON
 from onnxprune.rules.layouts import Rows, basis_matrix, const, input_of, layout_of
 
 ORTHONORMAL_TOLERANCE = 1e-3
@@ -60,8 +59,6 @@ def decompose_basis(
     report = Report()
     made: list[BasisPair] = []
     paired = {n for p in find_basis_pairs(graph) for n in (p.basis, p.scaling)}
-    for node in [n for n in graph.nodes if n.op in QUANTIZED]:
-        report.skip(node, QUANTIZED_REASON)
     for node in steps([n for n in graph.nodes if _splittable(n)], "basis split (SVDs)"):
         if node.name in paired:
             report.skip(node, "already a basis/scaling pair")
