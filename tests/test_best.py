@@ -377,7 +377,7 @@ def test_a_more_faithful_result_timed_slower_is_timed_again_before_it_is_turned_
     monkeypatch, confirmed_time, confirmed
 ):
     """The chars ResNet-20's basis result (1.000 on fit samples) was turned down for a channel result (0.984) on a
-    0.5 s check that timed it 1.11x at batch 1, where a longer timing of the file read 0.99x: the most faithful result
+    0.5 s check that timed it 1.11x at batch 1, where timed alone it was not slower: the most faithful result
     is timed again, longer, at the batches it was slower at, and that timing decides."""
     calls = []
 

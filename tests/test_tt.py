@@ -310,7 +310,7 @@ def test_a_feature_major_gemm_with_a_fixed_first_dim_is_checked_without_calibrat
 
 
 def test_a_feature_major_input_s_drift_is_measured_on_its_outputs_as_they_come():
-    """x [64, N] -> Gemm(transA) -> Relu -> Gemm -> y [N, 32]: the data-free drift check took the input's 64 features
+    """x [64, N] -> Gemm(transA) -> Relu -> Gemm -> y [N, 10]: the data-free drift check took the input's 64 features
     as samples and reshaped y by them (exit 3, "cannot reshape array of size 80"); the second Gemm is split."""
     rng = np.random.default_rng(9)
     w1, w2 = (rng.standard_normal(s).astype(np.float32) / 8 for s in ((128, 64), (128, 10)))

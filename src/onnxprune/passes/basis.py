@@ -18,7 +18,7 @@ from scipy import linalg
 from onnxprune.graph import unique_name
 from onnxprune.progress import steps
 from onnxprune.result import PassResult, Report
-from onnxprune.rules.layouts import Rows, basis_matrix, const, input_of, layout_of
+from onnxprune.rules.layouts import Rows, basis_matrix, const, input_of, layout_of, unsplit_reason
 
 ORTHONORMAL_TOLERANCE = 1e-3
 
@@ -65,10 +65,7 @@ def decompose_basis(
             continue
         matrix = basis_matrix(node)
         if matrix is None:
-            if node.attrs.get("transA", 0):
-                report.skip(node, "Gemm with transA=1 (its input transposed) is not split")
-            else:
-                report.skip(node, f"{node.op} without a constant weight that can be split (grouped, or computed)")
+            report.skip(node, unsplit_reason(node))
             continue
         if len(node.inputs[1].outputs) > 1:  # split per use, it would be stored once per use
             report.skip(

@@ -487,6 +487,13 @@ def basis_matrix(node: gs.Node) -> np.ndarray | None:
     return layout.basis_matrix(node) if layout is not None and layout.split else None
 
 
+def unsplit_reason(node: gs.Node) -> str:
+    """Why `basis_matrix` gives no matrix for `node`, in the words of the report's skipped layers."""
+    if node.attrs.get("transA", 0):
+        return f"{node.op} with transA=1 (its input transposed) is not split"
+    return f"{node.op} without a constant weight that can be split (grouped, or computed)"
+
+
 def affine(node: gs.Node) -> tuple[np.ndarray, np.ndarray | None]:
     """The op as y = W x + b along its channel axis: W [out, in] with alpha applied, b with beta (None: no bias).
 
