@@ -269,3 +269,46 @@ def test_a_quantized_model_is_refused_naming_its_integer_layers(tmp_path):
     calib = random_feeds(flatten_gemm(), batch=64, seed=1)  # with data (it said "'energy' needs calibration data")
     with pytest.raises(BudgetError, match="quantized layers .* not pruned"):
         prune(onnx.load(quantized), remove_ratio=0.3, latency_batch=0, calib=calib)
+
+
+def test_a_pair_merged_back_uncut_is_the_layer_it_was_split_from_bit_for_bit():
+    """A split layer left at full rank comes back with its own weights, not their SVD product (which differs in the
+    last bits); one with a basis removed keeps the product."""
+    graph = to_graph(onnx.load(EXAMPLE))
+    cleanup(graph)
+    convs = [n for n in graph.nodes if n.op == "Conv"]
+    before = {n.outputs[0].name: (n.op, dict(n.attrs), const(n.inputs[1]).copy()) for n in convs}
+    pairs = decompose_basis(graph, min_channels=2).report.facts["pairs"]
+    group = next(g for g in find_channel_groups(graph).groups if g.name == pairs[1].basis)
+    remove_channels(graph, plan={group.name: np.arange(len(group.classes) - 1)})  # one basis of the second pair
+    report = merge_unprofitable(graph, pairs=pairs, limits={p.basis: 0 for p in pairs}).report
+    assert report.counts["merged_back"] == len(pairs)
+    convs = {n.outputs[0].name: n for n in graph.nodes if n.op == "Conv"}
+    cut = next(n for n in graph.nodes if n.inputs and n.name == pairs[1].basis.removesuffix("_basis"))
+    for name, (op, attrs, weight) in before.items():
+        node = convs[name]
+        if node is cut:
+            assert not np.array_equal(const(node.inputs[1]), weight)
+        else:
+            assert node.op == op and node.attrs == attrs and np.array_equal(const(node.inputs[1]), weight)
+
+
+def test_a_layer_split_again_reuses_its_factors(monkeypatch):
+    """A guard's retries split the same weights again: the SVD runs once, and the split is the same."""
+    from onnxprune.passes import basis
+
+    calls = []
+    real = basis.thin_svd
+    monkeypatch.setattr(basis, "thin_svd", lambda m: calls.append(m.shape) or real(m))
+    monkeypatch.setattr(basis, "_FACTORS", type(basis._FACTORS)())
+    model = _single_conv()
+    first, _ = apply_pass(model, decompose_basis, min_channels=2)
+    second, _ = apply_pass(model, decompose_basis, min_channels=2)
+    assert len(calls) == 1
+    for a, b in zip(first.graph.initializer, second.graph.initializer, strict=True):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+    monkeypatch.setattr(basis, "FACTORS_REMEMBERED_BYTES", 0)  # nothing fits: split anew each time
+    monkeypatch.setattr(basis, "_FACTORS", type(basis._FACTORS)())
+    apply_pass(model, decompose_basis, min_channels=2)
+    apply_pass(model, decompose_basis, min_channels=2)
+    assert len(calls) == 3

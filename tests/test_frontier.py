@@ -7,7 +7,7 @@ import pytest
 from light_zoo import load
 
 from onnxprune.calibration.data import Samples
-from onnxprune.calibration.frontier import Frontier
+from onnxprune.calibration.frontier import Frontier, shared_tensors
 from onnxprune.calibration.runner import run_batches, with_outputs
 from onnxprune.graph import to_graph, to_model
 
@@ -110,3 +110,46 @@ def test_a_segment_fed_tensors_of_different_sizes_runs_optimised():
     out = model.graph.output[0].name
     got = np.concatenate([b[out] for b in frontier.get([out])])
     np.testing.assert_allclose(got, _whole(model, data, [out])[out], rtol=1e-4, atol=1e-4)
+
+
+def test_a_pruned_graph_borrows_the_unchanged_prefix_from_the_original():
+    """Tensors before the first changed layer come from the original's frontier; every tensor still equals the
+    pruned model's own (a later conv's weights halved: its input and all before it are shared, its output not)."""
+    model = onnx.load(EXAMPLE)
+    data = _samples(model, 10)
+    reference = to_graph(model)
+    graph = to_graph(model)
+    conv = [n for n in graph.nodes if n.op == "Conv"][4]
+    conv.inputs[1] = gs.Constant(conv.inputs[1].name + "_edited", (conv.inputs[1].values * 0.5).astype(np.float32))
+    pruned = to_model(graph, model)
+    original = Frontier(reference, model, data, batch_size=4)
+    frontier = Frontier(graph, model, data, batch_size=4, source=original)
+    layers = [n for n in graph.nodes if n.op in ("Conv", "Gemm")]
+    layers = layers[layers.index(conv) :]  # a refit asks for the inputs of changed layers, in order
+    names = [n.inputs[0].name for n in layers] + [o.name for o in model.graph.output]
+    whole = _whole(pruned, data, names)
+    shared = shared_tensors(graph, reference)
+    assert conv.inputs[0].name in shared and conv.outputs[0].name not in shared
+    for name in names:
+        got = np.concatenate([b[name] for b in frontier.get([name])])
+        np.testing.assert_allclose(got, whole[name], rtol=1e-5, atol=1e-5)
+        if name not in shared:
+            original.get([name])  # the source moves on too, as the refit's original frontier does
+    assert frontier.borrowed >= 1
+    whole_original = _whole(model, data, [model.graph.output[0].name])
+    assert not np.allclose(whole[model.graph.output[0].name], whole_original[model.graph.output[0].name])
+
+
+def test_nothing_is_borrowed_once_the_source_has_dropped_it():
+    model = onnx.load(EXAMPLE)
+    data = _samples(model, 6)
+    original = Frontier(to_graph(model), model, data, batch_size=4)
+    out = model.graph.output[0].name
+    original.get([out])  # ran to the end: the prefix is gone
+    graph = to_graph(model)
+    conv = [n for n in graph.nodes if n.op == "Conv"][4]
+    conv.inputs[1] = gs.Constant(conv.inputs[1].name + "_edited", (conv.inputs[1].values * 0.5).astype(np.float32))
+    frontier = Frontier(graph, model, data, batch_size=4, source=original)
+    got = np.concatenate([b[out] for b in frontier.get([out])])
+    np.testing.assert_allclose(got, _whole(to_model(graph, model), data, [out])[out], rtol=1e-5, atol=1e-5)
+    assert frontier.borrowed == 0

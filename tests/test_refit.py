@@ -168,6 +168,8 @@ def test_a_guard_that_finds_no_ratio_lists_the_ratios_it_tried(monkeypatch):
     ) as err:
         pipeline.prune_guarded(model, remove_ratio=0.5, calib=data, method="channel", compensate=False, latency_batch=0)
     assert "held-out top-1 agreement (on 12 samples) with the original" in str(err.value)  # few: how many is said
+    tried = err.value.report.facts["guard"]["tried"]  # the report (--report) lists them too
+    assert [r["ratio"] for r in tried[:2]] == [0.25, 0.125] and all(r["measured"] == 0.5 for r in tried)
 
 
 def test_without_calibration_the_drift_on_random_inputs_is_reported():
@@ -338,3 +340,45 @@ def test_a_last_layer_of_class_scores_is_refitted_in_the_probability_weighted_no
         for g in (result.graph, unweighted.graph)
     ]
     assert agree[0] >= agree[1], agree
+
+
+def test_borrowing_the_unchanged_prefix_does_not_change_the_refit(monkeypatch):
+    """Layers merged back uncut are the original's again, bit for bit, so the pruned model's frontiers take the
+    tensors before the first cut from the original's; the refit comes out the same as computing them again."""
+    from onnxprune.calibration import frontier
+    from onnxprune.passes.basis import merge_unprofitable
+    from onnxprune.passes.cleanup import cleanup
+
+    model = onnx.load(EXAMPLE)
+    calib = np.load("examples/digits_calib.npy")
+    fit, held = {"image": calib[:48]}, {"image": calib[48:64]}
+
+    def refitted():
+        graph = to_graph(model)
+        cleanup(graph)
+        reference = graph.copy()
+        pairs = decompose_basis(graph, min_channels=2).report.facts["pairs"]
+        late = pairs[3:]
+        groups = {g.name: g for g in find_channel_groups(graph).groups}
+        plan = {p.basis: np.arange(max(1, len(groups[p.basis].classes) // 2)) for p in late if p.basis in groups}
+        remove_channels(graph, plan=plan)  # each later split layer cut to half its rank
+        merge_unprofitable(graph, pairs=pairs[:3], limits={p.basis: 0 for p in pairs[:3]})  # the first: uncut
+        refresh_shapes(graph)
+        runs = []
+        original = compensate.Runs.of
+
+        def spy(*args, **kwargs):
+            runs.append(original(*args, **kwargs))
+            return runs[-1]
+
+        monkeypatch.setattr(compensate.Runs, "of", spy)
+        result = refit(graph, template=model, original=model, fit=fit, held=held, pairs=late, reference=reference)
+        monkeypatch.setattr(compensate.Runs, "of", original)
+        return to_model(result.graph, model), runs[0].current_fit.borrowed, result.report.counts["refitted"]
+
+    shared, borrowed, refits = refitted()
+    monkeypatch.setattr(frontier, "shared_tensors", lambda graph, other: set())
+    alone, none, _ = refitted()
+    assert borrowed >= 1 and none == 0 and refits >= 3
+    out = model.graph.output[0].name
+    np.testing.assert_allclose(ort_run(shared, held)[out], ort_run(alone, held)[out], rtol=1e-4, atol=1e-4)

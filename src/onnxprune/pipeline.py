@@ -366,6 +366,7 @@ class _Run:
         self.curves: dict | None = None
         self.limits: dict[str, int] = {}
         self.ends: list[TrainEnd] = []
+        self.reference: gs.Graph | None = None  # the refit's targets (`prepare`)
         self.finished: dict = {}  # plan key -> (finished graph, its report), for the candidates taken to the end
 
     def prepare(self) -> None:
@@ -412,6 +413,8 @@ class _Run:
         self.graph = to_graph(model)
         self.bn_gamma = criteria.collect_bn_gamma(self.graph)
         self.report = run_passes(self.graph, [cleanup]).report
+        # the refit's targets: the original cleaned up alike (BN folded), so the layers left alone are the same
+        self.reference = self.graph.copy() if self.fit is not None and opts.compensate else None
         for node in [n for n in self.graph.nodes if n.op in QUANTIZED]:  # no method touches them: say why
             self.report.skip(node, QUANTIZED_REASON)
         self.cleaned = CostModel(self.graph).count()[0 if opts.target == "params" else 1]
@@ -444,6 +447,7 @@ class _Run:
             kept=kept,
             batch_size=opts.batch_size,
             seed=opts.seed,
+            reference=self.reference,
         )
         tail.merge(run_passes(graph, [refit_pass]).report)
         if self.ends:
@@ -456,6 +460,7 @@ class _Run:
                 held=self.held,
                 ends=self.ends,
                 batch_size=opts.batch_size,
+                reference=self.reference,
             )
             tail.merge(run_passes(graph, [cores]).report)
         return graph, tail
@@ -1307,7 +1312,7 @@ def prune_guarded(
             max_drop,
         )
         return out, report
-    lo, hi, best, tried = 0.0, remove_ratio, None, []
+    lo, hi, best, tried, rows = 0.0, remove_ratio, None, [], []
     for _ in range(GUARD_STEPS):
         mid = (lo + hi) / 2
         try:
@@ -1318,9 +1323,11 @@ def prune_guarded(
             why = why.split("): ")[0] + ")" if "): " in why else why  # what it reached, not the whole story
             why = why.replace(" (", ", ").replace(")", "")  # one level of parentheses in the line
             tried.append(f"{mid:.2f} not made ({why})")
+            rows.append({"ratio": mid, "measured": None, "not_made": why})
             continue
         value, _ = _agreement(trial)
         tried.append(f"{mid:.2f}: {value:.3f}")
+        rows.append({"ratio": mid, "measured": value})
         if value >= floor:
             lo, best = mid, value
         else:
@@ -1333,6 +1340,7 @@ def prune_guarded(
     )
     report.facts["seconds"] = time.perf_counter() - started
     report.facts["guard"]["largest_ratio_that_holds"] = lo if best is not None else None
+    report.facts["guard"]["tried"] = rows
     samples = report.facts.get("fidelity_samples")
     on = f" (on {samples} sample{'s' if samples != 1 else ''})" if samples and samples < FEW_HELD_OUT else ""
     raise GuardError(
@@ -1415,6 +1423,12 @@ def _best_budgeted(
         for i, v in sorted(agreement.items())
     ]
     return found[best][1], found[best][2]
+
+
+def _candidate(k: int, n: int) -> str:
+    """A plan among the sensitivity rounds' `n`, numbered as the report's ``candidates`` rows are (from 0)."""
+    how = "planned by predictions alone" if k == 0 else f"after {k} round{'s' if k > 1 else ''} of measured sensitivity"
+    return f"candidate {k} of {n}, {how}"
 
 
 def _loosest_budget_not_slower(plan: Callable, budget: float, measure: Callable, *, overhead_span: float):
@@ -1783,18 +1797,19 @@ def _prune_stage(
                         graph,
                         report,
                     )
+                first = _candidate(chosen, len(candidates))
                 report.facts["plan_note"] = (
-                    f"per-layer latency budget: the plan of least predicted error (candidate {chosen + 1} of "
-                    f"{len(candidates)}) measured slower than the original as a whole model, so the plan was made "
-                    "again under the layers' measured latency (with a cost per split layer, found by timing the "
-                    "whole model, where their sum alone still measured slower)"
+                    f"per-layer latency budget: the plan of least predicted error ({first}) measured slower than "
+                    "the original as a whole model, so the plan was made again under the layers' measured latency "
+                    "(with a cost per split layer, found by timing the whole model, where their sum alone still "
+                    "measured slower)"
                 )
             else:  # the budget buys no speed here, only error: the plan of best fidelity is written, and said slower
                 report.facts["speed_check_strictest"] = budget_measured
                 slow = [str(b) for b, (before, after) in budget_measured.items() if after > before * (1 + SPEED_MARGIN)]
                 at = f" at batch {', '.join(slow)}" if slow else ""
                 report.facts["plan_note"] = (
-                    f"candidate {chosen + 1} of {len(candidates)} and every per-layer latency budget measured slower "
+                    f"{_candidate(chosen, len(candidates))} and every per-layer latency budget measured slower "
                     f"than the original{at} (the strictest: {_times(budget_measured)}): a budget buys no speed here, "
                     "so the plan of best fidelity was written"
                 )

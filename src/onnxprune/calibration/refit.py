@@ -58,6 +58,7 @@ def refit(
     batch_size: int = 64,
     seed: int = 0,
     low_rank: bool = True,
+    reference: gs.Graph | None = None,
 ) -> PassResult:
     """Refit, in place, every layer whose input lost channels or bases.
 
@@ -77,9 +78,10 @@ def refit(
         seed: Seed of the positions sub-sampled per batch.
         low_rank: Refit both factors of a split pair (the best rank-r layer in the data norm) rather than its
             scaling op alone.
+        reference: `original` cleaned up as `graph` was (`Runs.of`); its tensors are the targets.
     """
     report = Report()
-    original_names = {t for n in original.graph.node for t in n.output}
+    original_names = _names(original, reference)
     order = {n.name: i for i, n in enumerate(graph.nodes)}
     nodes = {n.name: n for n in graph.nodes}
     split = {p.scaling: nodes[p.basis] for p in pairs if _still_split(p, nodes)}
@@ -87,7 +89,7 @@ def refit(
     shrunk = set(kept or {})
     layers |= {n.name for n in graph.nodes if n.inputs and n.inputs[0].name in shrunk and _rows_of(n) is not None}
     ordered = sorted(layers, key=order.get)
-    runs = Runs.of(graph, template, original, fit, held, batch_size=batch_size)
+    runs = Runs.of(graph, template, original, fit, held, batch_size=batch_size, reference=reference)
     for i, name in enumerate(steps(ordered, "refit")):
         node = nodes[name]
         later = {id(nodes[n]) for n in ordered[i:]}
@@ -133,6 +135,13 @@ def refit(
         log.debug("refit %s: held-out layer error %.4g -> %.4g", name, before, after)
     report.counts["refit_segments"] += runs.segments
     return PassResult(graph, modified=bool(report.counts.get("refitted")), report=report)
+
+
+def _names(original: onnx.ModelProto, reference: gs.Graph | None) -> set[str]:
+    """The tensors of the original model that a layer can be fitted to."""
+    if reference is not None:
+        return {t.name for n in reference.nodes for t in n.outputs if t.name}
+    return {t for n in original.graph.node for t in n.output}
 
 
 def _solve(zz: np.ndarray, yz: np.ndarray, r: int, ridge: float) -> np.ndarray | None:
@@ -259,14 +268,23 @@ class Runs:
     original_held: Frontier
 
     @classmethod
-    def of(cls, graph: gs.Graph, template: onnx.ModelProto, original: onnx.ModelProto, fit, held, *, batch_size: int):
-        """The four frontiers of `graph` (exported like `template`) and of `original` on `fit` and `held`."""
-        reference = to_graph(original)
-        return cls(
-            current_fit=Frontier(graph, template, fit, batch_size=batch_size),
-            original_fit=Frontier(reference, original, fit, batch_size=batch_size),
-            current_held=Frontier(graph, template, held, batch_size=batch_size),
-            original_held=Frontier(reference, original, held, batch_size=batch_size),
+    def of(
+        cls, graph: gs.Graph, template: onnx.ModelProto, original: onnx.ModelProto, fit, held, *, batch_size: int,
+        reference: gs.Graph | None = None,
+    ):  # fmt: skip
+        """The four frontiers of `graph` (exported like `template`) and of `original` on `fit` and `held`.
+
+        `reference`, when given, is `original` as a graph cleaned up as the pruned one was (BatchNormalization
+        folded): the layers the pruning left alone are then the same in both, and computed once.
+        """
+        reference = to_graph(original) if reference is None else reference
+        original_fit = Frontier(reference, original, fit, batch_size=batch_size)
+        original_held = Frontier(reference, original, held, batch_size=batch_size)
+        return cls(  # the current frontiers borrow what is computed before the first pruned layer
+            current_fit=Frontier(graph, template, fit, batch_size=batch_size, source=original_fit),
+            original_fit=original_fit,
+            current_held=Frontier(graph, template, held, batch_size=batch_size, source=original_held),
+            original_held=original_held,
         )
 
     def fit(self, source: str, target: Target) -> list[tuple[dict, dict]]:
@@ -632,6 +650,7 @@ def refit_tensor_trains(
     ridge: float = 1e-4,
     batch_size: int = 64,
     seed: int = 0,
+    reference: gs.Graph | None = None,
 ) -> PassResult:
     """Refit, in place, the last core of each tensor train to the original layer's output, sequentially.
 
@@ -652,18 +671,19 @@ def refit_tensor_trains(
         ridge: Regularisation, relative to the mean diagonal of E[z z^T].
         batch_size: Samples per onnxruntime run.
         seed: Unused draws are seeded by it (kept for a uniform signature).
+        reference: `original` cleaned up as `graph` was (`Runs.of`); its tensors are the targets.
 
     Returns:
         The result: ``report.counts["refitted_cores"]``, ``report.layers[last core]`` with the held-out errors.
     """
     del seed
     report = Report()
-    original_names = {t for n in original.graph.node for t in n.output}
+    original_names = _names(original, reference)
     nodes = {n.name: n for n in graph.nodes}
     order = {n.name: i for i, n in enumerate(graph.nodes)}
     todo = [e for e in ends if e.last_core in nodes and e.output in original_names]
     todo.sort(key=lambda e: order[e.last_core])
-    runs = Runs.of(graph, template, original, fit, held, batch_size=batch_size)
+    runs = Runs.of(graph, template, original, fit, held, batch_size=batch_size, reference=reference)
     for end in steps(todo, "refit tensor trains"):
         node = nodes[end.last_core]
         old = const(node.inputs[1]).astype(np.float64)  # [r n, m]

@@ -9,7 +9,9 @@ kept rank no longer pays is merged back into one op holding the low-rank product
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -24,12 +26,25 @@ ORTHONORMAL_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
+class Original:
+    """The layer a pair was split from: its op, attributes and weight (`merge_unprofitable` restores it)."""
+
+    op: str
+    attrs: dict
+    weight: gs.Constant
+
+
+@dataclass(frozen=True)
 class BasisPair:
-    """A basis op feeding its scaling op through `mid`; weights seen as matrices basis [r, K], scaling [Co, r]."""
+    """A basis op feeding its scaling op through `mid`; weights seen as matrices basis [r, K], scaling [Co, r].
+
+    `original` is the layer it was split from, when this run split it.
+    """
 
     basis: str
     scaling: str
     mid: str
+    original: Original | None = field(default=None, compare=False, repr=False)
 
 
 def decompose_basis(
@@ -88,8 +103,38 @@ def decompose_basis(
 WHITEN_DAMPING = 1e-6  # relative diagonal loading, so a rank-deficient covariance still factors
 
 
+FACTORS_REMEMBERED_BYTES = 512 << 20  # the last factorisations kept: a guard's retries split the same layers again
+
+
+_FACTORS: OrderedDict[bytes, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+
 def _factor(matrix: np.ndarray, cov: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """(scaling [out, r], basis rows [r, in]) with scaling @ basis == matrix: plain or whitened SVD."""
+    """(scaling [out, r], basis rows [r, in]) with scaling @ basis == matrix: plain or whitened SVD.
+
+    Remembered by the content of `matrix` and `cov` while the factors take at most `FACTORS_REMEMBERED_BYTES`
+    (a refused result's bisection, up to five prunes, splits the same weights each time: a text recogniser's SVDs
+    took 24-30 s a prune).
+    """
+    key = hashlib.sha1(np.ascontiguousarray(matrix).view(np.uint8).reshape(-1))
+    key.update(str(matrix.shape).encode())
+    if cov is not None:
+        key.update(np.ascontiguousarray(cov).view(np.uint8).reshape(-1))
+    digest = key.digest()
+    if digest in _FACTORS:
+        _FACTORS.move_to_end(digest)
+        scaling, basis = _FACTORS[digest]
+        return scaling.copy(), basis.copy()
+    scaling, basis = _factor_now(matrix, cov)
+    size = scaling.nbytes + basis.nbytes
+    if size <= FACTORS_REMEMBERED_BYTES:
+        while _FACTORS and sum(a.nbytes + b.nbytes for a, b in _FACTORS.values()) + size > FACTORS_REMEMBERED_BYTES:
+            _FACTORS.popitem(last=False)
+        _FACTORS[digest] = (scaling.copy(), basis.copy())
+    return scaling, basis
+
+
+def _factor_now(matrix: np.ndarray, cov: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     if cov is None:
         u, s, vt = thin_svd(matrix)
         return u * s, vt
@@ -151,10 +196,19 @@ def _split(graph: gs.Graph, node: gs.Node, matrix: np.ndarray, cov: np.ndarray |
     op, attrs, scaling_w = layout.scaling_layer(node, scaling)
     second_w = gs.Constant(f"{scaling_name}/weight", scaling_w.astype(dtype))
     second = gs.Node(op, scaling_name, attrs=attrs, inputs=[mid, second_w, *node.inputs[2:]], outputs=[y])
+    original = Original(node.op, dict(node.attrs), node.inputs[1])
     node.inputs.clear()
     node.outputs.clear()
     graph.nodes.extend([first, second])
-    return BasisPair(basis_name, scaling_name, mid.name)
+    return BasisPair(basis_name, scaling_name, mid.name, original)
+
+
+def _restores(original: Original, op: str, weight: np.ndarray) -> bool:
+    was = np.asarray(original.weight.values)
+    if op != original.op or was.shape != weight.shape or not was.size:
+        return False
+    scale = float(np.max(np.abs(was))) or 1.0
+    return float(np.max(np.abs(weight - was))) <= RESTORE_TOLERANCE * scale
 
 
 def find_basis_pairs(graph: gs.Graph) -> list[BasisPair]:
@@ -278,20 +332,31 @@ def merge_unprofitable(
         if r <= min(param_breakeven(k, co), (limits or {}).get(pair.basis, r)):
             report.layers[pair.basis] = {"op": "basis", "rank": r, "full_rank": min(k, co)}
             continue
-        name = _merge(graph, nodes[pair.basis], nodes[pair.scaling])
+        name = _merge(graph, nodes[pair.basis], nodes[pair.scaling], pair.original)
         merged[name] = {"basis": pair.basis, "scaling": pair.scaling, "rank": r}
         report.counts["merged_back"] += 1
     graph.cleanup().toposort()
     return PassResult(graph, modified=bool(merged), report=report)
 
 
-def _merge(graph: gs.Graph, basis: gs.Node, scaling: gs.Node) -> str:
-    """Replace the pair by one op holding the product of its weights; returns the new node's name."""
+RESTORE_TOLERANCE = 1e-5  # relative to the largest weight: a product this close to the layer split is that layer
+
+
+def _merge(graph: gs.Graph, basis: gs.Node, scaling: gs.Node, original: Original | None = None) -> str:
+    """Replace the pair by one op holding the product of its weights; returns the new node's name.
+
+    When the product is the layer the pair was split from (`original`, nothing cut: equal within
+    `RESTORE_TOLERANCE`), that layer comes back as it was, bit for bit (its outputs then equal the original
+    model's, which the refit's frontiers share).
+    """
     dtype = const(basis.inputs[1]).dtype
     name = basis.name[: -len("_basis")] if basis.name.endswith("_basis") else basis.name
     product = layout_of(scaling).matrix(scaling).astype(np.float64) @ basis_matrix(basis).astype(np.float64)
     op, attrs, weight = layout_of(basis).merged_layer(basis, scaling, product)  # product [out, in]
     weight_in = gs.Constant(unique_name(graph, f"{name}/weight"), weight.astype(dtype))
+    if original is not None and _restores(original, op, weight):
+        op, attrs = original.op, dict(original.attrs)  # a new tensor: the pair may live in a copy of the graph
+        weight_in = gs.Constant(unique_name(graph, original.weight.name), np.asarray(original.weight.values))
     merged = gs.Node(
         op,
         unique_name(graph, name),
