@@ -30,9 +30,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from benchmarks.measure import bisect
+from benchmarks.measure import bisect, paired_timings
 from benchmarks.peers import onnxsim_wanda
-from onnxprune.bench import time_models
 from onnxprune.budget import count
 
 ROOT = pathlib.Path(__file__).resolve().parent
@@ -157,8 +156,7 @@ def main(argv: list[str] | None = None) -> None:
                 onnx.save(pruned, path)
                 rows.append({"row": name, "ratio": ratio, "path": str(path), "seconds": time.perf_counter() - start})
     paths = [r["path"] for r in rows if r.get("path")]
-    timings = time_models(paths, batches=[1, 32], threads=0, runs=100)  # onnxruntime's default threads, as the tool
-    by = {(t.model, t.batch): t for t in timings}
+    by = paired_timings(paths, batches=[1, 32], threads=0, runs=100)  # onnxruntime's default threads, as the tool
     base = count(model)[0]
     for r in rows:
         if not r.get("path"):
@@ -166,8 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         r["accuracy"] = accuracy(r["path"], test["x"], test["y"])
         r["removed"] = 1 - count(onnx.load(r["path"]))[0] / base
         for b in (1, 32):
-            t = by[(os.path.basename(r["path"]), b)]
-            r[f"ms_b{b}"], r[f"speedup_b{b}"] = t.median_ms, t.speedup
+            r[f"ms_b{b}"], r[f"speedup_b{b}"] = by[(os.path.basename(r["path"]), b)]
         r.pop("stdout", None)
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out).write_text(json.dumps({"case": str(model_path.name), "rows": rows}, indent=1))

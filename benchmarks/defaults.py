@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from benchmarks.cases import accuracy, run_cli
-from onnxprune.bench import time_models
+from benchmarks.measure import paired_timings
 from onnxprune.budget import count
 
 ROOT = pathlib.Path(__file__).resolve().parent
@@ -44,9 +44,8 @@ def suite_model(arch: str, folder: pathlib.Path) -> tuple[pathlib.Path, pathlib.
 
 def measure_rows(found: list[dict], path: pathlib.Path, x: np.ndarray, y: np.ndarray) -> list[dict]:
     """`found` with each written model's test accuracy, parameters removed against the unpruned `path` (the first
-    row) and latency at batch 1 and 32, every model timed beside the others in one run."""
-    timings = time_models([r["path"] for r in found if r.get("path")], batches=[1, 32], runs=50)
-    by = {(t.model, t.batch): t for t in timings}
+    row) and latency at batch 1 and 32, each model timed against the unpruned one alone (`paired_timings`)."""
+    by = paired_timings([r["path"] for r in found if r.get("path")], batches=[1, 32], runs=50)
     base = count(onnx.load(path))[0]
     for r in found:
         if not r.get("path"):
@@ -54,8 +53,7 @@ def measure_rows(found: list[dict], path: pathlib.Path, x: np.ndarray, y: np.nda
         r["accuracy"] = accuracy(r["path"], x, y)
         r["removed"] = 1 - count(onnx.load(r["path"]))[0] / base
         for b in (1, 32):
-            t = by[(pathlib.Path(r["path"]).name, b)]
-            r[f"ms_b{b}"], r[f"speedup_b{b}"] = t.median_ms, t.speedup
+            r[f"ms_b{b}"], r[f"speedup_b{b}"] = by[(pathlib.Path(r["path"]).name, b)]
         r.pop("stdout", None)
     return found
 

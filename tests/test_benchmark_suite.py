@@ -35,3 +35,22 @@ def test_tiny_suite_runs_every_tool_and_writes_tables_and_plots(tmp_path, monkey
     assert "| onnxprune | auto+calib+refit | 0.3 |" in table and "Largest parameter removal" in table
     assert (tmp_path / "out" / "latency_vs_macs.png").stat().st_size > 1000
     assert (tmp_path / "out" / "digits-resnet20_accuracy.png").stat().st_size > 1000
+
+
+def test_paired_timings_time_each_file_against_the_reference_alone(tmp_path, monkeypatch):
+    """Every pruned file is timed in its own alternation with the reference (not all files in one)."""
+    import shutil
+
+    from benchmarks import measure
+    from onnxprune import bench
+
+    example = "examples/digits_resnet.onnx"
+    paths = [example] + [shutil.copy(example, tmp_path / f"copy{i}.onnx") for i in range(2)]
+    calls = []
+    real = bench.time_models
+    monkeypatch.setattr(bench, "time_models", lambda p, **kw: calls.append([str(x) for x in p]) or real(p, **kw))
+    found = measure.paired_timings([str(p) for p in paths], batches=[1, 2], runs=3)
+    assert calls == [[example, str(paths[1])], [example, str(paths[2])]]
+    assert set(found) == {(n, b) for n in ("digits_resnet.onnx", "copy0.onnx", "copy1.onnx") for b in (1, 2)}
+    assert all(ms > 0 and speed > 0 for ms, speed in found.values())
+    assert found[("digits_resnet.onnx", 1)][1] == 1.0
