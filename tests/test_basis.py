@@ -269,6 +269,15 @@ def test_a_quantized_model_is_refused_naming_its_integer_layers(tmp_path):
     calib = random_feeds(flatten_gemm(), batch=64, seed=1)  # with data (it said "'energy' needs calibration data")
     with pytest.raises(BudgetError, match="quantized layers .* not pruned"):
         prune(onnx.load(quantized), remove_ratio=0.3, latency_batch=0, calib=calib)
+    with pytest.raises(BudgetError, match="quantized layers .* not pruned") as e:  # both ways tried: no ratio helps
+        prune(onnx.load(quantized), remove_ratio=0.3, calib=calib)
+    assert "lower --ratio" not in str(e.value)
+    from onnxprune.pipeline import _neither  # a recogniser's quantized twin: both ways tried, neither removes a thing
+
+    none = _neither(BudgetError("basis: nothing", reachable=0.0), [BudgetError("channel", reachable=0.0)], 1)
+    assert "reaches at most 0.000" in str(none) and "lower --ratio" not in str(none)
+    some = _neither(BudgetError("basis: short", reachable=0.2), [BudgetError("channel", reachable=0.1)], 1)
+    assert str(some).endswith("; lower --ratio or --latency-batch 0")
 
 
 def test_a_pair_merged_back_uncut_is_the_layer_it_was_split_from_bit_for_bit():

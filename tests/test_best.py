@@ -424,3 +424,26 @@ def test_under_a_latency_target_a_more_faithful_result_short_of_the_time_is_time
     short = lambda row: [32] if 1 - row["speed_check"][32][1] < 0.49 else []  # noqa: E731
     pipeline._confirm_slower(rows, [None, ("channel", None)], None, feeds, 0, short)
     assert calls == [(32, pipeline.CONFIRM_SECONDS)] and rows[1]["speed_confirmed"] and not short(rows[1])
+
+
+def test_when_no_budget_buys_speed_the_note_names_the_plan_written(case, monkeypatch):
+    """Every plan measured slower: the plan of best fidelity is written, and the note names that plan, not the plan
+    of least predicted error it started from (a new user read the first as the one written)."""
+    monkeypatch.setattr(
+        pipeline, "layer_latency", lambda *, ranks, **kw: (1.0, {r: 2.0 * r / max(ranks) for r in ranks})
+    )
+    monkeypatch.setattr(pipeline, "compare_latency", lambda first, second, feeds, **kw: (1.0, 1.5))
+    monkeypatch.setattr(pipeline, "SELECT_BUDGET_S", 1e9)
+    model, calib = case
+    _, report = prune(model, remove_ratio=0.6, method="basis", calib=calib, latency_batch=1)
+    f = report.facts
+    written = next(r["candidate"] for r in f["candidates"] if r["written"])
+    assert f["plan_source"] == f"candidate {written} of 3"
+    assert "buys no speed" in f["plan_note"] and f["plan_note"].endswith(
+        f"written (candidate {written} of 3, "
+        + (
+            "planned by predictions alone)"
+            if written == 0
+            else f"after {written} round{'s' if written > 1 else ''} of measured sensitivity)"
+        )
+    )

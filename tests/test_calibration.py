@@ -394,3 +394,20 @@ def test_labels_past_the_model_s_classes_are_refused_in_one_line(tmp_path, capsy
     code, _, err = run([*args, "--labels", tmp_path / "labels.npy"], capsys)
     assert code == 2 and "class 29 is past the model's classes ('logits' has 10" in err and not out.exists()
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_classifier_with_flat_scores_is_not_said_to_score_per_position(caplog):
+    """A plain [N, 10] classifier whose scores are flat on the data (random weights) was told its scores are per
+    position, as a CTC recogniser's: the warning gives the flat scores as the reason."""
+    from models import gemm_bias2d
+
+    model = gemm_bias2d()
+    last = [n for n in model.graph.node if n.op_type == "Gemm"][-1]
+    for t in model.graph.initializer:  # scores flat on any input: an untrained head
+        if t.name in last.input[1:]:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1e-3, t.name))
+    data = {i.name: random_feeds(model, batch=40, seed=4)[i.name] for i in model.graph.input}
+    with caplog.at_level(logging.WARNING, logger="onnxprune"):
+        pipeline.prune(model, remove_ratio=0.2, method="channel", calib=data, latency_batch=0)
+    said = [r.getMessage() for r in caplog.records if "criterion energy instead of cmi" in r.getMessage()]
+    assert said and "per position" not in said[0] and "class scores" in said[0]

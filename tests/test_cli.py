@@ -408,10 +408,10 @@ def test_when_no_latency_budget_is_faster_the_plan_of_best_fidelity_is_written_a
     assert code == 0, err
     facts = json.loads(rep.read_text())
     assert facts["plan_source"].startswith("candidate ") and "layer_latency" not in facts
-    assert "buys no speed" in facts["plan_note"] and "1.50x the time at batch 1" in facts["plan_note"]
+    assert "buys no speed" in facts["plan_note"] and "speed-up 0.67x at batch 1" in facts["plan_note"]
     assert "speed   measured slower than the original (" in stdout
     speed = stdout.split("  speed   ")[1]
-    assert "1.50x the time at batch 1" in speed and "1.50x the time at batch 32" in speed
+    assert "speed-up 0.67x at batch 1" in speed and "0.67x at batch 32" in speed
 
 
 def test_calibration_from_a_folder_of_images(tmp_path, capsys):

@@ -642,14 +642,14 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
     if "plan_note" in f:  # the plan written is not simply the first one by error: which, and why
         lines.append(f"  plan    {f['plan_note']}")
     slower = {
-        b: after / before
+        b: before / after
         for b, (before, after) in (f.get("speed_check") or {}).items()
         if after > before * (1 + SPEED_MARGIN)
     }
     if slower:  # the written plan measured slower as a whole model: say so, do not hide it
-        times = ", ".join(f"{x:.2f}x the time at batch {b}" for b, x in slower.items())  # time, not speed-up
+        times = ", ".join(f"{x:.2f}x at batch {b}" for b, x in slower.items())  # a speed-up, as in `chosen`
         lines.append(
-            f"  speed   measured slower than the original ({times}, timed while pruning); "
+            f"  speed   measured slower than the original (speed-up {times}, timed while pruning); "
             + (
                 "tensor trains plan for parameters only: the default method plans for speed"
                 if f["method"] == "tt"

@@ -396,7 +396,7 @@ class _Run:
             if self.fit_labels is None:  # a detector or a sequence model: no classes to be informative about
                 why = (
                     "the model's scores are per position (a sequence, as a CTC recogniser's), not one class per sample"
-                    if sequence_outputs(model)
+                    if _per_position(model)
                     else "no output of the model reads as class scores on these samples (shaped [N, classes] and "
                     "peaked: a classifier's softmax on inputs of its task; flat scores come from embeddings, or from "
                     "inputs unlike its data)"
@@ -1051,7 +1051,8 @@ def _neither(basis: BudgetError, channel: list[BudgetError], latency_batch: int)
     reach = [e.reachable for e in channel if e.reachable is not None]
     said = f"at most {max(reach):.3f}" if reach else "not that much either"
     head = f"{basis.head}; channel removal, tried as well, reaches {said}"
-    tail = "; lower --ratio" + (" or --latency-batch 0" if latency_batch else "")
+    nothing = max([*reach, basis.reachable or 0.0]) <= 0.0  # no ratio helps (e.g. a quantized model)
+    tail = "" if nothing else "; lower --ratio" + (" or --latency-batch 0" if latency_batch else "")
     blocked = {k: v for err in (basis, *channel) for k, v in err.blocked.items()}
     return BudgetError(head + tail, reachable=max([*reach, basis.reachable or 0.0]), head=head, blocked=blocked)
 
@@ -1406,11 +1407,12 @@ def _slower(measured: dict, margin: float = SPEED_MARGIN) -> bool:
 
 
 def _times(measured: dict) -> str:
-    """'1.15x the time at batch 1, 0.98x the time at batch 32': the planned model's time over the original's.
+    """'speed-up 0.87x at batch 1, 1.02x at batch 32': the original's time over the planned model's.
 
-    Said as time, not speed: elsewhere '1.15x at batch 1' is a speed-up.
+    A speed-up, as the summary's `chosen` line gives it (under 1: slower); a new user read a ratio of times beside
+    it as one.
     """
-    return ", ".join(f"{after / before:.2f}x the time at batch {b}" for b, (before, after) in measured.items())
+    return "speed-up " + ", ".join(f"{before / after:.2f}x at batch {b}" for b, (before, after) in measured.items())
 
 
 def _best_budgeted(
@@ -1459,6 +1461,14 @@ def _best_budgeted(
         for i, v in sorted(agreement.items())
     ]
     return found[best][1], found[best][2]
+
+
+def _per_position(model: onnx.ModelProto) -> bool:
+    """Whether an output holds class scores per position of a sequence ([T, N, C] or [N, T, C]), not per sample."""
+    ranks = {
+        o.name: len(o.type.tensor_type.shape.dim) for o in model.graph.output if o.type.tensor_type.HasField("shape")
+    }
+    return any(ranks.get(name, 0) >= 3 for name in sequence_outputs(model))
 
 
 def _candidate(k: int, n: int) -> str:
@@ -1800,6 +1810,7 @@ def _prune_stage(
         measured = speed_check(graph, candidates[chosen].plan, pairs) if timed else None
         first_slower = timed and _slower(measured)
         allocation, source = None, f"candidate {chosen} of {len(candidates)}"
+        note = ""
         if first_slower:  # under the summed layer latency, with the weights the chosen plan was made with
 
             def planned(seconds: float, overhead: float = 0.0, of: int = chosen) -> Allocation:
@@ -1844,8 +1855,9 @@ def _prune_stage(
                 report.facts["speed_check_strictest"] = budget_measured
                 slow = [str(b) for b, (before, after) in budget_measured.items() if after > before * (1 + SPEED_MARGIN)]
                 at = f" at batch {', '.join(slow)}" if slow else ""
-                report.facts["plan_note"] = (
-                    f"{_candidate(chosen, len(candidates))} and every per-layer latency budget measured slower "
+                first = _candidate(chosen, len(candidates))
+                note = (
+                    f"the plan of least predicted error ({first}) and every per-layer latency budget measured slower "
                     f"than the original{at} (the strictest: {_times(budget_measured)}): a budget buys no speed here, "
                     "so the plan of best fidelity was written"
                 )
@@ -1863,6 +1875,8 @@ def _prune_stage(
             allocation, source = candidates[chosen], f"candidate {chosen} of {len(candidates)}"
             for row in report.facts.get("candidates", []):
                 row["written"] = row["candidate"] == chosen
+            if note:  # the plan written is named once it is known
+                report.facts["plan_note"] = f"{note} ({_candidate(chosen, len(candidates))})"
         report.facts["plan_source"] = source
         if timed:
             report.facts["speed_check"] = measured
