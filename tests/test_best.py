@@ -447,3 +447,21 @@ def test_when_no_budget_buys_speed_the_note_names_the_plan_written(case, monkeyp
             else f"after {written} round{'s' if written > 1 else ''} of measured sensitivity)"
         )
     )
+
+
+def test_an_overhead_search_stops_when_even_the_largest_overhead_measures_slower():
+    """Larger per-split overheads keep fewer layers split; when the largest still measures slower no overhead can
+    help, and the search ends after that one timing instead of `BUDGET_STEPS` more."""
+    made = []
+
+    def make(knob):
+        made.append(knob)
+        return knob
+
+    slower = lambda allocation: {1: (1.0, 1.2)}  # noqa: E731
+    assert pipeline._bisect_no_slower(make, slower, 0.0, 4.0, None, larger_is_faster=True) is None
+    assert made == [4.0]
+    made.clear()
+    faster_above_1 = lambda allocation: {1: (1.0, 0.9 if allocation >= 1.0 else 1.2)}  # noqa: E731
+    found = pipeline._bisect_no_slower(make, faster_above_1, 0.0, 4.0, None, larger_is_faster=True)
+    assert made[0] == 4.0 and len(made) == 1 + pipeline.BUDGET_STEPS and 1.0 <= found[0] < 1.5
