@@ -321,3 +321,12 @@ def test_a_layer_split_again_reuses_its_factors(monkeypatch):
     apply_pass(model, decompose_basis, min_channels=2)
     apply_pass(model, decompose_basis, min_channels=2)
     assert len(calls) == 3
+
+
+def test_blocked_groups_are_named_by_the_model_s_own_layers():
+    """The classifier's last layer, split, was reported blocked as '/fc/Gemm_scaling', a node neither the input nor
+    the written model holds: it is named '/fc/Gemm'."""
+    _, report = prune(onnx.load(EXAMPLE), remove_ratio=0.5, method="basis", latency_batch=0)
+    blocked = report.facts["blocked"]
+    assert "/fc/Gemm" in blocked and "reaches graph output" in blocked["/fc/Gemm"]
+    assert not [name for name in blocked if "_scaling" in name or "_basis" in name]

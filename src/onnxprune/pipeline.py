@@ -1651,11 +1651,12 @@ def _prune_stage(
     elif stage == "basis":
         protected |= {g.name for g in analysis.groups} - basis_groups
     blocked = report.facts.setdefault("blocked", {})
-    for group in analysis.groups:
+    for group in analysis.groups:  # named by the model's own layers, not the split's basis/scaling ops
+        shown = "+".join(dict.fromkeys(_original_name(part) for part in group.name.split("+")))
         if group.blocked and len(group.blocked) == len(group.classes):
-            blocked[group.name] = next(iter(group.blocked.values()))
+            blocked[shown] = next(iter(group.blocked.values()))
         elif any(fnmatch.fnmatch(_original_name(p), pat) for p in group.producers for pat in exclude):
-            blocked[group.name] = "excluded by --exclude"
+            blocked[shown] = "excluded by --exclude"
     report.facts["groups"] = len(analysis.groups)
     heads = sum(len(g.classes) for g in analysis.groups if g.unit == "head")
     if heads:
