@@ -594,7 +594,7 @@ def test_ratio_within_one_point_or_why_or_refused():
     assert "--method basis" not in str(e.value) and "--latency-batch 0" in str(e.value)
     rounded = _facts(0.5, 0.56, 0.56)
     _check_ratio(rounded, method="channel", latency_batch=0, round_to=8)
-    assert "rounded up to multiples of 8 (--round-to" in rounded.facts["ratio_note"]
+    assert "rounded to multiples of 8 (--round-to" in rounded.facts["ratio_note"]
     grown = _facts(0.0, -0.2, None)
     with pytest.raises(BudgetError, match="20.0 points under"):
         _check_ratio(grown, method="basis", latency_batch=0, round_to=1)
