@@ -466,6 +466,8 @@ def test_an_overhead_search_stops_when_even_the_largest_overhead_measures_slower
     faster_above_1 = lambda allocation: {1: (1.0, 0.9 if allocation >= 1.0 else 1.2)}  # noqa: E731
     found = pipeline._bisect_no_slower(make, faster_above_1, 0.0, 4.0, None, larger_is_faster=True)
     assert made[0] == 4.0 and len(made) == 1 + pipeline.BUDGET_STEPS and 1.0 <= found[0] < 1.5
+    only_the_largest = lambda allocation: {1: (1.0, 0.9 if allocation >= 4.0 else 1.2)}  # noqa: E731
+    assert pipeline._bisect_no_slower(make, only_the_largest, 0.0, 4.0, None, larger_is_faster=True)[0] == 4.0
 
 
 def test_a_latency_result_faster_than_asked_says_so():

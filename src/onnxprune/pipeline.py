@@ -1529,6 +1529,7 @@ def _bisect_no_slower(make: Callable, measure: Callable, lo: float, hi: float, f
             measured = measure(trial)
             if _slower(measured, PLAN_MARGIN):
                 return found
+            found = (trial, measured)  # no slower: what the search falls back to if no smaller value is
     for _ in range(BUDGET_STEPS):
         mid = (lo + hi) / 2
         try:
