@@ -2,6 +2,7 @@
 
 import json
 import time
+import types
 
 import numpy as np
 import onnx
@@ -133,6 +134,8 @@ def test_a_plan_that_measures_no_slower_is_kept_without_the_latency_budget(monke
 def test_sessions_are_timed_alone_in_alternating_blocks(monkeypatch):
     """Each session runs in whole blocks (warm runs first, untimed), the blocks alternate, every count is met."""
     monkeypatch.setattr(latency, "BLOCK_SECONDS", 0.002)
+    ticks = iter(range(10**9))  # a clock of 10 us a reading: a loaded machine cannot cut the warm runs short
+    monkeypatch.setattr(latency, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks) * 1e-5))
     calls: list[str] = []
 
     class Fake:
