@@ -482,3 +482,29 @@ def test_a_latency_result_faster_than_asked_says_so():
     close = Report()
     pipeline._latency_facts(close, 0.5, 32, {32: (1.0, 0.495)}, True, 0.0)
     assert "ratio_note" not in close.facts
+
+
+def test_when_the_basis_result_cannot_be_made_the_summary_says_why(case, monkeypatch, capsys):
+    """`--target latency` with the basis plan refused: the `chosen` line listed only channel results, and a new user
+    could not tell why the basis result was missing."""
+    import importlib.resources
+    import json
+
+    from jsonschema import Draft202012Validator
+
+    from onnxprune.cli import _print_summary
+    from onnxprune.errors import BudgetError
+
+    def refused(*args, **kwargs):
+        raise BudgetError("no basis plan saves that much; try channels", head="no basis plan saves that much")
+
+    monkeypatch.setattr(pipeline, "_basis_or_joint", refused)
+    monkeypatch.setattr(pipeline, "compare_latency", lambda a, b, feeds, **kw: (1.0, 0.45))
+    model, calib = case
+    _, report = prune(model, remove_ratio=0.5, method="best", target="latency", calib=calib, latency_batch=1)
+    assert report.facts["basis_not_made"] == "no basis plan saves that much"
+    _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)
+    chosen = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  chosen  "))
+    assert "basis: not made (no basis plan saves that much); channel" in chosen
+    schema = json.loads((importlib.resources.files("onnxprune") / "report.schema.json").read_text())
+    Draft202012Validator(schema).validate(report.to_dict("in.onnx", "out.onnx"))

@@ -634,6 +634,8 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
             else:
                 fit = f"fit cosine {row['fit_agreement']:.4f}"
             parts.append(f"{name}: {speeds}, {fit} ({mark})")
+        if "basis_not_made" in f:  # method best turned to channels because the basis plan was refused
+            parts.insert(0, f"basis: not made ({f['basis_not_made']})")
         first = f["alternatives"][0]
         threads = f"{first['threads']} threads" if first["threads"] else "onnxruntime's default threads"
         samples = next((row["fit_samples"] for row in f["alternatives"] if "fit_samples" in row), None)

@@ -732,6 +732,7 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
     if target == "latency" and options.get("round_to", 1) > 1:  # the user's width; the basis result rounds too
         widths = (options["round_to"],)
     compared = calib is not None and latency_batch and (options.get("round_to", 1) <= 1 or target == "latency")
+    unreachable: BudgetError | None = None
     try:
         out, report = _basis_or_joint(model, remove_ratio=remove_ratio, target=target, method="basis", **options)
     except BudgetError as e:  # channel removal may still get there
@@ -820,6 +821,8 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
         rows[best]["written"] = True
         out, report = results[best]
         report.facts["alternatives"] = rows
+        if unreachable is not None:  # the summary says why no basis result is compared
+            report.facts["basis_not_made"] = unreachable.head
         _latency_facts(report, remove_ratio, latency_batch, rows[best]["speed_check"], bool(enough), started)
         return out, report
     given = options.get("sensitivity")
@@ -873,6 +876,8 @@ def _best_of(model: onnx.ModelProto, *, remove_ratio: float, target: str, **opti
     out, report = results[best]
     report.facts["speed_check"] = rows[best]["speed_check"]  # the written model's own timing, refitted and cleaned
     report.facts["alternatives"] = rows
+    if unreachable is not None:  # the summary says why no basis result is compared
+        report.facts["basis_not_made"] = unreachable.head
     report.facts["seconds"] = time.perf_counter() - started
     return out, report
 
