@@ -877,7 +877,10 @@ def test_method_best_on_outputs_that_are_not_class_scores_compares_cosine(tmp_pa
     model, out, rep = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
     onnx.save(b.model([("x", [3, 8, 8])], [b.conv(x, 32, 8, 1)]), model)
     np.save(tmp_path / "c.npy", np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32))
-    code, stdout, err = run([model, out, "--ratio", "0.5", "--calib", tmp_path / "c.npy", "--report", rep], capsys)
+    # which result is written follows the timing; a loaded machine once wrote one at held-out cosine 0.941, which the
+    # default guard (0.95) refuses: the guard is not what this test is about
+    args = [model, out, "--ratio", "0.5", "--calib", tmp_path / "c.npy", "--report", rep, "--max-drop", "0.5"]
+    code, stdout, err = run(args, capsys)
     assert code == 0, err
     data = json.loads(rep.read_text())
     Draft202012Validator(_report_schema()).validate(data)
