@@ -190,6 +190,27 @@ def test_round_to_keeps_multiples(method):
             assert all(d % 8 == 0 for d in t.dims[:2] if d > 1), f"{t.name}: {list(t.dims)}"
 
 
+def test_rounded_allocation_gives_back_whole_steps_while_the_request_holds():
+    """Rounding up per group can overshoot by a wide group's step; steps go back, most harmful first, in multiples."""
+    from types import SimpleNamespace
+
+    from onnxprune.budget import _Rounding
+
+    groups = [SimpleNamespace(classes=np.arange(a, b), unit="channel") for a, b in ((0, 16), (16, 48), (48, 80))]
+    cost = np.r_[np.full(16, 10.0), np.ones(64)]  # group 0: 8 classes are 80 of 224; groups 1, 2: 8 classes are 8
+    order = np.r_[np.arange(8), np.arange(16, 32), np.arange(48, 64)]  # each group loses its first half, in order
+    rounding = _Rounding(SimpleNamespace(n_classes=80, groups=groups), order, 8)
+    alive = np.ones(80, dtype=bool)
+    alive[order] = False
+    ratio_of = lambda a: float(cost[~a].sum() / cost.sum())  # noqa: E731
+    harm = np.r_[np.ones(16), np.full(32, 2.0), np.ones(32)]  # group 1's removals cost more than group 2's
+    ratio, given = rounding.give_back(alive, ratio_of(alive), 0.40, ratio_of, harm)
+    assert ratio_of(alive) == pytest.approx(0.5) and ratio == pytest.approx(96 / 224) and ratio >= 0.40
+    assert np.array_equal(np.flatnonzero(~given), np.r_[np.arange(8), np.arange(48, 64)])  # group 1 given back whole
+    for g in groups:
+        assert int(given[g.classes].sum()) % 8 == 0
+
+
 def test_conv_transpose_split_prune_and_merge_back():
     """ConvTranspose W[Ci, Co, k, k] splits as the matrix [Co, Ci*k*k]: a ConvTranspose to r channels (same strides,
     pads) and a 1x1 Conv. Full rank is exact, pruning bases is removal on the edge between, merging back is exact."""

@@ -111,7 +111,8 @@ def refit(
         solved = zz = None
         kept_rows = _KeptRows() if target.clip else None
         for _ in range(2 if target.clip else 1):  # with an activation: one majorize-minimize step from the plain fit
-            zz, yz = _accumulate(batches, source, target, rows, axis, with_bias, solved, zz, seed=seed, kept=kept_rows)
+            last = None if solved is None else (solved,)
+            zz, yz = _accumulate(batches, source, target, rows, axis, with_bias, last, zz, seed=seed, kept=kept_rows)
             step = _solve(zz, yz, r, ridge)
             if step is None:
                 break
@@ -121,7 +122,7 @@ def refit(
             continue
         new_w, new_b = solved[:, :r], (solved[:, r] if with_bias else None)
         before, after = _held_errors(
-            runs.held(source, target), source, target, rows, axis, (old_w, old_b), (new_w, new_b), seed=seed
+            runs.held(source, target), source, target, rows, axis, ((old_w,), old_b), ((new_w,), new_b), seed=seed
         )
         if after >= before:
             report.skip(node, f"refit kept out: held-out error {after:.4g} >= {before:.4g}")
@@ -362,8 +363,9 @@ class _KeptRows:
 def _accumulate(batches, source, target: Target, rows, axis, with_bias, previous=None, zz=None, *, seed=0, kept=None):
     """Sums over `batches` of z z^T and y z^T (z with a column of ones for the bias), in float64.
 
-    `previous` is the fit the targets build on; `zz`, when given, is the z z^T of an earlier call on the same
-    batches (same seed, same rows), returned as is: only the targets change between majorize-minimize steps.
+    `previous` is the fit the targets build on, as factors whose product is [Co, K + 1] (`_transposed`); `zz`, when
+    given, is the z z^T of an earlier call on the same batches (same seed, same rows), returned as is: only the
+    targets change between majorize-minimize steps.
     `kept` (a `_KeptRows`) is filled with the rows on the first call and read back on the next.
     Rows are gathered into blocks of `GEMM_ROWS` and multiplied in float32 (half the time of float64 on the K x K
     products that dominate a wide layer's refit); with a bias column the rows are first shifted by the mean of the
@@ -371,6 +373,7 @@ def _accumulate(batches, source, target: Target, rows, axis, with_bias, previous
     and the shift is put back exactly in float64: with z = z' + c, ``Z = Z' + 1 v^T`` for ``v = [c, 0]``.
     """
     known = zz is not None
+    product = None if previous is None else _transposed(previous)
     zz_part = yz = None
     shift = None
     rng = np.random.default_rng(seed)
@@ -406,7 +409,7 @@ def _accumulate(batches, source, target: Target, rows, axis, with_bias, previous
 
     for z, y, off in kept.rows if kept is not None and kept.complete else built():
         zs.append(z)
-        ys.append(_fit_target(target, y, off, None if previous is None else z @ previous.T.astype(np.float32) + off))
+        ys.append(_fit_target(target, y, off, None if product is None else _times(z, product) + off))
         if sum(len(b) for b in zs) >= GEMM_ROWS:
             flush()
     if zs:
@@ -424,20 +427,41 @@ def _accumulate(batches, source, target: Target, rows, axis, with_bias, previous
 def _held_errors(batches, source, target: Target, rows, axis, old, new, *, seed=0, weights=None):
     """Squared error of the old and the new weights on the held-out `batches`, after the sum and the activation.
 
-    With `weights` (one per output channel), each channel's squared error is weighted.
+    `old` and `new` are (factors whose product is the weight [Co, K] (`_times`), bias [Co] or None). With `weights`
+    (one per output channel), each channel's squared error is weighted.
     """
     errors = np.zeros(2)
     rng = np.random.default_rng(seed + 1)
     lo, hi = target.clip or (-np.inf, np.inf)
     scale = 1.0 if weights is None else weights
-    pairs = [(w.T.astype(np.float32), 0.0 if b is None else b) for w, b in (old, new)]
+    pairs = [(_transposed(w), 0.0 if b is None else b) for w, b in (old, new)]
     for zb, yb in batches:
         z, y, off = _batch_rows(zb, yb, source, target, rows, axis, rng)
         z = z.astype(np.float32, copy=False)  # the product in float32, the errors summed in float64
         for i, (wt, b) in enumerate(pairs):
-            pred = z @ wt + b + off
+            pred = _times(z, wt) + b + off
             errors[i] += float(np.sum((np.clip(pred, lo, hi) - np.clip(y, lo, hi)) ** 2 * scale))
     return float(errors[0]), float(errors[1])
+
+
+def _transposed(factors: tuple[np.ndarray, ...]) -> list[np.ndarray]:
+    """What `_times` multiplies rows by for the weight ``W = F_1 F_2 ... F_n``: ``F_n^T, ..., F_1^T`` in float32.
+
+    Multiplied one by one where that takes fewer multiply-adds per row than the product (a split layer's two
+    factors at rank r: ``r (K + Co)`` against ``K Co``), else the product at once.
+    """
+    dims = [f.shape[0] for f in factors] + [factors[-1].shape[1]]
+    chained = sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
+    if len(factors) > 1 and chained >= dims[0] * dims[-1]:
+        factors = (np.linalg.multi_dot(factors),)
+    return [f.T.astype(np.float32) for f in reversed(factors)]
+
+
+def _times(z: np.ndarray, transposed: list[np.ndarray]) -> np.ndarray:
+    """``z W^T`` [rows, Co] for rows `z` [rows, K] and the matrices of `_transposed`."""
+    for m in transposed:
+        z = z @ m
+    return z
 
 
 CLASS_WEIGHT_FLOOR = 0.01  # times the mean class probability (1 / classes): added to every class's weight
@@ -514,12 +538,14 @@ def _refit_low_rank(graph, basis, scaling, runs, original_names, kept, pending, 
         if factors is None:
             break
         new_s, new_b, new_bias = factors
-        solved = np.hstack([new_s @ new_b, (new_bias if new_bias is not None else np.zeros(len(new_s)))[:, None]])
+        # [S, bias] [[B, 0], [0, 1]]: the fit on rows [x, 1], kept as factors (half the multiply-adds at rank r)
+        bias_column = (new_bias if new_bias is not None else np.zeros(len(new_s)))[:, None]
+        solved = (np.hstack([new_s, bias_column]), linalg.block_diag(new_b, np.ones((1, 1))))
     if solved is None:
         report.skip(scaling, "low-rank least-squares system is singular")
         return True
-    old = (s_w @ b_w, s_b)
-    new = (new_s @ new_b, new_bias)
+    old = ((s_w, b_w), s_b)
+    new = ((new_s, new_b), new_bias)
     held = runs.held(source, target)
     before, after = _held_errors(held, source, target, rows, axis, old, new, seed=seed, weights=weights)
     if after >= before:
