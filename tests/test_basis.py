@@ -211,6 +211,18 @@ def test_rounded_allocation_gives_back_whole_steps_while_the_request_holds():
         assert int(given[g.classes].sum()) % 8 == 0
 
 
+def test_rounded_allocation_ranks_a_step_by_its_mean_harm_not_its_costliest_class():
+    from onnxprune.budget import _stepped
+
+    score = np.array([5.0, 0.1, 9.0, 0.2, 0.3, 4.0])  # ascending: 0.1 0.2 | 0.3 4 | 5 9
+    saving = np.array([1.0, 1.0, 1.0, 1.0, 3.0, 1.0])
+    got = _stepped(score, saving, 2)
+    assert got[[1, 3]] == pytest.approx([0.15, 0.15])
+    assert got[[4, 5]] == pytest.approx([(0.3 * 3 + 4.0) / 4] * 2)
+    assert got[[0, 2]] == pytest.approx([7.0, 7.0])
+    assert np.all(np.diff(got[np.argsort(score, kind="stable")]) >= 0)  # the group's own order stays
+
+
 def test_conv_transpose_split_prune_and_merge_back():
     """ConvTranspose W[Ci, Co, k, k] splits as the matrix [Co, Ci*k*k]: a ConvTranspose to r channels (same strides,
     pads) and a 1x1 Conv. Full rank is exact, pruning bases is removal on the edge between, merging back is exact."""

@@ -251,6 +251,8 @@ def allocate(
         norm = importance[cand] / mean if mean > 0 else np.ones(len(cand))
         weight = (weights or {}).get(group.name, 1.0)
         score[cand] = weight * norm**2 / np.maximum(saving[cand] / scale, 1e-12)
+        if round_to > 1 and group.unit != "head":  # removed a step at a time: a step ranks by its mean harm
+            score[cand] = _stepped(score[cand], saving[cand], round_to)
     order = _feasible_order(analysis, score)
     index = 1 if target == "flops" else 0
 
@@ -293,6 +295,21 @@ def allocate(
         if len(keep) < len(group.classes):
             plan[group.name] = keep.astype(np.int64)
     return Allocation(plan, alive, ratio, reachable)
+
+
+def _stepped(score: np.ndarray, saving: np.ndarray, step: int) -> np.ndarray:
+    """A group's class scores (error per saving) for removal in steps of `step`, the unit rounding makes.
+
+    Its classes, lowest score first, are taken `step` at a time, and each step is scored by its summed error over
+    its summed saving (the exchange rate of removing the step whole), so a step is not ranked by its costliest
+    class alone. Scores stay ascending in the group's own order.
+    """
+    ranked = np.argsort(score, kind="stable")
+    out = np.empty_like(score)
+    for start in range(0, len(ranked), step):
+        block = ranked[start : start + step]
+        out[block] = float(np.sum(score[block] * saving[block])) / max(float(np.sum(saving[block])), 1e-300)
+    return np.maximum.accumulate(out[ranked])[np.argsort(ranked)]
 
 
 TOLERANCE = 0.01  # how far above the request the achieved ratio may land
