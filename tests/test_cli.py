@@ -533,6 +533,18 @@ def test_a_large_drift_on_random_inputs_is_said_to_mean_a_likely_broken_model(dr
     assert ("LIKELY BROKEN" in stdout and "prune with --calib, whose guard measures it" in stdout) == loud
 
 
+def test_a_basis_result_that_removed_only_channels_says_so_in_the_chosen_line(capsys):
+    """A new user read "method basis ... 0 basis vectors removed" beside "basis: ... (written)": which was it?"""
+    from onnxprune.cli import _print_summary
+
+    _, report = _example_report()  # a channel prune: channels removed, no bases
+    assert report.counts.get("channels_removed") and not report.counts.get("bases_removed")
+    row = {"method": "basis", "round_to": 1, "sensitivity": True, "threads": 0, "written": True}
+    report.facts["alternatives"] = [{**row, "speed_check": {1: [1.0, 0.9]}, "unchallenged": "clearly faster"}]
+    _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)
+    assert "basis (whole channels only: its allocation kept no layer split): " in capsys.readouterr().out
+
+
 def _example_report():
     from onnxprune.pipeline import prune
 

@@ -167,7 +167,8 @@ def test_a_guard_that_finds_no_ratio_lists_the_ratios_it_tried(monkeypatch):
         GuardError, match=r"no ratio tried holds \(top-1 agreement at 0\.25: 0\.500, 0\.12: 0\.500"
     ) as err:
         pipeline.prune_guarded(model, remove_ratio=0.5, calib=data, method="channel", compensate=False, latency_batch=0)
-    assert "held-out top-1 agreement (on 12 samples) with the original" in str(err.value)  # few: how many is said
+    # few: how many, what one of them weighs, and what to do about it
+    assert "held-out top-1 agreement (on 12 samples, each 0.083 of it: give --calib more samples" in str(err.value)
     tried = err.value.report.facts["guard"]["tried"]  # the report (--report) lists them too
     assert [r["ratio"] for r in tried[:2]] == [0.25, 0.125] and all(r["measured"] == 0.5 for r in tried)
 

@@ -582,7 +582,8 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
             if "fidelity_classes" in f
             else ""
         )
-        lines.append(f"  fidelity on {f['fidelity_samples']} samples{covers}, output '{name}': " + ", ".join(parts))
+        held = f"{f['fidelity_samples']} held-out samples"
+        lines.append(f"  fidelity on {held}{covers}, output '{name}': " + ", ".join(parts))
     agreement = any({"top1_agreement", "sequence_agreement"} & set(fid) for fid in f.get("fidelity", {}).values())
     if agreement and 0 < f.get("fidelity_samples", FEW_HELD_OUT) < FEW_HELD_OUT:  # (a cosine moves less)
         lines.append(
@@ -621,6 +622,9 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
         for row in f["alternatives"]:
             name = row["method"] + (f" (counts rounded to {row['round_to']})" if row["round_to"] > 1 else "")
             name += " with sensitivity" if row["sensitivity"] and row["method"] == "channel" else ""
+            only_channels = report.counts.get("channels_removed") and not report.counts.get("bases_removed")
+            if row["written"] and row["method"] == "basis" and only_channels:
+                name += " (whole channels only: its allocation kept no layer split)"  # channels are options there
             speeds = _speedups(row["speed_check"]) + (" (timed again, longer)" if row.get("speed_confirmed") else "")
             mark = "written" if row["written"] else "not written"
             if "fit_agreement" not in row:  # written unchallenged: its fidelity is the held-out line above

@@ -1271,8 +1271,9 @@ def _check_ratio(report: Report, *, method: str, latency_batch: int, round_to: i
     if method == "tt" and off > 0:
         why = "a tensor train is cut at least as deep as doing no more MACs than its dense layer"
     if round_to > 1 and off > 0:
+        counts = {"channel": "channel counts", "basis": "ranks"}.get(method, "channel counts and ranks")
         why = (
-            f"channel counts and ranks are rounded to multiples of {round_to} (--round-to; --method best rounds "
+            f"{counts} are rounded to multiples of {round_to} (--round-to; --method best rounds "
             "channel results to the processor's vector width, 8 or 16, which onnxruntime's kernels run fastest)"
         )
     line = (
@@ -1393,6 +1394,8 @@ def prune_guarded(
     report.facts["guard"]["tried"] = rows
     samples = report.facts.get("fidelity_samples")
     on = f" (on {samples} sample{'s' if samples != 1 else ''})" if samples and samples < FEW_HELD_OUT else ""
+    if on and what != "cosine":  # a new user could not tell whether to lower the ratio or give more samples
+        on = f" (on {samples} samples, each {1 / samples:.3f} of it: give --calib more samples for a firmer check)"
     raise GuardError(
         f"at --ratio {remove_ratio:g} the held-out {what}{on} with the original is {measured:.3f}, below "
         f"{floor:.3f} (--max-drop {max_drop:g}); {holds}; nothing written (--force writes it anyway)",
