@@ -545,6 +545,18 @@ def test_a_basis_result_that_removed_only_channels_says_so_in_the_chosen_line(ca
     assert "basis (whole channels only: its allocation kept no layer split): " in capsys.readouterr().out
 
 
+def test_a_skipped_constant_fold_says_what_it_is_and_where_to_look(capsys):
+    """A new user read "1 constant folds skipped" with no word of what that means."""
+    from onnxprune.cli import _print_summary
+
+    _, report = _example_report()
+    report.counts["folds_skipped"] = 1
+    _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)
+    out = capsys.readouterr().out
+    assert "1 constant folds skipped (a removed channel's constant output could not go into the next layer's" in out
+    assert "the report's `skipped` says where and why" in out
+
+
 def _example_report():
     from onnxprune.pipeline import prune
 

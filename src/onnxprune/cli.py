@@ -542,7 +542,12 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
         f"  params  {pb:>12,} -> {pa:>12,}   {_change(pb, pa)}",
         macs,
         f"  groups  {f['groups_pruned']} pruned ({_kinds(f)}), {len(f['blocked'])} blocked"
-        + (f", {report.counts['folds_skipped']} constant folds skipped" if report.counts.get("folds_skipped") else "")
+        + (
+            f", {report.counts['folds_skipped']} constant folds skipped (a removed channel's constant output could "
+            "not go into the next layer's bias; the report's `skipped` says where and why)"
+            if report.counts.get("folds_skipped")
+            else ""
+        )
         + (
             f", {report.counts['approximate']} normalisations not exact (statistics over the kept channels)"
             if report.counts.get("approximate")
