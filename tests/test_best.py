@@ -44,9 +44,13 @@ def test_the_result_written_is_no_slower_then_the_most_faithful_then_the_faster(
     assert all(r["threads"] == 0 for r in rows)
     if next(r for r in rows if r["written"])["method"] == "channel":  # its widest refitted layer wants > 128 samples
         assert len(warned) == 1
-    # compared results are measured on 128 fit samples; one written unchallenged is not (its held-out line says it)
-    assert all(r["fit_samples"] == 128 for r in rows) if len(rows) > 1 else "fit_agreement" not in rows[0]
+    # compared results are measured on the held-out samples (the refit fitted the others), the written one's figure
+    # is the report's fidelity; one written unchallenged is not compared (its held-out line says it)
+    held = report.facts["fidelity_samples"]
+    assert all(r["held_samples"] == held for r in rows) if len(rows) > 1 else "held_agreement" not in rows[0]
     written = next(r for r in rows if r["written"])
+    if len(rows) > 1:
+        assert written["held_agreement"] == pytest.approx(min(f["top1_agreement"] for f in report.facts["fidelity"].values()))
     if basis_time > 1 / pipeline.CLEAR_SPEEDUP:  # channel results, with and without measured sensitivity
         assert [(r["method"], r["sensitivity"]) for r in rows] == [
             ("basis", True),
@@ -58,7 +62,7 @@ def test_the_result_written_is_no_slower_then_the_most_faithful_then_the_faster(
         speed = {1.5: 1 / 1.5, 0.97: 1 / 0.97, 0.8: 1 / 0.8, 0.85: 1 / 0.85}
         assert written == max(
             pool,
-            key=lambda r: (r["fit_agreement"], speed[r["speed_check"][1][1]], r["fit_cosine"]),
+            key=lambda r: (r["held_agreement"], speed[r["speed_check"][1][1]], r["held_cosine"]),
         )
     else:  # a basis result clearly faster than the original is written without making the others
         assert [r["method"] for r in rows] == ["basis"]
@@ -67,10 +71,10 @@ def test_the_result_written_is_no_slower_then_the_most_faithful_then_the_faster(
     _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)
     chosen = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  chosen  "))
     if len(rows) > 1:
-        assert "on 128 fit samples" in chosen and chosen.count("fit agreement") == len(rows)
+        assert f"on the {held} held-out samples, which chose" in chosen and chosen.count(", agreement ") == len(rows)
     else:
         assert (
-            "fit samples" not in chosen
+            "held-out samples" not in chosen
             and "not compared (at least 1.10x faster at each batch timed" in chosen
             and "(written)" in chosen
         )
@@ -126,7 +130,7 @@ def test_target_latency_turns_to_channels_when_the_basis_result_saves_too_little
     channel = [r for r in rows if r["method"] == "channel"]
     assert any(r["written"] for r in channel)  # basis: unreachable here, or short
     # made as for a parameter target: without and with measured layer sensitivity, at the same depth, both compared
-    assert [r["sensitivity"] for r in channel] == [False, True] and all("fit_agreement" in r for r in channel)
+    assert [r["sensitivity"] for r in channel] == [False, True] and all("held_agreement" in r for r in channel)
     assert channel[0]["params_removed"] == pytest.approx(channel[1]["params_removed"], abs=0.05)
     f = report.facts
     assert f["target"] == "latency" and f["ratio_achieved"] >= 0.49 and f["latency"]["batch"] == 1
@@ -372,7 +376,9 @@ def test_under_the_latency_budget_every_candidate_is_planned_again_and_the_most_
     assert len(rows) >= 2 and all(r["latency_budget"] for r in rows) and sum(r["written"] for r in rows) == 1
     assert len({r["candidate"] for r in rows}) == len(rows)  # each from another round's weights
     written = next(r for r in rows if r["written"])
-    assert (written["fit_agreement"], written["fit_cosine"]) == max((r["fit_agreement"], r["fit_cosine"]) for r in rows)
+    assert (written["held_agreement"], written["held_cosine"]) == max(
+        (r["held_agreement"], r["held_cosine"]) for r in rows
+    )
     assert abs(report.facts["params_removed"] - 0.6) <= 0.01
     onnx.checker.check_model(out, full_check=True)
 
@@ -392,8 +398,8 @@ def test_a_more_faithful_result_timed_slower_is_timed_again_before_it_is_turned_
 
     monkeypatch.setattr(pipeline, "compare_latency", fake)
     rows = [
-        {"fit_agreement": 1.0, "speed_check": {1: (1.0, 1.11), 32: (1.0, 0.9)}},
-        {"fit_agreement": 0.984, "speed_check": {1: (1.0, 0.7), 32: (1.0, 0.6)}},
+        {"held_agreement": 1.0, "speed_check": {1: (1.0, 1.11), 32: (1.0, 0.9)}},
+        {"held_agreement": 0.984, "speed_check": {1: (1.0, 0.7), 32: (1.0, 0.6)}},
     ]
     feeds = {b: {"x": np.zeros((b, 3))} for b in (1, 32)}
     pipeline._confirm_slower(rows, [("basis", None), ("channel", None)], None, feeds, 0)
@@ -401,7 +407,7 @@ def test_a_more_faithful_result_timed_slower_is_timed_again_before_it_is_turned_
     assert rows[0]["speed_confirmed"] and rows[0]["speed_check"][1] == (1.0, confirmed_time)
     assert pipeline._slower(rows[0]["speed_check"]) != confirmed
     calls.clear()
-    tied = [{"fit_agreement": 0.984, "speed_check": {1: (1.0, 1.11)}}, rows[1]]
+    tied = [{"held_agreement": 0.984, "speed_check": {1: (1.0, 1.11)}}, rows[1]]
     pipeline._confirm_slower(tied, [None, None], None, feeds, 0)  # no more faithful: nothing timed again
     assert not calls and "speed_confirmed" not in tied[0]
 
@@ -418,8 +424,8 @@ def test_under_a_latency_target_a_more_faithful_result_short_of_the_time_is_time
 
     monkeypatch.setattr(pipeline, "compare_latency", fake)
     rows = [
-        {"fit_agreement": 0.969, "speed_check": {32: (1.0, 0.48)}},
-        {"fit_agreement": 0.984, "speed_check": {32: (1.0, 0.57)}},
+        {"held_agreement": 0.969, "speed_check": {32: (1.0, 0.48)}},
+        {"held_agreement": 0.984, "speed_check": {32: (1.0, 0.57)}},
     ]
     feeds = {32: {"x": np.zeros((32, 3))}}
     short = lambda row: [32] if 1 - row["speed_check"][32][1] < 0.49 else []  # noqa: E731

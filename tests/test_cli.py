@@ -892,7 +892,7 @@ def test_method_best_reports_each_result_and_validates_against_the_schema(target
 
 
 def test_method_best_on_outputs_that_are_not_class_scores_compares_cosine(tmp_path, capsys, monkeypatch):
-    """A feature-map output (no class scores): each result's line says "fit cosine", not a top-1 figure."""
+    """A feature-map output (no class scores): each result's line says "cosine", not a top-1 figure."""
     from jsonschema import Draft202012Validator
     from models import Builder
 
@@ -913,5 +913,6 @@ def test_method_best_on_outputs_that_are_not_class_scores_compares_cosine(tmp_pa
     assert code == 0, err
     data = json.loads(rep.read_text())
     Draft202012Validator(_report_schema()).validate(data)
-    assert {r["fit_measure"] for r in data["alternatives"]} == {"cosine"}
-    assert "fit cosine" in stdout and "fit agreement" not in stdout
+    assert {r["held_measure"] for r in data["alternatives"]} == {"cosine"}
+    chosen = next(line for line in stdout.splitlines() if line.startswith("  chosen  "))
+    assert chosen.count(", cosine ") == len(data["alternatives"]) and ", agreement " not in chosen

@@ -95,7 +95,7 @@ def cli() -> None:
     default=DEFAULTS["method"],
     show_default=True,
     help="best: with --calib and --latency-batch, both basis and channel removal (channel counts rounded to the "
-    "processor's vector width), the one measured no slower and most faithful on fit samples written, else basis; "
+    "processor's vector width), the one measured no slower and most faithful on held-out samples written, else basis; "
     "channel: whole filters; basis: SVD basis vectors; double: channels then bases; auto: channels and bases "
     "ranked together by error per parameter saved; tt: large Gemm/MatMul/Gather weights as tensor trains "
     "(parameters only; measured less accurate than basis on trained layers, benchmarks/README.md).",
@@ -632,23 +632,23 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
                 name += " (whole channels only: its allocation kept no layer split)"  # channels are options there
             speeds = _speedups(row["speed_check"]) + (" (timed again, longer)" if row.get("speed_confirmed") else "")
             mark = "written" if row["written"] else "not written"
-            if "fit_agreement" not in row:  # written unchallenged: its fidelity is the held-out line above
+            if "held_agreement" not in row:  # written unchallenged: its fidelity is the held-out line above
                 why = row.get("unchallenged") or ""
                 if why == "clearly faster":  # the report's name for it; the summary gives the threshold
                     why = f"at least {CLEAR_SPEEDUP:.2f}x faster at each batch timed"
                 why = f"{why}: " if why else ""
-                fit = f"not compared ({why}no other result was made)"
-            elif row.get("fit_measure", "top-1 agreement") != "cosine":
-                fit = f"fit agreement {row['fit_agreement'] * 100:.1f} %"
+                score = f"not compared ({why}no other result was made)"
+            elif row.get("held_measure", "top-1 agreement") != "cosine":
+                score = f"agreement {row['held_agreement'] * 100:.1f} %"
             else:
-                fit = f"fit cosine {row['fit_agreement']:.4f}"
-            parts.append(f"{name}: {speeds}, {fit} ({mark})")
+                score = f"cosine {row['held_agreement']:.4f}"
+            parts.append(f"{name}: {speeds}, {score} ({mark})")
         if "basis_not_made" in f:  # method best turned to channels because the basis plan was refused
             parts.insert(0, f"basis: not made ({f['basis_not_made']})")
         first = f["alternatives"][0]
         threads = f"{first['threads']} threads" if first["threads"] else "onnxruntime's default threads"
-        samples = next((row["fit_samples"] for row in f["alternatives"] if "fit_samples" in row), None)
-        on = f"; agreement with the original on {samples} fit samples" if samples else ""
+        samples = next((row["held_samples"] for row in f["alternatives"] if "held_samples" in row), None)
+        on = f"; agreement with the original on the {samples} held-out samples, which chose" if samples else ""
         lines.append(f"  chosen  (speed-up over the original, timed here with {threads}{on}) " + "; ".join(parts))
     if "plan_note" in f:  # the plan written is not simply the first one by error: which, and why
         lines.append(f"  plan    {f['plan_note']}")
