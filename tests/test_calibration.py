@@ -179,7 +179,7 @@ def test_a_fixed_batch_of_four_takes_whole_batches(tmp_path):
     assert report.facts["fidelity_samples"] == 8  # 40 samples fill batches of 4; 8 of them held out
 
 
-def test_few_held_samples_for_the_widest_refitted_layer_warn_once(caplog):
+def test_few_fit_samples_for_the_widest_refitted_layer_warn_once(caplog):
     model = onnx.load(EXAMPLE / "digits_resnet.onnx")
     x = np.load(EXAMPLE / "digits_calib.npy")
     options = dict(remove_ratio=0.5, method="channel", criterion="l2", latency_batch=0)

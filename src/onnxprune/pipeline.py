@@ -1020,17 +1020,17 @@ def _confirm_slower(
     """Time again, longer, the most faithful result when "slower" would turn it down for a less faithful one.
 
     A check of `COMPARE_SECONDS` per model does not time a sub-millisecond model within 10 % on 2 cores: the chars
-    ResNet-20's basis result (1.000 against 0.984 for the channel result written) was timed 1.11x the
+    ResNet-20's basis result (1.000 on fit samples against 0.984 for the channel result written) was timed 1.11x the
     original's time at batch 1 by this check, and timed alone in its own process it was not slower (0.528-0.544 ms
     against 0.544-0.586 ms, 2 000 runs each; session 19). Only the batches it fell short at (`short`: by default
     those it measured slower at; under a latency target, the batch whose time it did not save enough of) are timed
     again, `CONFIRM_SECONDS` per model, and that timing replaces the short ones (``speed_confirmed`` in its row).
     Nothing happens when the most faithful result is not short, or when every result is.
     """
-    fit = [row.get("held_agreement", 0.0) for row in rows]
+    agreement = [row.get("held_agreement", 0.0) for row in rows]
     fine = [i for i, row in enumerate(rows) if not short(row)]
-    top = max(range(len(rows)), key=lambda i: fit[i])
-    if not fine or top in fine or fit[top] <= max(fit[i] for i in fine):
+    top = max(range(len(rows)), key=lambda i: agreement[i])
+    if not fine or top in fine or agreement[top] <= max(agreement[i] for i in fine):
         return
     check = rows[top]["speed_check"]
     for b in short(rows[top]):
