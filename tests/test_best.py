@@ -50,7 +50,9 @@ def test_the_result_written_is_no_slower_then_the_most_faithful_then_the_faster(
     assert all(r["held_samples"] == held for r in rows) if len(rows) > 1 else "held_agreement" not in rows[0]
     written = next(r for r in rows if r["written"])
     if len(rows) > 1:
-        assert written["held_agreement"] == pytest.approx(min(f["top1_agreement"] for f in report.facts["fidelity"].values()))
+        assert written["held_agreement"] == pytest.approx(
+            min(f["top1_agreement"] for f in report.facts["fidelity"].values())
+        )
     if basis_time > 1 / pipeline.CLEAR_SPEEDUP:  # channel results, with and without measured sensitivity
         assert [(r["method"], r["sensitivity"]) for r in rows] == [
             ("basis", True),
