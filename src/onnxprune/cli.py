@@ -625,7 +625,8 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
     if "alternatives" in f:  # method best: what each way measured, side by side
         parts = []
         for row in f["alternatives"]:
-            name = row["method"] + (f" (counts rounded to {row['round_to']})" if row["round_to"] > 1 else "")
+            counts = "ranks" if row["method"] == "basis" else "counts"
+            name = row["method"] + (f" ({counts} rounded to {row['round_to']})" if row["round_to"] > 1 else "")
             name += " with sensitivity" if row["sensitivity"] and row["method"] == "channel" else ""
             only_channels = report.counts.get("channels_removed") and not report.counts.get("bases_removed")
             if row["written"] and row["method"] == "basis" and only_channels:
