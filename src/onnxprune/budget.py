@@ -486,6 +486,7 @@ def rank_choices(
     weights: dict[str, float] | None = None,
     latencies: dict[str, tuple[float, dict[int, float]]] | None = None,
     alive: np.ndarray | None = None,
+    round_to: int = 1,
 ) -> list[Choice]:
     """The options of every split layer whose basis group may be pruned (see `Choice`).
 
@@ -504,6 +505,8 @@ def rank_choices(
         latencies: Per pair's mid tensor: (dense seconds, {rank: split seconds}) from ``latency.layer_latency``.
         alive: The channels the costs are taken at (None: all); a layer's costs shrink with its kept inputs and
             outputs.
+        round_to: Only ranks that are multiples of this are offered (beside the dense op): onnxruntime's blocked
+            NCHWc kernels take channel counts in multiples of the vector width, and a rank off it adds reorders.
 
     Returns:
         One `Choice` of kind "rank" per split layer offered, in ``cost.pairs`` order, with options 0 .. max_rank
@@ -553,6 +556,9 @@ def rank_choices(
         order = group.classes[np.argsort(-importance[group.classes], kind="stable")]
         error = _tail_share(importance[order].astype(np.float64) ** 2)[: max_rank + 1]
         error *= (weights or {}).get(group.name, 1.0)
+        error[(ranks % round_to != 0) & (ranks > 0)] = np.inf
+        if not np.isfinite(error[1:]).any():  # no rounded rank pays: the layer stays dense
+            continue
         choices.append(Choice(group.name, order, error, np.asarray(costs, float), np.asarray(latency, float)))
     return choices
 

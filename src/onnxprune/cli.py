@@ -94,8 +94,9 @@ def cli() -> None:
     type=click.Choice(METHODS),
     default=DEFAULTS["method"],
     show_default=True,
-    help="best: with --calib and --latency-batch, both basis and channel removal (channel counts rounded to the "
-    "processor's vector width), the one measured no slower and most faithful on held-out samples written, else basis; "
+    help="best: with --calib and --latency-batch, both basis and channel removal (ranks, where that reaches, and "
+    "channel counts rounded to the processor's vector width), the fastest of those measured no slower and most "
+    "faithful on held-out samples written, else basis; "
     "channel: whole filters; basis: SVD basis vectors; double: channels then bases; auto: channels and bases "
     "ranked together by error per parameter saved; tt: large Gemm/MatMul/Gather weights as tensor trains "
     "(parameters only; measured less accurate than basis on trained layers, benchmarks/README.md).",

@@ -1729,7 +1729,7 @@ def _prune_stage(
     if probe is not None:
         weights = probe(graph, groups=[g for g in analysis.groups if g.name not in protected], scores=scores)
         report.facts.setdefault("sensitivity", {}).update(weights)
-    if stage == "basis" and round_to <= 1:
+    if stage == "basis":
         index = 1 if target == "flops" else 0
         # whole channels beside the ranks: groups of one producer that a matrix op reads, measured on calibration data
         offered = []
@@ -1755,6 +1755,7 @@ def _prune_stage(
                 weights=weights,
                 latencies=_with_overhead(curves, knobs["split_overhead"]),
                 alive=alive,
+                round_to=round_to,
             )
 
         def options(weights: dict | None, alive: np.ndarray | None = None, with_channels: bool = channel_options):
@@ -1762,7 +1763,14 @@ def _prune_stage(
             if not offered or not with_channels:
                 return ranks
             return ranks + channel_choices(
-                analysis, cost, saliency, target=target, groups=offered, weights=weights, alive=alive
+                analysis,
+                cost,
+                saliency,
+                target=target,
+                groups=offered,
+                weights=weights,
+                alive=alive,
+                round_to=round_to,
             )
 
         def plan(weights: dict | None, seconds: float | None, with_channels: bool = channel_options):
