@@ -110,6 +110,28 @@ def test_rank_costs_shrink_with_the_channels_kept():
         assert cost.count(check)[0] - cost.count(alive)[0] == pytest.approx(c.cost[1] - c.cost[c.option_at(alive)])
 
 
+def test_rounded_ranks_are_the_only_split_options_offered():
+    """`round_to`: a split layer's options are the dense op and ranks at multiples of the step (onnxruntime's NCHWc
+    kernels); the errors and costs of those options are those offered without rounding."""
+    model = onnx.load(EXAMPLE / "digits_resnet.onnx")
+    graph, pairs = _split(model)
+    analysis = find_channel_groups(graph)
+    cost = CostModel(graph, analysis, pairs)
+    scores = np.random.default_rng(0).random(analysis.n_classes)
+    free = {c.group: c for c in rank_choices(analysis, cost, scores, target="params")}
+    rounded = {c.group: c for c in rank_choices(analysis, cost, scores, target="params", round_to=8)}
+    assert rounded and set(rounded) <= set(free)
+    for name, c in free.items():
+        offered = np.flatnonzero(np.isfinite(c.error))
+        if name not in rounded:  # no multiple of 8 below the rank where the split pays
+            assert not any(r % 8 == 0 for r in offered if r > 0)
+            continue
+        r = rounded[name]
+        kept = np.flatnonzero(np.isfinite(r.error))
+        assert kept[0] == 0 and all(k % 8 == 0 for k in kept[1:]) and len(kept) > 1
+        assert np.array_equal(r.error[kept], c.error[kept]) and np.array_equal(r.cost, c.cost)
+
+
 def test_joint_plan_removes_channels_and_bases_and_stays_valid():
     model = onnx.load(EXAMPLE / "digits_resnet.onnx")
     calib = np.load(EXAMPLE / "digits_calib.npy")[:128]
