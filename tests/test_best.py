@@ -84,7 +84,8 @@ def test_the_result_written_is_no_slower_then_the_most_faithful_then_the_faster(
     _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)
     chosen = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  chosen  "))
     if len(rows) > 1:
-        assert f"on the {held} held-out samples, which chose" in chosen and chosen.count(", agreement ") == len(rows)
+        assert f"on the {held} held-out samples: of those within a sample" in chosen
+        assert chosen.count(", agreement ") == len(rows) == chosen.count(", cosine ")
     else:
         assert (
             "held-out samples" not in chosen
@@ -471,6 +472,27 @@ def test_of_results_equally_faithful_the_faster_is_written_and_cosine_breaks_a_t
     assert pipeline._most_faithful(mobilenet, range(3)) == [1]
     mobilenet[1]["held_agreement"] = 100 / 102  # two samples more: no longer a tie
     assert pipeline._most_faithful(mobilenet, range(3)) == [0]
+
+
+def test_a_refused_result_is_not_marked_written_and_the_refusal_names_it(monkeypatch):
+    """ddddocr at 0.3 (a new user, session 22): the guard refused, yet the report's basis row read "written": true,
+    and the refusal did not say which of the three results it had judged."""
+    from onnxprune.errors import GuardError
+    from onnxprune.result import Report
+
+    def made(model, *, remove_ratio, **options):
+        rows = [
+            {"method": m, "written": m == "basis", "held_agreement": a, "held_cosine": 0.99, "held_samples": 13}
+            for m, a in (("basis", 12 / 13), ("channel", 1 / 13))
+        ]
+        fidelity = {"out": {"sequence_agreement": 12 / 13, "cosine": 0.99, "relative_error": 0.1}}
+        return None, Report(facts={"method": "basis", "fidelity": fidelity, "alternatives": rows, "candidates": [1, 2]})
+
+    monkeypatch.setattr(pipeline, "prune", made)
+    with pytest.raises(GuardError) as refused:
+        pipeline.prune_guarded(None, remove_ratio=0.3, calib={"x": np.zeros((1, 1))})
+    assert "held-out sequence agreement of the basis result (chosen among 2 made)" in str(refused.value)
+    assert not any(r["written"] for r in refused.value.report.facts["alternatives"])
 
 
 def test_a_basis_result_made_quickly_is_always_compared(case, monkeypatch):

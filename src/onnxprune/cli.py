@@ -22,6 +22,7 @@ from onnxprune.pipeline import (
     CLEAR_AFTER_S,
     CLEAR_INFIDELITY,
     CLEAR_SPEEDUP,
+    COSINE_SLACK,
     FEW_HELD_OUT,
     METHODS,
     SPEED_MARGIN,
@@ -646,7 +647,7 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
                 why = f"{why}: " if why else ""
                 score = f"not compared ({why}no other result was made)"
             elif row.get("held_measure", "top-1 agreement") != "cosine":
-                score = f"agreement {row['held_agreement'] * 100:.1f} %"
+                score = f"agreement {row['held_agreement'] * 100:.1f} %, cosine {row['held_cosine']:.4f}"
             else:
                 score = f"cosine {row['held_agreement']:.4f}"
             parts.append(f"{name}: {speeds}, {score} ({mark})")
@@ -655,7 +656,13 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
         first = f["alternatives"][0]
         threads = f"{first['threads']} threads" if first["threads"] else "onnxruntime's default threads"
         samples = next((row["held_samples"] for row in f["alternatives"] if "held_samples" in row), None)
-        on = f"; agreement with the original on the {samples} held-out samples, which chose" if samples else ""
+        on = (
+            f"; agreement and cosine with the original on the {samples} held-out samples: of those within a sample "
+            f"of the best agreement and 1 - cosine within {COSINE_SLACK:g}x of the least or at most "
+            f"{CLEAR_INFIDELITY:g}, the fastest is written"
+            if samples
+            else ""
+        )
         lines.append(f"  chosen  (speed-up over the original, timed here with {threads}{on}) " + "; ".join(parts))
     if "plan_note" in f:  # the plan written is not simply the first one by error: which, and why
         lines.append(f"  plan    {f['plan_note']}")

@@ -1474,8 +1474,14 @@ def prune_guarded(
     on = f" (on {samples} sample{'s' if samples != 1 else ''})" if samples and samples < FEW_HELD_OUT else ""
     if on and what != "cosine":  # a new user could not tell whether to lower the ratio or give more samples
         on = f" (on {samples} samples, each {1 / samples:.3f} of it: give --calib more samples for a firmer check)"
+    judged = ""
+    for row in report.facts.get("alternatives", []):  # nothing is written: the report must not say otherwise
+        if row["written"]:
+            row["written"] = False
+            others = len(report.facts["alternatives"]) - 1
+            judged = f" of the {row['method']} result (chosen among {others + 1} made)" if others else ""
     raise GuardError(
-        f"at --ratio {remove_ratio:g} the held-out {what}{on} with the original is {measured:.3f}, below "
+        f"at --ratio {remove_ratio:g} the held-out {what}{judged}{on} with the original is {measured:.3f}, below "
         f"{floor:.3f} (--max-drop {max_drop:g}); {holds}; nothing written (--force writes it anyway)",
         report,
     )
