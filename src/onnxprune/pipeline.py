@@ -144,19 +144,21 @@ def prune(
 ) -> tuple[onnx.ModelProto, Report]:
     """Remove `remove_ratio` of the model's parameters (or MACs) and return the new model and its report.
 
-    ``method="best"`` (the command line's default) makes the ``basis`` result and times it against the original at
-    `latency_batch` and 32 (the finished model). Unless it measures at least `CLEAR_SPEEDUP` times faster at both, it
-    makes ``channel`` results with channel counts rounded to the processor's vector width (`simd_width`; with and
-    without measured layer sensitivity) and writes, of those measured no slower (else of all), the fastest of those
-    that agree best with the original on the held-out samples (`_most_faithful`: agreement within a sample, 1 -
-    cosine within 2x). Held-out, as the refit fitted the others: compared on those, a channel result of ddddocr's
-    recogniser refitted on 51 crops agreed 0.961 against the basis result's 0.922, and 0.077 on the 13 held out; the
-    guard's figure is then the best of a few results made from one model. When no basis plan reaches the request (every
-    split measured slower), the channel results alone. With ``target="latency"``: the basis result, and when it
-    saves too little of the measured time, channel removal as deep as needed (`_channel_for_latency`); of the
-    results that save enough, the fastest of the most faithful is written, else the fastest found, with a
-    ``ratio_note``. It is ``basis`` alone without calibration data, with
-    ``latency_batch=0`` or ``round_to`` > 1.
+    ``method="best"`` (the command line's default) makes the ``basis`` result (ranks at multiples of the vector
+    width where that reaches the request, else free) and times it against the original at `latency_batch` and 32
+    (the finished model). Unless it took over `CLEAR_AFTER_S` to make, measures at least `CLEAR_SPEEDUP` times
+    faster at both and is faithful on the held-out samples (`_faithful_enough`), it makes ``channel`` results with
+    channel counts rounded to the processor's vector width (`simd_width`; with and without measured layer
+    sensitivity) and writes, of those measured no slower (else of all), the fastest of those that agree best with
+    the original on the held-out samples (`_most_faithful`: agreement within a sample, 1 - cosine within 2x of the
+    least or at most 0.01). Held-out, as the refit fitted the others: compared on those, a channel result of
+    ddddocr's recogniser refitted on 51 crops agreed 0.961 against the basis result's 0.922, and 0.077 on the 13
+    held out; the guard's figure is then the best of a few results made from one model. When no basis plan reaches
+    the request (every split measured slower), the channel results alone. With ``target="latency"``: the basis
+    result, and when it saves too little of the measured time, channel removal as deep as needed
+    (`_channel_for_latency`); of the results that save enough, the fastest of the most faithful is written, else the
+    fastest found, with a ``ratio_note``. It is ``basis`` alone without calibration data, with ``latency_batch=0``
+    or ``round_to`` > 1.
     Measured on the handed digits ResNet-20 (batch 1, 2 threads): at 0.7 the basis result was 1.36x slower than the
     original at 99.17 % test accuracy, channels rounded to 16 were 1.30x faster at 99.17 %. The report's
     ``alternatives`` rows give both measurements. ``method="channel"`` with ``target="latency"``: channel removal as
