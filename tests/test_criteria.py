@@ -128,3 +128,49 @@ def test_a_label_criterion_on_a_model_without_class_scores(caplog):
     assert sum("criterion energy instead of cmi" in r.getMessage() for r in caplog.records) == 1
     with pytest.raises(OnnxPruneError, match="--criterion cmi needs class labels"):
         prune(model, criterion="cmi", **options)
+
+
+def _grams_and_labels(channels=40, n=128, seed=0):
+    """Gram matrices of `channels` pooled features on `n` samples: channel 0 constant, the rest noisy mixtures."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 5, n)
+    x = rng.standard_normal((n, 6)) @ rng.standard_normal((6, channels)) + 0.3 * rng.standard_normal((n, channels))
+    x[:, 1:4] += labels[:, None]
+    x[:, 0] = 1.0  # carries nothing
+    y = (labels[:, None] == labels[None, :]).astype(np.float64)
+    return np.stack([criteria._gram(x[:, c]) for c in range(channels)]), y / np.trace(y)
+
+
+def test_cmi_ranks_a_channel_that_carries_nothing_last_whatever_its_index():
+    # a few channels tell the samples apart (H(S) = log2 n) and every later gain is zero: searched on from there,
+    # the order was the channels' index order, and channel 0, constant, came right after the informative ones
+    grams, y = _grams_and_labels()
+    order = criteria._greedy_cmi_search(grams, y)
+    assert sorted(order) == list(range(len(grams))) and order[-1] == 0, order
+
+
+def _direct_cmi_order(grams, y):
+    """The greedy order from the Hadamard products themselves: I(f; y | S) = H(f, S) + H(y, S) - H(f, y, S) - H(S)."""
+    h = criteria._renyi
+    nothing = np.full_like(y, 1.0 / len(y))
+    kept, order, fresh = nothing, [], True
+    while len(order) < len(grams):
+        gains = {
+            c: h(criteria._joint(g, kept)) + h(criteria._joint(y, kept)) - h(criteria._joint(g * y, kept)) - h(kept)
+            for c, g in enumerate(grams)
+            if c not in order
+        }
+        best = max(gains, key=gains.get)
+        if not fresh and gains[best] < criteria.CMI_SATURATED:
+            kept, fresh = nothing, True
+            continue
+        order.append(best)
+        kept, fresh = criteria._joint(grams[best], kept), False
+    return order
+
+
+def test_the_cmi_search_is_the_direct_greedy_search():
+    # packed squares, one product for both entropies, rows dropped as channels are taken: the same order
+    for seed in (1, 2):
+        grams, y = _grams_and_labels(channels=14, n=40, seed=seed)
+        assert criteria._greedy_cmi_search(grams, y) == _direct_cmi_order(grams, y)
