@@ -84,7 +84,8 @@ def test_the_result_written_is_no_slower_then_the_most_faithful_then_the_faster(
     _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)
     chosen = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  chosen  "))
     if len(rows) > 1:
-        assert f"on the {held} held-out samples: of those within a sample" in chosen
+        assert f"on the {held} held-out samples: of those no slower that keep the guard's floor" in chosen
+        assert "of those within a sample of the best agreement" in chosen
         assert chosen.count(", agreement ") == len(rows) == chosen.count(", cosine ")
     else:
         assert (
@@ -677,3 +678,17 @@ def test_counts_rounded_to_8_are_made_too_when_no_result_at_the_vector_width_kee
     _, report = prune(model, remove_ratio=0.5, method="best", calib=calib, latency_batch=1)
     widths = [r["round_to"] for r in report.facts["alternatives"] if r["method"] == "channel"]
     assert widths == ([16, 16] if holds else [16, 16, 8, 8])
+
+
+def test_when_no_result_keeps_the_floor_the_basis_result_planned_by_parameters_is_made_too(case, monkeypatch, capsys):
+    from onnxprune.cli import _print_summary
+
+    monkeypatch.setattr(pipeline, "compare_latency", lambda a, b, feeds, **kw: (1.0, 1.2 if _split(b) else 0.8))
+    monkeypatch.setattr(pipeline, "_holds", lambda rows, max_drop: False)
+    model, calib = case
+    _, report = prune(model, remove_ratio=0.5, method="best", calib=calib, latency_batch=1)
+    rows = report.facts["alternatives"]
+    assert [r.get("speed_free", False) for r in rows] == [False] * (len(rows) - 1) + [True]
+    assert rows[-1]["method"] == "basis" and "held_agreement" in rows[-1] and sum(r["written"] for r in rows) == 1
+    _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)
+    assert "basis planned by parameters alone (no result above kept the guard's floor)" in capsys.readouterr().out

@@ -632,6 +632,8 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
             counts = "ranks" if row["method"] == "basis" else "counts"
             name = row["method"] + (f" ({counts} rounded to {row['round_to']})" if row["round_to"] > 1 else "")
             name += " with sensitivity" if row["sensitivity"] and row["method"] == "channel" else ""
+            if row.get("speed_free"):
+                name += " planned by parameters alone (no result above kept the guard's floor)"
             only_channels = report.counts.get("channels_removed") and not report.counts.get("bases_removed")
             if row["written"] and row["method"] == "basis" and only_channels:
                 name += " (whole channels only: its allocation kept no layer split)"  # channels are options there
@@ -656,9 +658,14 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
         first = f["alternatives"][0]
         threads = f"{first['threads']} threads" if first["threads"] else "onnxruntime's default threads"
         samples = next((row["held_samples"] for row in f["alternatives"] if "held_samples" in row), None)
+        pool = (
+            "of those that save the time asked"
+            if f.get("target") == "latency"
+            else "of those no slower that keep the guard's floor (else of those that keep it, else of all)"
+        )
         on = (
-            f"; agreement and cosine with the original on the {samples} held-out samples: of those within a sample "
-            f"of the best agreement and 1 - cosine within {COSINE_SLACK:g}x of the least or at most "
+            f"; agreement and cosine with the original on the {samples} held-out samples: {pool}, of those within a "
+            f"sample of the best agreement and 1 - cosine within {COSINE_SLACK:g}x of the least or at most "
             f"{CLEAR_INFIDELITY:g}, the fastest is written"
             if samples
             else ""
