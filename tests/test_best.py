@@ -1,5 +1,6 @@
 """--method best: the basis and the rounded channel result side by side; the one no slower and most faithful wins."""
 
+import json
 import logging
 from pathlib import Path
 
@@ -690,5 +691,11 @@ def test_when_no_result_keeps_the_floor_the_basis_result_planned_by_parameters_i
     rows = report.facts["alternatives"]
     assert [r.get("speed_free", False) for r in rows] == [False] * (len(rows) - 1) + [True]
     assert rows[-1]["method"] == "basis" and "held_agreement" in rows[-1] and sum(r["written"] for r in rows) == 1
+    import importlib.resources
+
+    from jsonschema import Draft202012Validator
+
+    schema = json.loads((importlib.resources.files("onnxprune") / "report.schema.json").read_text())
+    Draft202012Validator(schema).validate(report.to_dict())
     _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)
     assert "basis planned by parameters alone (no result above kept the guard's floor)" in capsys.readouterr().out

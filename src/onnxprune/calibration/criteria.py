@@ -272,9 +272,10 @@ def _greedy_cmi_search(grams: np.ndarray, y: np.ndarray) -> list[int]:
     measured against it (session 23, channel removal with measured sensitivity, refit on): starting the search over
     from nothing among the channels left made the chars ResNet-20 / VGG / MobileNetV2 at 0.7 better by 5 / 3 / 4 of
     2 400 test images, but the handed digits ResNet-20 (0.8 and 0.9, seeds 0-2) worse by 2-4 of 360 in 4 of 5
-    runs (better by 3 in the fifth), and without the refit (the bundled example at 0.12) 75 % held-out agreement against 96 %; the channels'
-    RMS, largest first, did best without the refit (100 %) and on VGG (+12 images) but refused ResNet-20 at 0.7 and
-    lost 1-4 digits images in each run. The packed products made MobileNetV2's cmi step 36 s -> 14 s.
+    runs (better by 3 in the fifth), and without the refit (the bundled example at 0.12) 75 % held-out agreement
+    against 96 %; the channels' RMS, largest first, did best without the refit (100 %) and on VGG (+12 images) but
+    refused ResNet-20 at 0.7 and lost 1-4 digits images in each of 4 runs. The packed products made MobileNetV2's
+    cmi step 36 s -> 14 s.
     """
     count, n = grams.shape[0], grams.shape[1]
     upper = np.triu_indices(n)
