@@ -9,6 +9,7 @@ import pytest
 import onnxprune
 from onnxprune import api, cli
 from onnxprune.errors import CalibrationError, InvalidModelError, OnnxPruneError
+from onnxprune.testing import validate_report
 
 EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
@@ -82,16 +83,12 @@ def test_bad_input_is_one_clear_error(model, calib, error, words):
 
 def test_the_api_report_is_the_cli_report_document():
     """`Report.to_dict` is what `--report` writes: plain JSON values, valid against the shipped schema."""
-    import importlib.resources
     import json
-
-    from jsonschema import Draft202012Validator
 
     x = np.load(EXAMPLE / "digits_calib.npy")[:100]
     _, report = onnxprune.prune(EXAMPLE / "digits_resnet.onnx", ratio=0.2, calib=x, method="channel", latency_batch=0)
     doc = json.loads(json.dumps(report.to_dict()))  # no numpy left: dumps needs no converter
-    schema = json.loads((importlib.resources.files("onnxprune") / "report.schema.json").read_text())
-    Draft202012Validator(schema).validate(doc)
+    validate_report(doc)
     assert doc["schema_version"] == 1 and doc["input"] is None and "fidelity" in doc
 
 

@@ -1,6 +1,5 @@
 """--method best: the basis and the rounded channel result side by side; the one no slower and most faithful wins."""
 
-import json
 import logging
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 from onnxprune import pipeline
 from onnxprune.latency import simd_width
 from onnxprune.pipeline import prune
-from onnxprune.testing import ort_run, random_feeds
+from onnxprune.testing import ort_run, random_feeds, validate_report
 
 EXAMPLE = Path(__file__).parent.parent / "examples"
 
@@ -213,13 +212,8 @@ def test_a_latency_target_the_basis_result_meets_is_not_said_clearly_faster(case
     _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)
     chosen = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  chosen  "))
     assert "not compared (it saves the time asked: no other result was made)" in chosen and "clearly" not in chosen
-    import importlib.resources
-    import json
 
-    from jsonschema import Draft202012Validator
-
-    schema = json.loads((importlib.resources.files("onnxprune") / "report.schema.json").read_text())
-    Draft202012Validator(schema).validate(report.to_dict("in.onnx", "out.onnx"))  # the new reason is in the schema
+    validate_report(report.to_dict("in.onnx", "out.onnx"))  # the new reason is in the schema
 
 
 def test_target_latency_out_of_reach_writes_the_fastest_found_and_says_so(case, monkeypatch):
@@ -632,10 +626,6 @@ def test_a_latency_result_faster_than_asked_says_so():
 def test_when_the_basis_result_cannot_be_made_the_summary_says_why(case, monkeypatch, capsys):
     """`--target latency` with the basis plan refused: the `chosen` line listed only channel results, and a new user
     could not tell why the basis result was missing."""
-    import importlib.resources
-    import json
-
-    from jsonschema import Draft202012Validator
 
     from onnxprune.cli import _print_summary
     from onnxprune.errors import BudgetError
@@ -651,8 +641,7 @@ def test_when_the_basis_result_cannot_be_made_the_summary_says_why(case, monkeyp
     _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)
     chosen = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  chosen  "))
     assert "basis: not made (no basis plan saves that much); channel" in chosen
-    schema = json.loads((importlib.resources.files("onnxprune") / "report.schema.json").read_text())
-    Draft202012Validator(schema).validate(report.to_dict("in.onnx", "out.onnx"))
+    validate_report(report.to_dict("in.onnx", "out.onnx"))
 
 
 def test_a_slower_result_that_keeps_the_floor_is_chosen_over_faster_ones_the_guard_refuses():
@@ -691,11 +680,6 @@ def test_when_no_result_keeps_the_floor_the_basis_result_planned_by_parameters_i
     rows = report.facts["alternatives"]
     assert [r.get("speed_free", False) for r in rows] == [False] * (len(rows) - 1) + [True]
     assert rows[-1]["method"] == "basis" and "held_agreement" in rows[-1] and sum(r["written"] for r in rows) == 1
-    import importlib.resources
-
-    from jsonschema import Draft202012Validator
-
-    schema = json.loads((importlib.resources.files("onnxprune") / "report.schema.json").read_text())
-    Draft202012Validator(schema).validate(report.to_dict())
+    validate_report(report.to_dict())
     _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)
     assert "basis planned by parameters alone (no result above kept the guard's floor)" in capsys.readouterr().out

@@ -17,6 +17,7 @@ from models import chain, channel_shuffle
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.cli import main
+from onnxprune.testing import report_schema
 
 EXAMPLE = Path(__file__).parent.parent / "examples"
 
@@ -758,9 +759,7 @@ def test_report_moves_notes_of_merged_or_split_layers_to_the_nodes_written():
 
 
 def _report_schema():
-    import importlib.resources
-
-    return json.loads((importlib.resources.files("onnxprune") / "report.schema.json").read_text())
+    return report_schema()
 
 
 @pytest.mark.parametrize("calibrated", [False, True], ids=["no-calib", "calib"])

@@ -156,3 +156,22 @@ def _kept_statistics_layer_norm(graph: gs.Graph, node: gs.Node, kept: np.ndarray
     last.outputs.clear()
     last.outputs.append(y)
     node.inputs.clear()
+
+
+def report_schema() -> dict:
+    """The JSON Schema of `--report` documents (``report.schema.json``, shipped in the package)."""
+    import importlib.resources
+    import json
+
+    return json.loads((importlib.resources.files("onnxprune") / "report.schema.json").read_text())
+
+
+def validate_report(doc: dict) -> None:
+    """Check a report document (`Report.to_dict`, or a `--report` file read back) against `report_schema`.
+
+    Raises:
+        jsonschema.ValidationError: The document does not follow the schema (jsonschema: the ``test`` extra).
+    """
+    from jsonschema import Draft202012Validator
+
+    Draft202012Validator(report_schema()).validate(doc)
