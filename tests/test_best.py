@@ -683,3 +683,25 @@ def test_when_no_result_keeps_the_floor_the_basis_result_planned_by_parameters_i
     validate_report(report.to_dict())
     _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)
     assert "basis planned by parameters alone (no result above kept the guard's floor)" in capsys.readouterr().out
+
+
+def test_a_basis_result_alone_that_fails_the_floor_is_compared_with_the_one_planned_by_parameters(case, monkeypatch):
+    """No channel result reached the request and the basis result planned under the latency budget fails the floor
+    (PP-OCRv4's recogniser at 0.3: every layer that measured no faster stayed whole, the CTC head took rank 16 of 120,
+    3 % of held-out strings read the same): the one planned by parameters alone is made and compared too."""
+    monkeypatch.setattr(pipeline, "compare_latency", lambda a, b, feeds, **kw: (1.0, 0.97))
+    monkeypatch.setattr(pipeline, "_holds", lambda rows, max_drop: False)
+    one = pipeline.prune_one
+
+    def channel_unreachable(model, **options):
+        if options.get("method") == "channel":
+            raise pipeline.BudgetError("channel counts rounded to 16 overshoot", reachable=0.9)
+        return one(model, **options)
+
+    monkeypatch.setattr(pipeline, "prune_one", channel_unreachable)
+    model, calib = case
+    _, report = prune(model, remove_ratio=0.5, method="best", calib=calib, latency_batch=1)
+    rows = report.facts["alternatives"]
+    assert [(r["method"], r.get("speed_free", False)) for r in rows] == [("basis", False), ("basis", True)]
+    assert all("held_agreement" in r for r in rows) and sum(r["written"] for r in rows) == 1
+    validate_report(report.to_dict())

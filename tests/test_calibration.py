@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 from models import any_size, chain
 from onnx import numpy_helper
@@ -321,6 +322,39 @@ def test_sequence_outputs_are_judged_by_the_decoded_sequence_per_sample():
     found = fidelity(model, noisy, data, batch_size=5)[out]
     assert found["sequence_agreement"] < found["frame_agreement"] < 1.0  # one wrong frame spoils the sequence
     assert pipeline._worst({out: found}) == (found["sequence_agreement"], "sequence agreement")
+
+
+def test_a_softmax_head_whose_weights_constant_nodes_hold_is_judged_by_its_decoded_sequences():
+    """PP-OCRv4's recogniser (paddle2onnx) ends in MatMul + Add + Softmax with every weight in a Constant node: the
+    head was not found (its weight was not a constant until folded) and its probabilities, softmaxed again over 6 625
+    classes, looked flat, so the guard judged it by cosine (0.916, 0.5 % of strings read the same in its pipeline)."""
+    from models import recurrent_head
+
+    from onnxprune.calibration.runner import SCORES_CONFIDENCE, confidence, fidelity, sequence_outputs
+
+    rows = np.full((4, 6625), 1e-6, np.float32)
+    rows[:, 0] = 1.0 - rows[:, 1:].sum(1)  # peaked probabilities: the top class holds 99.3 %
+    assert np.all(confidence(rows) > 0.99)
+    assert np.all(confidence(np.log(rows)) > 0.99)  # log-probabilities (LogSoftmax) as logits: the same
+    model = recurrent_head("LSTM")
+    out = model.graph.output[0].name
+    head = next(n for n in model.graph.node if n.op_type == "MatMul")
+    bias = next(n for n in model.graph.node if n.op_type == "Add" and n.input[0] == head.output[0]).input[1]
+    for name, scale in ((head.input[1], 30.0), (bias, 1.0)):  # peaked frames, then the weights into Constant nodes
+        t = next(t for t in model.graph.initializer if t.name == name)
+        model.graph.initializer.remove(t)
+        value = numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(scale), name)
+        model.graph.node.insert(0, onnx.helper.make_node("Constant", [], [name], value=value))
+    model.graph.node.append(onnx.helper.make_node("Softmax", [out], ["probabilities"], axis=-1))
+    model.graph.output[0].name = "probabilities"
+    onnx.checker.check_model(model, full_check=True)
+    assert sequence_outputs(model) == {"probabilities": 10}
+    data = {"x": random_feeds(model, batch=12, seed=4)["x"]}
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    probabilities = session.run(None, data)[0].reshape(-1, 10)
+    assert confidence(probabilities).mean() >= SCORES_CONFIDENCE
+    same = fidelity(model, model, data, batch_size=5)["probabilities"]
+    assert same["sequence_agreement"] == 1.0 and pipeline._worst({"p": same})[1] == "sequence agreement"
 
 
 def test_a_label_criterion_on_a_sequence_model_says_its_scores_are_per_position(caplog):
