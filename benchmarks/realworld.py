@@ -968,6 +968,8 @@ METRIC_COLUMNS = {
     "orientation": ("agreement", "accuracy"),
     "recogniser": ("exact_vs_original", "chars_vs_original", "exact_vs_truth", "chars_vs_truth"),
     "detector": ("recall_vs_original", "precision_vs_original", "mean_iou_vs_original", "recall_vs_truth"),
+    "pp-recogniser": ("exact_vs_original", "chars_vs_original", "exact_vs_truth", "chars_vs_truth"),
+    "pp-angle": ("agreement", "accuracy"),
 }
 
 

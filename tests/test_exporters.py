@@ -269,3 +269,25 @@ def test_matmul_with_the_weight_on_the_left_is_left_alone_and_named():
     assert reasons, "the group feeding a left-hand weight is blocked"
     pruned, report = prune(model, remove_ratio=0.0, method="channel")
     assert ort_run(pruned, random_feeds(model, batch=2))[out].shape == (2, 6)
+
+
+def test_a_batch_written_as_dim_value_minus_one_is_dynamic(tmp_path):
+    """paddle2onnx writes a dynamic batch as ``dim_value: -1`` (PP-OCR's text-angle classifier, ``[-1, 3, ?, ?]``):
+    onnxruntime runs it, and onnxprune made random inputs of -1 samples (exit 3, "negative dimensions are not
+    allowed"). Read as an unknown dim, on both the file and the API path; the result runs at any batch."""
+    model = chain()
+    for info in (model.graph.input[0], model.graph.output[0]):
+        dim = info.type.tensor_type.shape.dim[0]
+        dim.Clear()
+        dim.dim_value = -1
+    onnx.save(model, tmp_path / "m.onnx")
+    loaded = load(tmp_path / "m.onnx")
+    assert not loaded.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == -1  # the caller's model is not modified
+    calib = {"x": random_feeds(loaded, batch=20)["x"]}
+    for given in (model, loaded):
+        out, _ = prune(given, remove_ratio=0.3, calib=calib, latency_batch=0)
+        onnx.checker.check_model(out, full_check=True)
+        for batch in (1, 5):
+            (y,) = ort_run(out, random_feeds(out, batch=batch)).values()
+            assert y.shape[0] == batch

@@ -64,7 +64,32 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
     _load_external_data(model, path.parent)
     _check_declared_sizes(model)  # external tensors too, now that their bytes are in
     check(model, where=str(path), path=path)
-    return model
+    return without_negative_dims(model)
+
+
+def without_negative_dims(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model`, or a copy of it whose negative dims (``dim_value: -1``) are unknown dims instead.
+
+    paddle2onnx writes a dynamic batch as ``dim_value: -1`` (PP-OCR's text-angle classifier: ``[-1, 3, ?, ?]``); the
+    ONNX spec has no negative dims, onnxruntime reads them as dynamic, and so does onnxprune from here on (they made
+    random inputs of -1 samples: "negative dimensions are not allowed", exit 3). Inputs, outputs and value_info.
+
+    Args:
+        model: The model; not modified.
+
+    Returns:
+        `model` itself when no dim is negative, else a copy with those dims cleared (neither value nor name).
+    """
+    infos = lambda m: [*m.graph.input, *m.graph.output, *m.graph.value_info]  # noqa: E731
+    if not any(d.HasField("dim_value") and d.dim_value < 0 for v in infos(model) for d in v.type.tensor_type.shape.dim):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for info in infos(copy):
+        for dim in info.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                dim.Clear()
+    return copy
 
 
 MAX_ELEMENTS = 2**36  # no real weight holds more; a larger declared shape is corrupt or hostile

@@ -38,7 +38,7 @@ from onnxprune.calibration.runner import (
 )
 from onnxprune.calibration.sensitivity import CUT_WEIGHT_RANGE, CutProbe, layer_sensitivity
 from onnxprune.errors import BudgetError, GuardError, OnnxPruneError, PassError
-from onnxprune.graph import refresh_shapes, to_graph, to_model, validate
+from onnxprune.graph import refresh_shapes, to_graph, to_model, validate, without_negative_dims
 from onnxprune.latency import compare_latency, layer_latency, model_latency, simd_width, split_rank_limit
 from onnxprune.passes.basis import (
     decompose_basis,
@@ -166,6 +166,7 @@ def prune(
     ``alternatives`` rows give both measurements. ``method="channel"`` with ``target="latency"``: channel removal as
     deep as the measured time needs (`_channel_latency`). Every other method: see `prune_one`.
     """
+    model = without_negative_dims(model)
     max_drop = options.pop("max_drop", MAX_DROP)  # the guard's, which `best` prefers results to keep
     if method == "channel" and target == "latency":
         return _channel_latency(model, remove_ratio=remove_ratio, **options)
@@ -1462,6 +1463,7 @@ def prune_guarded(
     if not 0.0 <= max_drop < 1.0:
         raise OnnxPruneError(f"--max-drop must be in [0, 1), got {max_drop}")
     started = time.perf_counter()
+    model = without_negative_dims(model)
     options = {**options, "max_drop": max_drop}  # `best` prefers the results that keep the floor
     out, report = prune(model, remove_ratio=remove_ratio, **options)
     if options.get("calib") is None or "fidelity" not in report.facts:
