@@ -643,6 +643,10 @@ def plain_svd_onnx(model: onnx.ModelProto, cut: float, cache: dict | None = None
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    for node in [n for n in m.graph.node if n.op_type == "Constant" and n.attribute[0].name == "value"]:
+        m.graph.initializer.append(node.attribute[0].t)  # weights held in Constant nodes (paddle2onnx) as initializers
+        m.graph.initializer[-1].name = node.output[0]
+        m.graph.node.remove(node)
     inits = {i.name: i for i in m.graph.initializer}
     nodes = []
     for node in m.graph.node:

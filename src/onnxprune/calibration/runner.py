@@ -655,11 +655,11 @@ def sequence_outputs(model: onnx.ModelProto) -> dict[str, int]:
         InvalidModelError: The model cannot be read into a graph.
     """
     from onnxprune.graph import to_graph
-    from onnxprune.passes.cleanup import cleanup
+    from onnxprune.passes.cleanup import cleanup, holds_constant_nodes
 
     graph = to_graph(model)
-    if any(node.op_type == "Constant" for node in model.graph.node):  # weights in Constant nodes (paddle2onnx): their
-        cleanup(graph, fold_bn=False)  # layers have constant weights, and shapes, only once those are folded
+    if holds_constant_nodes(graph):  # weights in Constant nodes (paddle2onnx): their layers have constant weights,
+        cleanup(graph, fold_bn=False)  # and shapes, only once those are folded
     found = {}
     for out in graph.outputs:
         t, depth = out, 0

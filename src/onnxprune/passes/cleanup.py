@@ -39,6 +39,11 @@ def cleanup(graph: gs.Graph, *, fold_bn: bool = True) -> PassResult:
     return PassResult(graph, modified=modified, report=report)
 
 
+def holds_constant_nodes(graph: gs.Graph) -> bool:
+    """Whether `graph` holds Constant nodes (paddle2onnx keeps every weight in one): `cleanup` makes them constants."""
+    return any(node.op == "Constant" for node in graph.nodes)
+
+
 def _signature(graph: gs.Graph) -> tuple:
     return tuple((n.op, n.name, tuple(t.name for t in n.inputs)) for n in graph.nodes)
 

@@ -619,11 +619,16 @@ MOVES_ONLY = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identi
 def keeps_class_axis(node: gs.Node, width: int) -> bool:
     """Whether `node` leaves the `width` scores on its input's last axis where they are, on its output's last axis.
 
-    True for ops that only move elements (`MOVES_ONLY`) and keep that axis last and whole, and for a Softmax /
-    LogSoftmax over it (class scores stay class scores). Used to find a model's class-score layer.
+    True for ops that only move elements (`MOVES_ONLY`) and keep that axis last and whole, for a Softmax /
+    LogSoftmax over it (class scores stay class scores) and for an Add of a constant bias along it (``[width]``,
+    leading dims 1). Used to find a model's class-score layer.
     """
     x, out = node.inputs[0], node.outputs[0]
     rank = len(x.shape) if x.shape is not None else None
+    if node.op == "Add" and len(node.inputs) == 2:  # a bias per class (MatMul + Add: paddle2onnx's Linear)
+        bias = [i for i in node.inputs if isinstance(i, gs.Constant)]
+        dims = list(bias[0].shape) if len(bias) == 1 else None
+        return dims is not None and all(d == 1 for d in dims[:-1]) and (not dims or dims[-1] in (1, width))
     if node.op in ("Softmax", "LogSoftmax"):
         along = node.attrs.get("axis")
         return rank is not None and ((along is None and rank == 2) or (along is not None and along % rank == rank - 1))
