@@ -915,3 +915,21 @@ def test_method_best_on_outputs_that_are_not_class_scores_compares_cosine(tmp_pa
     assert {r["held_measure"] for r in data["alternatives"]} == {"cosine"}
     chosen = next(line for line in stdout.splitlines() if line.startswith("  chosen  "))
     assert chosen.count(", cosine ") == len(data["alternatives"]) and ", agreement " not in chosen
+
+
+def test_a_model_that_does_not_run_at_the_default_shape_is_refused_in_one_line_naming_shape(tmp_path, capsys):
+    """PP-OCRv4's recogniser takes height 48 only; data-free, its symbolic H/W were set to 224 and the speed check's
+    onnxruntime error ended in exit 3. Now: exit 2, one line naming the op and --shape; with --shape it prunes."""
+    from models import Builder, _i64
+
+    b = Builder(5)
+    x = b.relu(b.conv(b.relu(b.conv("x", 3, 16)), 16, 16))
+    flat = b.node("Reshape", [x, _i64(b, [0, 16 * 6 * 6])])  # the features of a 6 x 6 input only
+    model = b.model([("x", [3, "h", "w"])], [b.gemm(flat, 16 * 6 * 6, 10)])
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(model, src)
+    code, _, err = run([src, out, "--ratio", "0.3"], capsys)
+    assert code == 2 and not out.exists() and len(err.strip().splitlines()) == 1, err
+    assert "does not run at x:1x3x224x224" in err and "Reshape" in err and "--shape x:" in err
+    code, stdout, err = run([src, out, "--ratio", "0.3", "--shape", "x:1x3x6x6", "--latency-batch", "0"], capsys)
+    assert code == 0 and out.exists(), err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from functools import partial
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 
 from onnxprune import progress
 from onnxprune.budget import (
@@ -38,7 +40,7 @@ from onnxprune.calibration.runner import (
 )
 from onnxprune.calibration.sensitivity import CUT_WEIGHT_RANGE, CutProbe, layer_sensitivity
 from onnxprune.errors import BudgetError, GuardError, OnnxPruneError, PassError
-from onnxprune.graph import refresh_shapes, to_graph, to_model, validate, without_negative_dims
+from onnxprune.graph import refresh_shapes, session, to_graph, to_model, validate, without_negative_dims
 from onnxprune.latency import compare_latency, layer_latency, model_latency, simd_width, split_rank_limit
 from onnxprune.passes.basis import (
     decompose_basis,
@@ -55,7 +57,7 @@ from onnxprune.passes.tt import TT_MIN_WEIGHTS, allocate_bonds, decompose_tt, tt
 from onnxprune.progress import steps
 from onnxprune.result import PassResult, Report, Skip
 from onnxprune.rules import QUANTIZED, QUANTIZED_REASON, layouts
-from onnxprune.shapes import choose_shapes, concrete_shapes
+from onnxprune.shapes import choose_shapes, concrete_shapes, format_shapes
 from onnxprune.testing import random_feeds
 
 log = logging.getLogger(__name__)
@@ -384,6 +386,8 @@ class _Run:
         self.count_shapes, self.shape_source = choose_shapes(model, given=opts.shapes, data=calib)
         if self.count_shapes is None and opts.target == "flops":
             raise OnnxPruneError(f"--target flops: MACs cannot be counted: {self.shape_source}")
+        if self.count_shapes is not None and "default" in self.shape_source:
+            _runs_at_default_shapes(model, self.count_shapes, seed=opts.seed)
         self.start = time.perf_counter()
         self.fit, self.held, self.split_facts = (
             split_calibration(model, calib, seed=opts.seed, batch_size=opts.batch_size)
@@ -1721,6 +1725,31 @@ def _speed_check(graph: gs.Graph, plan: dict, pairs: list, *, template, feeds: l
         batch = int(next(iter(batch_feeds.values())).shape[0])
         found[batch] = compare_latency(template, planned, batch_feeds, threads=threads)
     return found
+
+
+def _runs_at_default_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]], *, seed: int) -> None:
+    """Run `model` once on random inputs at `shapes`, chosen by default for its symbolic dims (`choose_shapes`).
+
+    Timing and the drift check run the model at these shapes; a model that takes only some sizes (PP-OCRv4's
+    recogniser: height 48, its neck concatenates along the height; at 224 x 224 "Non concat axis dimensions must
+    match", which ended in exit 3) is refused here in one line that names the option to give.
+
+    Raises:
+        OnnxPruneError: onnxruntime cannot run the model at `shapes`.
+    """
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # the reason goes into the one line below, not onto the terminal as well
+    try:
+        session(model).run(None, _synthetic_feeds(model, shapes, batch=1, seed=seed), quiet)
+    except Exception as err:  # onnxruntime's Fail / InvalidArgument / RuntimeException, whatever the op
+        text = str(err) or type(err).__name__
+        node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
+        said = re.sub(r"^\S+\.(h|cc|cpp):\d+ .*?\) ", "", text.split("Status Message: ")[-1]).strip()
+        said = (f"{node[1]} '{node[2]}': " if node else "") + said[:160]
+        raise OnnxPruneError(
+            f"the model does not run at {format_shapes(shapes)}, the default for its symbolic dims (onnxruntime: "
+            f"{said}); give --shape {next(iter(shapes))}:... with a size it takes, or --calib samples"
+        ) from err
 
 
 def _synthetic_feeds(model: onnx.ModelProto, shapes: dict | None, *, batch: int, seed: int) -> dict[str, np.ndarray]:
