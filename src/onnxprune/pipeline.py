@@ -1467,7 +1467,6 @@ def prune_guarded(
     if not 0.0 <= max_drop < 1.0:
         raise OnnxPruneError(f"--max-drop must be in [0, 1), got {max_drop}")
     started = time.perf_counter()
-    model = without_negative_dims(model)
     options = {**options, "max_drop": max_drop}  # `best` prefers the results that keep the floor
     out, report = prune(model, remove_ratio=remove_ratio, **options)
     if options.get("calib") is None or "fidelity" not in report.facts:
