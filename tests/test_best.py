@@ -101,10 +101,8 @@ def test_the_result_written_is_no_slower_then_the_most_faithful_then_the_faster(
         assert ort_run(out, random_feeds(out, batch=batch))
 
 
-def test_a_basis_result_written_because_no_channel_result_reached_says_so(case, monkeypatch, capsys):
-    """Not clearly faster, but the channel results overshoot (a ViT's heads and widths rounded to 16): the summary
-    says why nothing was compared, not that the basis result was clearly faster."""
-    monkeypatch.setattr(pipeline, "compare_latency", lambda a, b, feeds, **kw: (1.0, 0.97))
+def _channel_unreachable(monkeypatch) -> None:
+    """Channel results overshoot the request (a ViT's heads and widths rounded to 16): only the basis result is made."""
     one = pipeline.prune_one
 
     def channel_unreachable(model, **options):
@@ -113,6 +111,13 @@ def test_a_basis_result_written_because_no_channel_result_reached_says_so(case, 
         return one(model, **options)
 
     monkeypatch.setattr(pipeline, "prune_one", channel_unreachable)
+
+
+def test_a_basis_result_written_because_no_channel_result_reached_says_so(case, monkeypatch, capsys):
+    """Not clearly faster, but the channel results overshoot (a ViT's heads and widths rounded to 16): the summary
+    says why nothing was compared, not that the basis result was clearly faster."""
+    monkeypatch.setattr(pipeline, "compare_latency", lambda a, b, feeds, **kw: (1.0, 0.97))
+    _channel_unreachable(monkeypatch)
     model, calib = case
     _, report = prune(model, remove_ratio=0.5, method="best", calib=calib, latency_batch=1)
     rows = report.facts["alternatives"]
@@ -691,14 +696,7 @@ def test_a_basis_result_alone_that_fails_the_floor_is_compared_with_the_one_plan
     3 % of held-out strings read the same): the one planned by parameters alone is made and compared too."""
     monkeypatch.setattr(pipeline, "compare_latency", lambda a, b, feeds, **kw: (1.0, 0.97))
     monkeypatch.setattr(pipeline, "_holds", lambda rows, max_drop: False)
-    one = pipeline.prune_one
-
-    def channel_unreachable(model, **options):
-        if options.get("method") == "channel":
-            raise pipeline.BudgetError("channel counts rounded to 16 overshoot", reachable=0.9)
-        return one(model, **options)
-
-    monkeypatch.setattr(pipeline, "prune_one", channel_unreachable)
+    _channel_unreachable(monkeypatch)
     model, calib = case
     _, report = prune(model, remove_ratio=0.5, method="best", calib=calib, latency_batch=1)
     rows = report.facts["alternatives"]
