@@ -1738,8 +1738,9 @@ def _runs_at_default_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]
     """
     quiet = ort.RunOptions()
     quiet.log_severity_level = 4  # the reason goes into the one line below, not onto the terminal as well
+    feeds, runner = _synthetic_feeds(model, shapes, batch=1, seed=seed), session(model)
     try:
-        session(model).run(None, _synthetic_feeds(model, shapes, batch=1, seed=seed), quiet)
+        runner.run(None, feeds, quiet)
     except Exception as err:  # onnxruntime's Fail / InvalidArgument / RuntimeException, whatever the op
         text = str(err) or type(err).__name__
         node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
