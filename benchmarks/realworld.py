@@ -403,7 +403,7 @@ def detector_preprocess(images):
 
 
 def paddle_config(path, **extra) -> dict:
-    """A rapidocr_onnxruntime engine's settings (its config.yaml's), the model file `path` (None: the package's)."""
+    """A rapidocr_onnxruntime engine's settings (its config.yaml's defaults) for the model file `path`."""
     return {
         "model_path": str(path),
         "intra_op_num_threads": -1,

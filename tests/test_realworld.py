@@ -74,3 +74,21 @@ def test_the_recognisers_ctc_head_is_tracked_split_and_refitted_as_class_scores(
     assert not any("unknown" in why for why in reasons), reasons
     split = decompose_basis(graph).report
     assert any(p.scaling.startswith(gemm.name) for p in split.facts["pairs"])
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "answers"), [("pp-recogniser", (3, 48, 320), str), ("pp-angle", (3, 48, 192), str)]
+)
+def test_the_paddle_subjects_preprocess_and_read_as_their_package_does(name, shape, answers):
+    """The PP-OCR subjects (rapidocr_onnxruntime) make calibration arrays of the package's input size and read new
+    renders through its own engine; the angle classifier's samples are upright first, turned last (the issue's file)."""
+    pytest.importorskip("rapidocr_onnxruntime", reason="needs rapidocr_onnxruntime: pip install '.[realworld]'")
+    subject = realworld.SUBJECTS[name]
+    renders = subject.render_calib(6, realworld.CALIB_SEED)
+    calib = subject.preprocess([img for img, _ in renders])
+    assert calib.shape == (6, *shape) and calib.dtype == np.float32
+    got = subject.predict(None, [img for img, _ in renders])
+    assert len(got) == 6 and all(isinstance(a, answers) for a in got)
+    if name == "pp-angle":
+        assert [t for _, t in renders] == ["0"] * 3 + ["180"] * 3
+        assert subject.metrics(got, got, [t for _, t in renders])["agreement"] == 1.0
