@@ -1726,6 +1726,9 @@ def _speed_check(graph: gs.Graph, plan: dict, pairs: list, *, template, feeds: l
     return found
 
 
+ORT_REASON_CHARS = 240  # onnxruntime's reason in a one-line refusal: a Reshape's shapes come last (cut at 160)
+
+
 def _runs_at_default_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]], *, seed: int) -> None:
     """Run `model` once on random inputs at `shapes`, chosen by default for its symbolic dims (`choose_shapes`).
 
@@ -1745,7 +1748,8 @@ def _runs_at_default_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]
         text = str(err) or type(err).__name__
         node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
         said = re.sub(r"^\S+\.(h|cc|cpp):\d+ .*?\) ", "", text.split("Status Message: ")[-1]).strip()
-        said = (f"{node[1]} '{node[2]}': " if node else "") + said[:160]
+        said = said if len(said) <= ORT_REASON_CHARS else said[: ORT_REASON_CHARS - 3].rstrip() + "..."
+        said = (f"{node[1]} '{node[2]}': " if node else "") + said
         raise OnnxPruneError(
             f"the model does not run at {format_shapes(shapes)}, the default for its symbolic dims (onnxruntime: "
             f"{said}); give --shape {next(iter(shapes))}:... with a size it takes, or --calib samples"
