@@ -22,6 +22,7 @@ from onnxprune.budget import (
     Allocation,
     CostModel,
     allocate,
+    allocate_channels,
     allocate_ranks,
     channel_choices,
     count,
@@ -2099,18 +2100,16 @@ def _prune_stage(
         if allocation.latency is not None:
             report.facts["layer_latency"] = {"before": budget, "after": allocation.latency}
     elif knapsack:
-        choices = channel_choices(
+        allocation = allocate_channels(
             analysis,
             cost,
             scores,
+            remove_ratio=remove_ratio,
             target=target,
+            total_before=total,
             groups=[g.name for g in analysis.groups if g.name not in protected],
             weights=weights,
             round_to=round_to,
-        )
-        index = 1 if target == "flops" else 0
-        allocation = allocate_ranks(
-            analysis, cost, choices, remove_ratio=remove_ratio, total_before=total, fixed=cost.count()[index]
         )
         report.facts["plan_source"] = "knapsack over heads and channels, by the output energy they feed their readers"
     else:
