@@ -8,7 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune import rules
-from onnxprune.graph import refresh_shapes, unique_name
+from onnxprune.graph import Namer, refresh_shapes, unique_name
 from onnxprune.result import PassResult, Report
 from onnxprune.rules import const, layouts
 
@@ -68,10 +68,43 @@ def _fold_constants(graph: gs.Graph) -> bool:
     graph.cleanup().toposort()
     if any(all(isinstance(t, gs.Constant) or not t.name for t in n.inputs) and n.inputs for n in graph.nodes):
         before = len(graph.nodes)
-        graph.fold_constants(error_ok=True, fold_shapes=True, should_exclude_node=_copies_a_shared_weight)
-        graph.cleanup()
+        graph.fold_constants(
+            error_ok=True, fold_shapes=True, flatten_subgraphs=False, should_exclude_node=_copies_a_shared_weight
+        )
+        _flatten_constant_ifs(graph)
+        graph.cleanup().toposort()
         return len(graph.nodes) < before
     return False
+
+
+def _flatten_constant_ifs(graph: gs.Graph) -> None:
+    """Replace each If whose condition folded to a constant by the nodes of the branch it takes, in place.
+
+    Each If output becomes an Identity of the branch's output (which may be a tensor of the outer graph). Not left
+    to graphsurgeon (``fold_constants(flatten_subgraphs=True)``, 0.6.1): it rebinds the If's outputs while iterating
+    over them, which drops each from that list, so every second output of an If with several stayed bound to the
+    removed node (silero-vad's 16 kHz model, an If returning both LSTM states: the model written failed the ONNX
+    checker). Nested Ifs come up with their branch and are flattened once their own condition folds. Moved nodes
+    whose name the graph already uses are renamed.
+    """
+    if not any(n.op == "If" and isinstance(n.inputs[0], gs.Constant) for n in graph.nodes):
+        return
+    namer = Namer(graph)
+    flat = []
+    for node in graph.nodes:
+        if node.op != "If" or not isinstance(node.inputs[0], gs.Constant):
+            flat.append(node)
+            continue
+        taken = node.attrs["then_branch" if bool(np.asarray(node.inputs[0].values).reshape(-1)[0]) else "else_branch"]
+        outs = list(node.outputs)
+        node.outputs.clear()
+        node.inputs.clear()
+        for inner in taken.nodes:
+            inner.name = namer.fresh_name(inner.name or f"{node.name}/{inner.op}")
+            flat.append(inner)
+        for out, result in zip(outs, taken.outputs, strict=True):
+            flat.append(gs.Node("Identity", namer.fresh_name(f"{node.name}/taken"), inputs=[result], outputs=[out]))
+    graph.nodes = flat
 
 
 SHARED_FOLD_MIN = 1024  # values from which a weight read at run time is not folded into a second, transformed copy
