@@ -934,3 +934,32 @@ def test_a_model_that_does_not_run_at_the_default_shape_is_refused_in_one_line_n
     assert "requested shape:{1,576}" in err, err  # onnxruntime's shapes come last: not cut off (they were at 160)
     code, stdout, err = run([src, out, "--ratio", "0.3", "--shape", "x:1x3x6x6", "--latency-batch", "0"], capsys)
     assert code == 0 and out.exists(), err
+
+
+def test_a_model_with_a_scalar_input_is_refused_in_one_line_with_or_without_calibration(tmp_path, capsys):
+    """silero-vad takes its sample rate as a rank-0 input: random inputs or samples stacked along a sample axis are
+    not what it takes (data-free it ended in exit 3). Exit 2, one line naming the input, nothing written; the API
+    raises the same."""
+    import onnxprune
+
+    w = numpy_helper.from_array(np.random.default_rng(7).standard_normal((16, 4)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "rate"], ["s"]), helper.make_node("Gemm", ["s", "w"], ["y"])],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16]),
+            helper.make_tensor_value_info("rate", TensorProto.FLOAT, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    src, out, calib = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "c.npz"
+    onnx.save(model, src)
+    np.savez(calib, x=np.ones((40, 16), np.float32), rate=np.float32(2.0))
+    for extra in ([], ["--calib", calib]):
+        code, _, err = run([src, out, "--ratio", "0.3", *extra], capsys)
+        assert code == 2 and not out.exists() and len(err.strip().splitlines()) == 1, err
+        assert "input 'rate' is a scalar" in err, err
+    with pytest.raises(onnxprune.UnsupportedModelError, match="input 'rate' is a scalar"):
+        onnxprune.prune(model, ratio=0.3)

@@ -310,3 +310,54 @@ def test_weights_in_constant_nodes_fold_without_printing_them(monkeypatch):
     assert not any(n.op_type == "Constant" for n in clean.graph.node)
     feeds = random_feeds(model, batch=2)
     assert_outputs_close(ort_run(clean, feeds), ort_run(model, feeds), rtol=1e-4, atol=1e-5)
+
+
+def _constant_if_with_two_outputs() -> onnx.ModelProto:
+    """x -> Relu -> If(cond=true) whose taken branch returns both outputs of one Split; their Add -> Gemm."""
+    then_split = helper.make_node("Split", ["h"], ["a", "b"], axis=1, name="then_split")
+    then_branch = helper.make_graph(
+        [then_split],
+        "then",
+        [],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("a", "b")],
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("Neg", ["h"], ["n"], name="neg"), helper.make_node("Split", ["n"], ["c", "d"], axis=1)],
+        "else",
+        [],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("c", "d")],
+    )
+    rng = np.random.default_rng(5)
+    w = numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("Relu", ["x"], ["h"], name="relu"),
+        helper.make_node("Constant", [], ["cond"], value=numpy_helper.from_array(np.array(True), "cond_value")),
+        helper.make_node("If", ["cond"], ["p", "q"], then_branch=then_branch, else_branch=else_branch, name="if"),
+        helper.make_node("Add", ["p", "q"], ["s"], name="add"),
+        helper.make_node("Gemm", ["s", "w"], ["y"], name="gemm"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_an_if_on_a_constant_condition_is_replaced_by_its_branch_every_output_bound():
+    """torch exports of silero-vad hold an If whose condition folds, returning two outputs of its branch.
+    graphsurgeon's flattening rebinds every second output only (the model written failed the ONNX checker); the
+    taken branch now replaces the If with each output bound, and the model computes what it did."""
+    from onnxprune.passes.cleanup import cleanup
+    from onnxprune.testing import apply_pass, assert_outputs_close, ort_run
+
+    model = _constant_if_with_two_outputs()
+    clean = apply_pass(model, cleanup)[0]
+    onnx.checker.check_model(clean, full_check=True)
+    assert not any(n.op_type == "If" for n in clean.graph.node)
+    feeds = {"x": np.random.default_rng(6).standard_normal((3, 16)).astype(np.float32)}
+    assert_outputs_close(ort_run(clean, feeds), ort_run(model, feeds), rtol=1e-5, atol=1e-5)

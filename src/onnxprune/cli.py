@@ -16,7 +16,7 @@ from onnxprune import graph as graph_io
 from onnxprune.api import DEFAULTS
 from onnxprune.budget import TARGETS
 from onnxprune.calibration import criteria
-from onnxprune.calibration.data import ImageOptions, load_calibration, load_labels
+from onnxprune.calibration.data import ImageOptions, check_sample_axis, load_calibration, load_labels
 from onnxprune.errors import BudgetError, GuardError, OnnxPruneError
 from onnxprune.pipeline import (
     CLEAR_AFTER_S,
@@ -261,6 +261,7 @@ def prune_command(
         _check_output(input_path, report_path, overwrite=True)
     shapes = parse_shapes(shape_specs)
     model = graph_io.load(input_path)
+    check_sample_axis(model)  # before the calibration data is read against its inputs
     images = ImageOptions(
         size=_dims(image_size, "--image-size") if image_size else None,
         resize=image_resize,

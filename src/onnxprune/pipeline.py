@@ -29,7 +29,7 @@ from onnxprune.budget import (
     rank_choices,
 )
 from onnxprune.calibration import criteria
-from onnxprune.calibration.data import Samples, as_samples, fixed_batch, model_inputs
+from onnxprune.calibration.data import Samples, as_samples, check_sample_axis, fixed_batch, model_inputs
 from onnxprune.calibration.refit import TrainEnd, refit, refit_tensor_trains
 from onnxprune.calibration.runner import (
     channel_statistics,
@@ -169,6 +169,7 @@ def prune(
     ``alternatives`` rows give both measurements. ``method="channel"`` with ``target="latency"``: channel removal as
     deep as the measured time needs (`_channel_latency`). Every other method: see `prune_one`.
     """
+    check_sample_axis(model)
     model = without_negative_dims(model)
     max_drop = options.pop("max_drop", MAX_DROP)  # the guard's, which `best` prefers results to keep
     if method == "channel" and target == "latency":

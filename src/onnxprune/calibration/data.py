@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxprune.errors import CalibrationError, OnnxPruneError
+from onnxprune.errors import CalibrationError, OnnxPruneError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,30 @@ class Samples:
         kept = [(i[: len(i) // self.batch * self.batch], a) for i, a in self.groups]
         groups = [(i, {k: v[: len(i)] for k, v in a.items()}) for i, a in kept]
         return Samples(groups, batch=self.batch, total=self.total, origin=self.origin)
+
+
+def check_sample_axis(model: onnx.ModelProto) -> None:
+    """Refuse a model with a scalar input: every input is fed a batch of samples, along a leading sample axis.
+
+    A per-run setting taken as an input (silero-vad's sample rate, an NMS threshold) has no sample axis: random
+    inputs for it, or calibration samples stacked along one, are not what the model takes (silero-vad data-free:
+    exit 3).
+
+    Args:
+        model: The model whose graph inputs are read.
+
+    Raises:
+        UnsupportedModelError: An input that is not an initializer has a shape of rank 0.
+    """
+    inits = {t.name for t in model.graph.initializer}
+    for inp in model.graph.input:
+        t = inp.type.tensor_type
+        if inp.name not in inits and t.HasField("shape") and not len(t.shape.dim):
+            raise UnsupportedModelError(
+                f"input '{inp.name}' is a scalar (rank 0, no sample axis): onnxprune feeds every input a batch of "
+                "samples, so a setting taken as an input (a sample rate, a threshold) is not supported; export the "
+                "model with that setting fixed"
+            )
 
 
 def fixed_batch(model: onnx.ModelProto) -> int | None:
