@@ -963,3 +963,19 @@ def test_a_model_with_a_scalar_input_is_refused_in_one_line_with_or_without_cali
         assert "input 'rate' is a scalar" in err, err
     with pytest.raises(onnxprune.UnsupportedModelError, match="input 'rate' is a scalar"):
         onnxprune.prune(model, ratio=0.3)
+
+
+def test_a_written_model_the_checker_rejects_is_our_bug_exit_3(tmp_path, capsys, monkeypatch):
+    """The model written failing the ONNX checker (silero-vad's flattened If did) was reported as an error in the
+    input (exit 2); it is a bug here: exit 3, "internal error", nothing written."""
+    from onnxprune import pipeline
+    from onnxprune.errors import InvalidModelError
+
+    def rejects(model, *, where="output model"):
+        raise InvalidModelError(f"{where}: fails the ONNX checker: nodes not sorted")
+
+    monkeypatch.setattr(pipeline, "validate", rejects)
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(chain(), src)
+    code, _, err = run([src, out, "--ratio", "0.3", "--latency-batch", "0"], capsys)
+    assert code == 3 and not out.exists() and "internal error" in err and "output model: fails" in err, err

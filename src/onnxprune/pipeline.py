@@ -40,7 +40,7 @@ from onnxprune.calibration.runner import (
     split_calibration,
 )
 from onnxprune.calibration.sensitivity import CUT_WEIGHT_RANGE, CutProbe, layer_sensitivity
-from onnxprune.errors import BudgetError, GuardError, OnnxPruneError, PassError
+from onnxprune.errors import BudgetError, GuardError, InvalidModelError, OnnxPruneError, PassError, PruneBug
 from onnxprune.graph import refresh_shapes, session, to_graph, to_model, validate, without_negative_dims
 from onnxprune.latency import compare_latency, layer_latency, model_latency, simd_width, split_rank_limit
 from onnxprune.passes.basis import (
@@ -620,7 +620,7 @@ class _Run:
         """The model written and its report: validation, fidelity (or drift on random inputs), counts, ratio check."""
         opts, model, report, held = self.opts, self.model, self.report, self.held
         out = to_model(self.graph, model)
-        validate(out)
+        _validate_made(out)
         _name_output_nodes(report, model, out)
         if held is None:
             draws = [_synthetic_feeds(model, self.count_shapes, batch=SYNTHETIC_SAMPLES, seed=opts.seed)]
@@ -2407,6 +2407,18 @@ def _check_exclude(model: onnx.ModelProto, exclude: Sequence[str]) -> None:
             )
 
 
+def _validate_made(out: onnx.ModelProto) -> None:
+    """`validate` a model this tool made: a model it rejects is a bug here (exit 3), not a problem with the input.
+
+    Raises:
+        PruneBug: The full checker or onnxruntime rejects `out` (the input passed both when it was loaded).
+    """
+    try:
+        validate(out)
+    except InvalidModelError as err:
+        raise PruneBug(str(err)) from err
+
+
 def _original_name(node_name: str) -> str:
     for suffix in ("_basis", "_scaling"):
         if node_name.endswith(suffix):
@@ -2419,5 +2431,5 @@ def decompose(model: onnx.ModelProto, *, min_rank: int = 8) -> tuple[onnx.ModelP
     graph = to_graph(model)
     report = run_passes(graph, [cleanup, partial(decompose_basis, min_channels=min_rank)]).report
     out = to_model(graph, model)
-    validate(out)
+    _validate_made(out)
     return out, report
