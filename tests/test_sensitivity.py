@@ -133,3 +133,26 @@ def test_a_probe_with_nothing_to_mask_measures_no_change():
     model, graph, _ = _split_example()
     probe = CutProbe(graph, model, [], {"image": np.load("examples/digits_calib.npy")[:4]})
     assert probe.samples == 0 and probe.change({"no such group": np.arange(1)}) == 0.0
+
+
+def test_the_same_probes_are_measured_once(monkeypatch):
+    """The guard's bisection prunes one graph with one calibration set up to four more times; the probes of the
+    unpruned graph are the same each time (PP-OCRv4's recogniser: 33 s a prune). Measured again when the samples
+    or the scores differ."""
+    from onnxprune.calibration import sensitivity
+
+    model = _loud_and_quiet()
+    graph = to_graph(model)
+    analysis, loud, quiet = _hidden_groups(graph)
+    scores = np.ones(analysis.n_classes)
+    removed = []
+    real = sensitivity.remove_channels
+    monkeypatch.setattr(sensitivity, "remove_channels", lambda *a, **k: removed.append(1) or real(*a, **k))
+    first = layer_sensitivity(graph, model, [loud, quiet], scores, _data(seed=11))
+    probes = len(removed)
+    assert probes == 4  # two groups, two levels
+    again = layer_sensitivity(to_graph(model), model, [loud, quiet], scores.copy(), _data(seed=11))
+    assert again == first and len(removed) == probes
+    layer_sensitivity(graph, model, [loud, quiet], scores, _data(seed=12))
+    layer_sensitivity(graph, model, [loud, quiet], scores * np.arange(1, analysis.n_classes + 1), _data(seed=11))
+    assert len(removed) == 3 * probes
