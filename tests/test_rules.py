@@ -458,6 +458,7 @@ PATTERN_MATCHES = {
     ("passes/cleanup.py", "BatchNormalization"),  # folded into the producer before it
     ("calibration/criteria.py", "BatchNormalization"),  # its gammas, the bn_gamma criterion's scores
     ("passes/cleanup.py", "Constant"),  # Constant nodes become initializers
+    ("passes/cleanup.py", "If"),  # an If on a constant condition is replaced by the branch it takes
     ("passes/cleanup.py", "Reshape"),  # Reshape -> Transpose -> Reshape round trips written as one Transpose
     ("graph.py", "Constant"),  # parameters held in Constant nodes are counted
     ("pipeline.py", "Constant"),  # likewise, for the weights' report
