@@ -445,3 +445,34 @@ def test_a_classifier_with_flat_scores_is_not_said_to_score_per_position(caplog)
         pipeline.prune(model, remove_ratio=0.2, method="channel", calib=data, latency_batch=0)
     said = [r.getMessage() for r in caplog.records if "criterion energy instead of cmi" in r.getMessage()]
     assert said and "per position" not in said[0] and "class scores" in said[0]
+
+
+def _scaled(scale) -> onnx.ModelProto:
+    """x [N, 3, 40] times a constant per channel: an output holding three quantities of different scales."""
+    s = numpy_helper.from_array(np.asarray(scale, np.float32).reshape(1, 3, 1), "s")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Mul", ["x", "s"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 40])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3, 40])],
+        [s],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+def test_an_output_of_several_quantities_is_judged_by_its_worst_channel():
+    """YOLOv8 writes boxes (up to 320) and class scores (up to 0.14) in one [N, 4 + C, anchors] output: one cosine
+    over it is the boxes' (NudeNet's detector data-free at 0.3: 0.991 while its scores' was 0.17). The cosine and
+    error the guard reads are now the worst channel's; the whole output's figure would have passed."""
+    from onnxprune.calibration.runner import fidelity, quantity_axis
+
+    x = np.abs(np.random.default_rng(8).standard_normal((24, 3, 40))).astype(np.float32) + 0.1
+    original, pruned = _scaled([300.0, 0.1, 0.1]), _scaled([300.0, 0.1, -0.1])  # the last channel's sign flipped
+    found = fidelity(original, pruned, {"x": x})["y"]
+    a, b = x * np.array([300.0, 0.1, 0.1])[:, None], x * np.array([300.0, 0.1, -0.1])[:, None]
+    assert float(np.sum(a * b) / np.sum(a * a)) > 0.999  # what one cosine over the whole output read
+    assert found["channel_cosine"] == {"cosine": pytest.approx(-1.0), "channel": 2, "channels": 3}
+    assert found["cosine"] == pytest.approx(-1.0) and found["relative_error"] == pytest.approx(2.0)
+    same = fidelity(original, original, {"x": x})["y"]
+    assert same["cosine"] == pytest.approx(1.0) and same["relative_error"] == pytest.approx(0.0, abs=1e-6)
+    assert quantity_axis((8, 22, 2100)) == 1 and quantity_axis((8, 3549, 6)) == 2 and quantity_axis((8, 5)) is None

@@ -577,6 +577,9 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
         )
     for name, fid in f.get("fidelity", {}).items():
         parts = [f"cosine {fid['cosine']:.4f}", f"rel. error {fid['relative_error']:.4f}"]
+        worst = fid.get("channel_cosine")
+        if worst and worst["cosine"] <= fid["cosine"]:  # the binding figure: one quantity of several (boxes, scores)
+            parts[0] += f" (its channel {worst['channel']}, the worst of {worst['channels']})"
         if "top1_agreement" in fid:
             parts.insert(0, f"top-1 agreement {100 * fid['top1_agreement']:.1f} %")
         if "sequence_agreement" in fid:
