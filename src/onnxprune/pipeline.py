@@ -416,7 +416,9 @@ class _Run:
                     "peaked: a classifier's softmax on inputs of its task; flat scores come from embeddings, or from "
                     "inputs unlike its data)"
                 )
-                _warn_once("criterion", f"warning: criterion energy instead of {self.criterion}: {why}")
+                # named by method: under `best` the basis result ranks by energy anyway and may be the one written
+                said = f"warning: criterion energy instead of {self.criterion} for {opts.method} removal: {why}"
+                _warn_once("criterion", said)
                 self.criterion = "energy"
         self.params_before, self.macs_before = count(model, shapes=self.count_shapes)
         self.total = self.params_before if opts.target == "params" else self.macs_before
