@@ -312,11 +312,15 @@ def test_weights_in_constant_nodes_fold_without_printing_them(monkeypatch):
     assert_outputs_close(ort_run(clean, feeds), ort_run(model, feeds), rtol=1e-4, atol=1e-5)
 
 
-def _constant_if_with_two_outputs() -> onnx.ModelProto:
-    """x -> Relu -> If(cond=true) whose taken branch returns both outputs of one Split; their Add -> Gemm."""
-    then_split = helper.make_node("Split", ["h"], ["a", "b"], axis=1, name="then_split")
+def _constant_if_with_two_outputs(shadowed: bool = False) -> onnx.ModelProto:
+    """x -> Relu -> If(cond=true) whose taken branch returns both outputs of one Split; their Add -> Gemm.
+
+    `shadowed`: the branch first makes a tensor named as one of the outer graph ('s'; the checker allows it).
+    """
+    inner = [helper.make_node("Relu", ["h"], ["s"], name="inner_relu")] if shadowed else []
+    then_split = helper.make_node("Split", ["s" if shadowed else "h"], ["a", "b"], axis=1, name="then_split")
     then_branch = helper.make_graph(
-        [then_split],
+        [*inner, then_split],
         "then",
         [],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("a", "b")],
@@ -348,14 +352,15 @@ def _constant_if_with_two_outputs() -> onnx.ModelProto:
     return model
 
 
-def test_an_if_on_a_constant_condition_is_replaced_by_its_branch_every_output_bound():
+@pytest.mark.parametrize("shadowed", [False, True], ids=["plain", "branch-name-shadows-outer"])
+def test_an_if_on_a_constant_condition_is_replaced_by_its_branch_every_output_bound(shadowed):
     """torch exports of silero-vad hold an If whose condition folds, returning two outputs of its branch.
     graphsurgeon's flattening rebinds every second output only (the model written failed the ONNX checker); the
     taken branch now replaces the If with each output bound, and the model computes what it did."""
     from onnxprune.passes.cleanup import cleanup
     from onnxprune.testing import apply_pass, assert_outputs_close, ort_run
 
-    model = _constant_if_with_two_outputs()
+    model = _constant_if_with_two_outputs(shadowed)
     clean = apply_pass(model, cleanup)[0]
     onnx.checker.check_model(clean, full_check=True)
     assert not any(n.op_type == "If" for n in clean.graph.node)

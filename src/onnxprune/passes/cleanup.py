@@ -85,7 +85,7 @@ def _flatten_constant_ifs(graph: gs.Graph) -> None:
     over them, which drops each from that list, so every second output of an If with several stayed bound to the
     removed node (silero-vad's 16 kHz model, an If returning both LSTM states: the model written failed the ONNX
     checker). Nested Ifs come up with their branch and are flattened once their own condition folds. Moved nodes
-    whose name the graph already uses are renamed.
+    and the tensors they make are renamed where the graph already uses the name.
     """
     if not any(n.op == "If" and isinstance(n.inputs[0], gs.Constant) for n in graph.nodes):
         return
@@ -101,6 +101,8 @@ def _flatten_constant_ifs(graph: gs.Graph) -> None:
         node.inputs.clear()
         for inner in taken.nodes:
             inner.name = namer.fresh_name(inner.name or f"{node.name}/{inner.op}")
+            for t in inner.outputs:  # local to the branch until now: kept unless the outer graph uses the name
+                t.name = namer.fresh_name(t.name)
             flat.append(inner)
         for out, result in zip(outs, taken.outputs, strict=True):
             flat.append(gs.Node("Identity", namer.fresh_name(f"{node.name}/taken"), inputs=[result], outputs=[out]))
