@@ -612,6 +612,39 @@ def rnn_head() -> onnx.ModelProto:
     return recurrent_head("RNN", "reverse")
 
 
+def streaming_state() -> onnx.ModelProto:
+    """A streaming model's step, as silero-vad exports it: conv features -> one LSTM step whose (h, c) come in as a
+    graph input ``state`` [2, batch, 12] and go out as ``stateN`` [2, batch, 12], beside per-sample scores [batch, 5]:
+    the batch of the state is its axis 1."""
+    b = Builder(43)
+    x = b.relu(b.conv(b.relu(b.conv("x", 3, 16)), 16, 16))
+    feats = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)  # [N, 16]
+    step = b.node("Unsqueeze", [feats, _i64(b, [0])])  # [1, N, 16]
+    h0, c0 = b.node("Split", ["state", _i64(b, [1, 1])], n_out=2, axis=0)  # [1, N, 12] each
+    scale = 1 / np.sqrt(12)
+    w, r = (b.const(b.rng.uniform(-scale, scale, (1, 48, k))) for k in (16, 12))
+    _, h, c = b.node("LSTM", [step, w, r, "", "", h0, c0], n_out=3, hidden_size=12)
+    out = b.gemm(b.node("Squeeze", [h, _i64(b, [0])]), 12, 5)
+    state_n = b.node("Concat", [h, c], axis=0)
+    graph = helper.make_graph(
+        b.nodes,
+        "streaming",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8]),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 12]),
+        ],
+        [
+            helper.make_tensor_value_info(out, TensorProto.FLOAT, ["batch", 5]),
+            helper.make_tensor_value_info(state_n, TensorProto.FLOAT, [2, "batch", 12]),
+        ],
+        b.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 ZOO = [
     chain,
     basic_residual,

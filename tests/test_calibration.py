@@ -9,15 +9,15 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from models import any_size, chain
+from models import any_size, chain, streaming_state
 from onnx import numpy_helper
 
 from onnxprune import pipeline
-from onnxprune.calibration.data import Samples, load_calibration
+from onnxprune.calibration.data import Samples, batch_axes, load_calibration
 from onnxprune.calibration.runner import run_batches, split_calibration, split_held_out
 from onnxprune.cli import main
 from onnxprune.pipeline import prune
-from onnxprune.testing import random_feeds
+from onnxprune.testing import ort_run, random_feeds
 
 EXAMPLE = Path(__file__).parent.parent / "examples"
 
@@ -476,3 +476,32 @@ def test_an_output_of_several_quantities_is_judged_by_its_worst_channel():
     same = fidelity(original, original, {"x": x})["y"]
     assert same["cosine"] == pytest.approx(1.0) and same["relative_error"] == pytest.approx(0.0, abs=1e-6)
     assert quantity_axis((8, 22, 2100)) == 1 and quantity_axis((8, 3549, 6)) == 2 and quantity_axis((8, 5)) is None
+
+
+def test_a_state_input_batched_on_axis_1_is_fed_its_samples_there(tmp_path, capsys):
+    model = streaming_state()  # x [batch, 3, 8, 8], state [2, batch, 12] -> scores [batch, 5], stateN [2, batch, 12]
+    assert batch_axes(model) == {"x": 0, "state": 1, model.graph.output[0].name: 0, model.graph.output[1].name: 1}
+    rng = np.random.default_rng(0)
+    calib = {"x": rng.standard_normal((40, 3, 8, 8)), "state": rng.standard_normal((2, 40, 12)) * 0.5}
+    calib = {k: v.astype(np.float32) for k, v in calib.items()}
+    pruned, report = prune(model, remove_ratio=0.3, calib=calib, latency_batch=0)
+    assert report.facts["fidelity_samples"] == 8  # 40 samples, not 2
+    assert set(report.facts["fidelity"]) == {o.name for o in model.graph.output}
+    onnx.checker.check_model(pruned, full_check=True)
+    feeds = random_feeds(model, batch=3)
+    assert feeds["state"].shape == (2, 3, 12)
+    got = ort_run(pruned, feeds)
+    assert got[model.graph.output[1].name].shape == (2, 3, 12)
+    # fed its samples on axis 0, the state would be refused for the count, in one line that names the axes
+    path, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(model, path)
+    np.savez(tmp_path / "c.npz", x=calib["x"], state=np.moveaxis(calib["state"], 1, 0))
+    code, _, err = run([path, out, "--ratio", "0.3", "--calib", tmp_path / "c.npz", "--latency-batch", "0"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "'state' 1" in err, err
+    assert not out.exists()
+
+
+def test_a_state_input_batched_on_axis_1_drifts_on_random_inputs_of_its_layout():
+    pruned, report = prune(streaming_state(), remove_ratio=0.3, latency_batch=0)
+    assert report.facts["synthetic_drift"]["samples"] == pipeline.SYNTHETIC_SAMPLES
+    assert report.facts["macs_shape"] == {"x": [1, 3, 8, 8], "state": [2, 1, 12]}

@@ -89,6 +89,9 @@ def test_symbolic_dims_nothing_resolves_are_no_mac_count(tmp_path, capsys):
     out = tmp_path / "o.onnx"
     code, _, err = run([model_path, out, "--ratio", "0.3", "--target", "flops", "--min-rank", "2"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--shape x:" in err and not out.exists()
+    code, _, err = run([model_path, out, "--ratio", "0.3", "--min-rank", "2", "--method", "basis"], capsys)
+    assert code == 2 and not out.exists()  # split layers are timed at --latency-batch: that needs a shape
+    assert "the split layers cannot be timed" in err and "give --shape x:" in err, err
     code, stdout, err = run([model_path, out, "--ratio", "0.3", "--min-rank", "2", "--latency-batch", "0"], capsys)
     assert code == 0, err
     assert "MACs    not counted: input 'x' has symbolic dims" in stdout

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxprune.calibration.data import model_inputs
+from onnxprune.calibration.data import batch_axes, model_inputs
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph import load, session
 from onnxprune.latency import alternate
@@ -64,12 +64,15 @@ def parse_shapes(specs: tuple[str, ...]) -> dict[str, list[int]]:
 
 
 def _at_batch(model: onnx.ModelProto, shapes: dict[str, list[int]], batch: int) -> dict[str, list[int]]:
-    """`shapes` with the first dim set to `batch` where the model's first dim is dynamic (the batch)."""
-    inputs = model_inputs(model)
-    return {
-        name: [batch, *dims[1:]] if dims and name in inputs and inputs[name][0] and inputs[name][0][0] is None else dims
-        for name, dims in shapes.items()
-    }
+    """`shapes` with the batch dim (`batch_axes`) set to `batch` where the model's is dynamic."""
+    inputs, axes = model_inputs(model), batch_axes(model)
+    found = {}
+    for name, dims in shapes.items():
+        known = inputs[name][0] if name in inputs else []
+        axis = axes.get(name, 0)
+        dynamic = len(dims) > axis and len(known) > axis and known[axis] is None
+        found[name] = [batch if i == axis else d for i, d in enumerate(dims)] if dynamic else dims
+    return found
 
 
 def _macs_per_sample(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> int | None:
@@ -88,13 +91,14 @@ def _macs_per_sample(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> in
 def _feeds(model: onnx.ModelProto, batch: int, shapes: dict[str, list[int]], rng: np.random.Generator) -> dict:
     feeds = {}
     shapes = _at_batch(model, shapes, batch)
+    axes = batch_axes(model)
     for name, (dims, dtype) in model_inputs(model).items():
         if name in shapes:
             shape = shapes[name]
         else:
-            if any(d is None for d in dims[1:]):
+            if any(d is None for i, d in enumerate(dims) if i != axes[name]):
                 raise OnnxPruneError(f"input '{name}' has dynamic dims {dims}; give them with --shape {name}:...")
-            shape = [batch, *dims[1:]]
+            shape = [batch if i == axes[name] else d for i, d in enumerate(dims)]
         dtype = dtype or np.float32
         if np.issubdtype(dtype, np.floating):
             feeds[name] = rng.standard_normal(shape).astype(dtype)

@@ -287,7 +287,7 @@ def allocate(
     if lo > 0 and ratio > remove_ratio + TOLERANCE and rounding is None:
         ratio, alive = _land_closer(order, lo, alive, ratio, remove_ratio, left, total_before)
     elif lo > 0 and ratio > remove_ratio + 1e-9 and rounding is not None:
-        harm = np.where(np.isfinite(score), score * saving / scale, 0.0)  # each class's error, as ranked
+        harm = np.where(np.isfinite(score), score, 0.0) * saving / scale  # each class's error, as ranked
         ratio, alive = rounding.give_back(alive, ratio, remove_ratio, lambda a: 1.0 - left(a) / total_before, harm)
     plan = {}
     for group in analysis.groups:

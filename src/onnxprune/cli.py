@@ -126,7 +126,8 @@ def cli() -> None:
     type=click.Path(path_type=pathlib.Path),
     default=None,
     help="Samples (.npy for one input, .npz keyed by input name, or a folder of those, of any sizes, or of "
-    "images): a seeded random 80 % drive the decisions and the least-squares refit, 20 % (stratified by the "
+    "images; each array's samples on the input's batch axis, as the model takes them, e.g. a state [2, N, 128]): "
+    "a seeded random 80 % drive the decisions and the least-squares refit, 20 % (stratified by the "
     "model's top-1 for classifiers) are held out to measure fidelity.",
 )
 @click.option(

@@ -29,7 +29,14 @@ from onnxprune.budget import (
     rank_choices,
 )
 from onnxprune.calibration import criteria
-from onnxprune.calibration.data import Samples, as_samples, check_sample_axis, fixed_batch, model_inputs
+from onnxprune.calibration.data import (
+    Samples,
+    as_samples,
+    batch_axes,
+    check_sample_axis,
+    fixed_batch,
+    model_inputs,
+)
 from onnxprune.calibration.refit import TrainEnd, refit, refit_tensor_trains
 from onnxprune.calibration.runner import (
     channel_statistics,
@@ -388,8 +395,15 @@ class _Run:
         self.count_shapes, self.shape_source = choose_shapes(model, given=opts.shapes, data=calib)
         if self.count_shapes is None and opts.target == "flops":
             raise OnnxPruneError(f"--target flops: MACs cannot be counted: {self.shape_source}")
-        if self.count_shapes is not None and "default" in self.shape_source:
+        untimed = self.count_shapes is None  # symbolic dims nothing resolves: random inputs take 8 for them
+        if (untimed and calib is None) or (not untimed and "default" in self.shape_source):
             _runs_at_default_shapes(model, self.count_shapes, seed=opts.seed)
+        if untimed and opts.latency_batch and opts.method in ("best", "basis"):
+            _warn_once(  # every split would be left out unexplained (silero-vad: "no layer offers anything")
+                "untimed",
+                "warning: the split layers cannot be timed, so none is offered (a split must measure no slower at "
+                f"--latency-batch): {self.shape_source} (--latency-batch 0 splits without timing)",
+            )
         self.start = time.perf_counter()
         self.fit, self.held, self.split_facts = (
             split_calibration(model, calib, seed=opts.seed, batch_size=opts.batch_size)
@@ -625,17 +639,17 @@ class _Run:
         _validate_made(out)
         _name_output_nodes(report, model, out)
         if held is None:
+            axes = batch_axes(model)
             draws = [_synthetic_feeds(model, self.count_shapes, batch=SYNTHETIC_SAMPLES, seed=opts.seed)]
-            while draws[0] and sum(len(next(iter(d.values()))) for d in draws) < SYNTHETIC_SAMPLES:  # fixed batches
+            while draws[0] and sum(_samples_in(d, axes) for d in draws) < SYNTHETIC_SAMPLES:  # fixed batches
                 draws.append(_synthetic_feeds(model, self.count_shapes, batch=1, seed=opts.seed + len(draws)))
-            feeds = {k: np.concatenate([d[k] for d in draws]) for k in draws[0]}
+            feeds = {k: np.concatenate([d[k] for d in draws], axis=axes[k]) for k in draws[0]}
             drift = fidelity(model, out, feeds, batch_size=opts.batch_size, label="drift on random inputs")
-            # a fixed first dim keeps its size; beside a symbolic dim it is no batch (a Gemm's [features, N]): runs
-            feature_major = any(
-                d and d[0] is not None and d[0] > 1 and None in d[1:] for d, _ in model_inputs(model).values()
-            )
+            # a fixed batch dim keeps its size; beside a symbolic dim it is no batch (a Gemm's [features, N]): runs
+            inputs = model_inputs(model).items()
+            feature_major = any(d and d[axes[k]] is not None and d[axes[k]] > 1 and None in d for k, (d, _) in inputs)
             report.facts["synthetic_drift"] = {
-                "samples": len(draws) if feature_major or not feeds else len(next(iter(feeds.values()))),
+                "samples": len(draws) if feature_major or not feeds else _samples_in(feeds, axes),
                 "cosine": min(d["cosine"] for d in drift.values()),
                 "relative_error": max(d["relative_error"] for d in drift.values()),
             }
@@ -1725,7 +1739,7 @@ def _speed_check(graph: gs.Graph, plan: dict, pairs: list, *, template, feeds: l
     planned = to_model(probe, template)
     found = {}
     for batch_feeds in feeds:
-        batch = int(next(iter(batch_feeds.values())).shape[0])
+        batch = _samples_in(batch_feeds, batch_axes(template))
         found[batch] = compare_latency(template, planned, batch_feeds, threads=threads)
     return found
 
@@ -1733,9 +1747,10 @@ def _speed_check(graph: gs.Graph, plan: dict, pairs: list, *, template, feeds: l
 ORT_REASON_CHARS = 240  # onnxruntime's reason in a one-line refusal: a Reshape's shapes come last (cut at 160)
 
 
-def _runs_at_default_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]], *, seed: int) -> None:
+def _runs_at_default_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]] | None, *, seed: int) -> None:
     """Run `model` once on random inputs at `shapes`, chosen by default for its symbolic dims (`choose_shapes`).
 
+    With `shapes` None the random inputs take 8 for each symbolic dim (as the drift check without --calib does).
     Timing and the drift check run the model at these shapes; a model that takes only some sizes (PP-OCRv4's
     recogniser: height 48, its neck concatenates along the height; at 224 x 224 "Non concat axis dimensions must
     match", which ended in exit 3) is refused here in one line that names the option to give.
@@ -1746,6 +1761,7 @@ def _runs_at_default_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]
     quiet = ort.RunOptions()
     quiet.log_severity_level = 4  # the reason goes into the one line below, not onto the terminal as well
     feeds, runner = _synthetic_feeds(model, shapes, batch=1, seed=seed), session(model)
+    shapes = {name: list(x.shape) for name, x in feeds.items()}
     try:
         runner.run(None, feeds, quiet)
     except Exception as err:  # onnxruntime's Fail / InvalidArgument / RuntimeException, whatever the op
@@ -1764,11 +1780,19 @@ def _synthetic_feeds(model: onnx.ModelProto, shapes: dict | None, *, batch: int,
     """Normal random inputs of `batch` samples at the counting `shapes` (a fixed batch dim is kept)."""
     feeds = random_feeds(model, batch=batch, seed=seed)
     rng = np.random.default_rng(seed)
+    axes = batch_axes(model)
     for name, dims in (shapes or {}).items():
         if name in feeds and feeds[name].ndim == len(dims) and feeds[name].ndim > 1:
-            shape = [feeds[name].shape[0], *dims[1:]]
+            shape = list(dims)
+            shape[axes[name]] = feeds[name].shape[axes[name]]
             feeds[name] = rng.standard_normal(shape).astype(feeds[name].dtype)
     return feeds
+
+
+def _samples_in(feeds: dict[str, np.ndarray], axes: dict[str, int]) -> int:
+    """How many samples a feed holds: the size of its first input's batch axis (`batch_axes`)."""
+    name, value = next(iter(feeds.items()))
+    return int(value.shape[axes.get(name, 0)]) if value.ndim else 1
 
 
 def default_criterion(method: str, *, calibrated: bool) -> str:

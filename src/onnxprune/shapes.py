@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx
 
-from onnxprune.calibration.data import Samples, as_samples, model_inputs
+from onnxprune.calibration.data import Samples, as_samples, batch_axes, model_inputs
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph import infer_shapes
 
@@ -60,7 +60,8 @@ def choose_shapes(
 
     Per input, in order: `given` (``--shape``), the calibration data (the shape most samples have), the model's own
     dims when they are all fixed, ``DEFAULT_IMAGE_SIDE`` for the symbolic H/W of an image input (4-D, 1 to 4
-    channels, NCHW or NHWC). MACs are per sample: a symbolic batch (first) dim counts as 1 whatever its source.
+    channels, NCHW or NHWC). MACs are per sample: a symbolic batch dim (the first, or the one `batch_axes` names)
+    counts as 1 whatever its source.
 
     Args:
         model: The model.
@@ -84,18 +85,20 @@ def choose_shapes(
             shown = "x".join("?" if w is None else str(w) for w in want)
             raise OnnxPruneError(f"--shape {name}:{'x'.join(map(str, dims))} does not fit the input's dims {shown}")
     common = _common_shapes(as_samples(data)) if data is not None else {}
+    axes = batch_axes(model)
     shapes, sources = {}, []
     for name, (dims, _) in inputs.items():
-        batch = dims[0] if dims and dims[0] is not None else 1
+        axis = axes[name]
+        batch = dims[axis] if len(dims) > axis and dims[axis] is not None else 1
         if not dims:  # a scalar input
             shapes[name], source = [], "model"
-        elif name in given:  # MACs are per sample: a batch given for a symbolic first dim is counted as 1
-            shapes[name], source = [batch, *given[name][1:]], "--shape"
-        elif name in common:
-            shapes[name], source = [batch, *common[name]], "calibration data"
-        elif all(d is not None for d in dims[1:]):
-            shapes[name], source = [batch, *dims[1:]], "model"
-        elif (side := _image_default(dims)) is not None:
+        elif name in given:  # MACs are per sample: a batch given for a symbolic batch dim is counted as 1
+            shapes[name], source = _with_batch(given[name], axis, batch), "--shape"
+        elif name in common:  # the samples' shape, without the batch
+            shapes[name], source = [*common[name][:axis], batch, *common[name][axis:]], "calibration data"
+        elif all(d is not None for i, d in enumerate(dims) if i != axis):
+            shapes[name], source = _with_batch(dims, axis, batch), "model"
+        elif axis == 0 and (side := _image_default(dims)) is not None:
             shapes[name], source = side, f"default {DEFAULT_IMAGE_SIDE} for symbolic H/W"
         else:
             shown = "x".join("?" if d is None else str(d) for d in dims)
@@ -151,6 +154,11 @@ def concrete_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> dic
         if info.type.HasField("tensor_type") and t.HasField("shape"):
             found[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
     return found
+
+
+def _with_batch(dims: list, axis: int, batch: int) -> list[int]:
+    """`dims` with the one at `axis` (the batch) set to `batch`."""
+    return [batch if i == axis else d for i, d in enumerate(dims)]
 
 
 def _common_shapes(data: Samples) -> dict[str, tuple[int, ...]]:

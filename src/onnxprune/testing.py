@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxprune.calibration.data import model_inputs
+from onnxprune.calibration.data import batch_axes, model_inputs
 from onnxprune.graph import session, to_graph, to_model
 from onnxprune.passes.groups import ChannelGraph, find_channel_groups
 from onnxprune.result import PassResult, Report
@@ -25,13 +25,17 @@ def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, n
 def random_feeds(
     model: onnx.ModelProto, *, batch: int = 2, seed: int = 0, dims: dict[str, int] | None = None
 ) -> dict[str, np.ndarray]:
-    """Normal random data for every graph input; the first symbolic dim is `batch`, others from `dims` or 8."""
+    """Normal random data for every graph input: `batch` samples on a symbolic batch axis, others from `dims` or 8.
+
+    The batch axis is the first, or the one `batch_axes` names (a recurrent state ``[layers, batch, hidden]``).
+    """
     rng = np.random.default_rng(seed)
     symbols = {i.name: [d.dim_param for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    axes = batch_axes(model)
     feeds = {}
     for name, (known, dtype) in model_inputs(model).items():
         shape = [
-            d if d is not None else batch if i == 0 else (dims or {}).get(symbols[name][i], 8)
+            d if d is not None else batch if i == axes[name] else (dims or {}).get(symbols[name][i], 8)
             for i, d in enumerate(known)
         ]
         feeds[name] = rng.standard_normal(shape).astype(dtype or np.float32)

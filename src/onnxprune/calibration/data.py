@@ -70,6 +70,45 @@ def model_inputs(model: onnx.ModelProto) -> dict[str, tuple[list, type]]:
     return found
 
 
+def batch_axes(model: onnx.ModelProto) -> dict[str, int]:
+    """The axis holding the samples of each graph input and output: where the batch symbol is, else 0.
+
+    The batch symbol is the symbolic first dim most inputs share (``batch``). A recurrent model's state input
+    ``[layers, batch, hidden]`` (silero-vad, LSTM / GRU exports) carries it on axis 1: its samples are stacked there,
+    and feeding it ``[batch, layers, hidden]`` is an error onnxruntime reports, or worse, a wrong batch. Without a
+    shared symbol every tensor's samples are on axis 0.
+
+    Args:
+        model: The model whose graph inputs and outputs are read.
+
+    Returns:
+        Tensor name -> axis, for every graph input (not an initializer) and output that has a shape.
+    """
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    firsts = [
+        i.type.tensor_type.shape.dim[0].dim_param
+        for i in inputs
+        if len(i.type.tensor_type.shape.dim) and i.type.tensor_type.shape.dim[0].dim_param
+    ]
+    symbol = max(set(firsts), key=firsts.count) if firsts else None
+    axes = {}
+    for info in [*inputs, *model.graph.output]:
+        params = [d.dim_param for d in info.type.tensor_type.shape.dim]
+        axes[info.name] = params.index(symbol) if symbol and symbol in params else 0
+    return axes
+
+
+def to_samples_first(arrays: dict[str, np.ndarray], axes: dict[str, int]) -> dict[str, np.ndarray]:
+    """Arrays laid out as the model takes them (samples on `axes`) with the samples on axis 0."""
+    return {k: np.moveaxis(v, axes[k], 0) if axes.get(k) and v.ndim > axes[k] else v for k, v in arrays.items()}
+
+
+def to_model_layout(arrays: dict[str, np.ndarray], axes: dict[str, int]) -> dict[str, np.ndarray]:
+    """Arrays with the samples on axis 0 laid out as the model takes them (samples on `axes`)."""
+    return {k: np.moveaxis(v, 0, axes[k]) if axes.get(k) and v.ndim > axes[k] else v for k, v in arrays.items()}
+
+
 class Samples:
     """Calibration samples grouped by shape; every batch they yield holds samples of one shape.
 
@@ -82,6 +121,8 @@ class Samples:
         groups: The ``(index, arrays)`` groups, one per distinct input shape.
         batch: The batch size the model requires (its inputs' fixed first dim), or None when it is dynamic.
         total: How many samples the data held when loaded (before any subset); labels must cover them all.
+        axes: Input name -> the axis the model takes its samples on, where not 0 (`batch_axes`): the arrays hold
+            them on axis 0, the batches yielded on that axis.
         origin: A token shared by the samples as loaded and every subset taken from them: position p means the
             same sample in all of them (what is computed per sample can be looked up again by position).
     """
@@ -93,25 +134,30 @@ class Samples:
         batch: int | None = None,
         total: int = 0,
         origin: object | None = None,
+        axes: dict[str, int] | None = None,
     ) -> None:
         self.groups = [(np.asarray(i, dtype=np.int64), a) for i, a in groups if len(i)]
         self.batch = batch
         self.total = total or len(self)
         self.origin = object() if origin is None else origin
+        self.axes = {k: a for k, a in (axes or {}).items() if a}
 
     @classmethod
-    def from_arrays(cls, data: dict[str, np.ndarray], *, batch: int | None = None) -> Samples:
+    def from_arrays(
+        cls, data: dict[str, np.ndarray], *, batch: int | None = None, axes: dict[str, int] | None = None
+    ) -> Samples:
         """One group of same-shaped samples, in their order (a plain dict as the API and tests pass it).
 
         Args:
-            data: Input name -> ``[N, ...]`` array; all arrays hold the same N.
+            data: Input name -> ``[N, ...]`` array (samples on axis 0); all arrays hold the same N.
             batch: The model's fixed batch size, if it has one.
+            axes: The axis the model takes each input's samples on, where not 0.
 
         Returns:
             The samples, positions 0..N-1.
         """
         n = len(next(iter(data.values())))
-        return cls([(np.arange(n), dict(data))], batch=batch, total=n)
+        return cls([(np.arange(n), dict(data))], batch=batch, total=n, axes=axes)
 
     def __len__(self) -> int:
         return sum(len(i) for i, _ in self.groups)
@@ -138,7 +184,14 @@ class Samples:
         size = self.batch or batch_size
         for index, arrays in self.groups:
             for i in range(0, len(index), size):
-                yield {k: v[i : i + size] for k, v in arrays.items()}
+                yield to_model_layout({k: v[i : i + size] for k, v in arrays.items()}, self.axes)
+
+    def sizes(self, batch_size: int) -> Iterator[int]:
+        """The number of samples in each batch `batches` yields, in the same order."""
+        size = self.batch or batch_size
+        for index, _ in self.groups:
+            for i in range(0, len(index), size):
+                yield min(size, len(index) - i)
 
     def take(self, positions: np.ndarray) -> Samples:
         """The samples at `positions` (iteration positions 0..len-1), in that order within each shape group.
@@ -158,7 +211,7 @@ class Samples:
             local = positions[group_of == g] - offsets[g]
             index, arrays = self.groups[g]
             groups.append((index[local], {k: v[local] for k, v in arrays.items()}))
-        return Samples(groups, batch=self.batch, total=self.total, origin=self.origin)
+        return Samples(groups, batch=self.batch, total=self.total, origin=self.origin, axes=self.axes)
 
     def head(self, n: int) -> Samples:
         """The first `n` samples in iteration order.
@@ -181,7 +234,7 @@ class Samples:
             return self
         kept = [(i[: len(i) // self.batch * self.batch], a) for i, a in self.groups]
         groups = [(i, {k: v[: len(i)] for k, v in a.items()}) for i, a in kept]
-        return Samples(groups, batch=self.batch, total=self.total, origin=self.origin)
+        return Samples(groups, batch=self.batch, total=self.total, origin=self.origin, axes=self.axes)
 
 
 def check_sample_axis(model: onnx.ModelProto) -> None:
@@ -215,12 +268,18 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
         model: The model whose graph inputs are read.
 
     Returns:
-        The fixed first dim shared by the inputs that have one; None when none has.
+        The fixed batch dim (the first, or the one `batch_axes` names) shared by the inputs that have one; None when
+        none has.
 
     Raises:
         CalibrationError: Inputs fix different batch sizes.
     """
-    fixed = {name: dims[0] for name, (dims, _) in model_inputs(model).items() if dims and dims[0] is not None}
+    axes = batch_axes(model)
+    fixed = {
+        name: dims[axes[name]]
+        for name, (dims, _) in model_inputs(model).items()
+        if len(dims) > axes[name] and dims[axes[name]] is not None
+    }
     if len(set(fixed.values())) > 1:
         raise CalibrationError(f"the model's inputs fix different batch sizes {fixed}; calibration cannot feed them")
     return next(iter(fixed.values()), None)
@@ -232,7 +291,8 @@ def as_samples(
     """`data` as `Samples`; a dict is checked against `model` (when given) and takes its fixed batch.
 
     Args:
-        data: Samples, or input name -> ``[N, ...]`` array.
+        data: Samples, or input name -> array laid out as the model takes it (``[N, ...]``, or the samples on the
+            axis `batch_axes` names).
         model: The model the data feeds.
         min_batches: Whole batches of the model's fixed batch the data must fill: 2 for calibration (one to fit,
             one held out), 1 to measure a model on it.
@@ -249,8 +309,10 @@ def as_samples(
     if model is None:
         return Samples.from_arrays(data)
     inputs = model_inputs(model)
-    checked = _check("calibration data", _select_inputs("calibration data", dict(data), inputs), inputs)
-    return _fill_batches("calibration data", Samples.from_arrays(checked, batch=fixed_batch(model)), min_batches)
+    axes = batch_axes(model)
+    checked = _check("calibration data", _select_inputs("calibration data", dict(data), inputs), inputs, axes)
+    samples = Samples.from_arrays(checked, batch=fixed_batch(model), axes=axes)
+    return _fill_batches("calibration data", samples, min_batches)
 
 
 def subset(samples: Samples, limit: int | None, *, seed: int = 0) -> Samples:
@@ -303,11 +365,11 @@ def load_calibration(
         parts = [(path, _load_arrays(path, inputs))]
     else:
         raise CalibrationError(f"calibration data {path}: no such file or folder")
-    batch = fixed_batch(model)
+    batch, axes = fixed_batch(model), batch_axes(model)
     groups: dict[tuple, list] = {}
     start = 0
     for where, data in parts:
-        data = _check(where, data, inputs)
+        data = _check(where, data, inputs, axes)
         n = len(next(iter(data.values())))
         key = tuple((k, v.shape[1:]) for k, v in data.items())
         groups.setdefault(key, []).append((np.arange(start, start + n), data))
@@ -316,7 +378,7 @@ def load_calibration(
         (np.concatenate([i for i, _ in g]), {k: np.concatenate([d[k] for _, d in g]) for k in g[0][1]})
         for g in groups.values()
     ]
-    samples = Samples(merged, batch=batch, total=start)
+    samples = Samples(merged, batch=batch, total=start, axes=axes)
     samples = subset(samples, limit, seed=seed)
     if len(samples.groups) > 1:
         log.info("calibration data: %d sample shapes, streamed shape by shape", len(samples.groups))
@@ -417,18 +479,30 @@ def _select_inputs(path: pathlib.Path | str, data: dict[str, np.ndarray], inputs
     return {k: np.asarray(data[k]) for k in inputs}
 
 
-def _check(path: pathlib.Path | str, data: dict[str, np.ndarray], inputs: dict) -> dict:
+def _check(path: pathlib.Path | str, data: dict[str, np.ndarray], inputs: dict, axes: dict[str, int]) -> dict:
+    """`data` (laid out as the model takes it) checked against `inputs`, returned with the samples on axis 0."""
     if any(v.ndim == 0 for v in data.values()):
         raise CalibrationError(f"{path}: every input needs a leading sample axis; found a scalar")
-    sizes = {len(v) for v in data.values()}
+    sizes = {v.shape[min(axes.get(k, 0), v.ndim - 1)] for k, v in data.items()}
     if len(sizes) != 1 or 0 in sizes:
-        raise CalibrationError(f"{path}: inputs need the same, non-zero number of samples; found {sorted(sizes)}")
+        along = (
+            ""
+            if not any(axes.values())
+            else " (along each input's batch axis: " + ", ".join(f"'{k}' {axes.get(k, 0)}" for k in data) + ")"
+        )
+        raise CalibrationError(
+            f"{path}: inputs need the same, non-zero number of samples{along}; found {sorted(sizes)}"
+        )
     for name, arr in data.items():
         dims, dtype = inputs[name]
-        if arr.ndim != len(dims) or any(d is not None and d != s for d, s in zip(dims[1:], arr.shape[1:])):
+        axis = axes.get(name, 0)
+        if arr.ndim != len(dims) or any(
+            d is not None and d != s and i != axis for i, (d, s) in enumerate(zip(dims, arr.shape))
+        ):
             raise CalibrationError(
                 f"{path}: input '{name}' has shape {list(arr.shape)}, the model expects "
                 f"{'x'.join('?' if d is None else str(d) for d in dims)} (? any size)"
+                + (f", its samples on axis {axis}" if axis else "")
             )
         if dtype is not None and arr.dtype != dtype:
             if arr.dtype.kind != np.dtype(dtype).kind:
@@ -436,7 +510,7 @@ def _check(path: pathlib.Path | str, data: dict[str, np.ndarray], inputs: dict) 
             data[name] = arr.astype(dtype)
         if data[name].dtype.kind == "f" and not np.all(np.isfinite(data[name])):
             raise CalibrationError(f"{path}: input '{name}' holds NaN or Inf")
-    return data
+    return to_samples_first(data, axes)
 
 
 def load_labels(path: str | pathlib.Path, data: Samples | None) -> np.ndarray:

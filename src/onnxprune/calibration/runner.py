@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 import onnx
 
-from onnxprune.calibration.data import Samples, as_samples
+from onnxprune.calibration.data import Samples, as_samples, batch_axes, to_samples_first
 from onnxprune.errors import CalibrationError
 from onnxprune.graph import oversized, session, weightless_view
 from onnxprune.progress import steps
@@ -225,7 +225,7 @@ def _top1(model: onnx.ModelProto, data: Samples, batch_size: int) -> tuple[str, 
     names = [o.name for o in model.graph.output]
     found: dict[str, list[np.ndarray]] = {k: [] for k in names}
     peaked = dict.fromkeys(names, 0.0)
-    sizes = (len(next(iter(feed.values()))) for feed in data.batches(batch_size))
+    sizes = data.sizes(batch_size)
     for batch, n in zip(reference_outputs(model, data, batch_size=batch_size, label="original model's top-1"), sizes):
         for name in list(found):
             scores = class_scores(batch[name])
@@ -272,8 +272,8 @@ def reference_outputs(
     index = data.index
     if len(index) and all(int(i) in known for i in index):
         start = 0
-        for feed in data.batches(batch_size):
-            rows = index[start : start + len(next(iter(feed.values())))]
+        for size in data.sizes(batch_size):
+            rows = index[start : start + size]
             start += len(rows)
             yield {k: np.stack([known[int(i)][k] for i in rows]) for k in names}
         return
@@ -318,7 +318,13 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 
 def stream(
-    model: onnx.ModelProto, data: Data, names: list[str], *, batch_size: int = 64, label: str | None = None
+    model: onnx.ModelProto,
+    data: Data,
+    names: list[str],
+    *,
+    batch_size: int = 64,
+    label: str | None = None,
+    axes: dict[str, int] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Batches of the tensors `names` (graph outputs or intermediate), computed on `data` in onnxruntime.
 
@@ -328,17 +334,20 @@ def stream(
         names: Tensors to return.
         batch_size: Samples per run when the model's batch dim is dynamic.
         label: Show progress under this name (``progress.steps``).
+        axes: The axis holding the samples of each graph output (default `batch_axes` of `model`): one not on
+            axis 0 (a recurrent model's state ``[layers, batch, hidden]``) is returned with them on axis 0.
 
     Yields:
         Name -> array per batch, in the samples' iteration order.
     """
     sess = session(with_outputs(model, names), calibration=True)
+    axes = batch_axes(model) if axes is None else axes
     feeds = as_samples(data).batches(batch_size)
     if label is not None:
         feeds = steps(list(feeds), label)
     for feed in feeds:
         outs = sess.run(names, feed)
-        yield dict(zip(names, outs))
+        yield to_samples_first(dict(zip(names, outs)), {k: axes.get(k, 0) for k in names})
 
 
 def run_batches(model: onnx.ModelProto, data: Data, *, batch_size: int = 64) -> dict[str, np.ndarray]:
@@ -578,9 +587,9 @@ def fidelity(
     sequence = dict.fromkeys(names, False)
     channels: dict[str, np.ndarray | bool | None] = {}  # per output of several channels: [4, channels] sums
     n = 0
-    sizes = (len(next(iter(feed.values()))) for feed in data.batches(batch_size))
+    sizes = data.sizes(batch_size)
     batches = zip(  # the labelled stream first: zip stops at the first exhausted one, the bar must see its end
-        stream(pruned, data, names, batch_size=batch_size, label=label),
+        stream(pruned, data, names, batch_size=batch_size, label=label, axes=batch_axes(original)),
         reference_outputs(original, data, batch_size=batch_size),
         sizes,
     )
