@@ -645,6 +645,39 @@ def streaming_state() -> onnx.ModelProto:
     return model
 
 
+def per_run_state() -> onnx.ModelProto:
+    """A streaming model run on a sequence of chunks, as faster-whisper ships silero-vad: the chunks x [seq, 3, 8, 8]
+    are the LSTM's time steps, its state ``h`` [2, 1, 12] a graph input of fixed dims without the batch symbol (one
+    value per run), scores [seq, 5] and the last state ``hn`` [2, 1, 12] out."""
+    b = Builder(47)
+    x = b.relu(b.conv(b.relu(b.conv("x", 3, 16)), 16, 16))
+    feats = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)  # [T, 16]
+    steps = b.node("Unsqueeze", [feats, _i64(b, [1])])  # [T, 1, 16]
+    h0, c0 = b.node("Split", ["h", _i64(b, [1, 1])], n_out=2, axis=0)  # [1, 1, 12] each
+    scale = 1 / np.sqrt(12)
+    w, r = (b.const(b.rng.uniform(-scale, scale, (1, 48, k))) for k in (16, 12))
+    y, h, c = b.node("LSTM", [steps, w, r, "", "", h0, c0], n_out=3, hidden_size=12)  # y [T, 1, 1, 12]
+    out = b.gemm(b.node("Reshape", [y, _i64(b, [-1, 12])]), 12, 5)
+    state_n = b.node("Concat", [h, c], axis=0)
+    graph = helper.make_graph(
+        b.nodes,
+        "chunks",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["seq", 3, 8, 8]),
+            helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, 1, 12]),
+        ],
+        [
+            helper.make_tensor_value_info(out, TensorProto.FLOAT, ["seq", 5]),
+            helper.make_tensor_value_info(state_n, TensorProto.FLOAT, [2, 1, 12]),
+        ],
+        b.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 ZOO = [
     chain,
     basic_residual,

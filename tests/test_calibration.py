@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from models import any_size, chain, streaming_state
-from onnx import numpy_helper
+from models import any_size, chain, per_run_state, streaming_state
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import pipeline
 from onnxprune.calibration.data import Samples, batch_axes, load_calibration
@@ -505,3 +505,55 @@ def test_a_state_input_batched_on_axis_1_drifts_on_random_inputs_of_its_layout()
     pruned, report = prune(streaming_state(), remove_ratio=0.3, latency_batch=0)
     assert report.facts["synthetic_drift"]["samples"] == pipeline.SYNTHETIC_SAMPLES
     assert report.facts["macs_shape"] == {"x": [1, 3, 8, 8], "state": [2, 1, 12]}
+
+
+def test_an_input_of_fixed_dims_beside_a_batched_one_is_one_value_per_run(tmp_path, capsys):
+    model = per_run_state()  # chunks x [seq, 3, 8, 8] are the LSTM's steps; its state h [2, 1, 12] comes once a run
+    assert batch_axes(model)["h"] is None and batch_axes(model)["x"] == 0
+    pruned, report = prune(model, remove_ratio=0.3, latency_batch=0)
+    assert report.facts["synthetic_drift"]["samples"] == pipeline.SYNTHETIC_SAMPLES  # was exit 2: "found [1, 8]"
+    rng = np.random.default_rng(0)
+    x, h = rng.standard_normal((40, 3, 8, 8)).astype(np.float32), rng.standard_normal((2, 1, 12)).astype(np.float32)
+    pruned, report = prune(model, remove_ratio=0.3, calib={"x": x, "h": h}, latency_batch=0)
+    assert report.facts["fidelity_samples"] == 8
+    onnx.checker.check_model(pruned, full_check=True)
+    assert ort_run(pruned, {"x": x[:3], "h": h})[model.graph.output[1].name].shape == (2, 1, 12)
+    path, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(model, path)
+    np.savez(tmp_path / "c.npz", x=x, h=np.repeat(h, 40, axis=1))  # a value per sample: it takes one per run
+    code, _, err = run([path, out, "--ratio", "0.3", "--calib", tmp_path / "c.npz", "--latency-batch", "0"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "input 'h'" in err and "one value" in err, err
+    assert not out.exists()
+
+
+def test_an_output_of_one_value_per_sample_is_judged_by_its_cosine_over_the_samples():
+    """silero-vad's speech probability is [N, 1]: a cosine per sample is only the sign of its one value (1.0000
+    while the pruned model's probabilities were off by 128 %). It is the cosine over the samples' values."""
+    from onnxprune.calibration.runner import fidelity
+
+    def scores(flip_magnitudes: bool) -> onnx.ModelProto:
+        w = np.random.default_rng(9).standard_normal((6, 1)).astype(np.float32)
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["p"])]
+        if flip_magnitudes:  # the same signs, unrelated magnitudes
+            v = np.random.default_rng(10).standard_normal((6, 1)).astype(np.float32)
+            nodes = [
+                helper.make_node("MatMul", ["x", "w"], ["q"]),
+                helper.make_node("MatMul", ["x", "v"], ["r"]),
+                helper.make_node("Sign", ["q"], ["s"]),
+                helper.make_node("Abs", ["r"], ["a"]),
+                helper.make_node("Mul", ["s", "a"], ["p"]),
+            ]
+        inits = [numpy_helper.from_array(w, "w")] + ([numpy_helper.from_array(v, "v")] if flip_magnitudes else [])
+        graph = helper.make_graph(
+            nodes,
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+            [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 1])],
+            inits,
+        )
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    x = np.random.default_rng(11).standard_normal((64, 6)).astype(np.float32)
+    found = fidelity(scores(False), scores(True), {"x": x})["p"]
+    assert found["cosine"] < 0.9  # per sample it read 1.0 (every sign the same)
+    assert fidelity(scores(False), scores(False), {"x": x})["p"]["cosine"] == pytest.approx(1.0)

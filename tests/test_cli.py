@@ -17,7 +17,7 @@ from models import chain, channel_shuffle
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.cli import main
-from onnxprune.testing import report_schema
+from onnxprune.testing import ort_run, report_schema
 
 EXAMPLE = Path(__file__).parent.parent / "examples"
 
@@ -936,33 +936,42 @@ def test_a_model_that_does_not_run_at_the_default_shape_is_refused_in_one_line_n
     assert code == 0 and out.exists(), err
 
 
-def test_a_model_with_a_scalar_input_is_refused_in_one_line_with_or_without_calibration(tmp_path, capsys):
-    """silero-vad takes its sample rate as a rank-0 input: random inputs or samples stacked along a sample axis are
-    not what it takes (data-free it ended in exit 3). Exit 2, one line naming the input, nothing written; the API
-    raises the same."""
+def test_a_scalar_input_takes_its_value_from_the_calibration_data_and_is_refused_without(tmp_path, capsys):
+    """silero-vad takes its sample rate as a rank-0 input: random values are not what it takes (data-free it ended in
+    exit 3). Without --calib: exit 2, one line naming the input and how to give its value, nothing written; the API
+    raises the same. With an .npz holding it as a 0-d array, it is fed with every batch."""
     import onnxprune
 
-    w = numpy_helper.from_array(np.random.default_rng(7).standard_normal((16, 4)).astype(np.float32), "w")
+    rng = np.random.default_rng(7)  # a weight of rank about 6: removing 30 % of it keeps the outputs
+    low_rank = rng.standard_normal((32, 6)) @ rng.standard_normal((6, 24)) + 0.01 * rng.standard_normal((32, 24))
+    w = numpy_helper.from_array(low_rank.astype(np.float32), "w")
     graph = helper.make_graph(
         [helper.make_node("Mul", ["x", "rate"], ["s"]), helper.make_node("Gemm", ["s", "w"], ["y"])],
         "g",
         [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16]),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32]),
             helper.make_tensor_value_info("rate", TensorProto.FLOAT, []),
         ],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 24])],
         [w],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    src, out, calib = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "c.npz"
+    src, out, calib, rep = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "c.npz", tmp_path / "r.json"
     onnx.save(model, src)
-    np.savez(calib, x=np.ones((40, 16), np.float32), rate=np.float32(2.0))
-    for extra in ([], ["--calib", calib]):
-        code, _, err = run([src, out, "--ratio", "0.3", *extra], capsys)
-        assert code == 2 and not out.exists() and len(err.strip().splitlines()) == 1, err
-        assert "input 'rate' is a scalar" in err, err
+    code, _, err = run([src, out, "--ratio", "0.3"], capsys)
+    assert code == 2 and not out.exists() and len(err.strip().splitlines()) == 1, err
+    assert "input 'rate' is a scalar" in err and "key 'rate' holds a 0-d array" in err, err
     with pytest.raises(onnxprune.UnsupportedModelError, match="input 'rate' is a scalar"):
         onnxprune.prune(model, ratio=0.3)
+    x = np.random.default_rng(0).standard_normal((40, 32)).astype(np.float32)
+    np.savez(calib, x=x, rate=np.float32(2.0))
+    args = [src, out, "--ratio", "0.34", "--calib", calib, "--latency-batch", "0", "--min-rank", "2", "--report", rep]
+    code, _, err = run(args, capsys)
+    assert code == 0 and out.exists(), err
+    assert json.loads(rep.read_text())["fidelity_samples"] == 8
+    feeds = {"x": x[:5], "rate": np.array(2.0, np.float32)}
+    got, want = ort_run(onnx.load(out), feeds)["y"], ort_run(model, feeds)["y"]
+    assert np.linalg.norm(got - want) < 0.01 * np.linalg.norm(want)
 
 
 def test_a_written_model_the_checker_rejects_is_our_bug_exit_3(tmp_path, capsys, monkeypatch):

@@ -70,7 +70,7 @@ def _at_batch(model: onnx.ModelProto, shapes: dict[str, list[int]], batch: int) 
     for name, dims in shapes.items():
         known = inputs[name][0] if name in inputs else []
         axis = axes.get(name, 0)
-        dynamic = len(dims) > axis and len(known) > axis and known[axis] is None
+        dynamic = axis is not None and len(dims) > axis and len(known) > axis and known[axis] is None
         found[name] = [batch if i == axis else d for i, d in enumerate(dims)] if dynamic else dims
     return found
 

@@ -262,7 +262,7 @@ def prune_command(
         _check_output(input_path, report_path, overwrite=True)
     shapes = parse_shapes(shape_specs)
     model = graph_io.load(input_path)
-    check_sample_axis(model)  # before the calibration data is read against its inputs
+    check_sample_axis(model, calibrated=calib is not None)  # before the data is read against its inputs
     images = ImageOptions(
         size=_dims(image_size, "--image-size") if image_size else None,
         resize=image_resize,

@@ -176,7 +176,7 @@ def prune(
     ``alternatives`` rows give both measurements. ``method="channel"`` with ``target="latency"``: channel removal as
     deep as the measured time needs (`_channel_latency`). Every other method: see `prune_one`.
     """
-    check_sample_axis(model)
+    check_sample_axis(model, calibrated=options.get("calib") is not None)
     model = without_negative_dims(model)
     max_drop = options.pop("max_drop", MAX_DROP)  # the guard's, which `best` prefers results to keep
     if method == "channel" and target == "latency":
@@ -643,11 +643,17 @@ class _Run:
             draws = [_synthetic_feeds(model, self.count_shapes, batch=SYNTHETIC_SAMPLES, seed=opts.seed)]
             while draws[0] and sum(_samples_in(d, axes) for d in draws) < SYNTHETIC_SAMPLES:  # fixed batches
                 draws.append(_synthetic_feeds(model, self.count_shapes, batch=1, seed=opts.seed + len(draws)))
-            feeds = {k: np.concatenate([d[k] for d in draws], axis=axes[k]) for k in draws[0]}
+            feeds = {  # a per-run input (no samples) keeps its one value
+                k: draws[0][k] if axes[k] is None else np.concatenate([d[k] for d in draws], axis=axes[k])
+                for k in draws[0]
+            }
             drift = fidelity(model, out, feeds, batch_size=opts.batch_size, label="drift on random inputs")
             # a fixed batch dim keeps its size; beside a symbolic dim it is no batch (a Gemm's [features, N]): runs
             inputs = model_inputs(model).items()
-            feature_major = any(d and d[axes[k]] is not None and d[axes[k]] > 1 and None in d for k, (d, _) in inputs)
+            feature_major = any(
+                axes[k] is not None and d and d[axes[k]] is not None and d[axes[k]] > 1 and None in d
+                for k, (d, _) in inputs
+            )
             report.facts["synthetic_drift"] = {
                 "samples": len(draws) if feature_major or not feeds else _samples_in(feeds, axes),
                 "cosine": min(d["cosine"] for d in drift.values()),
@@ -1782,7 +1788,7 @@ def _synthetic_feeds(model: onnx.ModelProto, shapes: dict | None, *, batch: int,
     rng = np.random.default_rng(seed)
     axes = batch_axes(model)
     for name, dims in (shapes or {}).items():
-        if name in feeds and feeds[name].ndim == len(dims) and feeds[name].ndim > 1:
+        if name in feeds and feeds[name].ndim == len(dims) and feeds[name].ndim > 1 and axes[name] is not None:
             shape = list(dims)
             shape[axes[name]] = feeds[name].shape[axes[name]]
             feeds[name] = rng.standard_normal(shape).astype(feeds[name].dtype)
@@ -1790,9 +1796,11 @@ def _synthetic_feeds(model: onnx.ModelProto, shapes: dict | None, *, batch: int,
 
 
 def _samples_in(feeds: dict[str, np.ndarray], axes: dict[str, int]) -> int:
-    """How many samples a feed holds: the size of its first input's batch axis (`batch_axes`)."""
-    name, value = next(iter(feeds.items()))
-    return int(value.shape[axes.get(name, 0)]) if value.ndim else 1
+    """How many samples a feed holds: the size of the batch axis (`batch_axes`) of its first input that has one."""
+    for name, value in feeds.items():
+        if axes.get(name, 0) is not None and value.ndim:
+            return int(value.shape[axes.get(name, 0)])
+    return 1
 
 
 def default_criterion(method: str, *, calibrated: bool) -> str:

@@ -89,9 +89,9 @@ def choose_shapes(
     shapes, sources = {}, []
     for name, (dims, _) in inputs.items():
         axis = axes[name]
-        batch = dims[axis] if len(dims) > axis and dims[axis] is not None else 1
-        if not dims:  # a scalar input
-            shapes[name], source = [], "model"
+        batch = dims[axis] if axis is not None and len(dims) > axis and dims[axis] is not None else 1
+        if axis is None:  # a scalar, or a per-run input of fixed dims
+            shapes[name], source = list(dims), "model"
         elif name in given:  # MACs are per sample: a batch given for a symbolic batch dim is counted as 1
             shapes[name], source = _with_batch(given[name], axis, batch), "--shape"
         elif name in common:  # the samples' shape, without the batch

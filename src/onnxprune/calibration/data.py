@@ -70,19 +70,21 @@ def model_inputs(model: onnx.ModelProto) -> dict[str, tuple[list, type]]:
     return found
 
 
-def batch_axes(model: onnx.ModelProto) -> dict[str, int]:
-    """The axis holding the samples of each graph input and output: where the batch symbol is, else 0.
+def batch_axes(model: onnx.ModelProto) -> dict[str, int | None]:
+    """The axis holding the samples of each graph input and output: where the batch symbol is, else 0; or None.
 
     The batch symbol is the symbolic first dim most inputs share (``batch``). A recurrent model's state input
     ``[layers, batch, hidden]`` (silero-vad, LSTM / GRU exports) carries it on axis 1: its samples are stacked there,
-    and feeding it ``[batch, layers, hidden]`` is an error onnxruntime reports, or worse, a wrong batch. Without a
-    shared symbol every tensor's samples are on axis 0.
+    and feeding it ``[batch, layers, hidden]`` is an error onnxruntime reports, or worse, a wrong batch. A tensor
+    without the symbol whose dims are all fixed, and a scalar, hold no samples (None): a per-run input, fed one value
+    with every batch (faster-whisper's silero-vad: chunks ``[seq_len, 576]`` and the LSTM state ``h`` ``[1, 1, 128]``;
+    a sample rate). Without a shared symbol every tensor but a scalar holds its samples on axis 0.
 
     Args:
         model: The model whose graph inputs and outputs are read.
 
     Returns:
-        Tensor name -> axis, for every graph input (not an initializer) and output that has a shape.
+        Tensor name -> axis or None, for every graph input (not an initializer) and output.
     """
     inits = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
@@ -92,19 +94,24 @@ def batch_axes(model: onnx.ModelProto) -> dict[str, int]:
         if len(i.type.tensor_type.shape.dim) and i.type.tensor_type.shape.dim[0].dim_param
     ]
     symbol = max(set(firsts), key=firsts.count) if firsts else None
-    axes = {}
+    axes: dict[str, int | None] = {}
     for info in [*inputs, *model.graph.output]:
-        params = [d.dim_param for d in info.type.tensor_type.shape.dim]
-        axes[info.name] = params.index(symbol) if symbol and symbol in params else 0
+        shape = info.type.tensor_type.shape
+        params = [d.dim_param for d in shape.dim]
+        fixed = all(d.HasField("dim_value") for d in shape.dim)
+        if info.type.tensor_type.HasField("shape") and (not shape.dim or (symbol and fixed)):
+            axes[info.name] = None
+        else:
+            axes[info.name] = params.index(symbol) if symbol and symbol in params else 0
     return axes
 
 
-def to_samples_first(arrays: dict[str, np.ndarray], axes: dict[str, int]) -> dict[str, np.ndarray]:
+def to_samples_first(arrays: dict[str, np.ndarray], axes: dict[str, int | None]) -> dict[str, np.ndarray]:
     """Arrays laid out as the model takes them (samples on `axes`) with the samples on axis 0."""
     return {k: np.moveaxis(v, axes[k], 0) if axes.get(k) and v.ndim > axes[k] else v for k, v in arrays.items()}
 
 
-def to_model_layout(arrays: dict[str, np.ndarray], axes: dict[str, int]) -> dict[str, np.ndarray]:
+def to_model_layout(arrays: dict[str, np.ndarray], axes: dict[str, int | None]) -> dict[str, np.ndarray]:
     """Arrays with the samples on axis 0 laid out as the model takes them (samples on `axes`)."""
     return {k: np.moveaxis(v, 0, axes[k]) if axes.get(k) and v.ndim > axes[k] else v for k, v in arrays.items()}
 
@@ -123,6 +130,7 @@ class Samples:
         total: How many samples the data held when loaded (before any subset); labels must cover them all.
         axes: Input name -> the axis the model takes its samples on, where not 0 (`batch_axes`): the arrays hold
             them on axis 0, the batches yielded on that axis.
+        constants: Per-run input name -> the one value fed with every batch (an input without samples).
         origin: A token shared by the samples as loaded and every subset taken from them: position p means the
             same sample in all of them (what is computed per sample can be looked up again by position).
     """
@@ -134,17 +142,24 @@ class Samples:
         batch: int | None = None,
         total: int = 0,
         origin: object | None = None,
-        axes: dict[str, int] | None = None,
+        axes: dict[str, int | None] | None = None,
+        constants: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.groups = [(np.asarray(i, dtype=np.int64), a) for i, a in groups if len(i)]
         self.batch = batch
         self.total = total or len(self)
         self.origin = object() if origin is None else origin
         self.axes = {k: a for k, a in (axes or {}).items() if a}
+        self.constants = dict(constants or {})
 
     @classmethod
     def from_arrays(
-        cls, data: dict[str, np.ndarray], *, batch: int | None = None, axes: dict[str, int] | None = None
+        cls,
+        data: dict[str, np.ndarray],
+        *,
+        batch: int | None = None,
+        axes: dict[str, int | None] | None = None,
+        constants: dict[str, np.ndarray] | None = None,
     ) -> Samples:
         """One group of same-shaped samples, in their order (a plain dict as the API and tests pass it).
 
@@ -152,12 +167,13 @@ class Samples:
             data: Input name -> ``[N, ...]`` array (samples on axis 0); all arrays hold the same N.
             batch: The model's fixed batch size, if it has one.
             axes: The axis the model takes each input's samples on, where not 0.
+            constants: The value of each per-run input, fed with every batch.
 
         Returns:
             The samples, positions 0..N-1.
         """
         n = len(next(iter(data.values())))
-        return cls([(np.arange(n), dict(data))], batch=batch, total=n, axes=axes)
+        return cls([(np.arange(n), dict(data))], batch=batch, total=n, axes=axes, constants=constants)
 
     def __len__(self) -> int:
         return sum(len(i) for i, _ in self.groups)
@@ -184,7 +200,13 @@ class Samples:
         size = self.batch or batch_size
         for index, arrays in self.groups:
             for i in range(0, len(index), size):
-                yield to_model_layout({k: v[i : i + size] for k, v in arrays.items()}, self.axes)
+                yield {**to_model_layout({k: v[i : i + size] for k, v in arrays.items()}, self.axes), **self.constants}
+
+    def _like(self, groups: list) -> Samples:
+        """Other `groups` of these samples: same batch, total, origin, axes and per-run values."""
+        return Samples(
+            groups, batch=self.batch, total=self.total, origin=self.origin, axes=self.axes, constants=self.constants
+        )
 
     def sizes(self, batch_size: int) -> Iterator[int]:
         """The number of samples in each batch `batches` yields, in the same order."""
@@ -211,7 +233,7 @@ class Samples:
             local = positions[group_of == g] - offsets[g]
             index, arrays = self.groups[g]
             groups.append((index[local], {k: v[local] for k, v in arrays.items()}))
-        return Samples(groups, batch=self.batch, total=self.total, origin=self.origin, axes=self.axes)
+        return self._like(groups)
 
     def head(self, n: int) -> Samples:
         """The first `n` samples in iteration order.
@@ -234,30 +256,31 @@ class Samples:
             return self
         kept = [(i[: len(i) // self.batch * self.batch], a) for i, a in self.groups]
         groups = [(i, {k: v[: len(i)] for k, v in a.items()}) for i, a in kept]
-        return Samples(groups, batch=self.batch, total=self.total, origin=self.origin, axes=self.axes)
+        return self._like(groups)
 
 
-def check_sample_axis(model: onnx.ModelProto) -> None:
-    """Refuse a model with a scalar input: every input is fed a batch of samples, along a leading sample axis.
+def check_sample_axis(model: onnx.ModelProto, *, calibrated: bool) -> None:
+    """Refuse a model with a scalar input unless calibration data gives its value.
 
     A per-run setting taken as an input (silero-vad's sample rate, an NMS threshold) has no sample axis: random
-    inputs for it, or calibration samples stacked along one, are not what the model takes (silero-vad data-free:
-    exit 3).
+    values for it are not what the model takes (silero-vad data-free: exit 3). Calibration data gives its one value
+    (an .npz key holding a 0-d array), fed with every batch.
 
     Args:
         model: The model whose graph inputs are read.
+        calibrated: Calibration data will be read (it must hold the value).
 
     Raises:
-        UnsupportedModelError: An input that is not an initializer has a shape of rank 0.
+        UnsupportedModelError: Without calibration data, an input that is not an initializer has a shape of rank 0.
     """
     inits = {t.name for t in model.graph.initializer}
     for inp in model.graph.input:
         t = inp.type.tensor_type
-        if inp.name not in inits and t.HasField("shape") and not len(t.shape.dim):
+        if inp.name not in inits and t.HasField("shape") and not len(t.shape.dim) and not calibrated:
             raise UnsupportedModelError(
-                f"input '{inp.name}' is a scalar (rank 0, no sample axis): onnxprune feeds every input a batch of "
-                "samples, so a setting taken as an input (a sample rate, a threshold) is not supported; export the "
-                "model with that setting fixed"
+                f"input '{inp.name}' is a scalar, a setting taken as an input (a sample rate, a threshold): random "
+                f"values are not what it takes; give its value with --calib, an .npz whose key '{inp.name}' holds a "
+                "0-d array (fed with every batch)"
             )
 
 
@@ -278,7 +301,7 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
     fixed = {
         name: dims[axes[name]]
         for name, (dims, _) in model_inputs(model).items()
-        if len(dims) > axes[name] and dims[axes[name]] is not None
+        if axes[name] is not None and len(dims) > axes[name] and dims[axes[name]] is not None
     }
     if len(set(fixed.values())) > 1:
         raise CalibrationError(f"the model's inputs fix different batch sizes {fixed}; calibration cannot feed them")
@@ -310,8 +333,10 @@ def as_samples(
         return Samples.from_arrays(data)
     inputs = model_inputs(model)
     axes = batch_axes(model)
-    checked = _check("calibration data", _select_inputs("calibration data", dict(data), inputs), inputs, axes)
-    samples = Samples.from_arrays(checked, batch=fixed_batch(model), axes=axes)
+    checked, constants = _check(
+        "calibration data", _select_inputs("calibration data", dict(data), inputs), inputs, axes
+    )
+    samples = Samples.from_arrays(checked, batch=fixed_batch(model), axes=axes, constants=constants)
     return _fill_batches("calibration data", samples, min_batches)
 
 
@@ -367,9 +392,16 @@ def load_calibration(
         raise CalibrationError(f"calibration data {path}: no such file or folder")
     batch, axes = fixed_batch(model), batch_axes(model)
     groups: dict[tuple, list] = {}
-    start = 0
+    start, constants = 0, None
     for where, data in parts:
-        data = _check(where, data, inputs, axes)
+        data, values = _check(where, data, inputs, axes)
+        constants = values if constants is None else constants
+        for name, value in values.items():
+            if not np.array_equal(value, constants[name]):
+                raise CalibrationError(
+                    f"{where}: input '{name}' holds no samples, and its value differs from the first file's; one "
+                    "value is fed with every batch"
+                )
         n = len(next(iter(data.values())))
         key = tuple((k, v.shape[1:]) for k, v in data.items())
         groups.setdefault(key, []).append((np.arange(start, start + n), data))
@@ -378,7 +410,7 @@ def load_calibration(
         (np.concatenate([i for i, _ in g]), {k: np.concatenate([d[k] for _, d in g]) for k in g[0][1]})
         for g in groups.values()
     ]
-    samples = Samples(merged, batch=batch, total=start, axes=axes)
+    samples = Samples(merged, batch=batch, total=start, axes=axes, constants=constants)
     samples = subset(samples, limit, seed=seed)
     if len(samples.groups) > 1:
         log.info("calibration data: %d sample shapes, streamed shape by shape", len(samples.groups))
@@ -479,16 +511,19 @@ def _select_inputs(path: pathlib.Path | str, data: dict[str, np.ndarray], inputs
     return {k: np.asarray(data[k]) for k in inputs}
 
 
-def _check(path: pathlib.Path | str, data: dict[str, np.ndarray], inputs: dict, axes: dict[str, int]) -> dict:
-    """`data` (laid out as the model takes it) checked against `inputs`, returned with the samples on axis 0."""
-    if any(v.ndim == 0 for v in data.values()):
+def _check(
+    path: pathlib.Path | str, data: dict[str, np.ndarray], inputs: dict, axes: dict[str, int | None]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """`data` (laid out as the model takes it) checked against `inputs`: (samples on axis 0, per-run values)."""
+    batched = {k: v for k, v in data.items() if axes.get(k, 0) is not None}
+    if any(v.ndim == 0 for v in batched.values()):
         raise CalibrationError(f"{path}: every input needs a leading sample axis; found a scalar")
-    sizes = {v.shape[min(axes.get(k, 0), v.ndim - 1)] for k, v in data.items()}
+    sizes = {v.shape[min(axes.get(k, 0), v.ndim - 1)] for k, v in batched.items()}
     if len(sizes) != 1 or 0 in sizes:
         along = (
             ""
-            if not any(axes.values())
-            else " (along each input's batch axis: " + ", ".join(f"'{k}' {axes.get(k, 0)}" for k in data) + ")"
+            if not any(axes.get(k) for k in batched)
+            else " (along each input's batch axis: " + ", ".join(f"'{k}' {axes.get(k, 0)}" for k in batched) + ")"
         )
         raise CalibrationError(
             f"{path}: inputs need the same, non-zero number of samples{along}; found {sorted(sizes)}"
@@ -496,6 +531,11 @@ def _check(path: pathlib.Path | str, data: dict[str, np.ndarray], inputs: dict, 
     for name, arr in data.items():
         dims, dtype = inputs[name]
         axis = axes.get(name, 0)
+        if axis is None and list(arr.shape) != dims:
+            raise CalibrationError(
+                f"{path}: input '{name}' has shape {list(arr.shape)}; it holds no samples (fixed dims without the "
+                f"batch), so one value of shape {dims} is fed with every batch"
+            )
         if arr.ndim != len(dims) or any(
             d is not None and d != s and i != axis for i, (d, s) in enumerate(zip(dims, arr.shape))
         ):
@@ -510,7 +550,8 @@ def _check(path: pathlib.Path | str, data: dict[str, np.ndarray], inputs: dict, 
             data[name] = arr.astype(dtype)
         if data[name].dtype.kind == "f" and not np.all(np.isfinite(data[name])):
             raise CalibrationError(f"{path}: input '{name}' holds NaN or Inf")
-    return to_samples_first(data, axes)
+    constants = {k: v for k, v in data.items() if axes.get(k, 0) is None}
+    return to_samples_first({k: v for k, v in data.items() if k not in constants}, axes), constants
 
 
 def load_labels(path: str | pathlib.Path, data: Samples | None) -> np.ndarray:

@@ -582,9 +582,11 @@ def fidelity(
     names = [o.name for o in original.graph.output]
     per_position = sequence_outputs(original)
     keys = ("cos", "err", "ref", "agree", "acc_o", "acc_p", "seq", "frames", "frames_agree", "peaked", "seq_peaked")
+    keys += ("dot", "sq_p", "sq_o")  # over all samples, for an output of one value per sample
     sums = {k: dict.fromkeys(keys, 0.0) for k in names}
     scored = dict.fromkeys(names, True)
     sequence = dict.fromkeys(names, False)
+    single = dict.fromkeys(names, True)  # one value per sample so far: its per-sample cosine is only a sign
     channels: dict[str, np.ndarray | bool | None] = {}  # per output of several channels: [4, channels] sums
     n = 0
     sizes = data.sizes(batch_size)
@@ -615,6 +617,10 @@ def fidelity(
             norms = np.linalg.norm(have, axis=1) * np.linalg.norm(flat, axis=1) + 1e-30
             acc = sums[name]
             acc["cos"] += float(np.sum(np.sum(have * flat, 1) / norms)) * (m / rows)  # a mean over the m samples
+            single[name] &= rows == m and flat.shape[1] == 1
+            acc["dot"] += float(np.sum(have * flat))
+            acc["sq_p"] += float(np.sum(have**2))
+            acc["sq_o"] += float(np.sum(flat**2))
             acc["err"] += float(np.sum((have - flat) ** 2))
             acc["ref"] += float(np.sum(flat**2))
             if seqs is not None:
@@ -641,7 +647,9 @@ def fidelity(
     for name in names:
         acc = sums[name]
         entry = {
-            "cosine": acc["cos"] / max(n, 1),
+            "cosine": acc["cos"] / max(n, 1)
+            if not (single[name] and n)
+            else acc["dot"] / (np.sqrt(acc["sq_p"] * acc["sq_o"]) + 1e-30),
             "relative_error": float(np.sqrt(acc["err"]) / (np.sqrt(acc["ref"]) + 1e-30)),
         }
         worst = _worst_channel(channels.get(name))
