@@ -557,3 +557,34 @@ def test_gather_along_the_channels_blocks():
     model = b.model([("x", [3, 8, 8])], [b.node("GlobalAveragePool", [b.conv(y, 3, 5, 1)])])
     group = find_channel_groups(to_graph(model)).groups[0]
     assert "Gather picks along the channel axis" in next(iter(group.blocked.values()))
+
+
+def _width_reshape(target: list[int]):
+    """x [N, 3, 1, W] -> 1x1 conv -> Relu -> Reshape(target) -> ..., W symbolic: a text recogniser's neck."""
+    b = Builder(11)
+    x = b.relu(b.conv("x", 3, C, 1))
+    seq = b.node("Reshape", [x, b.const(np.array(target, np.int64), "s")])
+    if len(target) == 3:  # [N, C, W] -> [N, W, C] -> per-position scores
+        w = b.const(np.random.default_rng(2).standard_normal((C, 6)).astype(np.float32), "w")
+        seq = b.node("MatMul", [b.node("Transpose", [seq], perm=[0, 2, 1]), w])
+    return b.model([("x", [3, 1, "W"])], [seq])
+
+
+def test_a_reshape_beside_a_symbolic_width_keeps_the_channels_removable():
+    """PP-OCRv5's recogniser squeezes [N, 120, 1, W] -> [0, 120, -1]: with W symbolic it was blocked ("shape is not
+    known") and with it every group behind its neck."""
+    model = _width_reshape([0, C, -1])
+    analysis = find_channel_groups(to_graph(model))
+    plan = every_other_channel(analysis)
+    assert analysis.groups[0].name in plan, analysis.blockers
+    pruned, _ = apply_pass(model, remove_channels, plan=plan)
+    for width in (5, 9):
+        feeds = random_feeds(model, batch=2, seed=width, dims={"W": width})
+        assert_outputs_close(ort_run(pruned, feeds), ort_run(mask_channels(model, plan), feeds), rtol=1e-4, atol=1e-5)
+
+
+def test_a_reshape_that_merges_a_symbolic_width_into_the_channels_blocks():
+    """[N, C, 1, W] -> [0, -1]: a channel's block is W wide, known only at run time."""
+    analysis = find_channel_groups(to_graph(_width_reshape([0, -1])))
+    reasons = [r for g in analysis.groups for r in g.blocked.values()]
+    assert any("known only at run time into the channels" in r for r in reasons), reasons

@@ -1224,6 +1224,11 @@ def _merge(flow: Flow, shape: list, start: int, stop: int, *, out_axis: int, ran
     return Flow(out_axis, rank, ids, zero)
 
 
+RUN_TIME_DIM = (
+    999_983  # a symbolic dim beside the channels, in a Reshape's mapping: a prime no real dim is a multiple of
+)
+
+
 @rule("Reshape")
 def _reshape(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
     flow = flows[0]
@@ -1233,12 +1238,14 @@ def _reshape(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
     target = const(node.inputs[1])
     # dims the target copies (0) may stay unknown, as the batch may: a time-major [T, N, D, H] -> [0, 0, -1]
     copied = set() if target is None or node.attrs.get("allowzero", 0) else set(np.flatnonzero(target == 0).tolist())
-    unknown = [i for i, d in enumerate(in_shape or []) if d is None and i and i not in copied]
-    if in_shape is None or walk.shape(node.outputs[0]) is None or unknown:
+    if in_shape is None or walk.shape(node.outputs[0]) is None:
         return "Reshape of a tensor whose shape is not known"
     if target is None:
         return "Reshape target is computed at run time, so it cannot be rewritten"
-    in_shape = [1 if d is None and i in copied else d for i, d in enumerate(in_shape)]  # copied through as they are
+    # copied dims go through as they are; another symbolic dim (a recogniser's width in [N, C, 1, W] -> [0, C, -1])
+    # is taken as a prime no real dim is a multiple of: the mapping found holds for any size unless it lands in the
+    # channels' output dim, which is refused below
+    in_shape = [(1 if i in copied or not i else RUN_TIME_DIM) if d is None else d for i, d in enumerate(in_shape)]
     resolved = _resolve_target(list(target), in_shape)
     if resolved is None:
         return "Reshape target does not resolve"
@@ -1248,6 +1255,8 @@ def _reshape(node: gs.Node, flows: list[Flow | None], walk: Walk) -> Step | str:
     if found is None:
         return "Reshape splits the channel axis"
     pos, out = found
+    if resolved[pos] % RUN_TIME_DIM == 0:
+        return "Reshape merges a dim whose size is known only at run time into the channels"
     name = node.outputs[0].name
 
     def rewrite(node: gs.Node, keeps: dict[str, np.ndarray], walk: Walk) -> None:
