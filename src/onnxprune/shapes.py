@@ -84,7 +84,7 @@ def choose_shapes(
         if len(dims) != len(want) or any(w is not None and w != d for w, d in zip(want, dims)):
             shown = "x".join("?" if w is None else str(w) for w in want)
             raise OnnxPruneError(f"--shape {name}:{'x'.join(map(str, dims))} does not fit the input's dims {shown}")
-    common = _common_shapes(as_samples(data)) if data is not None else {}
+    common = _common_shapes(as_samples(data, model, min_batches=1)) if data is not None else {}
     axes = batch_axes(model)
     shapes, sources = {}, []
     for name, (dims, _) in inputs.items():

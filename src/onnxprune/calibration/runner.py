@@ -324,7 +324,7 @@ def stream(
     *,
     batch_size: int = 64,
     label: str | None = None,
-    axes: dict[str, int] | None = None,
+    axes: dict[str, int | None] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Batches of the tensors `names` (graph outputs or intermediate), computed on `data` in onnxruntime.
 
