@@ -703,3 +703,19 @@ def test_a_basis_result_alone_that_fails_the_floor_is_compared_with_the_one_plan
     assert [(r["method"], r.get("speed_free", False)) for r in rows] == [("basis", False), ("basis", True)]
     assert all("held_agreement" in r for r in rows) and sum(r["written"] for r in rows) == 1
     validate_report(report.to_dict())
+
+
+def test_a_guard_trial_stops_at_the_first_result_that_keeps_the_floor(case, monkeypatch):
+    """The guard's bisection asks only whether a ratio holds; the result written holds whenever one made does. A trial
+    whose basis result keeps the floor is returned untimed, no channel result made (PP-OCRv6's recogniser: 440 of
+    a refusal's 1020 s timed results of trials that held)."""
+    timed = []
+    monkeypatch.setattr(pipeline, "CLEAR_AFTER_S", 0.0)
+    monkeypatch.setattr(pipeline, "compare_latency", lambda a, b, feeds, **kw: timed.append(b) or (1.0, 1.0))
+    model, calib = case
+    out, report = prune(model, remove_ratio=0.3, method="best", calib=calib, latency_batch=1, holds_only=True)
+    assert report.facts["method"] == "basis" and "alternatives" not in report.facts
+    assert pipeline._agreement(report)[0] >= 0.95
+    assert len(timed) <= 4  # the basis plan's own checks under its latency budget, none of the result
+    _, full = prune(model, remove_ratio=0.3, method="best", calib=calib, latency_batch=1)
+    assert len(full.facts["alternatives"]) > 1 and any(r["written"] for r in full.facts["alternatives"])
