@@ -507,7 +507,7 @@ def test_the_guard_refuses_a_destroyed_model_and_force_writes_it(tmp_path, capsy
     lines = err.strip().splitlines()
     lines = lines[next(i for i, line in enumerate(lines) if "largest ratio that holds" in line) :]
     assert code == 1 and lines[1].startswith("  refused result: ") and " channels, " in lines[1]
-    assert lines[2:] == [f"  blocked {name}: {why}" for name, why in refused["blocked"].items()]
+    assert lines[2:] == [f"  blocked {name}'s output channels: {why}" for name, why in refused["blocked"].items()]
     code, stdout, err = run([*args, "--no-compensate", "--latency-batch", "0", "--force"], capsys)
     assert code == 0, err
     assert out.exists() and "written only because of --force" in stdout
@@ -585,8 +585,8 @@ def test_a_refusal_with_verbose_lists_the_blocked_groups_under_its_line(tmp_path
     lines = lines[next(i for i, line in enumerate(lines) if line.startswith("onnxprune: error")) :]  # after -v's log
     assert code == 2 and "cannot be reached" in lines[0] and "(2 groups blocked)" in lines[0]
     assert lines[1:] == [
-        "  blocked conv2: Reshape 'reshape10': Reshape splits the channel axis",
-        "  blocked gemm26: reaches graph output 'gemm26_out'",
+        "  blocked conv2's output channels: Reshape 'reshape10': Reshape splits the channel axis",
+        "  blocked gemm26's output channels: reaches graph output 'gemm26_out'",
     ]
     assert not (tmp_path / "o.onnx").exists()
 
@@ -1005,3 +1005,39 @@ def test_parameters_removed_from_layers_that_do_little_work_say_to_expect_little
         [src, out, "--ratio", "0.3", "--latency-batch", "0", "--target", "flops", "--overwrite"], capsys
     )
     assert code == 0 and "do little of the work" not in stdout, err
+
+
+def test_weights_inside_if_branches_are_said_to_stay(tmp_path, capsys):
+    """silero-vad's op18_ifless export holds every weight in an If on its sample rate: the refusal read "no layer
+    offers anything to remove (0 groups blocked)" and named options that could not help."""
+    rng = np.random.default_rng(5)
+
+    def branch(name: str) -> onnx.GraphProto:
+        w = numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), f"w_{name}")
+        return helper.make_graph(
+            [helper.make_node("MatMul", ["x", f"w_{name}"], [f"y_{name}"])],
+            name,
+            [],
+            [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, ["N", 16])],
+            [w],
+        )
+
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+        helper.make_node("Greater", ["total", "zero"], ["cond"]),
+        helper.make_node("If", ["cond"], ["y"], then_branch=branch("then"), else_branch=branch("else")),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
+        [numpy_helper.from_array(np.array(0.0, np.float32), "zero")],
+    )
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), src)
+    code, _, err = run([src, out, "--ratio", "0.3"], capsys)
+    assert code == 2 and not out.exists(), err
+    assert (
+        "512 parameters sit inside the bodies of" in err and "which onnxprune does not prune (outside them: 1)" in err
+    )

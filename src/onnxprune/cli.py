@@ -728,7 +728,7 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
     longest = ", ".join(f"{label} {seconds:.0f} s" for label, seconds in steps[:STEPS_SHOWN] if seconds >= 1.0)
     lines.append(f"  time    {f['seconds']:.1f} s" + (f"  (longest steps: {longest})" if longest else ""))
     if verbose:
-        lines += [f"  blocked {name}: {why}" for name, why in f["blocked"].items()]
+        lines += [f"  blocked {name}'s output channels: {why}" for name, why in f["blocked"].items()]
         lines += [f"  note    {s.node}: {s.reason}" for s in report.skipped]
     click.echo("\n".join(lines))
 
@@ -770,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
             facts = err.report.facts
             click.echo(f"  refused result: {_kinds(facts)}", err=True)
             for name, why in facts.get("blocked", {}).items():
-                click.echo(f"  blocked {name}: {why}", err=True)
+                click.echo(f"  blocked {name}'s output channels: {why}", err=True)
         return 1
     except click.exceptions.Abort:
         click.echo("onnxprune: aborted", err=True)
@@ -781,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"onnxprune: error: {err}", err=True)
         if isinstance(err, BudgetError) and ("-v" in args or "--verbose" in args):
             for name, why in err.blocked.items():
-                click.echo(f"  blocked {name}: {why}", err=True)
+                click.echo(f"  blocked {name}'s output channels: {why}", err=True)
         return 2
     except Exception as err:  # a bug: say so in one line, traceback only on request
         if debug:

@@ -407,6 +407,32 @@ def _forget_placeholder_dims(model: onnx.ModelProto) -> None:
                 dim.Clear()
 
 
+def subgraph_weights(graph: gs.Graph) -> tuple[int, list[str]]:
+    """Weights held in the bodies of If / Loop / Scan nodes, which no pass prunes.
+
+    silero-vad's ``op18_ifless`` export holds every weight in the branches of an If on its sample-rate input: the
+    refusal read "no layer offers anything to remove (0 groups blocked)" and named options that could not help.
+
+    Args:
+        graph: The graph (an If whose condition folded is no longer there after `cleanup`).
+
+    Returns:
+        (their element count, the names of the top-level nodes holding them).
+    """
+
+    def inside(node: gs.Node) -> int:
+        bodies = [v for v in node.attrs.values() if isinstance(v, gs.Graph)]
+        bodies += [g for v in node.attrs.values() if isinstance(v, list) for g in v if isinstance(g, gs.Graph)]
+        total = 0
+        for body in bodies:
+            total += sum(int(t.values.size) for t in body.tensors().values() if isinstance(t, gs.Constant))
+            total += sum(inside(n) for n in body.nodes)
+        return total
+
+    found = {n.name or n.op: inside(n) for n in graph.nodes}
+    return sum(found.values()), [name for name, count in found.items() if count]
+
+
 def unique_name(graph: gs.Graph, base: str) -> str:
     """A tensor/node name derived from `base` that the graph does not use yet.
 

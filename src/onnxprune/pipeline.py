@@ -48,7 +48,15 @@ from onnxprune.calibration.runner import (
 )
 from onnxprune.calibration.sensitivity import CUT_WEIGHT_RANGE, CutProbe, layer_sensitivity
 from onnxprune.errors import BudgetError, GuardError, InvalidModelError, OnnxPruneError, PassError, PruneBug
-from onnxprune.graph import refresh_shapes, session, to_graph, to_model, validate, without_negative_dims
+from onnxprune.graph import (
+    refresh_shapes,
+    session,
+    subgraph_weights,
+    to_graph,
+    to_model,
+    validate,
+    without_negative_dims,
+)
 from onnxprune.latency import compare_latency, layer_latency, model_latency, simd_width, split_rank_limit
 from onnxprune.passes.basis import (
     decompose_basis,
@@ -447,6 +455,14 @@ class _Run:
         self.graph = to_graph(model)
         self.bn_gamma = criteria.collect_bn_gamma(self.graph)
         self.report = run_passes(self.graph, [cleanup]).report
+        held, holders = subgraph_weights(self.graph)
+        if held and held >= SUBGRAPH_SHARE * (held + self.params_before):
+            _warn_once(
+                "subgraphs",
+                f"warning: {held:,} parameters sit inside the bodies of {', '.join(holders[:3])}"
+                f"{' ...' if len(holders) > 3 else ''} (If / Loop / Scan), which onnxprune does not prune (outside "
+                f"them: {self.params_before:,})",
+            )
         # the refit's targets: the original cleaned up alike (BN folded), so the layers left alone are the same
         self.reference = self.graph.copy() if self.fit is not None and opts.compensate else None
         for node in [n for n in self.graph.nodes if n.op in QUANTIZED]:  # no method touches them: say why
@@ -1592,6 +1608,7 @@ def prune_guarded(
     )
 
 
+SUBGRAPH_SHARE = 0.05  # weights inside If / Loop / Scan bodies past this share of the model's are said to stay
 FEW_HELD_OUT = 50  # fewer held-out samples than this: the summary and a guard refusal say how many they rest on
 SPEED_MARGIN = 0.02  # a result whose model measures this much slower than the original is "slower" (method best)
 # the latency budget's search must measure this much faster: it keeps the loosest plan that passes, so that plan
