@@ -707,8 +707,8 @@ def test_a_basis_result_alone_that_fails_the_floor_is_compared_with_the_one_plan
 
 def test_a_guard_trial_stops_at_the_first_result_that_keeps_the_floor(case, monkeypatch):
     """The guard's bisection asks only whether a ratio holds; the result written holds whenever one made does. A trial
-    whose basis result keeps the floor is returned untimed, no channel result made (PP-OCRv6's recogniser: 440 of
-    a refusal's 1020 s timed results of trials that held)."""
+    whose basis result keeps the floor is returned untimed, no channel result made (PP-OCRv6's recogniser: timing
+    was 440 of a refusal's 1020 s)."""
     timed = []
     monkeypatch.setattr(pipeline, "CLEAR_AFTER_S", 0.0)
     monkeypatch.setattr(pipeline, "compare_latency", lambda a, b, feeds, **kw: timed.append(b) or (1.0, 1.0))

@@ -788,7 +788,7 @@ def _best_of(
     With `holds_only` (the guard's bisection, which asks only whether the result written at a ratio would keep the
     floor, ``1 - max_drop``): the first result that keeps it is returned untimed, the others not made. The result
     written is chosen among those that keep the floor whenever one does (`_choice_pool`), so the answer is the same;
-    a refusal of PP-OCRv6's recogniser spent 440 of its 1020 s timing results of trials that held.
+    whole-model timing was 440 of the 1020 s a refusal of PP-OCRv6's recogniser took (main run and trials).
     """
     started = time.perf_counter()
     calib, latency_batch = options.get("calib"), options.get("latency_batch", 0)
