@@ -422,6 +422,7 @@ class _Run:
             else (None, None, {})
         )
         self.fit_labels = None
+        deferred: list[tuple[str, str]] = []  # warnings about this result (DEFERRED)
         if self.fit is not None and self.criterion in criteria.LABEL_CRITERIA:  # the labels, else the own top-1
             self.fit_labels = (
                 opts.labels[self.fit.index]
@@ -443,7 +444,7 @@ class _Run:
                 )
                 # named by method: under `best` the basis result ranks by energy anyway and may be the one written
                 said = f"warning: criterion energy instead of {self.criterion} for {opts.method} removal: {why}"
-                _warn_once("criterion", said)
+                deferred.append(("criterion", said))  # given only if this result is the one returned
                 self.criterion = "energy"
         self.params_before, self.macs_before = count(model, shapes=self.count_shapes)
         self.total = self.params_before if opts.target == "params" else self.macs_before
@@ -455,6 +456,7 @@ class _Run:
         self.graph = to_graph(model)
         self.bn_gamma = criteria.collect_bn_gamma(self.graph)
         self.report = run_passes(self.graph, [cleanup]).report
+        self.report.facts.setdefault(DEFERRED, []).extend(deferred)
         held, holders = subgraph_weights(self.graph)
         if held and held >= SUBGRAPH_SHARE * (held + self.params_before):
             _warn_once(
