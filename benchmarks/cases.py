@@ -4,8 +4,9 @@
 
 For each ratio: `onnxprune IN OUT --ratio R --calib calib.npy` exactly as a user types it (a subprocess: exit code,
 wall time, peak RSS, the guard's one line when it refuses), then the same with `--force` when the guard refused (so
-the accuracy of what was refused is known), and two ablation rows (`--latency-batch 0`: basis, decisions by
-parameters alone, the model may be slower; `--method basis`: the basis result of the default alone). The peers,
+the accuracy of what was refused is known), and three ablation rows (`--latency-batch 0`: basis, decisions by
+parameters alone, the model may be slower; `--method basis`: the basis result of the default alone; `--no-tucker`:
+split layers never written in Tucker-2 form). The peers,
 matched to the same parameter target by bisection and run on the same calibration samples: onnxsim's structured
 Wanda pruning, and plain truncated SVD of every Conv/Gemm at one rank
 fraction for all layers (data-free; what a user writes by hand). Accuracy on the case's test set, parameters
@@ -140,6 +141,17 @@ def main(argv: list[str] | None = None) -> None:
                     "ratio": ratio,
                     **run_b,
                     "path": str(out_b) if out_b.exists() else None,
+                }
+            )
+            out_t = tmp / f"notucker_{ratio}.onnx"
+            args_t = [str(model_path), str(out_t), "--ratio", str(ratio), "--calib", str(calib_path), "-q"]
+            run_t = run_cli([*args_t, "--no-tucker", "--force"])
+            rows.append(
+                {
+                    "row": "ablation: --no-tucker (split layers never written in Tucker-2 form)",
+                    "ratio": ratio,
+                    **run_t,
+                    "path": str(out_t) if out_t.exists() else None,
                 }
             )
             for name, make in (

@@ -6,7 +6,8 @@ The models are the suite's (`benchmarks.run`'s full configuration: 8 epochs on t
 once and cached under $ONNXPRUNE_BENCH_CACHE). For each model and ratio: `onnxprune IN OUT --ratio R --calib
 calib.npy` in a subprocess (512 unlabelled calibration images; when the guard refuses, the same with `--force` so
 the refused model's accuracy is known), then `--target latency --ratio L --latency-batch 32` (the issue's "2x
-faster at batch 32"), and one ablation row per ratio, `--method basis` (the default's basis result alone). Test
+faster at batch 32"), and ablation rows per ratio (`--ablations`): `--method basis` (the default's basis result
+alone) and `--no-tucker` (split layers never written in Tucker-2 form). Test
 accuracy in onnxruntime, parameters removed, latency of every row of a model against the unpruned one at batch 1
 and 32 (alternating blocks, onnxruntime's default threads). Writes results/defaults.json and prints a markdown table.
 """
@@ -24,9 +25,14 @@ import onnx
 from benchmarks.cases import accuracy, run_cli
 from benchmarks.measure import paired_timings
 from onnxprune.budget import count
+from onnxprune.testing import summary_item
 
 ROOT = pathlib.Path(__file__).resolve().parent
 EPOCHS = 8  # the full configuration's
+ABLATIONS = {  # name -> (what the row changes, its flags)
+    "basis": ("the default's basis result alone", ["--method", "basis"]),
+    "no-tucker": ("split layers never written in Tucker-2 form", ["--no-tucker"]),
+}
 
 
 def suite_model(arch: str, folder: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, np.ndarray, np.ndarray]:
@@ -84,7 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="resnet20,vgg,mobilenetv2")
     parser.add_argument("--ratios", default="0.7,0.8,0.9")
     parser.add_argument("--latency", type=float, default=0.5, help="--target latency ratio (0: none)")
-    parser.add_argument("--ablation-ratios", default=None, help="ratios of the --method basis rows (default: --ratios)")
+    parser.add_argument("--ablation-ratios", default=None, help="ratios of the ablation rows (default: --ratios)")
+    parser.add_argument(
+        "--ablations", default="basis,no-tucker", help=f"ablation rows, comma-separated, of: {', '.join(ABLATIONS)}"
+    )
     parser.add_argument("--out", default=str(ROOT / "results" / "defaults.json"))
     args = parser.parse_args(argv)
     tmp = pathlib.Path(tempfile.mkdtemp())
@@ -94,7 +103,9 @@ def main(argv: list[str] | None = None) -> None:
         found = [{"model": arch, "row": "unpruned", "ratio": 0.0, "path": str(path)}]
         runs = [("default flags + --calib", float(r), []) for r in args.ratios.split(",")]
         ablation = args.ratios if args.ablation_ratios is None else args.ablation_ratios
-        runs += [("ablation: --method basis", float(r), ["--method", "basis"]) for r in ablation.split(",") if r]
+        for kind in filter(None, args.ablations.split(",")):
+            what, flags = ABLATIONS[kind]
+            runs += [(f"ablation: {' '.join(flags)} ({what})", float(r), flags) for r in ablation.split(",") if r]
         if args.latency:
             runs.append(
                 ("--target latency --latency-batch 32", args.latency, ["--target", "latency", "--latency-batch", "32"])
@@ -112,9 +123,9 @@ def main(argv: list[str] | None = None) -> None:
             if run["exit"] == 1:  # the guard refused: measure what it refused, say so
                 row["forced_exit"] = run_cli([*cmd, "--force"])["exit"]
             row["summary"] = [
-                line.strip()
-                for line in run["stdout"].splitlines()
-                if line.strip().startswith(("chosen", "speed", "plan"))
+                summary_item(run["stdout"], item)
+                for item in ("chosen", "speed", "plan")
+                if f"\n  {item}  " in "\n" + run["stdout"]
             ]
             if out.exists():
                 row["path"] = str(out)

@@ -10,7 +10,7 @@ import pytest
 from onnxprune import pipeline
 from onnxprune.latency import simd_width
 from onnxprune.pipeline import prune
-from onnxprune.testing import ort_run, random_feeds, validate_report
+from onnxprune.testing import ort_run, random_feeds, summary_item, validate_report
 
 EXAMPLE = Path(__file__).parent.parent / "examples"
 
@@ -82,7 +82,7 @@ def test_the_result_written_is_no_slower_then_the_most_faithful_then_the_faster(
     from onnxprune.cli import _print_summary
 
     _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)
-    chosen = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  chosen  "))
+    chosen = summary_item(capsys.readouterr().out, "chosen")
     if len(rows) > 1:
         assert f"on the {held} held-out samples: of those no slower that keep the guard's floor" in chosen
         assert "of those within a sample of the best agreement" in chosen
@@ -127,7 +127,7 @@ def test_a_basis_result_written_because_no_channel_result_reached_says_so(case, 
     from onnxprune.cli import _print_summary
 
     _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)
-    chosen = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  chosen  "))
+    chosen = summary_item(capsys.readouterr().out, "chosen")
     assert "not compared (no channel result reached the request: no other result was made)" in chosen
 
 
@@ -215,7 +215,7 @@ def test_a_latency_target_the_basis_result_meets_is_not_said_clearly_faster(case
     from onnxprune.cli import _print_summary
 
     _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)
-    chosen = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  chosen  "))
+    chosen = summary_item(capsys.readouterr().out, "chosen")
     assert "not compared (it saves the time asked: no other result was made)" in chosen and "clearly" not in chosen
 
     validate_report(report.to_dict("in.onnx", "out.onnx"))  # the new reason is in the schema
@@ -644,8 +644,8 @@ def test_when_the_basis_result_cannot_be_made_the_summary_says_why(case, monkeyp
     _, report = prune(model, remove_ratio=0.5, method="best", target="latency", calib=calib, latency_batch=1)
     assert report.facts["basis_not_made"] == "no basis plan saves that much"
     _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)
-    chosen = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  chosen  "))
-    assert "basis: not made (no basis plan saves that much); channel" in chosen
+    chosen = summary_item(capsys.readouterr().out, "chosen")
+    assert "basis: not made (no basis plan saves that much)\n          channel" in chosen
     validate_report(report.to_dict("in.onnx", "out.onnx"))
 
 

@@ -17,7 +17,7 @@ from models import Builder, chain, channel_shuffle
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.cli import main
-from onnxprune.testing import ort_run, report_schema
+from onnxprune.testing import ort_run, report_schema, summary_item
 
 EXAMPLE = Path(__file__).parent.parent / "examples"
 
@@ -288,12 +288,50 @@ def test_bench_times_models_side_by_side(model_file, tmp_path, capsys):
         (["--provider", "tensorrt"], "TensorrtExecutionProvider is not available"),
         (["--batch", "x"], "--batch 'x'"),
         (["--shape", "x=1xq"], "--shape 'x=1xq'"),
+        (["--value", "sr"], "--value 'sr': expected NAME=NUMBER"),
+        (["--value", "sr=1"], "--value sr: the model has no such input"),
     ],
 )
 def test_bench_errors_are_one_line(model_file, args, expected, capsys):
     code, _, err = run(["bench", model_file, *args], capsys)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and expected in err
+
+
+def test_bench_feeds_an_input_the_value_given(tmp_path, capsys):
+    """silero-vad branches on its sample rate `sr`: a new user's `bench` timed the branch random integers took, with
+    no way to give 16000. Here the other branch cannot run (a Reshape to 7 rows of 4 values)."""
+    branch = lambda name, node: helper.make_graph(  # noqa: E731
+        [node], name, [], [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["A", "B"])]
+    )
+    keep = branch("kept", helper.make_node("Identity", ["x"], ["kept"]))
+    broken = branch("broken", helper.make_node("Reshape", ["x", "seven"], ["broken"]))
+    graph = helper.make_graph(
+        [
+            helper.make_node("Equal", ["sr", "rate"], ["is_rate"]),
+            helper.make_node("If", ["is_rate"], ["y"], then_branch=keep, else_branch=broken),
+        ],
+        "branching",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["A", "B"])],
+        [
+            numpy_helper.from_array(np.array(16000, np.int64), "rate"),
+            numpy_helper.from_array(np.array([7, -1]), "seven"),
+        ],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    code, _, err = run(["bench", path, "--runs", "3", "--warmup", "1"], capsys)
+    assert code == 2 and "does not run on inputs" in err  # random integers: the other branch
+    code, stdout, err = run(["bench", path, "--runs", "3", "--warmup", "1", "--value", "sr=16000"], capsys)
+    assert code == 0, err
+    from onnxprune.bench import _feeds
+
+    feed = _feeds(onnx.load(path), 2, {}, np.random.default_rng(0), {"sr": 16000})["sr"]
+    assert feed.shape == () and feed.dtype == np.int64 and feed == 16000
 
 
 def test_counts_that_grow_are_said_as_added_not_as_a_negative_removal():
@@ -544,6 +582,28 @@ def test_a_basis_result_that_removed_only_channels_says_so_in_the_chosen_line(ca
     report.facts["alternatives"] = [{**row, "speed_check": {1: [1.0, 0.9]}, "unchallenged": "clearly faster"}]
     _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)
     assert "basis (whole channels only: its allocation kept no layer split): " in capsys.readouterr().out
+
+
+def test_method_best_names_the_result_written_and_lists_one_result_a_line(capsys):
+    """A new user read "method basis" under the default best, and a `chosen` line of ~900 characters whose cosine
+    was the worst output's while the fidelity line showed each output's."""
+    from onnxprune.cli import _print_summary
+
+    _, report = _example_report()
+    report.facts["method"] = "channel"
+    row = {"round_to": 16, "sensitivity": False, "threads": 0, "speed_check": {1: [1.0, 0.8]}, "held_samples": 20}
+    held = {"held_agreement": 0.95, "held_cosine": 0.97, "held_outputs": 2}
+    report.facts["alternatives"] = [
+        {**row, **held, "method": "basis", "written": False},
+        {**row, **held, "method": "channel", "written": True},
+    ]
+    _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)
+    out = capsys.readouterr().out
+    assert "(method best: channel result written, " in out.splitlines()[0]
+    chosen = summary_item(out, "chosen").splitlines()
+    assert len(chosen) == 3 and max(map(len, chosen)) < 400
+    assert chosen[1].strip().startswith("basis (ranks rounded to 16): 1.25x at batch 1, agreement 95.0 %, worst")
+    assert chosen[2].strip().endswith("worst output's cosine 0.9700 (written)")
 
 
 def test_a_skipped_constant_fold_says_what_it_is_and_where_to_look(capsys):
@@ -913,7 +973,7 @@ def test_method_best_on_outputs_that_are_not_class_scores_compares_cosine(tmp_pa
     data = json.loads(rep.read_text())
     Draft202012Validator(_report_schema()).validate(data)
     assert {r["held_measure"] for r in data["alternatives"]} == {"cosine"}
-    chosen = next(line for line in stdout.splitlines() if line.startswith("  chosen  "))
+    chosen = summary_item(stdout, "chosen")
     assert chosen.count(", cosine ") == len(data["alternatives"]) and ", agreement " not in chosen
 
 

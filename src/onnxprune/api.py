@@ -38,6 +38,7 @@ DEFAULTS = {
     "min_rank": 8,  # layers of smaller rank are not split
     "seed": 0,  # drives every random choice (the fit / held-out split, sub-sampled rows)
     "threads": 0,  # onnxruntime intra-op threads for timing (0: its default)
+    "tucker": True,  # split k x k Convs written in Tucker-2 form where that is closer at no more weights
 }
 
 

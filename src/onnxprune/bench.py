@@ -88,11 +88,40 @@ def _macs_per_sample(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> in
     return None if concrete is None else count(model, shapes=concrete)[1]
 
 
-def _feeds(model: onnx.ModelProto, batch: int, shapes: dict[str, list[int]], rng: np.random.Generator) -> dict:
+def parse_values(specs: tuple[str, ...]) -> dict[str, float]:
+    """`name=16000` -> {name: 16000.0}: an input's value in every run; one OnnxPruneError line if bad.
+
+    Raises:
+        OnnxPruneError: A spec without ``=`` or whose value is not a number.
+    """
+    found = {}
+    for spec in specs:
+        name, _, value = spec.partition("=")
+        try:
+            found[name.strip()] = float(value)
+        except ValueError:
+            raise OnnxPruneError(f"--value {spec!r}: expected NAME=NUMBER, such as sr=16000") from None
+        if not name.strip():
+            raise OnnxPruneError(f"--value {spec!r}: expected NAME=NUMBER, such as sr=16000")
+    return found
+
+
+def _feeds(
+    model: onnx.ModelProto,
+    batch: int,
+    shapes: dict[str, list[int]],
+    rng: np.random.Generator,
+    values: dict[str, float] | None = None,
+) -> dict:
     feeds = {}
+    values = values or {}
+    inputs = model_inputs(model)
+    unknown = sorted(set(values) - set(inputs))
+    if unknown:
+        raise OnnxPruneError(f"--value {unknown[0]}: the model has no such input (inputs: {', '.join(inputs)})")
     shapes = _at_batch(model, shapes, batch)
     axes = batch_axes(model)
-    for name, (dims, dtype) in model_inputs(model).items():
+    for name, (dims, dtype) in inputs.items():
         if name in shapes:
             shape = shapes[name]
         else:
@@ -100,7 +129,9 @@ def _feeds(model: onnx.ModelProto, batch: int, shapes: dict[str, list[int]], rng
                 raise OnnxPruneError(f"input '{name}' has dynamic dims {dims}; give them with --shape {name}:...")
             shape = [batch if i == axes[name] else d for i, d in enumerate(dims)]
         dtype = dtype or np.float32
-        if np.issubdtype(dtype, np.floating):
+        if name in values:  # a value the model branches on (a sample rate), not data: the user's
+            feeds[name] = np.full(shape, values[name], dtype=dtype)
+        elif np.issubdtype(dtype, np.floating):
             feeds[name] = rng.standard_normal(shape).astype(dtype)
         else:
             feeds[name] = rng.integers(1, 10, size=shape).astype(dtype)
@@ -127,14 +158,16 @@ def time_models(
     opt_level: str = "all",
     threads: int = 0,
     shapes: dict[str, list[int]] | None = None,
+    values: dict[str, float] | None = None,
     warmup: int = 5,
     runs: int = 30,
     seed: int = 0,
 ) -> list[Timing]:
     """Time every model at every batch size, in alternating blocks of runs so drift hits all alike (`alternate`).
 
-    Per batch size, each model gets random feeds (standard normal for float inputs, integers in [1, 10) otherwise)
-    and `warmup` untimed runs, then all are timed together: at least `runs` runs and `BLOCKS` blocks each.
+    Per batch size, each model gets random feeds (standard normal for float inputs, integers in [1, 10) otherwise,
+    `values` where given) and `warmup` untimed runs, then all are timed together: at least `runs` runs and `BLOCKS`
+    blocks each.
 
     Args:
         paths: Model files; the first is the reference of every ``speedup``.
@@ -144,6 +177,8 @@ def time_models(
         threads: Intra-op threads (0: onnxruntime's default).
         shapes: Input name -> full dims (for inputs with dynamic dims after the first); where the model's first dim
             is dynamic it is set to each batch size, as for the inputs not named.
+        values: Input name -> the value of all its elements in every run (a scalar such as a sample rate, which a
+            model may branch on: random integers would time another branch).
         warmup: Untimed runs per model and batch size.
         runs: Least timed runs per model and batch size.
         seed: Seed of the random feeds.
@@ -158,7 +193,8 @@ def time_models(
         InvalidModelError: A file is not a valid ONNX model (`graph.load`).
         UnsupportedModelError: A model's default-domain opset is below 7 (counting its parameters and MACs).
         OnnxPruneError: `provider` is not available in this onnxruntime, an input has a dynamic dim after the
-            first that `shapes` does not give, or a model does not run on the feeds (shapes that do not fit it).
+            first that `shapes` does not give, `values` names no input of a model, or a model does not run on the
+            feeds (shapes that do not fit it).
     """
     from onnxprune.budget import count  # local: the counter imports the passes, bench does not need them otherwise
 
@@ -169,7 +205,7 @@ def time_models(
     found: list[Timing] = []
     seen: dict[tuple, int] = {}
     for batch in batches:
-        feeds = [_feeds(m, batch, shapes or {}, rng) for m in models]
+        feeds = [_feeds(m, batch, shapes or {}, rng, values) for m in models]
         key = tuple(tuple(v.shape) for feed in feeds for v in feed.values())
         if key in seen:  # no input has a dynamic first dim: every row would run the same inputs
             shown = format_shapes({k: v.shape for k, v in feeds[0].items()})

@@ -152,6 +152,13 @@ def cli() -> None:
     help="With --calib, split Convs along data-whitened bases (default: only with --no-compensate, where it helps).",
 )
 @click.option(
+    "--tucker/--no-tucker",
+    default=DEFAULTS["tucker"],
+    show_default=True,
+    help="Write a split k x k Conv as a Tucker-2 chain (1x1 projection, k x k core, 1x1 scaling) where that keeps "
+    "more directions at no more weights and MACs, and is closer to the layer.",
+)
+@click.option(
     "--max-drop",
     type=float,
     default=DEFAULTS["max_drop"],
@@ -231,6 +238,7 @@ def prune_command(
     no_compensate: bool,
     sensitivity: bool | None,
     whiten: bool | None,
+    tucker: bool,
     max_drop: float,
     force: bool,
     latency_batch: int,
@@ -305,6 +313,7 @@ def prune_command(
             compensate=not no_compensate,
             sensitivity=sensitivity,
             whiten=whiten,
+            tucker=tucker,
             labels=truth,
             batch_size=batch_size,
             latency_batch=latency_batch,
@@ -371,6 +380,14 @@ def decompose_command(
     metavar="NAME:DxD...",
     help="Concrete shape of an input with dynamic dims (repeatable); a dynamic first dim is set to each --batch.",
 )
+@click.option(
+    "--value",
+    "value_specs",
+    multiple=True,
+    metavar="NAME=NUMBER",
+    help="An input's value in every run (repeatable), e.g. a sample rate the model branches on: sr=16000. Other "
+    "inputs get random values.",
+)
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
 @click.option(
     "--runs",
@@ -390,13 +407,14 @@ def bench_command(
     opt_level: str,
     threads: int,
     shape_specs: tuple[str, ...],
+    value_specs: tuple[str, ...],
     warmup: int,
     runs: int,
     json_path: pathlib.Path | None,
     debug: bool,
 ) -> None:
     """Time models side by side in onnxruntime (median of interleaved runs; speed-up against the first)."""
-    from onnxprune.bench import parse_shapes, table, time_models
+    from onnxprune.bench import parse_shapes, parse_values, table, time_models
 
     try:
         sizes = [int(b) for b in batches.split(",")]
@@ -411,6 +429,7 @@ def bench_command(
         opt_level=opt_level,
         threads=threads,
         shapes=parse_shapes(shape_specs),
+        values=parse_values(value_specs),
         warmup=warmup,
         runs=runs,
     )
@@ -531,6 +550,9 @@ def _speedups(check: dict) -> str:
     return ", ".join(f"{before / after:.2f}x at batch {b}" for b, (before, after) in check.items())
 
 
+CONTINUED = " " * 10  # the summary's lines that go on the line above's item: one result of `chosen` a line
+
+
 def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, *, verbose: bool) -> None:
     f = report.facts
     pb, pa, mb, ma = f["params_before"], f["params_after"], f["macs_before"], f["macs_after"]
@@ -542,8 +564,9 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
         if mb is not None
         else f"  MACs    not counted: {at}"
     )
+    method = f"best: {f['method']} result written" if "alternatives" in f else f["method"]  # (the default)
     lines = [
-        f"{input_path.name} -> {output_path}  (method {f['method']}, criterion {f['criterion']}, "
+        f"{input_path.name} -> {output_path}  (method {method}, criterion {f['criterion']}, "
         f"target {f['target']} {f['ratio_requested']:g})",
         f"  params  {pb:>12,} -> {pa:>12,}   {_change(pb, pa)}",
         macs,
@@ -631,8 +654,9 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
                 else ""
             )
         )
-    if "alternatives" in f:  # method best: what each way measured, side by side
+    if "alternatives" in f:  # method best: what each way measured, one result a line, the rule first
         parts = []
+        worst = "worst output's " if any(row.get("held_outputs", 1) > 1 for row in f["alternatives"]) else ""
         for row in f["alternatives"]:
             counts = "ranks" if row["method"] == "basis" else "counts"
             name = row["method"] + (f" ({counts} rounded to {row['round_to']})" if row["round_to"] > 1 else "")
@@ -654,9 +678,9 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
                 why = f"{why}: " if why else ""
                 score = f"not compared ({why}no other result was made)"
             elif row.get("held_measure", "top-1 agreement") != "cosine":
-                score = f"agreement {row['held_agreement'] * 100:.1f} %, cosine {row['held_cosine']:.4f}"
+                score = f"agreement {row['held_agreement'] * 100:.1f} %, {worst}cosine {row['held_cosine']:.4f}"
             else:
-                score = f"cosine {row['held_agreement']:.4f}"
+                score = f"{worst}cosine {row['held_agreement']:.4f}"
             parts.append(f"{name}: {speeds}, {score} ({mark})")
         if "basis_not_made" in f:  # method best turned to channels because the basis plan was refused
             parts.insert(0, f"basis: not made ({f['basis_not_made']})")
@@ -675,7 +699,8 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
             if samples
             else ""
         )
-        lines.append(f"  chosen  (speed-up over the original, timed here with {threads}{on}) " + "; ".join(parts))
+        lines.append(f"  chosen  (speed-up over the original, timed here with {threads}{on})")
+        lines += [f"{CONTINUED}{part}" for part in parts]
     if "plan_note" in f:  # the plan written is not simply the first one by error: which, and why
         lines.append(f"  plan    {f['plan_note']}")
     slower = {

@@ -70,6 +70,7 @@ from onnxprune.passes.cleanup import cleanup
 from onnxprune.passes.groups import ChannelGraph, find_channel_groups
 from onnxprune.passes.remove import remove_channels
 from onnxprune.passes.tt import TT_MIN_WEIGHTS, allocate_bonds, decompose_tt, tt_layers
+from onnxprune.passes.tucker import PROJECTION, to_tucker
 from onnxprune.progress import steps
 from onnxprune.result import PassResult, Report, Skip
 from onnxprune.rules import QUANTIZED, QUANTIZED_REASON, layouts
@@ -257,6 +258,7 @@ class Options:
     seed: int = 0
     shapes: dict[str, list[int]] | None = None
     channel_options: bool = False
+    tucker: bool = True
 
     def check(self, model: onnx.ModelProto, calib: Samples | None) -> None:
         """Raise OnnxPruneError naming the first option that cannot run on `model` with `calib` (None: no data).
@@ -366,6 +368,10 @@ def prune_one(
     fewer whole channels of every group with one producer in the same knapsack (``budget.channel_choices``: error
     from ``criteria.consumer_energy``, costs re-taken at each plan). Off by default: measured on the handed digits
     ResNet-20 it does not yet beat ranks alone (benchmarks/README.md, "channel options").
+
+    `tucker` (on by default) writes each split k x k Conv whose Tucker-2 form (1x1 projection, k x k core, 1x1
+    scaling; `passes.tucker`) keeps more directions at no more weights and MACs, and is closer to the layer, in that
+    form before the refit, which then fits the core and scaling on the projected inputs.
 
     `exclude` holds fnmatch patterns of node names whose output channels are never pruned (a split layer's
     ``X_basis`` / ``X_scaling`` also match as ``X``); a pattern that matches no node raises OnnxPruneError.
@@ -486,6 +492,10 @@ class _Run:
         """Merge back the splits that do not pay, clean up and refit: the pruned graph as it will be written."""
         opts, model = self.opts, self.model
         tail = run_passes(graph, [partial(merge_unprofitable, pairs=self.pairs, limits=self.limits), cleanup]).report
+        if opts.tucker:  # the same weights, more directions kept (passes/tucker.py); before the refit, which fits them
+            refresh_shapes(graph)
+            tucker = partial(to_tucker, pairs=self.pairs, kept=kept, round_to=opts.round_to)
+            tail.merge(run_passes(graph, [tucker]).report)
         if self.fit is None or not opts.compensate:
             return graph, tail
         refresh_shapes(graph)
@@ -839,6 +849,7 @@ def _best_of(
             "held_measure": _worst(found)[1],
             "held_cosine": min(f["cosine"] for f in found.values()),
             "held_samples": len(data),
+            "held_outputs": len(found),
         }
 
     def timed(candidate: onnx.ModelProto, facts: dict) -> dict:
@@ -1429,7 +1440,8 @@ EXACT_TRAIN = 1e-4  # relative weight error of a tensor train below which it sta
 def _check_ratio(report: Report, *, method: str, latency_batch: int, round_to: int) -> None:
     """Within 1 point of the request, or say why in one line; far from it, refuse (nothing is written).
 
-    With --round-to the overshoot of one rounding step is documented, so it is only noted.
+    With --round-to the overshoot of one rounding step is documented, so it is only noted; so is that of layers
+    written in Tucker-2 form (each at most its split's weights).
     """
     facts = report.facts
     requested, achieved = facts["ratio_requested"], facts["ratio_achieved"]
@@ -1476,6 +1488,12 @@ def _check_ratio(report: Report, *, method: str, latency_batch: int, round_to: i
             f"{counts} are rounded to multiples of {round_to} (--round-to; --method best rounds its results to "
             "the processor's vector width, 8 or 16, which onnxruntime's kernels run fastest)"
         )
+    tucker = report.counts.get("tucker", 0)
+    if tucker and off > 0:  # each takes at most the weights of its split, in whole steps of t
+        why += (
+            f"; {tucker} split layer{'s' if tucker > 1 else ''} written in Tucker-2 form, which keeps more "
+            "directions in no more weights than the split (--no-tucker keeps the splits)"
+        )
     line = (
         f"--ratio {requested:g}: reached {achieved:.3f} of the {facts['target']} "
         f"({100 * abs(off):.1f} points {'over' if off > 0 else 'under'}): {why}"
@@ -1488,7 +1506,7 @@ def _check_ratio(report: Report, *, method: str, latency_batch: int, round_to: i
             f"{line}; nothing written; --method basis splits these layers at the rank the request needs",
             blocked=facts.get("blocked"),
         )
-    elif abs(off) > RATIO_FAR and not (round_to > 1 and off > 0):
+    elif abs(off) > RATIO_FAR and not ((round_to > 1 or tucker) and off > 0):
         raise BudgetError(
             f"{line}; nothing written; {_alternatives(method, latency_batch)}", blocked=facts.get("blocked")
         )
@@ -2489,7 +2507,7 @@ def _validate_made(out: onnx.ModelProto) -> None:
 
 
 def _original_name(node_name: str) -> str:
-    for suffix in ("_basis", "_scaling"):
+    for suffix in ("_basis", "_scaling", PROJECTION):
         if node_name.endswith(suffix):
             return node_name[: -len(suffix)]
     return node_name

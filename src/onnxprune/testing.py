@@ -179,3 +179,15 @@ def validate_report(doc: dict) -> None:
     from jsonschema import Draft202012Validator
 
     Draft202012Validator(report_schema()).validate(doc)
+
+
+def summary_item(stdout: str, label: str) -> str:
+    """The summary's item `label` (``chosen``, ``speed``...): its line and the lines that go on it, joined by newlines.
+
+    Raises:
+        StopIteration: The summary has no such item.
+    """
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"  {label}  "))
+    end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith(" " * 10)), len(lines))
+    return "\n".join(lines[start:end])

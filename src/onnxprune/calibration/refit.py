@@ -37,6 +37,7 @@ from onnxprune.calibration.frontier import Frontier
 from onnxprune.calibration.runner import row_budget
 from onnxprune.graph import to_graph, unique_name
 from onnxprune.passes.basis import BasisPair
+from onnxprune.passes.tucker import PROJECTION
 from onnxprune.progress import steps
 from onnxprune.result import PassResult, Report
 from onnxprune.rules import const, layouts
@@ -85,9 +86,19 @@ def refit(
     order = {n.name: i for i, n in enumerate(graph.nodes)}
     nodes = {n.name: n for n in graph.nodes}
     split = {p.scaling: nodes[p.basis] for p in pairs if _still_split(p, nodes)}
+    # a Tucker projection (passes/tucker.py) has no tensor of the original to fit to: its pair is fitted after it
+    projections = {
+        n.inputs[0].inputs[0].name
+        for n in split.values()
+        if n.inputs[0].inputs and n.inputs[0].inputs[0].name.endswith(PROJECTION)
+    }
     layers = {p.scaling for p in pairs if p.scaling in order}
     shrunk = set(kept or {})
-    layers |= {n.name for n in graph.nodes if n.inputs and n.inputs[0].name in shrunk and _rows_of(n) is not None}
+    layers |= {
+        n.name
+        for n in graph.nodes
+        if n.inputs and n.inputs[0].name in shrunk and _rows_of(n) is not None and n.name not in projections
+    }
     ordered = sorted(layers, key=order.get)
     runs = Runs.of(graph, template, original, fit, held, batch_size=batch_size, reference=reference)
     for i, name in enumerate(steps(ordered, "refit")):

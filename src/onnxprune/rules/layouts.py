@@ -220,6 +220,16 @@ class Layout:
         """Whether the weight applies to each position alone (a scaling op: a matrix on the channel axis)."""
         return self.matrix(node) is not None
 
+    def projectable(self, node: gs.Node) -> bool:
+        """Whether a pointwise op on `node`'s input channels (`scaling_layer`) may go before it: a Tucker-2 form.
+
+        Only where that op runs at `node`'s own positions and the weight mixes all input channels with several taps
+        (a k x k Conv, group 1, stride 1; at stride 2 it would run at 4x the positions, and a Tucker rank that pays
+        for them leaves the layer far under the weights it was given): elsewhere the split keeps as many directions
+        for its weights.
+        """
+        return False
+
     def patches(self, node: gs.Node) -> Rows | None:
         """The map from an input batch to the rows [positions, K] the [out, K] matrix multiplies; None: not known."""
         return None
@@ -271,6 +281,12 @@ class _ConvLayout(Layout):
 
     def mid_shape(self, out_shape, rank):
         return list(out_shape[:1]) + [rank] + list(out_shape[2:])
+
+    def projectable(self, node):
+        w = const(input_of(node, 1))
+        if w is None or w.ndim < 3 or int(node.attrs.get("group", 1)) != 1 or int(np.prod(w.shape[2:])) == 1:
+            return False
+        return all(v == 1 for v in node.attrs.get("strides", [1])) and self.matrix(node) is not None
 
     def pointwise(self, node):
         w = self.matrix(node)
