@@ -492,8 +492,7 @@ class _Run:
         """Merge back the splits that do not pay, clean up and refit: the pruned graph as it will be written."""
         opts, model = self.opts, self.model
         tail = run_passes(graph, [partial(merge_unprofitable, pairs=self.pairs, limits=self.limits), cleanup]).report
-        if opts.tucker:  # the same weights, more directions kept (passes/tucker.py); before the refit, which fits them
-            refresh_shapes(graph)
+        if opts.tucker and self.pairs:  # more directions in the same weights (passes/tucker.py); the refit fits them
             tucker = partial(to_tucker, pairs=self.pairs, kept=kept, round_to=opts.round_to)
             tail.merge(run_passes(graph, [tucker]).report)
         if self.fit is None or not opts.compensate:

@@ -89,7 +89,7 @@ def to_tucker(
     split's ``||W - S B||_F``.
 
     Args:
-        graph: Graph to edit in place (shapes as `refresh_shapes` leaves them).
+        graph: Graph to edit in place.
         pairs: The split pairs of this run.
         kept: Tensor name -> original channel positions that stay, for tensors whose channels were removed.
         round_to: t is a multiple of this (the ranks' rounding: onnxruntime's blocked layout runs channel counts
