@@ -98,3 +98,36 @@ def test_the_report_names_the_projection_and_the_ranks_written():
     t = projection["rank"]
     assert t >= 3 and projection["after"] == [t, 64, 1, 1] and basis["rank"] == t and basis["after"] == [t, t, 3, 3]
     assert projection["split_from"]["name"] == basis["split_from"]["name"]
+
+
+@pytest.mark.parametrize(
+    "co, ci, kernel", [(48, 32, (3, 3)), (32, 48, (5, 5)), (40, 40, (3,)), (36, 24, (3, 1))], ids=str
+)
+def test_the_rewrite_computes_its_factors_product(co, ci, kernel):
+    """Whatever the shapes (Ci != Co, 1-D, 5 x 5, 3 x 1 kernels): the projection, core and scaling written compute the
+    Conv whose weight is U G P, with the layer's bias, pads and dilations (a dense Conv built from the factors read
+    back from the written model)."""
+    rng = np.random.default_rng(co + ci)
+    t = 3
+    u, g, p = rng.standard_normal((co, t)), rng.standard_normal((t, t, *kernel)), rng.standard_normal((t, ci))
+    w = np.einsum("oa,ab...,bi->oi...", u, g, p) + 0.01 * rng.standard_normal((co, ci, *kernel))
+    pads = [k // 2 for k in kernel] * 2
+    b = Builder(0)
+    dilations = [2] + [1] * (len(kernel) - 1)
+    y = b.node("Conv", ["x", b.const(w), b.const(np.full(co, 0.1), "b")], pads=pads, dilations=dilations)
+    model = b.model([("x", [ci] + [9] * len(kernel))], [y])
+    out, report = prune(model, remove_ratio=0.9, method="basis")
+    assert report.counts["tucker"] == 1
+    onnx.checker.check_model(out, full_check=True)
+    weights = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in out.graph.initializer}
+    convs = [n for n in out.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 3 and convs[0].name.endswith("_projection")
+    first, core, scaling = (weights[n.input[1]] for n in convs)
+    product = np.einsum("oa...,ab...,bi...->oi...", scaling, core, first)
+    dense = Builder(0)
+    bias = weights[convs[2].input[2]] if len(convs[2].input) > 2 else np.zeros(co)
+    z = dense.node("Conv", ["x", dense.const(product), dense.const(bias, "b")], pads=pads, dilations=dilations)
+    expected = dense.model([("x", [ci] + [9] * len(kernel))], [z])
+    feeds = random_feeds(model, batch=2, seed=3)
+    got, want = ort_run(out, feeds), ort_run(expected, feeds)
+    assert np.allclose(next(iter(got.values())), next(iter(want.values())), atol=1e-4)
