@@ -12,6 +12,7 @@ from onnxprune.passes.basis import decompose_basis, find_basis_pairs
 from onnxprune.passes.groups import find_channel_groups
 from onnxprune.passes.remove import remove_channels
 from onnxprune.pipeline import prune
+from onnxprune.result import Report
 from onnxprune.rules import const, layouts
 from onnxprune.testing import ort_run
 
@@ -416,3 +417,29 @@ def test_borrowing_the_unchanged_prefix_does_not_change_the_refit(monkeypatch):
     assert borrowed >= 1 and none == 0 and refits >= 3
     out = model.graph.output[0].name
     np.testing.assert_allclose(ort_run(shared, held)[out], ort_run(alone, held)[out], rtol=1e-4, atol=1e-4)
+
+
+def test_the_guard_bisects_the_share_kept_so_a_deep_request_names_a_deep_ratio(monkeypatch):
+    """The handed digits at 0.95 were refused with "about 0.83" (0.475, 0.71, 0.83 tried) where 0.93 held: halving
+    the ratio spends its three steps far from a deep request. Once a ratio holds, the share kept is bisected in log
+    scale: 0.475, then 0.84 and 0.91."""
+    from onnxprune import pipeline
+    from onnxprune.errors import GuardError
+
+    asked = []
+
+    def fake_prune(model, *, remove_ratio, **options):
+        asked.append(remove_ratio)
+        report = Report()
+        report.facts.update(fidelity={"logits": {}}, ratio=remove_ratio)
+        return model, report
+
+    monkeypatch.setattr(pipeline, "prune", fake_prune)
+    monkeypatch.setattr(
+        pipeline, "_agreement", lambda r: (0.97 if r.facts["ratio"] <= 0.93 else 0.89, "top-1 agreement")
+    )
+    with pytest.raises(GuardError, match=r"the largest ratio that holds is about 0\.91 ") as err:
+        pipeline.prune_guarded(onnx.load(EXAMPLE), remove_ratio=0.95, calib={"image": np.zeros((1, 1, 16, 16))})
+    second = 1 - np.sqrt(0.525 * 0.05)
+    assert np.allclose(asked[1:], [0.475, second, 1 - np.sqrt((1 - second) * 0.05)])
+    assert err.value.report.facts["guard"]["largest_ratio_that_holds"] == pytest.approx(0.91, abs=5e-3)
