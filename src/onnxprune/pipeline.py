@@ -2166,7 +2166,8 @@ def _prune_stage(
                 note = (
                     f"the plan of least predicted error ({first}) and every per-layer latency budget measured slower "
                     f"than the original{at} (the strictest: {_times(budget_measured)}): a budget buys no speed here, "
-                    "so the plan of best fidelity was written"
+                    "so of the candidate plans the one that agreed best with the original on the held-out samples "
+                    "after the refit (not always the one predicted best before it) was written"
                 )
         if allocation is None:
             if evaluate is not None and len(order) > 1:
