@@ -131,3 +131,32 @@ def test_the_rewrite_computes_its_factors_product(co, ci, kernel):
     feeds = random_feeds(model, batch=2, seed=3)
     got, want = ort_run(out, feeds), ort_run(expected, feeds)
     assert np.allclose(next(iter(got.values())), next(iter(want.values())), atol=1e-4)
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_under_a_latency_budget_a_layer_is_rewritten_only_where_its_chain_times_no_slower(monkeypatch, faster):
+    """The plan was timed with the splits; one more kernel can make the model slower (the handed digits at 0.9:
+    0.64x at batch 1 with every layer rewritten). With a latency batch each rewrite is timed against its split."""
+    from onnxprune import pipeline
+
+    asked = []
+    monkeypatch.setattr(pipeline, "layer_latency", lambda *, ranks, **kw: (1.0, {r: 0.1 for r in ranks}))
+    monkeypatch.setattr(pipeline, "compare_latency", lambda a, b, feeds, **kw: (1.0, 0.5))
+    monkeypatch.setattr(pipeline, "tucker_no_slower", lambda **kw: asked.append(kw) or faster)
+    model = _one_conv(_tucker_weight(64, 64, 3))
+    _, report = prune(model, remove_ratio=0.95, method="basis", latency_batch=1)
+    assert len(asked) == 1 and asked[0]["x_shape"] == [1, 64, 8, 8] and asked[0]["weight_shape"] == [64, 64, 3, 3]
+    assert asked[0]["t"] > asked[0]["rank"]
+    assert report.counts.get("tucker", 0) == int(faster) and report.counts.get("tucker_slower", 0) == int(not faster)
+    _, free = prune(model, remove_ratio=0.95, method="basis", latency_batch=0)  # planned by parameters: not asked
+    assert len(asked) == 1 and free.counts["tucker"] == 1
+
+
+def test_the_chain_timing_runs_and_is_remembered(tmp_path, monkeypatch):
+    from onnxprune import latency
+
+    monkeypatch.setenv(latency.CACHE_ENV, str(tmp_path / "cache.json"))
+    args = dict(x_shape=[1, 16, 8, 8], weight_shape=[16, 16, 3, 3], attrs={"pads": [1, 1, 1, 1]}, rank=2, t=4)
+    first = latency.tucker_no_slower(**args)
+    monkeypatch.setattr(latency, "_time", lambda *a, **k: pytest.fail("timed again"))
+    assert latency.tucker_no_slower(**args) == first

@@ -255,6 +255,52 @@ def layer_latency(
     return dense, times
 
 
+def tucker_no_slower(
+    *, x_shape: list[int], weight_shape: list[int], attrs: dict, rank: int, t: int, threads: int = 0
+) -> bool:
+    """Whether a Conv's Tucker-2 form at rank `t` runs no slower than its split at `rank` (``passes.tucker``).
+
+    Times, like `layer_latency` (the fastest of several onnxruntime runs at the layer's real input shape, cached),
+    the split (k x k basis op to `rank`, 1 x 1 scaling op) against the Tucker-2 chain (1 x 1 projection to `t`, k x k
+    core t -> t, 1 x 1 scaling op): one more kernel, and channel counts off the vector width leave onnxruntime's
+    blocked layout through reorders.
+
+    Args:
+        x_shape: The layer's input shape, batch included.
+        weight_shape: The dense weight's shape [Co, Ci, k...].
+        attrs: The Conv's attributes (pads, dilations; stride 1).
+        rank: The split's kept rank.
+        t: The Tucker rank.
+        threads: Intra-op threads, as the model will run (0: onnxruntime's default).
+
+    Returns:
+        True when the chain measured at most `MARGIN` slower than the split.
+    """
+    key = _cache_key("tucker", x_shape, weight_shape, sorted(attrs.items()), rank, t, threads)
+    cache = _load_cache()
+    if key in cache:
+        return bool(cache[key])
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    conv_attrs = {k: v for k, v in attrs.items() if k in ("strides", "pads", "dilations", "auto_pad", "kernel_shape")}
+    co, ci, taps = weight_shape[0], weight_shape[1], list(weight_shape[2:])
+    ones = (1,) * len(taps)
+    draw = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    split = _layer_model("Conv", x_shape, [draw(rank, ci, *taps), draw(co, rank, *ones)], [conv_attrs, {}])
+    chain = _layer_model(
+        "Conv", x_shape, [draw(t, ci, *ones), draw(t, t, *taps), draw(co, t, *ones)], [{}, conv_attrs, {}]
+    )
+
+    def timed(model: onnx.ModelProto) -> float:
+        first = _time(model, x, threads, 3)
+        return min(first, _time(model, x, threads, int(min(30, max(5, MEASURE_SECONDS / max(first, 1e-6))))))
+
+    found = timed(chain) <= timed(split) * (1 + MARGIN)
+    cache[key] = found
+    _store_cache(cache)
+    return found
+
+
 def model_latency(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, threads: int = 0) -> float:
     """Fastest of several onnxruntime runs of the whole model on `feeds` (CPU, all optimisations), in seconds.
 

@@ -20,6 +20,8 @@ test accuracy against 86.3 % for the rank-r splits at 8 % fewer weights; without
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -78,7 +80,12 @@ def tucker_factors(weight: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray, 
 
 
 def to_tucker(
-    graph: gs.Graph, *, pairs: list[BasisPair], kept: dict[str, np.ndarray] | None = None, round_to: int = 1
+    graph: gs.Graph,
+    *,
+    pairs: list[BasisPair],
+    kept: dict[str, np.ndarray] | None = None,
+    round_to: int = 1,
+    keeps_speed: Callable[[gs.Node, tuple[int, ...], int, int], bool] | None = None,
 ) -> PassResult:
     """Write, in place, each split k x k Conv whose Tucker-2 form is closer to its layer as that form.
 
@@ -94,6 +101,9 @@ def to_tucker(
         kept: Tensor name -> original channel positions that stay, for tensors whose channels were removed.
         round_to: t is a multiple of this (the ranks' rounding: onnxruntime's blocked layout runs channel counts
             off the vector width through reorders).
+        keeps_speed: (basis op, dense weight shape, r, t) -> whether the Tucker-2 form runs no slower than the
+            split; a layer for which it says False stays split (``report.counts["tucker_slower"]``). None: not
+            asked (a plan made without a latency budget).
 
     Returns:
         The result: per layer rewritten, ``report.layers[<layer>_projection]`` (op "projection", its rank t and
@@ -137,6 +147,9 @@ def to_tucker(
             matrix - np.einsum("ot...,ti->oi...", made.reshape((co, t) + w.shape[2:]), p).reshape(co, -1)
         )
         if tucker_error >= split_error:
+            continue
+        if keeps_speed is not None and not keeps_speed(basis, w.shape, r, t):
+            report.counts["tucker_slower"] += 1
             continue
         dtype = b_w.dtype
         name = unique_name(graph, pair.basis.removesuffix("_basis") + PROJECTION)
