@@ -334,6 +334,21 @@ def test_bench_feeds_an_input_the_value_given(tmp_path, capsys):
     assert feed.shape == () and feed.dtype == np.int64 and feed == 16000
 
 
+def test_bench_names_the_dynamic_dims_it_needs(tmp_path, capsys):
+    """A new user's `bench vad.onnx --value sr=16000` ended in "has dynamic dims [None, None]": which dims, and how?"""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "tokens",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", 64])],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    code, _, err = run(["bench", path, "--runs", "3"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "dynamic dims [N, S, 64]; give them with --shape x:1x<S>x64" in err
+
+
 def test_counts_that_grow_are_said_as_added_not_as_a_negative_removal():
     from onnxprune.cli import _change
 

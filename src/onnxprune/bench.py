@@ -126,7 +126,15 @@ def _feeds(
             shape = shapes[name]
         else:
             if any(d is None for i, d in enumerate(dims) if i != axes[name]):
-                raise OnnxPruneError(f"input '{name}' has dynamic dims {dims}; give them with --shape {name}:...")
+                declared = next(i for i in model.graph.input if i.name == name).type.tensor_type.shape.dim
+                names = [d.dim_param or (str(d.dim_value) if d.dim_value > 0 else "?") for d in declared]
+                template = "x".join(
+                    "1" if i == axes[name] else (n if n.isdigit() else f"<{n}>") for i, n in enumerate(names)
+                )
+                raise OnnxPruneError(
+                    f"input '{name}' has dynamic dims [{', '.join(names)}]; give them with --shape {name}:{template} "
+                    "(numbers; a dynamic batch dim follows each --batch)"
+                )
             shape = [batch if i == axes[name] else d for i, d in enumerate(dims)]
         dtype = dtype or np.float32
         if name in values:  # a value the model branches on (a sample rate), not data: the user's
