@@ -430,17 +430,22 @@ def test_labels_past_the_model_s_classes_are_refused_in_one_line(tmp_path, capsy
     assert len(err.strip().splitlines()) == 1
 
 
-def test_a_classifier_with_flat_scores_is_not_said_to_score_per_position(caplog):
-    """A plain [N, 10] classifier whose scores are flat on the data (random weights) was told its scores are per
-    position, as a CTC recogniser's: the warning gives the flat scores as the reason."""
+def _flat_scored_classifier() -> tuple[onnx.ModelProto, dict]:
+    """A plain [N, 10] classifier whose scores are flat on any input (an untrained head), and 40 random samples."""
     from models import gemm_bias2d
 
     model = gemm_bias2d()
     last = [n for n in model.graph.node if n.op_type == "Gemm"][-1]
-    for t in model.graph.initializer:  # scores flat on any input: an untrained head
+    for t in model.graph.initializer:
         if t.name in last.input[1:]:
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1e-3, t.name))
-    data = {i.name: random_feeds(model, batch=40, seed=4)[i.name] for i in model.graph.input}
+    return model, {i.name: random_feeds(model, batch=40, seed=4)[i.name] for i in model.graph.input}
+
+
+def test_a_classifier_with_flat_scores_is_not_said_to_score_per_position(caplog):
+    """A plain [N, 10] classifier whose scores are flat on the data (random weights) was told its scores are per
+    position, as a CTC recogniser's: the warning gives the flat scores as the reason."""
+    model, data = _flat_scored_classifier()
     with caplog.at_level(logging.WARNING, logger="onnxprune"):
         pipeline.prune(model, remove_ratio=0.2, method="channel", calib=data, latency_batch=0)
     said = [r.getMessage() for r in caplog.records if "criterion energy instead of cmi" in r.getMessage()]
@@ -450,14 +455,7 @@ def test_a_classifier_with_flat_scores_is_not_said_to_score_per_position(caplog)
 def test_the_criterion_warning_is_given_only_for_the_result_written(caplog):
     """Method best makes channel results with the label criterion turned to energy; when the basis result is the one
     written, the warning would name a removal the user never gets (a new user on a layout detector asked about it)."""
-    from models import gemm_bias2d
-
-    model = gemm_bias2d()
-    last = [n for n in model.graph.node if n.op_type == "Gemm"][-1]
-    for t in model.graph.initializer:  # scores flat on any input: an untrained head
-        if t.name in last.input[1:]:
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1e-3, t.name))
-    data = {i.name: random_feeds(model, batch=40, seed=4)[i.name] for i in model.graph.input}
+    model, data = _flat_scored_classifier()
     with caplog.at_level(logging.WARNING, logger="onnxprune"):
         _, report = pipeline.prune(model, remove_ratio=0.2, method="best", calib=data, latency_batch=1)
     said = [r.getMessage() for r in caplog.records if "criterion energy instead of" in r.getMessage()]
