@@ -92,8 +92,7 @@ def to_tucker(
     A pair qualifies when it is still split, its layout allows a projection before it (`Layout.projectable`: a
     k x k Conv, stride 1, group 1), the weight of the layer it was split from is known (`BasisPair.original`; sliced
     to the channels `kept` when they were removed after the split), and a Tucker rank t above r fits its weights
-    (`tucker_rank`). It is rewritten only where ``||W - U G P||_F`` is below the
-    split's ``||W - S B||_F``.
+    (`tucker_rank`). It is rewritten only where ``||W - U G P||_F`` is below the split's ``||W - S B||_F``.
 
     Args:
         graph: Graph to edit in place.
@@ -156,7 +155,7 @@ def to_tucker(
         op, attrs, p_w = layout.scaling_layer(basis, p)  # the same kind of pointwise op, before the core
         shape = None if x.shape is None else layout.mid_shape(list(x.shape), t)
         projected = gs.Variable(unique_name(graph, f"{name}_out"), dtype=x.dtype, shape=shape)
-        weight = gs.Constant(f"{name}/weight", p_w.astype(dtype))
+        weight = gs.Constant(unique_name(graph, f"{name}/weight"), p_w.astype(dtype))
         graph.nodes.append(gs.Node(op, name, attrs=attrs, inputs=[x, weight], outputs=[projected]))
         basis.inputs[0] = projected
         basis.inputs[1] = gs.Constant(unique_name(graph, f"{pair.basis}/weight"), core.astype(dtype))
