@@ -368,7 +368,7 @@ def test_a_label_criterion_on_a_sequence_model_says_its_scores_are_per_position(
     w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 30, w.name))
     data = {"x": random_feeds(model, batch=40, seed=4)["x"]}
     with caplog.at_level(logging.WARNING, logger="onnxprune"):
-        pipeline.prune(model, remove_ratio=0.2, method="channel", calib=data)
+        pipeline.prune(model, remove_ratio=0.2, method="auto", calib=data)
     said = [r.getMessage() for r in caplog.records if "criterion energy instead of cmi" in r.getMessage()]
     assert said and "scores are per position" in said[0]
 
@@ -447,7 +447,7 @@ def test_a_classifier_with_flat_scores_is_not_said_to_score_per_position(caplog)
     position, as a CTC recogniser's: the warning gives the flat scores as the reason."""
     model, data = _flat_scored_classifier()
     with caplog.at_level(logging.WARNING, logger="onnxprune"):
-        pipeline.prune(model, remove_ratio=0.2, method="channel", calib=data, latency_batch=0)
+        pipeline.prune(model, remove_ratio=0.2, method="auto", calib=data, latency_batch=0)
     said = [r.getMessage() for r in caplog.records if "criterion energy instead of cmi" in r.getMessage()]
     assert said and "per position" not in said[0] and "class scores" in said[0]
 

@@ -735,8 +735,9 @@ def test_ratio_reached_by_folding_alone_is_noted_not_refused():
     "method, calibrated, expected",
     [
         ("channel", False, "criterion l2"),
-        ("channel", True, "criterion cmi"),
-        ("best", True, "criterion energy for bases, cmi for channels"),  # said "energy" while channels were written
+        ("channel", True, "criterion reconstruction"),
+        ("best", True, "criterion energy for bases, reconstruction for channels"),  # said "energy" while channels
+        # were written
     ],
 )
 def test_first_log_line_names_the_criterion_used(method, calibrated, expected, model_file, tmp_path, capsys):

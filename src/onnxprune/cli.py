@@ -109,10 +109,11 @@ def cli() -> None:
     "--criterion",
     type=click.Choice(criteria.names()),
     default=None,
-    help="Importance: filter norm (l1, l2), BN scale (bn); with --calib: output energy (energy), Fisher class "
-    "separation (discriminant) or conditional mutual information with the labels (cmi), the labels being --labels "
-    "or else the model's own top-1. Default with --calib: cmi for --method channel/auto, energy for basis/double "
-    "(measured best); without: l2.",
+    help="Importance: filter norm (l1, l2), BN scale (bn); with --calib: output energy (energy), the error the "
+    "reading layers keep once refitted on the channels left (reconstruction: a channel the others predict goes "
+    "first, however loud), Fisher class separation (discriminant) or conditional mutual information with the "
+    "labels (cmi), the labels being --labels or else the model's own top-1. Default with --calib: reconstruction "
+    "for --method channel, cmi for auto, energy for basis/double (measured best); without: l2.",
 )
 @click.option(
     "--exclude",

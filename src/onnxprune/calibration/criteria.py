@@ -31,9 +31,11 @@ class Context:
     pooled: dict[str, np.ndarray] = field(default_factory=dict)  # tensor -> [N, C] spatially averaged channels
     labels: np.ndarray | None = None  # [N] class of each calibration sample (the user's, or the model's top-1)
     seed: int = 0  # seed of any sampling a criterion does (cmi's sample of CMI_SAMPLES)
+    covariances: dict[str, np.ndarray] = field(default_factory=dict)  # tensor -> [C, C] channel covariance
 
 
 LABEL_CRITERIA = ("cmi", "discriminant")  # criteria that read pooled features and labels
+DATA_CRITERIA = ("energy", "reconstruction", *LABEL_CRITERIA)  # criteria that need calibration data
 
 
 def criterion(name: str) -> Callable[[Criterion], Criterion]:
@@ -397,3 +399,128 @@ def collect_bn_gamma(graph: gs.Graph) -> dict[str, np.ndarray]:
         if len(x.inputs) == 1:
             found[x.inputs[0].name] = const(node.inputs[1]).astype(np.float64)
     return found
+
+
+RECONSTRUCTION_STEPS = 128  # greedy steps per group at most: a wider group picks len / 128 channels a step
+RECONSTRUCTION_RIDGE = 1e-6  # added to each covariance's diagonal, times its mean diagonal
+
+
+def reconstruction_curves(context: Context) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per channel group: its classes in the order they are best kept in, and the error of keeping the first k.
+
+    The error is that of the layers reading the group once its removed channels are predicted from those kept and
+    the readers refitted (least squares, as ``refit.refit`` does next): for a reader y = W x of channels x with
+    covariance C, keeping the set S leaves ``tr(Q (C - C[:, S] C[S, S]^-1 C[S, :]))``, Q = sum over the kernel taps
+    of W_tap^T W_tap, the kernel's taps taken as seeing uncorrelated positions. Channels are picked greedily, each
+    step the one whose keeping removes most of that error summed over the tensors the group flows through (forward
+    selection for column subset selection with a Schur-complement update; the channel-pruning reconstruction of He
+    et al. 2017, "Channel Pruning for Accelerating Very Deep Neural Networks", and ThiNet, Luo et al. 2017, with the
+    compensation of the refit inside the choice). Unlike per-channel saliencies, a channel that its neighbours
+    predict well is cheap to remove however much energy it carries.
+
+    Args:
+        context: The graph, its analysis, its basis pairs (a split reader is read through its scaling op) and
+            ``covariances`` (`runner.channel_covariances` of the tensors `consumer_inputs` lists).
+
+    Returns:
+        Group name -> (class ids, best kept first; ``[n + 1]`` relative error of keeping the first k, 0 at k = 0
+        which stands for the group whole, as ``budget.Choice`` options count) for each unblocked group of channels
+        (not heads) whose every class is at most one channel of each tensor read; others are left out.
+    """
+    analysis, covariances = context.analysis, context.covariances
+    scaling_of = {p.basis: p.scaling for p in context.pairs}
+    nodes = {n.name: n for n in context.graph.nodes}
+    taps: dict[str, np.ndarray] = {}
+    for node in context.graph.nodes:
+        w = layouts.weight_matrix(node)
+        source = node.inputs[0].name if node.inputs else None
+        if w is None or source not in covariances:
+            continue
+        w = w.astype(np.float64)
+        if node.name in scaling_of and layouts.weight_matrix(nodes[scaling_of[node.name]]) is not None:
+            w = layouts.weight_matrix(nodes[scaling_of[node.name]]).astype(np.float64) @ w
+        c = len(covariances[source])
+        if w.shape[1] % c:
+            continue
+        w3 = w.reshape(w.shape[0], c, -1)
+        taps[source] = taps.get(source, 0) + np.einsum("oct,odt->cd", w3, w3)
+    curves = {}
+    for group in analysis.groups:
+        if group.unit != "channel" or group.blocked or len(group.classes) < 2:
+            continue
+        position = {int(c): i for i, c in enumerate(group.classes)}
+        parts = []
+        for tensor, q in taps.items():
+            where = [(j, position[int(c)]) for j, c in enumerate(analysis.classes(tensor)) if int(c) in position]
+            if not where:
+                continue
+            idx, pos = (np.array(v, dtype=np.int64) for v in zip(*where))
+            if len(set(pos.tolist())) != len(pos):  # a class of several channels here: not this model
+                parts = []
+                break
+            parts.append((pos, covariances[tensor][np.ix_(idx, idx)], q[np.ix_(idx, idx)]))
+        if parts:
+            order, error = _greedy_reconstruction(len(group.classes), parts)
+            curves[group.name] = (group.classes[order], error)
+    return curves
+
+
+def _greedy_reconstruction(n: int, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]):
+    """Forward selection of `n` positions; parts: (positions, covariance, Q) of each tensor (`reconstruction_curves`)."""
+    state = []
+    for pos, cov, q in parts:
+        g = np.zeros((n, n))
+        g[np.ix_(pos, pos)] = cov
+        g[pos, pos] += RECONSTRUCTION_RIDGE * max(float(np.mean(np.diag(cov))), 1e-300)
+        qq = np.zeros((n, n))
+        qq[np.ix_(pos, pos)] = q
+        state.append([g, g @ qq @ g, qq])
+    total = sum(float(np.sum(q * g)) for g, _, q in state)
+    left = np.ones(n, dtype=bool)
+    order: list[int] = []
+    residual = [total]
+    step = max(1, -(-n // RECONSTRUCTION_STEPS))
+    while left.any():
+        gains = np.zeros(n)
+        for g, h, _ in state:
+            d = np.diag(g)
+            gains += np.where(d > 0, np.diag(h) / np.where(d > 0, d, 1.0), 0.0)
+        candidates = np.flatnonzero(left)
+        pick = candidates[np.argsort(-gains[candidates], kind="stable")[:step]]
+        for part in state:
+            g, h, q = part
+            sel = pick[np.diag(g)[pick] > 0]
+            if len(sel) == 0:
+                continue
+            d = g[np.ix_(sel, sel)] + np.eye(len(sel)) * 1e-12 * max(float(np.max(np.diag(g))), 1e-300)
+            k = np.linalg.solve(d, g[sel])
+            h = h - h[:, sel] @ k - k.T @ h[sel] + k.T @ h[np.ix_(sel, sel)] @ k
+            g = g - g[:, sel] @ k
+            part[0], part[1] = (g + g.T) / 2, (h + h.T) / 2
+        left[pick] = False
+        order.extend(pick.tolist())
+        after = max(sum(float(np.sum(q * g)) for g, _, q in state), 0.0)
+        residual.extend(np.linspace(residual[-1], after, len(pick) + 1)[1:].tolist())
+    error = np.clip(np.array(residual) / total, 0.0, 1.0) if total > 0 else np.zeros(n + 1)
+    error = np.minimum.accumulate(error)
+    error[0] = 0.0
+    return np.array(order, dtype=np.int64), error
+
+
+@criterion("reconstruction")
+def _reconstruction(context: Context) -> np.ndarray:
+    """Output error each class's removal leaves once the readers are refitted (`reconstruction_curves`).
+
+    Groups with a curve score each class by the error its step of the greedy order removes (non-increasing along
+    the order, so ranking by score gives the order); the others by `consumer_energy`, on the same scale.
+    """
+    if not context.covariances:
+        raise CalibrationError("criterion reconstruction needs channel covariances from calibration data")
+    scores = consumer_energy(context) if context.energy else np.zeros(context.analysis.n_classes)
+    for group_name, (classes, error) in reconstruction_curves(context).items():
+        group = next(g for g in context.analysis.groups if g.name == group_name)
+        total = max(float(scores[group.classes].sum()), 1e-300)
+        drop = -np.diff(np.concatenate([[1.0], error[1:]]))
+        drop = np.maximum.accumulate(np.maximum(drop, 0.0)[::-1])[::-1]  # non-increasing along the order
+        scores[classes] = (drop + 1e-12) * total
+    return scores

@@ -541,6 +541,112 @@ def patch_covariances(
     return {k: sums[k] / max(counts[k], 1) for k in sums}
 
 
+def channel_covariances(
+    model: onnx.ModelProto,
+    data: Data,
+    axes: dict[str, int],
+    *,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Covariance [C, C] between the channels of each tensor in `axes`, over samples and positions, streamed.
+
+    What `criteria.reconstruction_curves` reads: how well the channels kept predict those removed. Tensors of known
+    rank, float type and channel count are reduced inside the onnxruntime session (X^T X of the tensor as rows of
+    channels, a MatMul added to a copy of the model: only [C, C] leaves it); the others come out whole and a seeded
+    sample of `row_budget` positions per batch is taken here.
+
+    Args:
+        model: The model to run.
+        data: Calibration samples.
+        axes: Tensor name -> its channel axis.
+        batch_size: Samples per batch when the batch dim is dynamic.
+        seed: Seeds the sub-sampling of positions of the tensors that come out whole.
+
+    Returns:
+        Tensor name -> centred covariance E[x x^T] - E[x] E[x]^T (float64).
+    """
+    rng = np.random.default_rng(seed)
+    sums: dict[str, np.ndarray] = {}
+    firsts: dict[str, np.ndarray] = {}
+    counts = dict.fromkeys(axes, 0)
+    reducing, reduced = _with_grams(model, axes)
+    fetched = sorted({t for outs in reduced.values() for t in outs} | (set(axes) - set(reduced)))
+    for batch in stream(reducing, data, fetched, batch_size=batch_size, label="channel covariances"):
+        for name, axis in axes.items():
+            if name in reduced:
+                gram, first, size = (batch[t] for t in reduced[name])
+                rows, gram, first = int(size) // max(len(first), 1), gram.astype(np.float64), first.astype(np.float64)
+            else:
+                x = batch[name]
+                flat = np.moveaxis(x, axis % x.ndim, -1).reshape(-1, x.shape[axis])
+                if len(flat) > row_budget(len(x)):
+                    flat = flat[rng.choice(len(flat), row_budget(len(x)), replace=False)]
+                flat = flat.astype(np.float64)
+                rows, gram, first = len(flat), flat.T @ flat, flat.sum(0)
+            sums[name] = sums.get(name, 0) + gram
+            firsts[name] = firsts.get(name, 0) + first
+            counts[name] += rows
+    out = {}
+    for name, total in sums.items():
+        mean = firsts[name] / max(counts[name], 1)
+        out[name] = total / max(counts[name], 1) - np.outer(mean, mean)
+    return out
+
+
+def _with_grams(model: onnx.ModelProto, axes: dict[str, int]) -> tuple[onnx.ModelProto, dict[str, tuple[str, ...]]]:
+    """A copy of `model` that also outputs, per tensor of `axes` it can, X^T X [C, C], the channel sums and the size.
+
+    Returns:
+        (the copy, tensor name -> (its Gram output, its ReduceSum output [C], its Size output)); tensors of unknown
+        rank, type or channel count are left out of the map.
+    """
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - inference failing only means every tensor comes out whole
+        inferred = model
+    info = {v.name: v.type.tensor_type for v in (*inferred.graph.value_info, *inferred.graph.input)}
+    info.update({v.name: v.type.tensor_type for v in inferred.graph.output})
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    nodes, outputs, constants = [], [], []
+    reduced: dict[str, tuple[str, ...]] = {}
+    for i, (name, axis) in enumerate(axes.items()):
+        t = info.get(name)
+        if t is None or not t.HasField("shape") or t.elem_type not in REDUCED_TYPES:
+            continue
+        rank = len(t.shape.dim)
+        if rank < 1 or not -rank <= axis < rank or t.shape.dim[axis % rank].dim_value < 1:
+            continue
+        axis, c = axis % rank, t.shape.dim[axis % rank].dim_value
+        stem = f"onnxprune_covariance/{i}"
+        last = name
+        if axis != rank - 1:
+            last = f"{stem}/last"
+            perm = [a for a in range(rank) if a != axis] + [axis]
+            nodes.append(onnx.helper.make_node("Transpose", [name], [last], perm=perm))
+        constants.append(onnx.numpy_helper.from_array(np.array([-1, c], dtype=np.int64), f"{stem}/shape"))
+        nodes.append(onnx.helper.make_node("Reshape", [last, f"{stem}/shape"], [f"{stem}/rows"]))
+        nodes.append(onnx.helper.make_node("Transpose", [f"{stem}/rows"], [f"{stem}/columns"], perm=[1, 0]))
+        nodes.append(onnx.helper.make_node("MatMul", [f"{stem}/columns", f"{stem}/rows"], [f"{stem}/gram"]))
+        if opset >= 13:
+            constants.append(onnx.numpy_helper.from_array(np.array([0], dtype=np.int64), f"{stem}/axes"))
+            nodes.append(
+                onnx.helper.make_node("ReduceSum", [f"{stem}/rows", f"{stem}/axes"], [f"{stem}/sum"], keepdims=0)
+            )
+        else:
+            nodes.append(onnx.helper.make_node("ReduceSum", [f"{stem}/rows"], [f"{stem}/sum"], axes=[0], keepdims=0))
+        nodes.append(onnx.helper.make_node("Size", [name], [f"{stem}/size"]))
+        for out in ("gram", "sum", "size"):
+            outputs.append(onnx.helper.make_empty_tensor_value_info(f"{stem}/{out}"))
+        reduced[name] = (f"{stem}/gram", f"{stem}/sum", f"{stem}/size")
+    copy.graph.node.extend(nodes)
+    copy.graph.initializer.extend(constants)
+    copy.graph.output.extend(outputs)
+    return copy, reduced
+
+
 def fidelity(
     original: onnx.ModelProto,
     pruned: onnx.ModelProto,
