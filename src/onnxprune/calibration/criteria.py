@@ -466,7 +466,7 @@ def reconstruction_curves(context: Context) -> dict[str, tuple[np.ndarray, np.nd
 
 
 def _greedy_reconstruction(n: int, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]):
-    """Forward selection of `n` positions; parts: (positions, covariance, Q) of each tensor (`reconstruction_curves`)."""
+    """Forward selection of `n` positions; parts: (positions, covariance, Q) per tensor (`reconstruction_curves`)."""
     state = []
     for pos, cov, q in parts:
         g = np.zeros((n, n))
