@@ -629,7 +629,8 @@ class _Run:
                 axes.update(criteria.consumer_inputs(self.graph, found))
             if stage == "channel" and _by_output_energy(found, opts.target):  # heads and units, one knapsack
                 axes.update(criteria.consumer_inputs(self.graph, found))
-            if stage == "channel" and self.criterion == "reconstruction":
+            options_read = opts.channel_options and stage == "basis" and opts.target != "latency"
+            if (stage == "channel" and self.criterion == "reconstruction") or options_read:
                 axes.update(criteria.consumer_inputs(self.graph, found))
                 covariances = channel_covariances(
                     to_model(self.graph, model),
@@ -2024,11 +2025,10 @@ def _prune_stage(
     if stage == "basis":
         index = 1 if target == "flops" else 0
         # whole channels beside the ranks: groups of one producer that a matrix op reads, measured on calibration data
-        offered = []
+        offered, option_curves = [], {}
         if channel_options and energy and target != "latency":
-            saliency = criteria.consumer_energy(
-                criteria.Context(graph, analysis, bn_gamma, pairs, energy, pooled, labels, seed=seed)
-            )
+            saliency = criteria.consumer_energy(context)
+            option_curves = criteria.reconstruction_curves(context) if covariances else {}
             offered = [
                 g.name
                 for g in analysis.groups
@@ -2063,6 +2063,7 @@ def _prune_stage(
                 weights=weights,
                 alive=alive,
                 round_to=round_to,
+                curves=option_curves,
             )
 
         def plan(weights: dict | None, seconds: float | None, with_channels: bool = channel_options):

@@ -32,6 +32,7 @@ class Context:
     labels: np.ndarray | None = None  # [N] class of each calibration sample (the user's, or the model's top-1)
     seed: int = 0  # seed of any sampling a criterion does (cmi's sample of CMI_SAMPLES)
     covariances: dict[str, np.ndarray] = field(default_factory=dict)  # tensor -> [C, C] channel covariance
+    curves: dict | None = None  # `reconstruction_curves`, once made
 
 
 LABEL_CRITERIA = ("cmi", "discriminant")  # criteria that read pooled features and labels
@@ -427,6 +428,8 @@ def reconstruction_curves(context: Context) -> dict[str, tuple[np.ndarray, np.nd
         which stands for the group whole, as ``budget.Choice`` options count) for each unblocked group of channels
         (not heads) whose every class is at most one channel of each tensor read; others are left out.
     """
+    if context.curves is not None:
+        return context.curves
     analysis, covariances = context.analysis, context.covariances
     scaling_of = {p.basis: p.scaling for p in context.pairs}
     nodes = {n.name: n for n in context.graph.nodes}
@@ -442,10 +445,10 @@ def reconstruction_curves(context: Context) -> dict[str, tuple[np.ndarray, np.nd
         c = len(covariances[source])
         if w.shape[1] % c:
             continue
-        w3 = w.reshape(w.shape[0], c, -1)
-        taps[source] = taps.get(source, 0) + np.einsum("oct,odt->cd", w3, w3)
+        columns = w.reshape(w.shape[0], c, -1).transpose(2, 0, 1).reshape(-1, c)  # [taps x out, C]
+        taps[source] = taps.get(source, 0) + columns.T @ columns
     curves = {}
-    for group in analysis.groups:
+    for group in steps(analysis.groups, "channel scores (reconstruction)"):
         if group.unit != "channel" or group.blocked or len(group.classes) < 2:
             continue
         position = {int(c): i for i, c in enumerate(group.classes)}
@@ -462,44 +465,51 @@ def reconstruction_curves(context: Context) -> dict[str, tuple[np.ndarray, np.nd
         if parts:
             order, error = _greedy_reconstruction(len(group.classes), parts)
             curves[group.name] = (group.classes[order], error)
+    context.curves = curves
     return curves
 
 
 def _greedy_reconstruction(n: int, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]):
-    """Forward selection of `n` positions; parts: (positions, covariance, Q) per tensor (`reconstruction_curves`)."""
+    """Forward selection of `n` positions; parts: (positions, covariance, Q) per tensor (`reconstruction_curves`).
+
+    Each part keeps the Schur complement G of its covariance on the positions not yet picked (picked ones are zero
+    in it and dropped) and the diagonal of H = G Q G, the output energy each position would explain; the columns of
+    H for a step's picks are made from G when needed, so a step costs O(m^2 s) for m positions left and s picks.
+    """
     state = []
     for pos, cov, q in parts:
-        g = np.zeros((n, n))
-        g[np.ix_(pos, pos)] = cov
-        g[pos, pos] += RECONSTRUCTION_RIDGE * max(float(np.mean(np.diag(cov))), 1e-300)
-        qq = np.zeros((n, n))
-        qq[np.ix_(pos, pos)] = q
-        state.append([g, g @ qq @ g, qq])
-    total = sum(float(np.sum(q * g)) for g, _, q in state)
+        g = cov + np.eye(len(pos)) * RECONSTRUCTION_RIDGE * max(float(np.mean(np.diag(cov))), 1e-300)
+        state.append([pos.copy(), g, q, np.sum((g @ q) * g, axis=1)])
+    total = sum(float(np.sum(q * g)) for _, g, q, _ in state)
     left = np.ones(n, dtype=bool)
     order: list[int] = []
     residual = [total]
     step = max(1, -(-n // RECONSTRUCTION_STEPS))
     while left.any():
         gains = np.zeros(n)
-        for g, h, _ in state:
+        for pos, g, _, dh in state:
             d = np.diag(g)
-            gains += np.where(d > 0, np.diag(h) / np.where(d > 0, d, 1.0), 0.0)
+            gains[pos] += np.where(d > 0, dh / np.where(d > 0, d, 1.0), 0.0)
         candidates = np.flatnonzero(left)
         pick = candidates[np.argsort(-gains[candidates], kind="stable")[:step]]
         for part in state:
-            g, h, q = part
-            sel = pick[np.diag(g)[pick] > 0]
+            pos, g, q, dh = part
+            sel = np.flatnonzero(np.isin(pos, pick))
             if len(sel) == 0:
                 continue
-            d = g[np.ix_(sel, sel)] + np.eye(len(sel)) * 1e-12 * max(float(np.max(np.diag(g))), 1e-300)
-            k = np.linalg.solve(d, g[sel])
-            h = h - h[:, sel] @ k - k.T @ h[sel] + k.T @ h[np.ix_(sel, sel)] @ k
-            g = g - g[:, sel] @ k
-            part[0], part[1] = (g + g.T) / 2, (h + h.T) / 2
+            sel = sel[np.diag(g)[sel] > 0]
+            if len(sel):
+                gs = g[:, sel]
+                d = gs[sel] + np.eye(len(sel)) * 1e-12 * max(float(np.max(np.diag(g))), 1e-300)
+                k = np.linalg.solve(d, gs.T)
+                hs = g @ (q @ gs)
+                dh = dh - 2.0 * np.sum(hs * k.T, axis=1) + np.sum(k * (hs[sel] @ k), axis=0)
+                g = g - gs @ k
+            keep = ~np.isin(pos, pick)
+            part[:] = [pos[keep], g[np.ix_(keep, keep)], q[np.ix_(keep, keep)], dh[keep]]
         left[pick] = False
         order.extend(pick.tolist())
-        after = max(sum(float(np.sum(q * g)) for g, _, q in state), 0.0)
+        after = max(sum(float(np.sum(q * g)) for _, g, q, _ in state), 0.0)
         residual.extend(np.linspace(residual[-1], after, len(pick) + 1)[1:].tolist())
     error = np.clip(np.array(residual) / total, 0.0, 1.0) if total > 0 else np.zeros(n + 1)
     error = np.minimum.accumulate(error)
