@@ -4,9 +4,7 @@
 
 For each ratio: `onnxprune IN OUT --ratio R --calib calib.npy` exactly as a user types it (a subprocess: exit code,
 wall time, peak RSS, the guard's one line when it refuses), then the same with `--force` when the guard refused (so
-the accuracy of what was refused is known), and three ablation rows (`--latency-batch 0`: basis, decisions by
-parameters alone, the model may be slower; `--method basis`: the basis result of the default alone; `--no-tucker`:
-split layers never written in Tucker-2 form). The peers,
+the accuracy of what was refused is known), and the ablation rows of `ABLATIONS` (each with `--force`). The peers,
 matched to the same parameter target by bisection and run on the same calibration samples: onnxsim's structured
 Wanda pruning, and plain truncated SVD of every Conv/Gemm at one rank
 fraction for all layers (data-free; what a user writes by hand). Accuracy on the case's test set, parameters
@@ -37,6 +35,12 @@ from onnxprune.budget import count
 
 ROOT = pathlib.Path(__file__).resolve().parent
 CASES = ROOT.parent.parent / "shared" / "cases"
+ABLATIONS = (  # (what the row changes, its flags), each row also with --force
+    ("--latency-batch 0 (basis, decided by parameters alone; may be slower)", ["--latency-batch", "0", "--force"]),
+    ("--method basis (the basis result alone)", ["--method", "basis", "--force"]),
+    ("--no-tucker (split layers never written in Tucker-2 form)", ["--no-tucker", "--force"]),
+    ("--criterion cmi (channel results by the criterion before session 28)", ["--criterion", "cmi", "--force"]),
+)
 
 
 def accuracy(path: str, x: np.ndarray, y: np.ndarray) -> float:
@@ -109,51 +113,13 @@ def main(argv: list[str] | None = None) -> None:
             row["path"] = str(out)
         rows.append(row)
         if not args.quick:
-            out0 = tmp / f"lb0_{ratio}.onnx"
-            run0 = run_cli(
-                [
-                    str(model_path),
-                    str(out0),
-                    "--ratio",
-                    str(ratio),
-                    "--calib",
-                    str(calib_path),
-                    "-q",
-                    "--latency-batch",
-                    "0",
-                    "--force",
-                ]
-            )
-            rows.append(
-                {
-                    "row": "ablation: --latency-batch 0 (basis, decided by parameters alone; may be slower)",
-                    "ratio": ratio,
-                    **run0,
-                    "path": str(out0) if out0.exists() else None,
-                }
-            )
-            out_b = tmp / f"basis_{ratio}.onnx"
-            args_b = [str(model_path), str(out_b), "--ratio", str(ratio), "--calib", str(calib_path), "-q"]
-            run_b = run_cli([*args_b, "--method", "basis", "--force"])
-            rows.append(
-                {
-                    "row": "ablation: --method basis (the basis result alone)",
-                    "ratio": ratio,
-                    **run_b,
-                    "path": str(out_b) if out_b.exists() else None,
-                }
-            )
-            out_t = tmp / f"notucker_{ratio}.onnx"
-            args_t = [str(model_path), str(out_t), "--ratio", str(ratio), "--calib", str(calib_path), "-q"]
-            run_t = run_cli([*args_t, "--no-tucker", "--force"])
-            rows.append(
-                {
-                    "row": "ablation: --no-tucker (split layers never written in Tucker-2 form)",
-                    "ratio": ratio,
-                    **run_t,
-                    "path": str(out_t) if out_t.exists() else None,
-                }
-            )
+            for label, flags in ABLATIONS:
+                out_a = tmp / f"ablation_{len(rows)}_{ratio}.onnx"
+                run_a = run_cli(
+                    [str(model_path), str(out_a), "--ratio", str(ratio), "--calib", str(calib_path), "-q", *flags]
+                )
+                path_a = str(out_a) if out_a.exists() else None
+                rows.append({"row": f"ablation: {label}", "ratio": ratio, **run_a, "path": path_a})
             for name, make in (
                 ("peer: onnxsim structured Wanda", lambda r: onnxsim_wanda(model, calib, r)[0]),
                 ("peer: plain SVD, one rank fraction", lambda r: plain_svd(model, r)[0]),

@@ -7,7 +7,8 @@ once and cached under $ONNXPRUNE_BENCH_CACHE). For each model and ratio: `onnxpr
 calib.npy` in a subprocess (512 unlabelled calibration images; when the guard refuses, the same with `--force` so
 the refused model's accuracy is known), then `--target latency --ratio L --latency-batch 32` (the issue's "2x
 faster at batch 32"), and ablation rows per ratio (`--ablations`): `--method basis` (the default's basis result
-alone) and `--no-tucker` (split layers never written in Tucker-2 form). Test
+alone), `--no-tucker` (split layers never written in Tucker-2 form) and `--criterion cmi` (channel results by the
+label criterion that was the default before session 28, not by reconstruction). Test
 accuracy in onnxruntime, parameters removed, latency of every row of a model against the unpruned one at batch 1
 and 32 (alternating blocks, onnxruntime's default threads). Writes results/defaults.json and prints a markdown table.
 """
@@ -32,6 +33,7 @@ EPOCHS = 8  # the full configuration's
 ABLATIONS = {  # name -> (what the row changes, its flags)
     "basis": ("the default's basis result alone", ["--method", "basis"]),
     "no-tucker": ("split layers never written in Tucker-2 form", ["--no-tucker"]),
+    "cmi": ("channel results by the criterion before session 28", ["--criterion", "cmi"]),
 }
 
 
