@@ -75,6 +75,7 @@ def test_covariances_computed_in_the_session_equal_those_of_the_whole_tensors(mo
     axes = criteria.consumer_inputs(graph, find_channel_groups(graph))
     data = {model.graph.input[0].name: np.random.default_rng(3).standard_normal((10, 3, 8, 8)).astype(np.float32)}
     inside = runner.channel_covariances(model, data, axes, batch_size=4)
+    monkeypatch.setattr(runner, "_COVARIANCES", {})  # not the remembered ones
     monkeypatch.setattr(runner, "_with_grams", lambda m, a: (m, {}))  # every tensor comes out whole
     monkeypatch.setattr(runner, "row_budget", lambda n: 10**9)  # and no position is left out
     whole = runner.channel_covariances(model, data, axes, batch_size=4)
@@ -95,3 +96,22 @@ def test_channel_removal_by_reconstruction_is_the_default_and_keeps_the_model_va
     sess = ort.InferenceSession(out.SerializeToString())
     for batch in (1, 3):
         assert sess.run(None, {name: data[name][:batch]})[0].shape[0] == batch
+
+
+def test_covariances_are_remembered_by_content(monkeypatch):
+    # `best` makes up to four channel results from one graph and one data set: one pass serves them
+    monkeypatch.setattr(runner, "_COVARIANCES", {})
+    model = basic_residual()
+    graph = to_graph(model)
+    axes = criteria.consumer_inputs(graph, find_channel_groups(graph))
+    x = np.random.default_rng(5).standard_normal((6, 3, 8, 8)).astype(np.float32)
+    first = runner.channel_covariances(model, {"x": x}, axes)
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("ran the model again")
+
+    monkeypatch.setattr(runner, "stream", no_pass)
+    again = runner.channel_covariances(model, {"x": x.copy()}, axes)
+    assert all(np.array_equal(first[k], again[k]) for k in axes)
+    with pytest.raises(AssertionError, match="ran the model again"):  # other samples: computed anew
+        runner.channel_covariances(model, {"x": x + 1}, axes)
