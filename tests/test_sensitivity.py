@@ -156,3 +156,32 @@ def test_the_same_probes_are_measured_once(monkeypatch):
     layer_sensitivity(graph, model, [loud, quiet], scores, _data(seed=12))
     layer_sensitivity(graph, model, [loud, quiet], scores * np.arange(1, analysis.n_classes + 1), _data(seed=11))
     assert len(removed) == 3 * probes
+
+
+def test_with_local_errors_the_weight_is_the_growth_of_a_groups_own_error():
+    """Two branches alike but for one loud channel in A: a quiet channel of A is 1 % of A's readers' energy and 25 %
+    of B's, and removing it moves the outputs as much. A knapsack over local errors (relative to each group's
+    readers) needs A weighted about 25x B to see that; the plain output change weighs them alike."""
+    from onnxprune.calibration import criteria
+    from onnxprune.calibration.runner import channel_statistics
+
+    b = Builder(0)
+    reader = b.rng.standard_normal((4, 4, 1, 1)).astype(np.float32)
+    ends = []
+    for scale in ([10.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]):
+        w = np.diag(scale).astype(np.float32)[:, :, None, None]
+        y = b.relu(b.node("Conv", ["x", b.const(w), b.const(np.zeros(4, np.float32), "b")], kernel_shape=[1, 1]))
+        ends.append(b.node("Conv", [y, b.const(reader), b.const(np.zeros(4, np.float32), "b")], kernel_shape=[1, 1]))
+    model = b.model([("x", [4, 4, 4])], [b.head(b.node("Add", ends), 4, classes=3)])
+    x = np.abs(np.random.default_rng(1).standard_normal((64, 4, 4, 4))).astype(np.float32)
+    graph = to_graph(model)
+    analysis = find_channel_groups(graph)
+    energy, _ = channel_statistics(to_model(graph, model), {"x": x}, criteria.consumer_inputs(graph, analysis))
+    local = criteria.consumer_energy(criteria.Context(graph, analysis, energy=energy))
+    first = [n.name for n in graph.nodes if n.op == "Conv"][::2]
+    groups = [next(g for g in analysis.groups if g.producers == [name]) for name in first]
+    plain = layer_sensitivity(graph, model, groups, local, {"x": x}, levels=(0.25,))
+    grown = layer_sensitivity(graph, model, groups, local, {"x": x}, levels=(0.25,), local=local)
+    a, b_ = (g.name for g in groups)
+    assert 0.67 < plain[a] / plain[b_] < 1.5
+    assert grown[a] / grown[b_] > 5  # (two groups: each weight is over their mean, clipped to [0.2, 5])

@@ -2020,7 +2020,9 @@ def _prune_stage(
         knapsack = bool(np.any(scores > 0))
     weights = None
     if probe is not None:
-        weights = probe(graph, groups=[g for g in analysis.groups if g.name not in protected], scores=scores)
+        local = criteria.consumer_energy(context) if reconstruction else None  # then weights of local errors
+        probed = [g for g in analysis.groups if g.name not in protected]
+        weights = probe(graph, groups=probed, scores=scores, local=local)
         report.facts.setdefault("sensitivity", {}).update(weights)
     if stage == "basis":
         index = 1 if target == "flops" else 0

@@ -42,6 +42,7 @@ def layer_sensitivity(
     *,
     levels: tuple[float, ...] = LEVELS,
     batch_size: int = 32,
+    local: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Group name -> weight of its scores (1 = the median group's sensitivity); `graph` is not modified.
 
@@ -57,15 +58,21 @@ def layer_sensitivity(
         data: Calibration samples.
         levels: Shares of a group's removable classes removed, one probe each (at least one class, never all).
         batch_size: Samples per onnxruntime run when the model's batch dim is dynamic.
+        local: ``[n_classes]`` output energy each class feeds the layers reading it (``criteria.consumer_energy``):
+            when given, each probe's change is divided by the share of its group's that the probe removes, the
+            relative error of those layers, so the weight is how much a group's local error grows by the model's
+            outputs (what a knapsack over local errors needs: ``criteria.reconstruction_curves``), clipped to
+            `CUT_WEIGHT_RANGE`.
 
     Returns:
-        Group name -> the mean relative change of its probes divided by the median of those means over the groups,
-        clipped to `WEIGHT_RANGE`; a group that a fresh analysis of the exported graph does not find is left out.
+        Group name -> the mean relative change of its probes (over the local error, with `local`) divided by the
+        median of those means over the groups, clipped to `WEIGHT_RANGE` (`CUT_WEIGHT_RANGE` with `local`); a group
+        that a fresh analysis of the exported graph does not find is left out.
     """
     data = as_samples(data).head(SAMPLES)
     reference = to_model(graph, template)
     groups = [g for g in groups if len(g.removable) >= 2]
-    key = _probe_key(reference, groups, scores, data, levels, batch_size)
+    key = _probe_key(reference, groups, scores, data, levels, batch_size, local)
     if key in _REMEMBERED:
         _REMEMBERED.move_to_end(key)
         return dict(_REMEMBERED[key])
@@ -97,9 +104,13 @@ def layer_sensitivity(
                 sum(float(np.sum((o - r) ** 2)) for o, r in zip(out, ref))
                 / max(sum(float(np.sum(r**2)) for r in ref), 1e-30)
             )
+            if local is not None:
+                share = float(local[ranked[:k]].sum()) / max(float(local[removable].sum()), 1e-300)
+                moved[-1] = moved[-1] / share if share > 0 else np.nan
+        moved = [m for m in moved if np.isfinite(m)]
         if moved:
             change[group.name] = float(np.mean(moved))
-    weights = _relative_to_median(change, WEIGHT_RANGE, "most sensitive")
+    weights = _relative_to_median(change, WEIGHT_RANGE if local is None else CUT_WEIGHT_RANGE, "most sensitive")
     _REMEMBERED[key] = dict(weights)
     while len(_REMEMBERED) > REMEMBERED_PROBES:
         _REMEMBERED.popitem(last=False)
@@ -113,7 +124,13 @@ _REMEMBERED: OrderedDict[bytes, dict[str, float]] = OrderedDict()
 
 
 def _probe_key(
-    reference: onnx.ModelProto, groups: list[Group], scores: np.ndarray, data: Samples, levels, batch_size: int
+    reference: onnx.ModelProto,
+    groups: list[Group],
+    scores: np.ndarray,
+    data: Samples,
+    levels,
+    batch_size: int,
+    local: np.ndarray | None = None,
 ) -> bytes:
     """What `layer_sensitivity` measures depends on: the graph, the groups and their scores, the samples, the levels.
 
@@ -123,6 +140,8 @@ def _probe_key(
     """
     key = hashlib.sha1(reference.SerializeToString(deterministic=True))
     key.update(np.ascontiguousarray(scores, dtype=np.float64).tobytes())
+    if local is not None:
+        key.update(b"local" + np.ascontiguousarray(local, dtype=np.float64).tobytes())
     key.update(repr(([(g.name, g.removable.tolist()) for g in groups], tuple(levels), batch_size)).encode())
     for index, arrays in data.groups:
         key.update(np.ascontiguousarray(index).tobytes())
