@@ -115,3 +115,22 @@ def test_covariances_are_remembered_by_content(monkeypatch):
     assert all(np.array_equal(first[k], again[k]) for k in axes)
     with pytest.raises(AssertionError, match="ran the model again"):  # other samples: computed anew
         runner.channel_covariances(model, {"x": x + 1}, axes)
+
+
+@pytest.mark.parametrize("method", ["channel", "basis", "double", "auto"])
+def test_every_method_takes_the_criterion_with_calibration_data(method):
+    model = basic_residual()
+    name = model.graph.input[0].name
+    data = {name: np.random.default_rng(6).standard_normal((48, 3, 8, 8)).astype(np.float32)}
+    out, report = prune(
+        model, remove_ratio=0.3, method=method, criterion="reconstruction", calib=data, max_drop=0.99, latency_batch=0
+    )
+    assert report.facts["criterion"] == "reconstruction"
+    onnx.checker.check_model(out, full_check=True)
+
+
+def test_the_criterion_without_calibration_data_is_a_one_line_error():
+    from onnxprune.errors import OnnxPruneError
+
+    with pytest.raises(OnnxPruneError, match="--criterion reconstruction needs calibration data"):
+        prune(basic_residual(), remove_ratio=0.3, method="channel", criterion="reconstruction")

@@ -630,7 +630,7 @@ class _Run:
             if stage == "channel" and _by_output_energy(found, opts.target):  # heads and units, one knapsack
                 axes.update(criteria.consumer_inputs(self.graph, found))
             options_read = opts.channel_options and stage == "basis" and opts.target != "latency"
-            if (stage == "channel" and self.criterion == "reconstruction") or options_read:
+            if self.criterion == "reconstruction" or options_read:  # (any stage: its scores read them)
                 axes.update(criteria.consumer_inputs(self.graph, found))
                 covariances = channel_covariances(
                     to_model(self.graph, model),
