@@ -170,3 +170,25 @@ def test_long_runs_get_no_warm_runs_after_the_first_block(monkeypatch):
     times = latency.alternate([Slow()], [{}], runs=5, blocks=5)
     # the first block: one warm run (it outlasts the block) and one timed; later blocks: one timed run each
     assert len(times[0]) == 5 and len(calls) == 6
+
+
+def test_a_channel_result_is_timed_and_a_slower_one_said_so(monkeypatch, capsys):
+    """Fewer MACs are not always faster (odd channel counts cost the blocked layout's reorders): `--method channel`
+    times what it writes at the latency batch and 32, and the summary's `speed` line says when it is slower."""
+    from pathlib import Path
+
+    from models import basic_residual
+
+    from onnxprune.cli import _print_summary
+
+    monkeypatch.setattr(pipeline, "compare_latency", lambda a, b, feeds, **kw: (1.0, 1.2))
+    model = basic_residual()
+    data = {"x": np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32)}
+    _, report = prune(model, remove_ratio=0.3, method="channel", calib=data, latency_batch=1, max_drop=0.99)
+    assert set(report.facts["speed_check"]) == {1, 32}
+    _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)
+    assert "speed   measured slower than the original (speed-up 0.83x at batch 1, 0.83x at batch 32" in (
+        capsys.readouterr().out
+    )
+    _, report = prune(model, remove_ratio=0.3, method="channel", calib=data, latency_batch=0, max_drop=0.99)
+    assert "speed_check" not in report.facts  # --latency-batch 0: nothing timed
