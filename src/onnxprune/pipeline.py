@@ -2044,9 +2044,10 @@ def _prune_stage(
         graph, analysis, bn_gamma, pairs, energy, pooled, labels, seed=seed, covariances=covariances or {}
     )
     scores = criteria.importance(criterion, context)
-    reconstruction = (
-        criteria.reconstruction_curves(context) if stage == "channel" and criterion == "reconstruction" else {}
-    )
+    # (graphs with attention heads keep the knapsack by output energy measured on the ViT and the text encoder:
+    # a head has no curve, and units' errors after the refit would sit beside heads' errors without it)
+    by_curves = stage == "channel" and criterion == "reconstruction" and not _by_output_energy(analysis, target)
+    reconstruction = criteria.reconstruction_curves(context) if by_curves else {}
     knapsack = stage == "channel" and (_by_output_energy(analysis, target) or reconstruction) and energy
     if reconstruction:
         pass  # the criterion's scores: the curves' steps, and consumer energy for the groups without one
