@@ -190,13 +190,14 @@ def test_target_latency_turns_to_channels_when_the_basis_result_saves_too_little
     rows = report.facts["alternatives"]
     channel = [r for r in rows if r["method"] == "channel"]
     assert any(r["written"] for r in channel)  # basis: unreachable here, or short
-    # made as for a parameter target: without and with measured layer sensitivity, at the same depth, both compared
+    # made as for a parameter target: without and with measured layer sensitivity, each searched for its own depth
+    # (the depth found without it made at 0.5 of chars ResNet-20's time, 64.9 %; searched for, 95.7 %), compared
     assert [r["sensitivity"] for r in channel] == [False, True] and all("held_agreement" in r for r in channel)
-    assert channel[0]["params_removed"] == pytest.approx(channel[1]["params_removed"], abs=0.05)
     f = report.facts
     assert f["target"] == "latency" and f["ratio_achieved"] >= 0.49 and f["latency"]["batch"] == 1
-    # the least parameter ratio that saves enough, to a bisection step below the deepest reachable depth
-    assert 0.49 <= f["params_removed"] <= 0.5 + max(pipeline.LATENCY_DEPTHS) / 2**pipeline.LATENCY_STEPS + 0.02
+    # the least parameter ratio that saves enough, to a bisection step below the deepest reachable depth (a step of
+    # the MACs the search bisects on; the parameters a MACs depth removes move with the sensitivity weights)
+    assert 0.49 <= f["params_removed"] <= 0.5 + max(pipeline.LATENCY_DEPTHS) / 2**pipeline.LATENCY_STEPS + 0.05
     assert f["latency"]["after_s"] / f["latency"]["before_s"] == pytest.approx(1 - f["ratio_achieved"])
     onnx.checker.check_model(out, full_check=True)
 
@@ -238,9 +239,11 @@ def test_target_latency_out_of_reach_writes_the_fastest_found_and_says_so(case, 
     assert written["method"] == "channel" and f["params_removed"] >= 0.69  # the deepest reachable channel result
     assert f["ratio_achieved"] == pytest.approx(0.5 * f["params_removed"], abs=0.02)
     assert "no result found saves that much" in f["ratio_note"] and "is written" in f["ratio_note"]
-    # the deepest was tried first, and as it fell short nothing shallower was made (one basis, one channel result,
-    # each timed once while searching and once more at every batch of the comparison)
-    assert len([r for r in f["alternatives"] if r["method"] == "channel"]) == 1
+    # the deepest was tried first, and as it fell short nothing shallower was made (one basis result, one channel
+    # result without measured sensitivity and one with, each timed once while searching and once more at every
+    # batch of the comparison)
+    channel = [r for r in f["alternatives"] if r["method"] == "channel"]
+    assert [r["sensitivity"] for r in channel] == [False, True] and all(r["params_removed"] >= 0.69 for r in channel)
     onnx.checker.check_model(out, full_check=True)
 
 
