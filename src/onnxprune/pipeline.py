@@ -320,6 +320,12 @@ class Options:
             )
         if self.method == "tt" and self.target != "params":
             raise OnnxPruneError(f"--method tt removes parameters: use --target params, not {self.target}")
+        if self.method == "auto" and criterion == "reconstruction":
+            raise OnnxPruneError(
+                "--criterion reconstruction scores channels by the error left after the refit, which does not compare "
+                "with the bases' scores that --method auto ranks them against; use it with --method channel (or the "
+                "default, whose channel results use it)"
+            )
         if self.method == "tt" and criterion != "l2":
             raise OnnxPruneError(
                 f"--method tt cuts bond dimensions by the weights' relative error (l2): --criterion {criterion} "
