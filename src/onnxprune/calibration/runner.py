@@ -437,15 +437,7 @@ def _with_reductions(
         (the copy, tensor name -> (its ReduceSumSquare output [C], its Size output, its ReduceMean output [N, C] or
         None)); tensors left out (unknown rank or type) are not in the map.
     """
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - inference failing only means every tensor comes out whole
-        inferred = model
-    info = {v.name: v.type.tensor_type for v in (*inferred.graph.value_info, *inferred.graph.input)}
-    info.update({v.name: v.type.tensor_type for v in inferred.graph.output})
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    info, opset, copy = _typed_copy(model)
     nodes, outputs, constants = [], [], []
     reduced: dict[str, tuple[str, str, str | None]] = {}
 
@@ -486,6 +478,25 @@ def _with_reductions(
     copy.graph.initializer.extend(constants)
     copy.graph.output.extend(outputs)
     return copy, reduced
+
+
+def _typed_copy(model: onnx.ModelProto) -> tuple[dict, int, onnx.ModelProto]:
+    """What `_with_reductions` and `_with_grams` start from.
+
+    Returns:
+        (tensor name -> its inferred tensor type, graph inputs and outputs too; the default domain's opset; a copy of
+        `model` to add nodes and outputs to).
+    """
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - inference failing only means every tensor comes out whole
+        inferred = model
+    info = {v.name: v.type.tensor_type for v in (*inferred.graph.value_info, *inferred.graph.input)}
+    info.update({v.name: v.type.tensor_type for v in inferred.graph.output})
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return info, opset, copy
 
 
 ROWS_PER_SAMPLE = 128  # patch rows kept per sample for second moments: memory follows the batch, not the data set
@@ -619,15 +630,7 @@ def _with_grams(model: onnx.ModelProto, axes: dict[str, int]) -> tuple[onnx.Mode
         (the copy, tensor name -> (its Gram output, its ReduceSum output [C], its Size output)); tensors of unknown
         rank, type or channel count are left out of the map.
     """
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - inference failing only means every tensor comes out whole
-        inferred = model
-    info = {v.name: v.type.tensor_type for v in (*inferred.graph.value_info, *inferred.graph.input)}
-    info.update({v.name: v.type.tensor_type for v in inferred.graph.output})
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    info, opset, copy = _typed_copy(model)
     nodes, outputs, constants = [], [], []
     reduced: dict[str, tuple[str, ...]] = {}
     for i, (name, axis) in enumerate(axes.items()):
