@@ -201,7 +201,7 @@ def prune(
         return _channel_latency(model, remove_ratio=remove_ratio, **options)
     if method != "best":
         out, report = _basis_or_joint(model, remove_ratio=remove_ratio, target=target, method=method, **options)
-        if method in ("channel", "double", "auto") and "speed_check" not in report.facts:
+        if method in ("channel", "double", "auto") and "speed_check" not in report.facts and not holds_only:
             _time_finished(model, out, report, options)
         return out, report
     return _best_of(
@@ -224,14 +224,26 @@ def _time_finished(model: onnx.ModelProto, out: onnx.ModelProto, report: Report,
     shapes, _ = choose_shapes(model, given=options.get("shapes"), data=samples)
     if shapes is None:
         return
-    seed, threads = options.get("seed", 0), options.get("threads", 0)
     started = time.perf_counter()
-    report.facts["speed_check"] = {
+    report.facts["speed_check"] = _speed_of(
+        model, out, shapes, latency_batch=latency_batch, seed=options.get("seed", 0), threads=options.get("threads", 0)
+    )
+    if "seconds" in report.facts:  # the summary's time line: the timing is part of the prune
+        report.facts["seconds"] += time.perf_counter() - started
+
+
+def _speed_of(
+    model: onnx.ModelProto, out: onnx.ModelProto, shapes: dict, *, latency_batch: int, seed: int, threads: int
+) -> dict[int, tuple[float, float]]:
+    """`out` timed against `model` on synthetic inputs at `shapes`, at `latency_batch` and 32 (`_timed_batches`).
+
+    Returns:
+        Batch -> (original, result) seconds (`compare_latency`, alternating blocks).
+    """
+    return {
         b: compare_latency(model, out, _synthetic_feeds(model, shapes, batch=b, seed=seed), threads=threads)
         for b in _timed_batches(model, latency_batch)
     }
-    if "seconds" in report.facts:  # the summary's time line: the timing is part of the prune
-        report.facts["seconds"] += time.perf_counter() - started
 
 
 def _basis_or_joint(model: onnx.ModelProto, *, method: str, **options) -> tuple[onnx.ModelProto, Report]:
@@ -791,15 +803,9 @@ class _Run:
             report.facts["latency"] = {"batch": opts.latency_batch, "before_s": before, "after_s": after}
         trains = report.counts.get("tensor_trains", 0)
         if opts.method == "tt" and trains and opts.latency_batch and self.count_shapes is not None:  # time them
-            report.facts["speed_check"] = {
-                b: compare_latency(
-                    model,
-                    out,
-                    _synthetic_feeds(model, self.count_shapes, batch=b, seed=opts.seed),
-                    threads=opts.threads,
-                )
-                for b in _timed_batches(model, opts.latency_batch)
-            }
+            report.facts["speed_check"] = _speed_of(
+                model, out, self.count_shapes, latency_batch=opts.latency_batch, seed=opts.seed, threads=opts.threads
+            )
         report.facts.update(
             {
                 "params_before": params_before,
@@ -1179,12 +1185,7 @@ def _channel_latency(model: onnx.ModelProto, *, remove_ratio: float, **options) 
             "--method basis"
         )
     out, report = found
-    speed = {
-        b: compare_latency(
-            model, out, _synthetic_feeds(model, count_shapes, batch=b, seed=opts.seed), threads=opts.threads
-        )
-        for b in _timed_batches(model, opts.latency_batch)
-    }
+    speed = _speed_of(model, out, count_shapes, latency_batch=opts.latency_batch, seed=opts.seed, threads=opts.threads)
     before, after = speed[opts.latency_batch] if opts.latency_batch in speed else next(iter(speed.values()))
     enough = 1.0 - after / before >= remove_ratio - RATIO_TOLERANCE  # as timed now, not as the search timed it
     _latency_facts(report, remove_ratio, opts.latency_batch, speed, enough, started)
