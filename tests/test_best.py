@@ -192,7 +192,9 @@ def test_target_latency_turns_to_channels_when_the_basis_result_saves_too_little
     assert any(r["written"] for r in channel)  # basis: unreachable here, or short
     # made as for a parameter target: without and with measured layer sensitivity, each searched for its own depth
     # (the depth found without it made at 0.5 of chars ResNet-20's time, 64.9 %; searched for, 95.7 %), compared
-    assert [r["sensitivity"] for r in channel] == [False, True] and all("held_agreement" in r for r in channel)
+    # (each search's shallower result that saved the time asked within a point, not the margin, is compared too)
+    searched = [r["sensitivity"] for r in channel if not r.get("edge")]
+    assert searched == [False, True] and all("held_agreement" in r for r in channel)
     f = report.facts
     assert f["target"] == "latency" and f["ratio_achieved"] >= 0.49 and f["latency"]["batch"] == 1
     # the least parameter ratio that saves enough, to a bisection step below the deepest reachable depth (a step of
@@ -266,10 +268,12 @@ def test_method_channel_takes_a_latency_target(case, monkeypatch, capsys, calibr
     assert f["method"] == "channel" and f["target"] == "latency" and f["latency"]["batch"] == 1
     assert f["round_to"] in (simd_width(), 8) and set(f["speed_check"]) == {1, 32}
     assert f["ratio_achieved"] == pytest.approx(f["macs_removed"])  # the fake's time is the MACs' share
-    # bisected on the MACs removed (time follows them), to a step below the deepest reachable depth
+    # searched on the share removed, to a step below the deepest reachable depth
     assert 0.49 <= f["ratio_achieved"] <= 0.5 + max(pipeline.LATENCY_DEPTHS) / 2**pipeline.LATENCY_STEPS + 0.02
-    # the depth asked of the channel allocation (rounded counts may overshoot it)
-    assert f["latency"]["depth_of"] == "flops" and 0 < f["latency"]["depth"] <= max(pipeline.LATENCY_DEPTHS)
+    # the depth asked of the channel allocation (rounded counts may overshoot it): of the layers' measured time with
+    # calibration data (the knapsack takes it), of the MACs without
+    assert f["latency"]["depth_of"] == ("latency" if calibrated else "flops")
+    assert 0 < f["latency"]["depth"] <= max(pipeline.LATENCY_DEPTHS)
     assert not _split(out)  # a step over the request is said, as every ratio more than a point off is
     assert ("more than asked" in f["ratio_note"]) if f["ratio_achieved"] > 0.51 else ("ratio_note" not in f)
     _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)

@@ -10,6 +10,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.errors import BudgetError
 from onnxprune.graph import to_graph
+from onnxprune.latency import channel_latency
 from onnxprune.passes.basis import BasisPair
 from onnxprune.passes.cleanup import cleanup
 from onnxprune.passes.groups import ChannelGraph
@@ -17,6 +18,7 @@ from onnxprune.rules import layouts
 from onnxprune.shapes import fix_input_shapes
 
 TARGETS = ("params", "flops", "latency")
+COUNT_INDEX = {"params": 0, "flops": 1, "latency": 2}  # a target's entry in `CostModel.count`
 
 
 @dataclass
@@ -97,8 +99,10 @@ class CostModel:
                 return [(len(self.analysis.flows[name].ids), name)]
         return []
 
-    def count(self, alive: np.ndarray | None = None) -> tuple[int, int]:
-        """(parameters, MACs per sample) with only the `alive` classes kept (all when None).
+    timing: LatencyModel | None = None  # the matrix layers' measured seconds (channel knapsack, latency target)
+
+    def count(self, alive: np.ndarray | None = None) -> tuple[int, int, float]:
+        """(parameters, MACs per sample, seconds) with only the `alive` classes kept (all when None).
 
         Each weight counts its size times the kept share along every axis it is sliced on. A basis pair counts as
         split where that holds fewer parameters than the merged op and its kept rank is within its limit, else as
@@ -108,7 +112,8 @@ class CostModel:
             alive: ``[n_classes]`` bool, True for a kept class; None: every class kept.
 
         Returns:
-            (parameters, MACs per sample), each rounded to an int.
+            (parameters, MACs per sample), each rounded to an int, and the predicted seconds of the measured layers
+            (`timing`; 0.0 without it).
         """
         kept: dict[str, float] = {}
 
@@ -135,7 +140,7 @@ class CostModel:
             split = bp + sp < mp and (limit is None or kept_of(mid, full_rank) <= limit)
             p, m = (bp + sp, bm + sm) if split else (mp, mm)
             params, macs = params + p, macs + m
-        return int(round(params)), int(round(macs))
+        return int(round(params)), int(round(macs)), self.timing.seconds(alive) if self.timing is not None else 0.0
 
     def fraction(self, term: _Term, alive: np.ndarray | None, skip: str | None = None) -> float:
         """Kept share of `term` under `alive` (1 when None), leaving out the axis selected by tensor `skip`.
@@ -175,6 +180,89 @@ class CostModel:
                 params += term.numel * share * term.weight
                 macs += term.numel * term.macs_per_elem * share
         return params, macs
+
+
+TIMED_SHARES = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8)  # channel counts timed, as shares of the layer's
+
+
+class LatencyModel:
+    """Predicted seconds of a graph's matrix layers for any choice of alive channel classes, from measured timings.
+
+    Each Conv, Gemm or MatMul with a constant weight and a concrete input shape is timed whole, with fewer input
+    channels and with fewer output channels (``latency.channel_latency``: onnxruntime on this machine, at the batch
+    of `shapes`, cached); with both cut its time is taken as the product of the two shares, interpolated between
+    the counts timed (`TIMED_SHARES` of its channels, multiples of 8 where the count is). A grouped Conv is timed
+    whole and scales with its kept outputs. Layers whose channels no group tracks, and every other op, are left
+    out: the whole model's measured time is what a latency search judges (``pipeline._channel_for_latency``).
+    """
+
+    def __init__(
+        self,
+        graph: gs.Graph,
+        analysis: ChannelGraph,
+        shapes: dict[str, list],
+        *,
+        threads: int = 0,
+        measure=None,
+    ) -> None:
+        """Time the layers (`measure`: ``latency.channel_latency`` unless a stand-in is given, as tests do)."""
+        measure = measure or channel_latency
+        self.analysis = analysis
+        # per layer: seconds whole, and per tracked side (None: fixed) its tensor and (counts, seconds) to interpolate
+        self.layers: list[tuple[float, tuple | None, tuple | None]] = []
+        for node in graph.nodes:
+            layout = layouts.layout_of(node)
+            spec = layout.channel_timing(node) if layout is not None and node.inputs else None
+            x_shape = shapes.get(node.inputs[0].name) if spec is not None else None
+            if x_shape is None or any(not isinstance(d, int) or d <= 0 for d in x_shape):
+                continue
+            op, w_shape, attrs = spec
+            grouped = op == "Conv" and int(attrs.get("group", 1)) != 1
+            n_in, n_out = (w_shape[1], w_shape[0]) if op == "Conv" else (w_shape[0], w_shape[1])
+            in_name = node.inputs[0].name if not grouped and node.inputs[0].name in analysis.flows else None
+            out_name = node.outputs[0].name if node.outputs[0].name in analysis.flows else None
+            if in_name is None and out_name is None:
+                continue
+            whole, ins, outs = measure(
+                op=op,
+                x_shape=list(x_shape),
+                weight_shape=list(w_shape),
+                attrs=attrs,
+                kept_in=_timed_counts(n_in) if in_name else [],
+                kept_out=_timed_counts(n_out) if out_name and not grouped else [],
+                threads=threads,
+            )
+            out_side = _side(out_name, n_out, {} if grouped else outs, whole)
+            self.layers.append((whole, _side(in_name, n_in, ins, whole), out_side))
+
+    def seconds(self, alive: np.ndarray | None = None) -> float:
+        """Predicted seconds of the timed layers with only the `alive` classes kept (all when None)."""
+        total = 0.0
+        for whole, *sides in self.layers:
+            share = 1.0
+            for side in sides:
+                if side is None or alive is None:
+                    continue
+                name, n, counts, times = side
+                classes = self.analysis.classes(name)
+                kept = n * float(alive[classes].sum()) / len(classes)
+                share *= float(np.interp(kept, counts, times)) / whole if whole > 0 else 1.0
+            total += whole * share
+        return total
+
+
+def _side(name: str | None, n: int, times: dict[int, float], whole: float) -> tuple | None:
+    """One tracked side of a timed layer: (tensor, channels, counts, seconds), from 0 to the whole; None if fixed."""
+    if name is None:
+        return None
+    counts = sorted(times)
+    return name, n, np.array([0, *counts, n], dtype=float), np.array([0.0, *[times[k] for k in counts], whole])
+
+
+def _timed_counts(n: int) -> list[int]:
+    """Channel counts below `n` to time: `TIMED_SHARES` of it, multiples of 8 where `n` is one."""
+    step = 8 if n % 8 == 0 and n >= 16 else 1
+    return sorted({max(step, int(round(n * f / step)) * step) for f in TIMED_SHARES} - {n})
 
 
 def _shape(tensor: gs.Tensor, shapes: dict[str, list] | None = None) -> list | None:
@@ -615,7 +703,7 @@ def channel_choices(
         removable classes ranked by saliency. A group with any blocked class, fewer than two classes, no positive
         saliency, or whose count does not fall as channels go is left out.
     """
-    index = 0 if target == "params" else 1
+    index = COUNT_INDEX[target]
     by_name = {g.name: g for g in analysis.groups}
     state = np.ones(analysis.n_classes, dtype=bool) if alive is None else alive
     choices = []
@@ -641,9 +729,15 @@ def channel_choices(
         error = error[:n] * (weights or {}).get(name, 1.0)
         step = 1 if group.unit == "head" else round_to
         error[(options % step != 0) & (options > 0)] = np.inf
-        choices.append(
-            Choice(name, order, error, per_channel * (kept - kept_now).astype(float), np.zeros(n), kind="channel")
-        )
+        costs = per_channel * (kept - kept_now).astype(float)
+        if target == "latency":  # measured time is not linear in the channels kept: each option counted exactly
+            now = cost.count(state)[index]
+            for k in np.flatnonzero(np.isfinite(error)):
+                trial = state.copy()
+                trial[order[kept[k] :]] = False
+                trial[order[: kept[k]]] = True
+                costs[k] = cost.count(trial)[index] - now
+        choices.append(Choice(name, order, error, costs, np.zeros(n), kind="channel"))
     return choices
 
 
@@ -828,7 +922,7 @@ def allocate_channels(
     Raises:
         BudgetError: The first plan's request is out of reach (`allocate_ranks`).
     """
-    index = 1 if target == "flops" else 0
+    index = COUNT_INDEX[target]
     made: list[tuple[Allocation, float]] = []
     alive = None
     for _ in range(1 + steps):
@@ -1031,7 +1125,7 @@ def count(model: onnx.ModelProto, *, shapes: dict[str, list[int]] | None = None)
         UnsupportedModelError: The model's default-domain opset is below 7.
         InvalidModelError: The model cannot be read into a graph.
     """
-    params, macs = CostModel(cleanup(to_graph(model), fold_bn=False).graph).count()
+    params, macs, _ = CostModel(cleanup(to_graph(model), fold_bn=False).graph).count()
     if shapes:
         macs = CostModel(cleanup(to_graph(fix_input_shapes(model, shapes)), fold_bn=False).graph).count()[1]
     return params, macs

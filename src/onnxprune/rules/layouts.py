@@ -253,6 +253,14 @@ class Layout:
         """
         return None
 
+    def channel_timing(self, node: gs.Node) -> tuple[str, list[int], dict] | None:
+        """(op, weight shape, attributes) of `node` itself as the layer model of ``latency.channel_latency``.
+
+        "Conv" (weight [Co, Ci / group, k...], grouped included) or "MatMul" (weight [K, N], input [..., K]); None
+        where the node has no timing model (its time is left out of a latency knapsack's costs).
+        """
+        return None
+
 
 class _ConvLayout(Layout):
     weights, bias, split, whiten, scaling_ops = (1,), 2, True, True, ("Conv",)
@@ -317,6 +325,10 @@ class _ConvLayout(Layout):
 
     def timing(self, node, k, co):
         return "Conv", [co, *const(node.inputs[1]).shape[1:]]
+
+    def channel_timing(self, node):
+        w = const(input_of(node, 1))
+        return None if w is None or w.ndim < 3 else ("Conv", list(w.shape), dict(node.attrs))
 
 
 class _ConvTransposeLayout(Layout):
@@ -405,6 +417,10 @@ class _GemmLayout(Layout):
     def macs_per_weight(self, node, out_dims):
         return 1
 
+    def channel_timing(self, node):  # as the MatMul it computes: x [N, in] times [in, out]
+        matrix = self.matrix(node)
+        return None if matrix is None else ("MatMul", [matrix.shape[1], matrix.shape[0]], {})
+
 
 class _MatMulLayout(Layout):
     """Y = A B with a constant B [in, out]: channels on the last axis; no bias."""
@@ -443,6 +459,10 @@ class _MatMulLayout(Layout):
 
     def timing(self, node, k, co):
         return "MatMul", [k, co]
+
+    def channel_timing(self, node):
+        w = const(input_of(node, 1))
+        return None if w is None or w.ndim != 2 else ("MatMul", list(w.shape), {})
 
 
 class _RecurrentLayout(Layout):
