@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     for arch in args.models.split(","):
         path, calib, x, y = suite_model(arch, tmp)
         found = [{"model": arch, "row": "unpruned", "ratio": 0.0, "path": str(path)}]
-        runs = [("default flags + --calib", float(r), []) for r in args.ratios.split(",")]
+        runs = [("default flags + --calib", float(r), []) for r in args.ratios.split(",") if r]
         ablation = args.ratios if args.ablation_ratios is None else args.ablation_ratios
         for kind in filter(None, args.ablations.split(",")):
             what, flags = ABLATIONS[kind]
