@@ -150,3 +150,19 @@ def test_a_calibrated_latency_search_removes_measured_time():
     assert pipeline._latency_by({"x": [1, 3, 8, 8]}, {}) == "flops"
     assert pipeline._latency_by(None, {"calib": object()}) == "params"
     assert budget.COUNT_INDEX["latency"] == 2
+
+
+def test_a_latency_target_writes_a_result_that_keeps_the_floor_when_one_does():
+    """Within a held-out sample of the most faithful, the fastest was written and refused beside one that held."""
+
+    def row(agreement, speedup):
+        return {
+            "held_agreement": agreement,
+            "held_cosine": 0.95,
+            "held_samples": 102,
+            "speed_check": {32: (speedup, 1.0)},
+        }
+
+    rows = [row(0.941, 2.16), row(0.951, 2.06), row(0.931, 2.10)]
+    assert pipeline._latency_pick(rows, [0, 1, 2], max_drop=0.05) == 1
+    assert pipeline._latency_pick(rows, [0, 2], max_drop=0.05) == 0  # none holds: the fastest of the most faithful
