@@ -165,4 +165,8 @@ def test_a_latency_target_writes_a_result_that_keeps_the_floor_when_one_does():
 
     rows = [row(0.941, 2.16), row(0.951, 2.06), row(0.931, 2.10)]
     assert pipeline._latency_pick(rows, [0, 1, 2], max_drop=0.05) == 1
-    assert pipeline._latency_pick(rows, [0, 2], max_drop=0.05) == 0  # none holds: the fastest of the most faithful
+    assert pipeline._latency_pick(rows, [0, 2], max_drop=0.05) == 0  # none holds: the most faithful
+    # each saves the time asked: the higher cosine is written, not what saves more beyond the request
+    rows = [row(0.99, 1.98), row(1.0, 1.97)]
+    rows[0]["held_cosine"], rows[1]["held_cosine"] = 0.954, 0.976
+    assert pipeline._latency_pick(rows, [0, 1], max_drop=0.05) == 1

@@ -730,10 +730,11 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
             if f.get("target") == "latency"
             else "of those no slower that keep the guard's floor (else of those that keep it, else of all)"
         )
+        last = "the one of highest cosine" if f.get("target") == "latency" else "the fastest"
         on = (
             f"; agreement and cosine with the original on the {samples} held-out samples: {pool}, of those within a "
             f"sample of the best agreement and 1 - cosine within {COSINE_SLACK:g}x of the least or at most "
-            f"{CLEAR_INFIDELITY:g}, the fastest is written"
+            f"{CLEAR_INFIDELITY:g}, {last} is written"
             if samples
             else ""
         )
