@@ -2122,10 +2122,11 @@ def _prune_stage(
     reconstruction = criteria.reconstruction_curves(context) if by_curves else {}
     knapsack = stage == "channel" and (_by_output_energy(analysis) or reconstruction) and energy
     if stage == "channel" and target == "latency":  # the layers' measured time where the knapsack takes it
-        if knapsack and timing_shapes:
-            cost.timing = LatencyModel(graph, analysis, timing_shapes, threads=threads)
+        timing = LatencyModel(graph, analysis, timing_shapes, threads=threads) if knapsack and timing_shapes else None
+        if timing is not None and timing.layers:
+            cost.timing = timing
             total = cost.count()[2]
-        else:
+        else:  # no layer could be timed (no concrete shape reached them): the MACs, which time follows roughly
             target, total = "flops", cost.count()[1]
     if reconstruction:
         pass  # the criterion's scores: the curves' steps, and consumer energy for the groups without one
