@@ -727,3 +727,27 @@ def test_a_guard_trial_stops_at_the_first_result_that_keeps_the_floor(case, monk
     assert len(timed) <= 4  # the basis plan's own checks under its latency budget, none of the result
     _, full = prune(model, remove_ratio=0.3, method="best", calib=calib, latency_batch=1)
     assert len(full.facts["alternatives"]) > 1 and any(r["written"] for r in full.facts["alternatives"])
+
+
+def test_a_guard_trial_under_a_latency_target_stops_at_the_first_result_that_saves_the_time_and_holds(
+    case, monkeypatch
+):
+    """The guard asks only whether the result written would hold: one that saves the time and holds answers it (the
+    PP-OCR direction classifier's refusal at 0.3 of the time took 6.5 minutes, every trial making every result)."""
+    from onnxprune.budget import count
+
+    monkeypatch.setattr(  # a split model saves nothing; a channel-pruned one its share of the MACs
+        pipeline,
+        "compare_latency",
+        lambda a, b, feeds, **kw: (1.0, 1.0) if _split(b) else (1.0, count(b)[1] / count(a)[1]),
+    )
+    searches = []
+    search = pipeline._channel_for_latency
+    monkeypatch.setattr(pipeline, "_channel_for_latency", lambda *a, **k: searches.append(1) or search(*a, **k))
+    model, calib = case
+    options = dict(method="best", target="latency", calib=calib, latency_batch=1, max_drop=0.5)
+    _, trial = prune(model, remove_ratio=0.3, holds_only=True, **options)
+    assert len(searches) == 1 and trial.facts["method"] == "channel"  # the first search's result held
+    searches.clear()
+    _, report = prune(model, remove_ratio=0.3, **options)
+    assert len(searches) >= 2 and len(report.facts["alternatives"]) >= 2  # a written result: every one compared
