@@ -170,3 +170,30 @@ def test_a_latency_target_writes_a_result_that_keeps_the_floor_when_one_does():
     rows = [row(0.99, 1.98), row(1.0, 1.97)]
     rows[0]["held_cosine"], rows[1]["held_cosine"] = 0.954, 0.976
     assert pipeline._latency_pick(rows, [0, 1], max_drop=0.05) == 1
+
+
+@pytest.mark.parametrize("build", ["chain", "grouped_conv", "flatten_gemm"])
+def test_each_timed_layer_names_the_channels_its_tensors_hold(build):
+    """`Layout.channel_timing`: the input and output channel counts are those of the tensors read and written."""
+    import models
+
+    from onnxprune.rules import layouts
+
+    model = getattr(models, build)()
+    graph = cleanup(to_graph(model)).graph
+    shapes = concrete_shapes(
+        to_model(graph, model), {"x": [2, *[d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]]}
+    )
+    timed = 0
+    for node in graph.nodes:
+        layout = layouts.layout_of(node)
+        spec = layout.channel_timing(node) if layout is not None else None
+        if spec is None:
+            continue
+        op, _, attrs, ins, outs = spec
+        x, y = shapes[node.inputs[0].name], shapes[node.outputs[0].name]
+        channel = 1 if op == "Conv" else -1
+        assert outs == y[channel]
+        assert ins == (None if int(attrs.get("group", 1)) != 1 else x[channel])
+        timed += 1
+    assert timed >= 2

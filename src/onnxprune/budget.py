@@ -216,9 +216,8 @@ class LatencyModel:
             x_shape = shapes.get(node.inputs[0].name) if spec is not None else None
             if x_shape is None or any(not isinstance(d, int) or d <= 0 for d in x_shape):
                 continue
-            op, w_shape, attrs = spec
-            grouped = op == "Conv" and int(attrs.get("group", 1)) != 1
-            n_in, n_out = (w_shape[1], w_shape[0]) if op == "Conv" else (w_shape[0], w_shape[1])
+            op, w_shape, attrs, n_in, n_out = spec
+            grouped = n_in is None  # a grouped Conv: timed whole, scaled with its outputs
             in_name = node.inputs[0].name if not grouped and node.inputs[0].name in analysis.flows else None
             out_name = node.outputs[0].name if node.outputs[0].name in analysis.flows else None
             if in_name is None and out_name is None:

@@ -253,11 +253,13 @@ class Layout:
         """
         return None
 
-    def channel_timing(self, node: gs.Node) -> tuple[str, list[int], dict] | None:
-        """(op, weight shape, attributes) of `node` itself as the layer model of ``latency.channel_latency``.
+    def channel_timing(self, node: gs.Node) -> tuple[str, list[int], dict, int | None, int] | None:
+        """`node` as the layer model ``latency.channel_latency`` times: (op, weight shape, attributes, ins, outs).
 
-        "Conv" (weight [Co, Ci / group, k...], grouped included) or "MatMul" (weight [K, N], input [..., K]); None
-        where the node has no timing model (its time is left out of a latency knapsack's costs).
+        ins and outs are its input and output channels. "Conv" (weight [Co, Ci / group, k...], grouped included) or
+        "MatMul" (weight [K, N], input [..., K]); ins is None for a grouped Conv (each output reads its own group:
+        timed whole, scaled with its outputs). None where the node has no timing model (its time is left out of a
+        latency knapsack's costs).
         """
         return None
 
@@ -328,7 +330,10 @@ class _ConvLayout(Layout):
 
     def channel_timing(self, node):
         w = const(input_of(node, 1))
-        return None if w is None or w.ndim < 3 else ("Conv", list(w.shape), dict(node.attrs))
+        if w is None or w.ndim < 3:
+            return None
+        grouped = int(node.attrs.get("group", 1)) != 1
+        return "Conv", list(w.shape), dict(node.attrs), None if grouped else int(w.shape[1]), int(w.shape[0])
 
 
 class _ConvTransposeLayout(Layout):
@@ -419,7 +424,9 @@ class _GemmLayout(Layout):
 
     def channel_timing(self, node):  # as the MatMul it computes: x [N, in] times [in, out]
         matrix = self.matrix(node)
-        return None if matrix is None else ("MatMul", [matrix.shape[1], matrix.shape[0]], {})
+        if matrix is None:
+            return None
+        return "MatMul", [matrix.shape[1], matrix.shape[0]], {}, int(matrix.shape[1]), int(matrix.shape[0])
 
 
 class _MatMulLayout(Layout):
@@ -462,7 +469,7 @@ class _MatMulLayout(Layout):
 
     def channel_timing(self, node):
         w = const(input_of(node, 1))
-        return None if w is None or w.ndim != 2 else ("MatMul", list(w.shape), {})
+        return None if w is None or w.ndim != 2 else ("MatMul", list(w.shape), {}, int(w.shape[0]), int(w.shape[1]))
 
 
 class _RecurrentLayout(Layout):
