@@ -113,6 +113,45 @@ def test_refit_of_a_channel_pruned_consumer_equals_the_least_squares_optimum():
     assert np.sum((ort_run(after, held)[out] - want) ** 2) < np.sum((ort_run(before, held)[out] - want) ** 2)
 
 
+def test_with_downstream_the_layers_after_a_channel_cut_are_refitted_to_the_least_squares_optimum():
+    """x -> Conv (12 -> 8) -> Relu -> Conv (8 -> 8) -> Relu -> Conv (8 -> 5): the first loses channels. The second
+    (its consumer) is refitted either way; with `downstream` the third too, whose input carries the second's
+    error, to the optimum on the inputs the refitted layers before it produce, and the outputs move less."""
+    b = Builder(42)
+    model = b.model([("x", [12, 4, 4])], [b.conv(b.relu(b.conv(b.relu(b.conv("x", 12, 8)), 8, 8)), 8, 5)])
+    fit, held = _correlated(96, 4), _correlated(48, 5)
+    out = model.graph.output[0].name
+    want = ort_run(model, held)[out]
+    errors = {}
+    for downstream in (False, True):
+        graph = to_graph(model)
+        first = graph.nodes[0]
+        group = next(g for g in find_channel_groups(graph).groups if g.producers == [first.name])
+        kept = remove_channels(graph, plan={group.name: np.array([0, 2, 3, 6])}).report.facts["kept"]
+        result = refit(
+            graph,
+            template=model,
+            original=model,
+            fit=fit,
+            held=held,
+            pairs=[],
+            kept=kept,
+            ridge=0.0,
+            downstream=downstream,
+        )
+        convs = [n for n in result.graph.nodes if n.op == "Conv"]
+        assert result.report.counts["refitted"] == (2 if downstream else 1)
+        after = to_model(result.graph, model)
+        errors[downstream] = np.sum((ort_run(after, held)[out] - want) ** 2)
+    last = convs[-1]
+    z = _patches(_hidden(after, fit, last.inputs[0].name))
+    y = np.moveaxis(ort_run(model, fit)[out], 1, -1).reshape(-1, 5).astype(np.float64)
+    optimum, *_ = np.linalg.lstsq(np.hstack([z, np.ones((len(z), 1))]), y, rcond=None)
+    np.testing.assert_allclose(const(last.inputs[1]).reshape(5, -1), optimum[:-1].T, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(const(last.inputs[2]), optimum[-1], rtol=1e-3, atol=1e-4)
+    assert errors[True] < errors[False]
+
+
 def _hidden(model, data, name):
     from onnxprune.calibration.runner import run_batches, with_outputs
 

@@ -698,7 +698,7 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
             name = row["method"] + (f" ({counts} rounded to {row['round_to']})" if row["round_to"] > 1 else "")
             name += " with sensitivity" if row["sensitivity"] and row["method"] == "channel" else ""
             if row.get("edge"):
-                name += ", shallower (within a point of the time asked when the search timed it)"
+                name += ", another depth of the same search (it saved the time asked, within a point, when timed there)"
             if row.get("speed_free"):
                 name += " planned by parameters alone (no result above kept the guard's floor)"
             only_channels = report.counts.get("channels_removed") and not report.counts.get("bases_removed")
