@@ -1452,13 +1452,13 @@ def _channel_for_latency(
         (result, reached, others): the least deep result that saves `LATENCY_SEARCH_MARGIN` more than asked, with
         True; when the deepest saves the time asked but not the margin (time levels off with depth), the least
         deep that saves as much as it did, with False; when the deepest saves less, it alone, with False; (None,
-        False, []) when no depth could be reached at all. `others`: up to `LATENCY_OTHERS` more results of the search that saved the time asked
-        within `RATIO_TOLERANCE`, nearest in depth to `result` first, for a caller that times and compares results
-        again (``latency_edge`` in their facts). The results'
-        facts say the depth made at (``latency_depth``, of ``latency_by``), the share of the time this search
-        measured it save (``latency_saved``) and whether that cleared the margin (``latency_fast``);
-        `_latency_facts` takes them into the written report. When every depth listed is out of reach (counts
-        rounded to 16 on a small model), the most the refusals say the groups can give is tried.
+        False, []) when no depth could be reached at all. `others`: up to `LATENCY_OTHERS` more results of the
+        search that saved the time asked within `RATIO_TOLERANCE`, nearest in depth to `result` first, for a caller
+        that times and compares results again (``latency_edge`` in their facts). The results' facts say the depth
+        made at (``latency_depth``, of ``latency_by``), the share of the time this search measured it save
+        (``latency_saved``) and whether that cleared the margin (``latency_fast``); `_latency_facts` takes them into
+        the written report. When every depth listed is out of reach (counts rounded to 16 on a small model), the
+        most the refusals say the groups can give is tried.
     """
     reachable: list[float] = []
     goal = remove_ratio + LATENCY_SEARCH_MARGIN
