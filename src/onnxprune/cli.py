@@ -699,6 +699,8 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
             name += " with sensitivity" if row["sensitivity"] and row["method"] == "channel" else ""
             if row.get("edge"):
                 name += ", another depth of the same search (it saved the time asked, within a point, when timed there)"
+            if row.get("channel_options"):
+                name += " with whole channels beside the ranks (the basis result measured slower)"
             if row.get("speed_free"):
                 name += " planned by parameters alone (no result above kept the guard's floor)"
             only_channels = report.counts.get("channels_removed") and not report.counts.get("bases_removed")
