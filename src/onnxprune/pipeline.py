@@ -180,10 +180,11 @@ def prune(
     sensitivity; rounded to 8 too when none of those keeps the guard's floor, `_holds`) and writes, of those
     measured no slower that keep that floor (else of those that keep it, else of all), the fastest of those that
     agree best with the original on the held-out samples (`_most_faithful`: agreement within a sample, 1 - cosine
-    within 2x of the least or at most 0.01); when no result keeps the floor, the basis result planned by parameters
-    alone is made too. Held-out, as the refit fitted the others: compared on those, a channel result of
-    ddddocr's recogniser refitted on 51 crops agreed 0.961 against the basis result's 0.922, and 0.077 on the 13
-    held out; the guard's figure is then the best of a few results made from one model. When no basis plan reaches
+    within 2x of the least or at most 0.01); when the basis result measured slower, a basis result whose knapsack
+    offers whole channels beside the ranks (``channel_options``) is made too; when no result keeps the floor, the
+    basis result planned by parameters alone is made too. Held-out, as the refit fitted the others: compared on
+    those, a channel result of ddddocr's recogniser refitted on 51 crops agreed 0.961 against the basis result's
+    0.922, and 0.077 on the 13 held out; the guard's figure is then the best of a few results made from one model. When no basis plan reaches
     the request (every split measured slower), the channel results alone. With ``target="latency"``: the basis
     result, and when it saves too little of the measured time, channel removal as deep as needed
     (`_channel_for_latency`); of the results that save enough, one that keeps the floor when any does, the most

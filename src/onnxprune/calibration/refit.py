@@ -1,7 +1,7 @@
 """refit(): least-squares refit of every pruned layer to the original model's outputs.
 
 The layers are each split pair's scaling op, and each Conv/Gemm/MatMul whose input lost channels (its im2col patches
-are the regressors).
+are the regressors); with ``downstream`` (channel removal), every Conv/Gemm/MatMul after one of those too.
 
 Sequential, in topological order: layer L is fitted on the inputs z that the already-compressed layers before it
 produce, against the original model's output y of the same layer, so errors do not pile up through depth:
