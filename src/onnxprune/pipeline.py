@@ -184,12 +184,12 @@ def prune(
     offers whole channels beside the ranks (``channel_options``) is made too; when no result keeps the floor, the
     basis result planned by parameters alone is made too. Held-out, as the refit fitted the others: compared on
     those, a channel result of ddddocr's recogniser refitted on 51 crops agreed 0.961 against the basis result's
-    0.922, and 0.077 on the 13 held out; the guard's figure is then the best of a few results made from one model. When no basis plan reaches
-    the request (every split measured slower), the channel results alone. With ``target="latency"``: the basis
-    result, and when it saves too little of the measured time, channel removal as deep as needed
-    (`_channel_for_latency`); of the results that save enough, one that keeps the floor when any does, the most
-    faithful (`_latency_pick`), else the fastest found, with a ``ratio_note``. It is ``basis`` alone without
-    calibration data, with ``latency_batch=0`` or ``round_to`` > 1.
+    0.922, and 0.077 on the 13 held out; the guard's figure is then the best of a few results made from one model.
+    When no basis plan reaches the request (every split measured slower), the channel results alone. With
+    ``target="latency"``: the basis result, and when it saves too little of the measured time, channel removal as
+    deep as needed (`_channel_for_latency`); of the results that save enough, one that keeps the floor when any
+    does, the most faithful (`_latency_pick`), else the fastest found, with a ``ratio_note``. It is ``basis`` alone
+    without calibration data, with ``latency_batch=0`` or ``round_to`` > 1.
     Measured on the handed digits ResNet-20 (batch 1, 2 threads): at 0.7 the basis result was 1.36x slower than the
     original at 99.17 % test accuracy, channels rounded to 16 were 1.30x faster at 99.17 %. The report's
     ``alternatives`` rows give both measurements. ``method="channel"`` with ``target="latency"``: channel removal as
