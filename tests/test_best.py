@@ -724,6 +724,7 @@ def test_when_the_basis_result_measures_slower_ranks_beside_whole_channels_are_m
     _print_summary(report, Path("in.onnx"), Path("out.onnx"), verbose=False)
     said = capsys.readouterr().out
     assert "with whole channels beside the ranks (the basis result measured slower)" in said and "(written)" in said
+    assert "(method best: basis (ranks beside whole channels) result written, " in said.splitlines()[0]
     onnx.checker.check_model(out, full_check=True)
 
 

@@ -586,6 +586,14 @@ def _flags_of(row: dict) -> str:
     return " ".join(flags)
 
 
+# a basis plan made under the latency budget follows the layers' timings, which vary from run to run (chars ResNet-20
+# at 0.9, a new user, session 30: `--method basis` after a note of 97.1 % agreement made 0.941, then 0.882)
+_replanned = (
+    " (planned again: its plan follows the layers' measured timings, which vary from run to run; `--latency-batch 0`"
+    " plans by parameters alone)"
+)
+
+
 CONTINUED = " " * 10  # the summary's lines that go on the line above's item: one result of `chosen` a line
 
 
@@ -600,7 +608,8 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
         if mb is not None
         else f"  MACs    not counted: {at}"
     )
-    method = f"best: {f['method']} result written" if "alternatives" in f else f["method"]  # (the default)
+    kind = f["method"] + (" (ranks beside whole channels)" if f.get("channel_options") else "")
+    method = f"best: {kind} result written" if "alternatives" in f else f["method"]  # (the default)
     lines = [
         f"{input_path.name} -> {output_path}  (method {method}, criterion {f['criterion']}, "
         f"target {f['target']} {f['ratio_requested']:g})",
@@ -748,7 +757,8 @@ def _print_summary(report, input_path: pathlib.Path, output_path: pathlib.Path, 
             lines.append(
                 f"  note    a {row['method']} result agreed better ({100 * row['held_agreement']:.1f} % against "
                 f"{100 * written['held_agreement']:.1f} %) but measured slower than the original "
-                f"({_speedups(row['speed_check'])}), so it was not written; `{_flags_of(row)}` makes it that way"
+                f"({_speedups(row['speed_check'])}), so it was not written; `{_flags_of(row)}` makes one that way"
+                + (_replanned if row["method"] == "basis" and not row.get("speed_free") else "")
             )
     if "plan_note" in f:  # the plan written is not simply the first one by error: which, and why
         lines.append(f"  plan    {f['plan_note']}")
